@@ -1,0 +1,291 @@
+"""Public selective-scan API: validation, backend dispatch and the ``torch.library`` ops.
+
+Two entry points share one pair of custom ops (``vim::selective_scan_fwd`` and
+``vim::selective_scan_bwd``), so ``torch.compile`` traces any model that calls them without a
+graph break:
+
+* :func:`selective_scan` has the signature and semantics of mamba_ssm's ``selective_scan_fn``;
+* :func:`bidirectional_selective_scan` runs a forward and a reversed scan with different
+  parameters in one launch, as a bidirectional Vision Mamba block needs.
+
+Layouts: tensors are indexed ``(batch, dim, L)`` as in mamba_ssm, but the kernels read any
+strides, and the native (fastest) memory layout is channels-last: a ``(batch, dim, L)`` view of a
+contiguous ``(batch, L, dim)`` tensor, which is what a vision block produces. Outputs and
+gradients come back in that layout. Reversed scans read memory backwards: nothing is flipped.
+
+Backends: ``"triton"`` (CUDA; also runs on CPU tensors under ``TRITON_INTERPRET=1``),
+``"torch"`` (the chunked CPU fast path), ``"reference"`` (the sequential definition, differentiated
+by autograd; slow, for debugging). ``"auto"``
+picks Triton for CUDA tensors and the chunked path otherwise. Pass ``backend=`` or set the
+environment variable ``VIM_SCAN_BACKEND`` to force one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .scan_layout import MAX_STATE, as_channels_last, empty_channels_last, num_chunks
+from .scan_reference import selective_scan_ref
+
+__all__ = ["selective_scan", "bidirectional_selective_scan", "BACKENDS"]
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _implementation(backend: str):
+    """(forward, backward) functions of the "triton" or "torch" backend, imported on first use."""
+    if backend == "triton":
+        from .scan_triton import triton_backward, triton_forward
+
+        return triton_forward, triton_backward
+    from .scan_cpu import chunked_backward, chunked_forward
+
+    return chunked_forward, chunked_backward
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The concrete backend for tensors on ``device``: ``backend``, else ``$VIM_SCAN_BACKEND``, else auto."""
+    name = backend or os.environ.get("VIM_SCAN_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {name!r}; expected one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops (canonical form, see scan_layout)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vim::selective_scan_fwd", mutates_args=())
+def _scan_fwd(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
+    delta_softplus: bool, reverse: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    forward, _ = _implementation(backend)
+    out, checkpoints = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    return as_channels_last(out), checkpoints.contiguous()
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend):
+    K, batch, dim, length = u.shape
+    out = empty_channels_last(K, batch, dim, length, like=u)
+    checkpoints = u.new_empty(K, batch, num_chunks(length), dim, A.shape[-1], dtype=torch.float32)
+    return out, checkpoints
+
+
+@torch.library.custom_op("vim::selective_scan_bwd", mutates_args=())
+def _scan_bwd(
+    dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
+    delta_softplus: bool, reverse: bool, backend: str, checkpoints: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, backward = _implementation(backend)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = backward(
+        dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, checkpoints
+    )
+    return (
+        as_channels_last(du), as_channels_last(ddelta), dA.contiguous(), dB.contiguous(), dC.contiguous(),
+        dD.contiguous(), dz if dz.numel() == 0 else as_channels_last(dz), dbias.contiguous(),
+    )
+
+
+@_scan_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints):
+    K, batch, dim, length = u.shape
+    empty = u.new_empty(0, dtype=torch.float32)
+    return (
+        empty_channels_last(K, batch, dim, length, like=u),
+        empty_channels_last(K, batch, dim, length, like=delta),
+        torch.empty_like(A, dtype=torch.float32, memory_format=torch.contiguous_format),
+        B.new_empty(B.shape),
+        C.new_empty(C.shape),
+        empty if D is None else D.new_empty(D.shape, dtype=torch.float32),
+        empty if z is None else empty_channels_last(batch, dim, length, like=z),
+        empty if delta_bias is None else delta_bias.new_empty(delta_bias.shape, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.flags = (delta_softplus, reverse, backend)
+
+
+def _backward(ctx, dout, _dcheckpoints):
+    u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+    delta_softplus, reverse, backend = ctx.flags
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
+        as_channels_last(dout), u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints
+    )
+    return (
+        du, ddelta, dA.to(A.dtype), dB, dC,
+        None if D is None else dD.to(D.dtype),
+        None if z is None else dz,
+        None if delta_bias is None else dbias.to(delta_bias.dtype),
+        None, None, None,
+    )
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_shape(name: str, x: Tensor | None, expected: tuple, hint: str) -> None:
+    if x is not None and tuple(x.shape) != tuple(expected):
+        raise ValueError(f"selective_scan: {name} has shape {tuple(x.shape)}, expected {tuple(expected)} {hint}")
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
+    """Raise ValueError naming the argument and the shapes for any inconsistent input.
+
+    ``lead`` is ``()`` for :func:`selective_scan` and ``(2,)`` for the bidirectional call.
+    B and C have already been given their group axis.
+    """
+    k = len(lead)
+    if u.dim() != 3 + k:
+        raise ValueError(f"selective_scan: u must be {'(2, ' if k else '('}batch, dim, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape[k:]
+    if length < 1:
+        raise ValueError(f"selective_scan: the sequence is empty (u has shape {tuple(u.shape)})")
+    for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if x is not None and x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"selective_scan: {name} must be a floating tensor, got dtype {x.dtype}")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"selective_scan: A must be float32 (or float64), got dtype {A.dtype} with shape {tuple(A.shape)}")
+    if A.dim() != 2 + k or A.shape[k] != dim:
+        raise ValueError(f"selective_scan: A has shape {tuple(A.shape)}, expected {(*lead, dim, 'N')} for u of shape {tuple(u.shape)}")
+    n_state = A.shape[-1]
+    if not 1 <= n_state <= MAX_STATE:
+        raise ValueError(f"selective_scan: state size N = {n_state} (A has shape {tuple(A.shape)}) is outside 1..{MAX_STATE}")
+    hint = f"for u of shape {tuple(u.shape)} and A of shape {tuple(A.shape)}"
+    _check_shape("delta", delta, u.shape, hint)
+    for name, x in (("B", B), ("C", C)):
+        groups = x.shape[k + 1] if x.dim() == 4 + k else 0
+        if x.dim() != 4 + k or groups < 1 or dim % groups:
+            raise ValueError(
+                f"selective_scan: {name} has shape {tuple(x.shape)}, expected {(*lead, batch, n_state, length)} "
+                f"or grouped {(*lead, batch, 'G', n_state, length)} with dim {dim} divisible by G, {hint}"
+            )
+        _check_shape(name, x, (*lead, batch, groups, n_state, length), hint)
+    _check_shape("D", D, (*lead, dim), hint)
+    _check_shape("delta_bias", delta_bias, (*lead, dim), hint)
+    _check_shape("z", z, (batch, dim, length), hint)
+    devices = {x.device for x in (u, delta, A, B, C, D, z, delta_bias) if x is not None}
+    if len(devices) > 1:
+        raise ValueError(f"selective_scan: inputs are on different devices: {sorted(map(str, devices))}")
+
+
+def _with_groups(x: Tensor, lead: int) -> Tensor:
+    """Give B or C its group axis: (.., batch, N, L) -> (.., batch, 1, N, L); grouped input as is."""
+    return x.unsqueeze(lead + 1) if x.dim() == 3 + lead else x
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    reverse: bool = False,
+    return_last_state: bool = False,
+    backend: str | None = None,
+):
+    """Selective scan (Mamba S6), forward and backward, on any device.
+
+    ``h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t``, ``y_t = C_t . h_t + D * u_t``,
+    ``out_t = y_t * silu(z_t)``. With ``reverse=True`` the scan runs from the last token to the
+    first (reading memory backwards; no flipped copy is made).
+
+    Args:
+        u, delta, z: (batch, dim, L); any strides, channels-last is native.
+        A: (dim, N) float32, N <= 64.
+        B, C: (batch, N, L), or grouped (batch, G, N, L) with dim divisible by G.
+        D, delta_bias: (dim,).
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the final state (batch, dim, N) float32 (not differentiable).
+        backend: "auto", "triton", "torch" or "reference" (default: ``$VIM_SCAN_BACKEND`` or auto).
+
+    Returns:
+        ``out`` (batch, dim, L) in ``u.dtype``, and the last state if asked for.
+    """
+    B, C = _with_groups(B, 0), _with_groups(C, 0)
+    _validate(u, delta, A, B, C, D, z, delta_bias, lead=())
+    backend = resolve_backend(u.device, backend)
+    if backend == "reference":
+        out, last = selective_scan_ref(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return_last_state=True
+        )
+        return (out, last.float().detach()) if return_last_state else out
+    out, checkpoints = _scan_fwd(
+        u.unsqueeze(0), delta.unsqueeze(0), A.unsqueeze(0), B.unsqueeze(0), C.unsqueeze(0),
+        None if D is None else D.unsqueeze(0), z,
+        None if delta_bias is None else delta_bias.unsqueeze(0),
+        delta_softplus, reverse, backend,
+    )
+    out = out.squeeze(0)
+    return (out, checkpoints[0, :, -1].detach()) if return_last_state else out
+
+
+def bidirectional_selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """A forward and a reversed selective scan with separate parameters, in one launch.
+
+    Index 0 of the leading axis is the forward direction, index 1 the reversed one (it reads the
+    sequence from the last token to the first and writes its output at the tokens' own
+    positions, so no flip is ever needed). The gate ``z`` is shared.
+
+    Args:
+        u, delta: (2, batch, dim, L).
+        A: (2, dim, N) float32.
+        B, C: (2, batch, N, L) or grouped (2, batch, G, N, L).
+        D, delta_bias: (2, dim).
+        z: (batch, dim, L), shared by both directions.
+
+    Returns:
+        (2, batch, dim, L): each direction's gated output, in ``u.dtype``; sum or average them.
+    """
+    B, C = _with_groups(B, 1), _with_groups(C, 1)
+    _validate(u, delta, A, B, C, D, z, delta_bias, lead=(2,))
+    backend = resolve_backend(u.device, backend)
+    if backend == "reference":
+        return torch.stack([
+            selective_scan_ref(
+                u[k], delta[k], A[k], B[k], C[k], None if D is None else D[k], z,
+                None if delta_bias is None else delta_bias[k], delta_softplus, reverse=k == 1,
+            )
+            for k in range(2)
+        ])
+    out, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, backend)
+    return out
+
