@@ -1,0 +1,183 @@
+"""Benchmark the selective scan: forward and forward+backward time per backend and sequence length.
+
+Writes ``benchmarks/scan_<device>.json`` and ``.md`` with the machine, versions and date. On a GPU it
+also measures the device-to-device copy bandwidth and reports each Triton run as effective GB/s and
+as a fraction of that roofline; if mamba_ssm is importable its CUDA ``selective_scan_fn`` is timed too.
+
+    python tools/bench_scan.py                      # GPU: triton (+ mamba_ssm); CPU: torch + reference
+    python tools/bench_scan.py --lengths 197 1024 --batch 2 --backends torch reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vim.kernels import bidirectional_selective_scan, selective_scan
+
+
+def make_inputs(batch: int, dim: int, length: int, n_state: int, dtype: torch.dtype, device: str, directions: int = 1):
+    """Vim-shaped inputs: channels-last u/delta/z (a (B, D, L) view of (B, L, D)), B/C (B, N, L)."""
+    lead = (directions,) if directions > 1 else ()
+
+    def channels_last(*shape):
+        return torch.randn(*lead, batch, length, dim, device=device, dtype=dtype).transpose(-1, -2).mul_(0.5)
+
+    return dict(
+        u=channels_last().requires_grad_(),
+        delta=channels_last().requires_grad_(),
+        A=-torch.rand(*lead, dim, n_state, device=device).add_(0.5).requires_grad_(),
+        B=torch.randn(*lead, batch, n_state, length, device=device, dtype=dtype).requires_grad_(),
+        C=torch.randn(*lead, batch, n_state, length, device=device, dtype=dtype).requires_grad_(),
+        D=torch.ones(*lead, dim, device=device).requires_grad_(),
+        z=torch.randn(batch, length, dim, device=device, dtype=dtype).transpose(-1, -2).requires_grad_(),
+        delta_bias=torch.zeros(*lead, dim, device=device).requires_grad_(),
+    )
+
+
+def timed(fn, device: str, min_seconds: float = 0.5, max_repeats: int = 100) -> float:
+    """Median seconds per call of ``fn`` after one warm-up call."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (time.perf_counter() - start < min_seconds or len(times) < 3):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device)
+    return 2 * src.numel() / seconds / 1e9
+
+
+def scan_bytes(batch: int, dim: int, length: int, n_state: int, itemsize: int, backward: bool) -> int:
+    """Fewest bytes a scan must move: read u, delta, z, B, C once and write out (fwd); bwd adds dout in, 4 grads out."""
+    tokens = batch * length
+    forward = (4 * tokens * dim + 2 * tokens * n_state) * itemsize
+    if not backward:
+        return forward
+    return forward + (4 * tokens * dim + 2 * tokens * n_state) * itemsize
+
+
+def run_case(backend: str, inputs: dict, device: str, bidirectional: bool) -> tuple[float, float]:
+    """(forward seconds, forward+backward seconds)."""
+    if backend == "mamba_ssm":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        def call():
+            return selective_scan_fn(**inputs, delta_softplus=True)
+    elif bidirectional:
+
+        def call():
+            return bidirectional_selective_scan(**inputs, delta_softplus=True, backend=backend)
+    else:
+
+        def call():
+            return selective_scan(**inputs, delta_softplus=True, backend=backend)
+
+    def forward():
+        with torch.no_grad():
+            call()
+
+    def forward_backward():
+        call().float().sum().backward()
+
+    return timed(forward, device), timed(forward_backward, device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[197, 1024, 4096, 16384])
+    parser.add_argument("--dim", type=int, default=768, help="d_inner of Vim-S")
+    parser.add_argument("--state", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 on GPU, 1 on CPU")
+    parser.add_argument("--backends", nargs="+", default=None)
+    parser.add_argument("--max-reference-length", type=int, default=1024, help="the sequential reference is slow")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch = args.batch or (8 if device == "cuda" else 1)
+    backends = args.backends or (["triton", "triton-bidirectional", "mamba_ssm"] if device == "cuda" else ["torch", "reference"])
+    if "mamba_ssm" in backends:
+        try:
+            import mamba_ssm  # noqa: F401
+        except ImportError:
+            backends.remove("mamba_ssm")
+    roofline = copy_bandwidth(device) if device == "cuda" else None
+
+    rows = []
+    cases = [(b, L) for L in args.lengths for b in backends if not (b == "reference" and L > args.max_reference_length)]
+    for backend, length in tqdm(cases, desc="selective scan"):
+        bidirectional = backend.endswith("-bidirectional")
+        inputs = make_inputs(batch, args.dim, length, args.state, dtype, device, directions=2 if bidirectional else 1)
+        if backend == "mamba_ssm":
+            inputs = {k: v.detach().contiguous().requires_grad_() for k, v in inputs.items()}
+        fwd, fwd_bwd = run_case(backend.removesuffix("-bidirectional"), inputs, device, bidirectional)
+        scans = 2 if bidirectional else 1
+        itemsize = torch.finfo(dtype).bits // 8
+        row = dict(backend=backend, length=length, forward_ms=fwd * 1e3, forward_backward_ms=fwd_bwd * 1e3)
+        row["forward_GBps"] = scans * scan_bytes(batch, args.dim, length, args.state, itemsize, False) / fwd / 1e9
+        row["forward_backward_GBps"] = scans * scan_bytes(batch, args.dim, length, args.state, itemsize, True) / fwd_bwd / 1e9
+        if roofline:
+            row["forward_roofline_fraction"] = row["forward_GBps"] / roofline
+            row["forward_backward_roofline_fraction"] = row["forward_backward_GBps"] / roofline
+        rows.append(row)
+
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        torch=torch.__version__,
+        triton=_version("triton"),
+        dtype=str(dtype),
+        batch=batch,
+        dim=args.dim,
+        state=args.state,
+        copy_bandwidth_GBps=roofline,
+        note="bidirectional rows run two scans (forward + reversed) in one launch; GB/s counts both",
+    )
+    write_results(args.out, device, meta, rows)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return __import__(package).__version__
+    except ImportError:
+        return None
+
+
+def write_results(folder: Path, device: str, meta: dict, rows: list[dict]) -> None:
+    """JSON with everything, and a Markdown table for people."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"scan_{device}"
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    columns = list(rows[0])
+    lines = [f"# Selective scan benchmark ({meta['device']})", ""]
+    lines += [f"- {key}: {value}" for key, value in meta.items()]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
