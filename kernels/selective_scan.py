@@ -54,6 +54,11 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         raise ValueError(f"unknown selective-scan backend {name!r}; expected one of {BACKENDS}")
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"selective-scan backend 'triton' needs CUDA tensors, got tensors on {device}; "
+            "set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter on CPU"
+        )
     return name
 
 
