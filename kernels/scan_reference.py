@@ -61,7 +61,7 @@ def selective_scan_ref(
     h = u.new_zeros(u.shape[0], dim, A.shape[1])
     ys: list[torch.Tensor | None] = [None] * length
     states: list[torch.Tensor | None] = [None] * length
-    for t in (range(length - 1, -1, -1) if reverse else range(length)):
+    for t in range(length - 1, -1, -1) if reverse else range(length):
         h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
         ys[t] = (h * C[..., t]).sum(-1)
         states[t] = h

@@ -69,9 +69,17 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 @torch.library.custom_op("vim::selective_scan_fwd", mutates_args=())
 def _scan_fwd(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
-    delta_softplus: bool, reverse: bool, backend: str,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    reverse: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     forward, _ = _implementation(backend)
     out, checkpoints = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
@@ -88,17 +96,33 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend):
 
 @torch.library.custom_op("vim::selective_scan_bwd", mutates_args=())
 def _scan_bwd(
-    dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
-    delta_softplus: bool, reverse: bool, backend: str, checkpoints: Tensor,
+    dout: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    reverse: bool,
+    backend: str,
+    checkpoints: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, backward = _implementation(backend)
     du, ddelta, dA, dB, dC, dD, dz, dbias = backward(
         dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, checkpoints
     )
     return (
-        as_channels_last(du), as_channels_last(ddelta), dA.contiguous(), dB.contiguous(), dC.contiguous(),
-        dD.contiguous(), dz if dz.numel() == 0 else as_channels_last(dz), dbias.contiguous(),
+        as_channels_last(du),
+        as_channels_last(ddelta),
+        dA.contiguous(),
+        dB.contiguous(),
+        dC.contiguous(),
+        dD.contiguous(),
+        dz if dz.numel() == 0 else as_channels_last(dz),
+        dbias.contiguous(),
     )
 
 
@@ -131,11 +155,17 @@ def _backward(ctx, dout, _dcheckpoints):
         as_channels_last(dout), u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints
     )
     return (
-        du, ddelta, dA.to(A.dtype), dB, dC,
+        du,
+        ddelta,
+        dA.to(A.dtype),
+        dB,
+        dC,
         None if D is None else dD.to(D.dtype),
         None if z is None else dz,
         None if delta_bias is None else dbias.to(delta_bias.dtype),
-        None, None, None,
+        None,
+        None,
+        None,
     )
 
 
@@ -156,7 +186,6 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
     """Raise ValueError naming the argument and the shapes for any inconsistent input.
 
     ``lead`` is ``()`` for :func:`selective_scan` and ``(2,)`` for the bidirectional call.
-    B and C have already been given their group axis.
     """
     k = len(lead)
     if u.dim() != 3 + k:
@@ -170,20 +199,24 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
     if A.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"selective_scan: A must be float32 (or float64), got dtype {A.dtype} with shape {tuple(A.shape)}")
     if A.dim() != 2 + k or A.shape[k] != dim:
-        raise ValueError(f"selective_scan: A has shape {tuple(A.shape)}, expected {(*lead, dim, 'N')} for u of shape {tuple(u.shape)}")
+        raise ValueError(
+            f"selective_scan: A has shape {tuple(A.shape)}, expected {(*lead, dim, 'N')} for u of shape {tuple(u.shape)}"
+        )
     n_state = A.shape[-1]
     if not 1 <= n_state <= MAX_STATE:
         raise ValueError(f"selective_scan: state size N = {n_state} (A has shape {tuple(A.shape)}) is outside 1..{MAX_STATE}")
     hint = f"for u of shape {tuple(u.shape)} and A of shape {tuple(A.shape)}"
     _check_shape("delta", delta, u.shape, hint)
     for name, x in (("B", B), ("C", C)):
-        groups = x.shape[k + 1] if x.dim() == 4 + k else 0
-        if x.dim() != 4 + k or groups < 1 or dim % groups:
+        grouped = x.dim() == 4 + k
+        groups = x.shape[k + 1] if grouped else 1
+        if x.dim() not in (3 + k, 4 + k) or groups < 1 or dim % groups:
             raise ValueError(
                 f"selective_scan: {name} has shape {tuple(x.shape)}, expected {(*lead, batch, n_state, length)} "
                 f"or grouped {(*lead, batch, 'G', n_state, length)} with dim {dim} divisible by G, {hint}"
             )
-        _check_shape(name, x, (*lead, batch, groups, n_state, length), hint)
+        expected = (*lead, batch, groups, n_state, length) if grouped else (*lead, batch, n_state, length)
+        _check_shape(name, x, expected, hint)
     _check_shape("D", D, (*lead, dim), hint)
     _check_shape("delta_bias", delta_bias, (*lead, dim), hint)
     _check_shape("z", z, (batch, dim, length), hint)
@@ -234,19 +267,24 @@ def selective_scan(
     Returns:
         ``out`` (batch, dim, L) in ``u.dtype``, and the last state if asked for.
     """
-    B, C = _with_groups(B, 0), _with_groups(C, 0)
     _validate(u, delta, A, B, C, D, z, delta_bias, lead=())
+    B, C = _with_groups(B, 0), _with_groups(C, 0)
     backend = resolve_backend(u.device, backend)
     if backend == "reference":
-        out, last = selective_scan_ref(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return_last_state=True
-        )
+        out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return_last_state=True)
         return (out, last.float().detach()) if return_last_state else out
     out, checkpoints = _scan_fwd(
-        u.unsqueeze(0), delta.unsqueeze(0), A.unsqueeze(0), B.unsqueeze(0), C.unsqueeze(0),
-        None if D is None else D.unsqueeze(0), z,
+        u.unsqueeze(0),
+        delta.unsqueeze(0),
+        A.unsqueeze(0),
+        B.unsqueeze(0),
+        C.unsqueeze(0),
+        None if D is None else D.unsqueeze(0),
+        z,
         None if delta_bias is None else delta_bias.unsqueeze(0),
-        delta_softplus, reverse, backend,
+        delta_softplus,
+        reverse,
+        backend,
     )
     out = out.squeeze(0)
     return (out, checkpoints[0, :, -1].detach()) if return_last_state else out
@@ -280,17 +318,26 @@ def bidirectional_selective_scan(
     Returns:
         (2, batch, dim, L): each direction's gated output, in ``u.dtype``; sum or average them.
     """
-    B, C = _with_groups(B, 1), _with_groups(C, 1)
     _validate(u, delta, A, B, C, D, z, delta_bias, lead=(2,))
+    B, C = _with_groups(B, 1), _with_groups(C, 1)
     backend = resolve_backend(u.device, backend)
     if backend == "reference":
-        return torch.stack([
-            selective_scan_ref(
-                u[k], delta[k], A[k], B[k], C[k], None if D is None else D[k], z,
-                None if delta_bias is None else delta_bias[k], delta_softplus, reverse=k == 1,
-            )
-            for k in range(2)
-        ])
+        return torch.stack(
+            [
+                selective_scan_ref(
+                    u[k],
+                    delta[k],
+                    A[k],
+                    B[k],
+                    C[k],
+                    None if D is None else D[k],
+                    z,
+                    None if delta_bias is None else delta_bias[k],
+                    delta_softplus,
+                    reverse=k == 1,
+                )
+                for k in range(2)
+            ]
+        )
     out, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, backend)
     return out
-
