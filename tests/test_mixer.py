@@ -1,0 +1,128 @@
+"""The bidirectional mixer against an explicit-flip re-implementation of the official bimamba v2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vim.kernels import selective_scan_ref
+from vim.models import BiMambaMixer, MambaBlock
+
+
+def _official_direction(mixer: BiMambaMixer, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
+    """One direction of mamba_inner_fn_no_out_proj: causal conv + SiLU, projections, gated scan. (B, Di, L)."""
+    length = x.shape[-1]
+    conv = getattr(mixer, f"conv1d{suffix}")
+    x = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=mixer.d_conv - 1, groups=mixer.d_inner)[..., :length])
+    x_dbl = x.transpose(1, 2) @ getattr(mixer, f"x_proj{suffix}").weight.T
+    dt, B, C = x_dbl.split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    dt_proj = getattr(mixer, f"dt_proj{suffix}")
+    delta = (dt @ dt_proj.weight.T).transpose(1, 2)
+    A = -torch.exp(getattr(mixer, f"A{suffix}_log").float())
+    D = getattr(mixer, f"D{suffix}").float()
+    return selective_scan_ref(
+        x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True
+    )
+
+
+def official_bimamba_v2(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
+    """The official forward: the backward direction runs on torch.flip-ped x and z, its output flipped back."""
+    xz = (hidden @ mixer.in_proj.weight.T).transpose(1, 2)
+    x, z = xz.chunk(2, dim=1)
+    y = _official_direction(mixer, x, z, "") + _official_direction(mixer, x.flip(-1), z.flip(-1), "_b").flip(-1)
+    if mixer.divide_out:
+        y = y / 2
+    return y.transpose(1, 2) @ mixer.out_proj.weight.T
+
+
+def _randomize(mixer: BiMambaMixer, generator: torch.Generator) -> None:
+    """Give the two directions different, non-trivial parameters so that mixing them up would show."""
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.add_(0.3 * noise if name.startswith(("A", "D", "conv")) else 0.05 * noise)
+
+
+@pytest.mark.parametrize("divide_out", [True, False])
+@pytest.mark.parametrize("length", [1, 5, 37])
+def test_mixer_matches_explicit_flip_forward_and_backward(divide_out: bool, length: int) -> None:
+    generator = torch.Generator().manual_seed(length)
+    mixer = BiMambaMixer(16, d_state=4, divide_out=divide_out, scan_backend="torch")
+    _randomize(mixer, generator)
+    hidden = torch.randn(2, length, 16, generator=generator)
+
+    x_ours = hidden.clone().requires_grad_()
+    x_ref = hidden.clone().requires_grad_()
+    out = mixer(x_ours)
+    grad_out = torch.randn(out.shape, generator=generator)
+    (out * grad_out).sum().backward()
+    ours = {name: p.grad.clone() for name, p in mixer.named_parameters()}
+    mixer.zero_grad()
+    expected = official_bimamba_v2(mixer, x_ref)
+    (expected * grad_out).sum().backward()
+
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    for name, p in mixer.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_divide_out_halves_the_sum_of_directions() -> None:
+    torch.manual_seed(0)
+    mean_mixer = BiMambaMixer(8, d_state=4, divide_out=True, scan_backend="torch")
+    sum_mixer = BiMambaMixer(8, d_state=4, divide_out=False, scan_backend="torch")
+    sum_mixer.load_state_dict(mean_mixer.state_dict())
+    x = torch.randn(1, 6, 8)
+    torch.testing.assert_close(sum_mixer(x), 2 * mean_mixer(x))
+
+
+def test_backward_direction_reads_the_future() -> None:
+    """Token t's output depends on later tokens only through the backward direction."""
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(8, d_state=4, scan_backend="torch")
+    x = torch.randn(1, 10, 8, requires_grad=True)
+    mixer(x)[0, 3].sum().backward()
+    assert x.grad[0, 4:].abs().sum() > 0
+    with torch.no_grad():
+        mixer.x_proj_b.weight.zero_()
+        mixer.conv1d_b.weight.zero_()
+        mixer.conv1d_b.bias.zero_()
+        mixer.D_b.zero_()
+    x.grad = None
+    mixer(x)[0, 3].sum().backward()
+    assert x.grad[0, 4:].abs().sum() == 0
+
+
+def test_mamba_initialisation() -> None:
+    d_model, d_state = 40, 16
+    mixer = BiMambaMixer(d_model, d_state=d_state)
+    dt_rank = math.ceil(d_model / 16)
+    assert mixer.dt_rank == dt_rank and mixer.d_inner == 2 * d_model
+    assert mixer.x_proj.weight.shape == (dt_rank + 2 * d_state, 2 * d_model)
+    for suffix in ("", "_b"):
+        A = -torch.exp(getattr(mixer, f"A{suffix}_log"))
+        torch.testing.assert_close(A, -torch.arange(1, d_state + 1, dtype=torch.float32).expand(2 * d_model, -1))
+        torch.testing.assert_close(getattr(mixer, f"D{suffix}"), torch.ones(2 * d_model))
+        dt_proj = getattr(mixer, f"dt_proj{suffix}")
+        dt = F.softplus(dt_proj.bias)
+        assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
+        assert dt_proj.weight.abs().max() <= dt_rank**-0.5
+    assert mixer.in_proj.bias is None and mixer.out_proj.bias is None and mixer.x_proj.bias is None
+    assert mixer.conv1d.weight.shape == (2 * d_model, 1, 4) and mixer.conv1d.bias is not None
+
+
+def test_block_keeps_an_fp32_residual_and_matches_its_definition() -> None:
+    torch.manual_seed(0)
+    block = MambaBlock(8, d_state=4, scan_backend="torch").to(torch.bfloat16)
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
+    previous = torch.randn(2, 5, 8)
+    hidden, residual = block(x, previous)
+    assert residual.dtype == torch.float32 and hidden.dtype == torch.bfloat16
+    torch.testing.assert_close(residual, previous + x.float())
+    normed = residual.bfloat16() * torch.rsqrt(residual.bfloat16().pow(2).mean(-1, keepdim=True) + 1e-5) * block.norm.weight
+    torch.testing.assert_close(hidden, block.mixer(normed), atol=2e-2, rtol=2e-2)
+    _, first_residual = block(x)  # the first block starts the stream from its input
+    torch.testing.assert_close(first_residual, x.float())

@@ -1,0 +1,76 @@
+"""Convert an official Vision Mamba checkpoint (.pth) to a .safetensors file of its weights.
+
+Usage::
+
+    python tools/convert_checkpoint.py vim_t_midclstok_76p1acc.pth vim_tiny_patch16_224.safetensors \\
+        [--model vim_tiny_patch16_224] [--no-ema]
+
+The .pth is read without executing pickled code (see :func:`vim.models.load_official_checkpoint`);
+the weights (``"model_ema"`` if present, unless ``--no-ema``, else ``"model"``) are written
+unchanged, official key names included, so the result loads with
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``. With
+``--model`` every key and shape is checked against that architecture first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import vim.models  # noqa: F401  (registers the models)
+from vim.models import checkpoint_filter_fn, load_official_checkpoint
+
+
+def check_against_model(state_dict: dict[str, torch.Tensor], model_name: str) -> None:
+    """Raise ValueError unless ``state_dict`` has exactly the keys and shapes of ``model_name``."""
+    model = timm.create_model(model_name, device="meta")
+    checkpoint_filter_fn(state_dict, model)  # raises on a shape mismatch, naming the key
+    expected, found = set(model.state_dict()), set(state_dict)
+    if expected != found:
+        raise ValueError(
+            f"the checkpoint does not match {model_name}: missing keys {sorted(expected - found)[:10]}, "
+            f"unexpected keys {sorted(found - expected)[:10]}"
+        )
+
+
+def convert(source: Path, target: Path, model_name: str | None = None, use_ema: bool = True) -> int:
+    """Write the weights of ``source`` to ``target`` (.safetensors); returns the number of tensors."""
+    if target.suffix != ".safetensors":
+        raise ValueError(f"the output file must end in .safetensors, got {str(target)!r}")
+    state_dict = load_official_checkpoint(source, use_ema=use_ema)
+    if model_name is not None:
+        check_against_model(state_dict, model_name)
+    tensors = {}
+    for key, value in tqdm(state_dict.items(), desc=f"converting {source.name}", unit="tensor"):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
+        tensors[key] = value.detach().contiguous().clone()  # safetensors refuses shared or strided storage
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target), metadata={"format": "pt", "source": source.name})
+    return len(tensors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="official .pth checkpoint")
+    parser.add_argument("target", type=Path, help="output .safetensors file")
+    parser.add_argument("--model", help="check the keys and shapes against this registered model first")
+    parser.add_argument("--no-ema", action="store_true", help="take 'model' even when the checkpoint has 'model_ema'")
+    args = parser.parse_args(argv)
+    try:
+        count = convert(args.source, args.target, args.model, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {count} tensors to {args.target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Vision Mamba (Vim) image backbones, registered with timm.
+
+API::
+
+    import vim, timm
+    model = timm.create_model("vim_small_patch16_224", pretrained=True)
+    model = timm.create_model("vim_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file="vim_t.pth"))
+    logits = model(images)                                   # (B, 3, 224, 224) -> (B, 1000)
+    tokens = model.forward_features(images)                  # (B, M + 1, D), class token at M // 2
+    final, inter = model.forward_intermediates(images, indices=4, output_fmt="NCHW")
+
+Vim (arXiv 2401.09417, hustvl/Vim): patch tokens with a learned absolute position embedding and a
+class token inserted in the middle of the sequence, 24 bidirectional Mamba blocks
+(:class:`~vim.models.backbone.MambaBackbone`), the class token's final state as the pooled
+feature and a linear head. Registered: ``vim_{tiny,small}_patch16{,_stride8}_224``,
+``vim_base_patch16_224`` and the small ``test_vim``.
+
+The registered models take any image size (``dynamic_img_size=True``: the position embedding is
+resampled to the token grid of each input; at the nominal size nothing changes). Pass
+``dynamic_img_size=False`` for a model that, like the official code, accepts its ``img_size`` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import lecun_normal_, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from .backbone import MambaBackbone
+from .checkpoint import checkpoint_filter_fn
+from .patch_embed import StridedPatchEmbed
+from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed, split_middle_token
+
+__all__ = ["VisionMamba"]
+
+PoolType = Literal["token", "avg", ""]
+POOL_TYPES = ("token", "avg", "")
+
+
+class VisionMamba(MambaBackbone):
+    """Vision Mamba with a middle class token, behaving like a timm ViT.
+
+    Args:
+        img_size: input image size.
+        patch_size: patch (conv kernel) size.
+        stride: patch stride, ``patch_size`` if None (8 for the "stride8" variants).
+        in_chans: input channels.
+        num_classes: classifier outputs, 0 for none.
+        global_pool: "token" (the middle class token, as in Vim), "avg" (mean of all tokens) or "" (none).
+        embed_dim: token width D.
+        depth: number of Mamba blocks.
+        d_state: SSM state size N.
+        expand: mixer inner width ``expand * embed_dim``.
+        drop_rate: dropout before the classifier.
+        pos_drop_rate: dropout after adding the position embedding.
+        drop_path_rate: stochastic depth of the last block and of the final norm.
+        norm_eps: RMSNorm epsilon.
+        dynamic_img_size: accept any image size, resampling the position embedding to its grid.
+        scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        stride: int | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: PoolType = "token",
+        embed_dim: int = 192,
+        depth: int = 24,
+        d_state: int = 16,
+        expand: int = 2,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-5,
+        dynamic_img_size: bool = False,
+        scan_backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        _check_pool(global_pool)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.dynamic_img_size = dynamic_img_size
+
+        self.patch_embed = StridedPatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            stride=stride,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            output_fmt="NHWC" if dynamic_img_size else None,
+            strict_img_size=not dynamic_img_size,
+            **dd,
+        )
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + 1, embed_dim, **dd))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.build_trunk(
+            embed_dim,
+            depth,
+            drop_path_rate=drop_path_rate,
+            norm_eps=norm_eps,
+            d_state=d_state,
+            expand=expand,
+            divide_out=True,
+            scan_backend=scan_backend,
+            **dd,
+        )
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+        reduction = self.patch_embed.feat_ratio()
+        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, mode: str = "") -> None:
+        """The official Vim initialisation of every parameter (``mode`` is accepted for timm compatibility)."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        lecun_normal_(self.patch_embed.proj.weight)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        self._init_head()
+        self.init_trunk_weights()
+
+    def _init_head(self) -> None:
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"} | self.trunk_no_weight_decay()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=self.trunk_group_matcher())
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: PoolType | None = None) -> None:
+        """Replace the head with a new (initialised) one for ``num_classes`` outputs (0: none)."""
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        like = self.cls_token
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=like.device, dtype=like.dtype) if num_classes > 0 else nn.Identity()
+        )
+        with torch.no_grad():
+            self._init_head()
+        self.head.train(self.training)
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        """Change the nominal image size, resampling the position embedding to the new grid."""
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        if self.patch_embed.grid_size != old_grid:
+            with torch.no_grad():
+                resampled = resample_middle_token_pos_embed(self.pos_embed, self.patch_embed.grid_size, old_grid)
+            self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, M + 1, D) tokens with the class token at M // 2, position embedded."""
+        x = self.patch_embed(x)
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            grid = x.shape[1:3]
+            pos_embed = resample_middle_token_pos_embed(pos_embed, grid, self.patch_embed.grid_size)
+            x = x.flatten(1, 2)
+        x = insert_middle_token(x, self.cls_token) + pos_embed
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, M + 1, D) normalised tokens, class token at M // 2."""
+        return self.forward_trunk(self._embed(x))
+
+    def pool(self, x: torch.Tensor, pool_type: PoolType | None = None) -> torch.Tensor:
+        """(B, M + 1, D) tokens -> (B, D) (or the tokens unchanged for pool type "")."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "token":
+            return x[:, middle_token_index(x.shape[1])]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, M + 1, D) tokens -> logits (B, num_classes), or the pooled (B, D) with ``pre_logits``."""
+        x = self.head_drop(self.pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward pass that also returns the residual stream after selected blocks.
+
+        Args:
+            x: (B, C, H, W) images.
+            indices: the last n blocks if an int, these blocks if a list, all if None.
+            return_prefix_tokens: pair each intermediate with its class token (B, 1, D).
+            norm: apply the final norm to the intermediates.
+            stop_early: skip the blocks after the last selected one.
+            output_fmt: "NCHW" (B, D, gh, gw) or "NLC" (B, M, D) patch tokens, class token removed.
+            intermediates_only: return the intermediates only.
+
+        Returns:
+            ``(final_tokens (B, M + 1, D), intermediates)`` or the intermediates alone.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, _ = feature_take_indices(len(self.layers), indices)
+        height, width = x.shape[-2:]
+        final, intermediates = self.forward_trunk_intermediates(self._embed(x), take_indices, norm=norm, stop_early=stop_early)
+        cls_tokens, patches = zip(*(split_middle_token(y) for y in intermediates)) if intermediates else ((), ())
+        if output_fmt == "NCHW":
+            grid = self.patch_embed.dynamic_feat_size((height, width))
+            patches = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in patches]
+        outputs = list(zip(patches, cls_tokens)) if return_prefix_tokens else list(patches)
+        return outputs if intermediates_only else (final, outputs)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / head); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.prune_trunk(max_index)
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
+
+
+def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        VisionMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "min_input_size": (3, 32, 32),  # a 2 x 2 patch grid; any size from one patch up works
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2401.09417",
+        "paper_name": "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model",
+        "origin_url": "https://github.com/hustvl/Vim",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "vim_tiny_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-tiny-midclstok", hf_hub_filename="vim_t_midclstok_76p1acc.pth"),
+        "vim_tiny_patch16_stride8_224.in1k": _cfg(
+            hf_hub_id="hustvl/Vim-tiny-midclstok", hf_hub_filename="vim_t_midclstok_ft_78p3acc.pth"
+        ),
+        "vim_small_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-small-midclstok", hf_hub_filename="vim_s_midclstok_80p5acc.pth"),
+        "vim_small_patch16_stride8_224.in1k": _cfg(
+            hf_hub_id="hustvl/Vim-small-midclstok", hf_hub_filename="vim_s_midclstok_ft_81p6acc.pth"
+        ),
+        "vim_base_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-base-midclstok", hf_hub_filename="vim_b_midclstok_81p9acc.pth"),
+        "test_vim.untrained": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+    }
+)
+
+
+@register_model
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-Ti (7.1M parameters)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=24, dynamic_img_size=True)
+    return _create_vision_mamba("vim_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-Ti with overlapping 16 px patches at stride 8 (729 tokens at 224 px)."""
+    model_args = dict(patch_size=16, stride=8, embed_dim=192, depth=24, dynamic_img_size=True)
+    return _create_vision_mamba("vim_tiny_patch16_stride8_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-S (25.8M parameters)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=24, dynamic_img_size=True)
+    return _create_vision_mamba("vim_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-S with overlapping 16 px patches at stride 8."""
+    model_args = dict(patch_size=16, stride=8, embed_dim=384, depth=24, dynamic_img_size=True)
+    return _create_vision_mamba("vim_small_patch16_stride8_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-B (97.6M parameters)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=24, dynamic_img_size=True)
+    return _create_vision_mamba("vim_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_vim(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """A tiny Vim for tests: 32 px images, 8 px patches at stride 4, 4 blocks of width 32."""
+    model_args = dict(img_size=32, patch_size=8, stride=4, embed_dim=32, depth=4, d_state=8, dynamic_img_size=True)
+    return _create_vision_mamba("test_vim", pretrained=pretrained, **dict(model_args, **kwargs))
