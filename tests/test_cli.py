@@ -1,0 +1,148 @@
+"""The ``vim`` command: configs, dispatch, the shortened quickstart with predict and export, and the plot tool."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+from vim.cli import main, run_lightning
+from vim.data.images import ImageDataModule
+from vim.training.checkpoint_io import AtomicCheckpointIO
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+# name: (model, epochs, global batch, batch per device, lr, weight decay, drop path, pretrained file needed)
+PUBLISHED = {
+    "vim_tiny_in1k": ("vim_tiny_patch16_224", 300, 1024, 128, 1e-3, 0.1, 0.0, False),
+    "vim_small_in1k": ("vim_small_patch16_224", 300, 512, 64, 5e-4, 0.05, 0.05, False),
+    "vim_base_in1k": ("vim_base_patch16_224", 300, 1024, 128, 1e-3, 0.05, 0.1, False),
+    "vim_tiny_stride8_ft": ("vim_tiny_patch16_stride8_224", 30, 1024, 128, 1e-5, 1e-8, 0.0, True),
+    "vim_small_stride8_ft": ("vim_small_patch16_stride8_224", 30, 512, 64, 1e-5, 1e-8, 0.0, True),
+}
+
+
+def printed_config(config: Path, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        run_lightning(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    parsed = printed_config(config, capsys)
+    assert set(parsed) >= {"trainer", "model", "data"}
+    model = parsed["model"]["init_args"]
+    assert timm.is_model(model["model"]), model["model"]
+    if config.stem not in PUBLISHED:
+        return
+    name, epochs, global_batch, batch, lr, weight_decay, drop_path, pretrained = PUBLISHED[config.stem]
+    trainer, data = parsed["trainer"], parsed["data"]["init_args"]
+    assert (model["model"], trainer["max_epochs"], model["lr"], model["weight_decay"], model["drop_path_rate"]) == (
+        name,
+        epochs,
+        lr,
+        weight_decay,
+        drop_path,
+    )
+    assert data["batch_size"] * trainer["devices"] * trainer["num_nodes"] == global_batch and data["batch_size"] == batch
+    assert (model["pretrained_file"] is not None) == pretrained
+    assert (model["warmup_epochs"], model["label_smoothing"], model["mixup_alpha"], model["cutmix_alpha"]) == (5, 0.1, 0.8, 1.0)
+    assert (model["ema_decay"], trainer["precision"]) == (0.99996, "bf16-mixed")
+    assert (model["min_lr"], model["warmup_lr"]) == ((1e-5, 1e-5) if pretrained else (1e-5, 1e-6))
+    assert (data["auto_augment"], data["color_jitter"], data["re_prob"], data["interpolation"], data["crop_pct"]) == (
+        "rand-m9-mstd0.5-inc1",
+        0.3,
+        0.25,
+        "bicubic",
+        0.875,
+    )
+
+
+def test_extract_is_forwarded_lazily(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "vim.extract", types.SimpleNamespace(main=calls.append))
+    main(["extract", "--config", "x.yaml", "--out", "features"])
+    assert calls == [["--config", "x.yaml", "--out", "features"]]
+
+
+def test_config_with_unknown_model_lists_close_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIM_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="model 'test_vimm' is not a registered timm model; close names: test_vim"):
+        run_lightning(["--config", str(REPO / "configs/quickstart.yaml"), "--model.init_args.model=test_vimm"], run=False)
+
+
+def test_cli_trainer_saves_checkpoints_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIM_CACHE", str(tmp_path))
+    cli = run_lightning(["--config", str(REPO / "configs/quickstart.yaml")], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_quickstart_shortened_then_predict_and_export(tmp_path, monkeypatch, capsys):
+    """The quickstart config (real model, data path and CLI), shortened; then predict to CSV and export for timm."""
+    monkeypatch.setenv("VIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs/quickstart.yaml")
+    fit = run_lightning(["fit", "--config", config, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
+    accuracy = max(float(fit.trainer.callback_metrics[k]) for k in ("val/acc1", "val_ema/acc1"))
+    assert accuracy > 0.3, f"val accuracy {accuracy:.3f} after the shortened quickstart (chance is 0.1)"
+    assert "Final validation accuracy: val top-1" in capsys.readouterr().out
+    last = tmp_path / "runs/quickstart/checkpoints/last.ckpt"
+    assert last.is_file() and (tmp_path / "runs/quickstart/csv/version_0/metrics.csv").is_file()
+
+    images = tmp_path / "to_classify"
+    images.mkdir()
+    val = sorted((tmp_path / "cache/digits/val").glob("*/*.png"))[::60]
+    for path in val:
+        (images / f"digit{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    predictions = tmp_path / "predictions.csv"
+    main(
+        ["predict", "--config", config, f"--ckpt_path={last}", f"--data.init_args.predict_root={images}"]
+        + [f"--predict_writer.output={predictions}", "--trainer.enable_progress_bar=false"]
+    )
+    with open(predictions, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == len(val) and list(rows[0])[:3] == ["path", "class1", "prob1"] and "class5" in rows[0]
+
+    weights = tmp_path / "digits_vim.safetensors"
+    main(["export", "--ckpt", str(last), "--out", str(weights)])
+    model_args = dict(img_size=16, patch_size=4, stride=4, num_classes=10)
+    model = timm.create_model(
+        "test_vim", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), num_classes=10), **model_args
+    ).eval()
+    data = ImageDataModule(predict_root=str(images), img_size=16, crop_pct=1.0, num_workers=0, batch_size=len(val))
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    with torch.no_grad():
+        probs = model(batch.images).softmax(-1)
+    top = probs.topk(5, dim=-1)
+    by_path = {row["path"]: row for row in rows}
+    for path, classes, values in zip(batch.paths, top.indices.tolist(), top.values.tolist()):
+        row = by_path[path]
+        assert [row[f"class{k}"] for k in range(1, 6)] == [str(c) for c in classes]  # class names of the digits
+        assert [float(row[f"prob{k}"]) for k in range(1, 6)] == pytest.approx(values, abs=2e-4)
+    correct = sum(by_path[p]["class1"] == Path(p).name[5] for p in batch.paths)
+    assert correct / len(val) > 0.3
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss,val/acc1,val/loss\n0,4,2.3,,\n0,9,,0.4,1.9\n1,14,1.2,,\n1,19,,0.8,0.9\n")
+    out = subprocess.run([sys.executable, str(REPO / "tools/plot_metrics.py"), str(metrics)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    png = tmp_path / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    (tmp_path / "bad.csv").write_text("epoch,step,lr\n0,1,0.1\n")
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "tools/plot_metrics.py"), str(tmp_path / "bad.csv")], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "no '*loss' or '*acc1'/'*acc5' columns" in bad.stderr

@@ -1,0 +1,141 @@
+"""ImageFolder data: layout checks, bad files, color modes, small images, sampling and the digits tree."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vim.data.digits import write_digits_tree
+from vim.data.images import ImageDataModule, read_rgb
+from vim.data.sampling import ResumableSampler, SampleKey, mix_seed
+
+
+def write_tree(root: Path, counts: dict[str, int], size: int = 12) -> Path:
+    """root/<class>/<i>.png with random RGB images; returns root."""
+    rng = np.random.default_rng(0)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def data_module(train: Path | None, val: Path | None, **kwargs) -> ImageDataModule:
+    options = dict(img_size=16, batch_size=4, num_workers=0, auto_augment=None, min_image_size=4)
+    return ImageDataModule(train_root=str(train) if train else None, val_root=str(val) if val else None, **{**options, **kwargs})
+
+
+def test_missing_and_empty_roots_are_named(tmp_path):
+    with pytest.raises(ValueError, match="train_root: data root .*nowhere.* does not exist"):
+        data_module(tmp_path / "nowhere", None).setup("fit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="train_root: .*empty.* has no class folders"):
+        data_module(tmp_path / "empty", None).setup("fit")
+    (tmp_path / "no_images" / "cat").mkdir(parents=True)
+    (tmp_path / "no_images" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="train_root: no image files"):
+        data_module(tmp_path / "no_images", None).setup("fit")
+
+
+def test_train_and_val_class_folders_must_match(tmp_path):
+    train = write_tree(tmp_path / "train", {"cat": 1, "dog": 1, "emu": 1})
+    val = write_tree(tmp_path / "val", {"cat": 1, "dog": 1, "fox": 1})
+    with pytest.raises(ValueError, match=r"only in train_root \['emu'\], only in val_root \['fox'\]"):
+        data_module(train, val).setup("fit")
+
+
+def test_corrupt_files_are_skipped_with_a_warning_and_count(tmp_path):
+    train = write_tree(tmp_path / "train", {"a": 3, "b": 3})
+    (train / "a" / "garbage.png").write_bytes(b"definitely not a png")
+    good = (train / "b" / "0.png").read_bytes()
+    (train / "b" / "truncated.png").write_bytes(good[: len(good) // 2])
+    dm = data_module(train, train)
+    dm.setup("fit")
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in dm.val_dataloader():
+            seen += dm.on_before_batch_transfer(batch, 0).paths
+    messages = [str(w.message) for w in caught if "skipped unreadable image" in str(w.message)]
+    assert len(seen) == 6 and not any("garbage" in p or "truncated" in p for p in seen)
+    assert len(messages) == 2 and dm.num_skipped == 2
+    assert "garbage.png" in messages[0] + messages[1] and "2 skipped so far" in messages[-1]
+
+
+def test_grayscale_palette_and_rgba_images_become_rgb(tmp_path):
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((5, 5), 77, dtype=np.uint8), mode="L").save(gray)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.tile(np.array([10, 20, 30, 128], dtype=np.uint8), (5, 5, 1)), mode="RGBA").save(rgba)
+    palette = tmp_path / "palette.gif"
+    Image.fromarray(np.full((5, 5, 3), (200, 0, 0), dtype=np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE).save(palette)
+    assert np.asarray(read_rgb(str(gray))).tolist() == [[[77, 77, 77]] * 5] * 5
+    assert np.asarray(read_rgb(str(rgba))).tolist() == [[[10, 20, 30]] * 5] * 5
+    assert np.asarray(read_rgb(str(palette)))[0, 0].tolist() == [200, 0, 0]
+
+
+def test_image_smaller_than_a_patch_is_upsampled_with_a_warning(tmp_path):
+    train = write_tree(tmp_path / "train", {"a": 2, "b": 2}, size=12)
+    Image.fromarray(np.zeros((2, 3, 3), dtype=np.uint8)).save(train / "a" / "tiny.png")
+    dm = data_module(train, train, min_image_size=8)
+    dm.setup("fit")
+    with pytest.warns(
+        UserWarning, match=r"tiny.png' is smaller than min_image_size=8 px \(one patch\); it is upsampled to img_size=16"
+    ):
+        batches = [dm.on_before_batch_transfer(batch, 0) for batch in dm.val_dataloader()]
+    assert all(b.images.shape[1:] == (3, 16, 16) for b in batches)
+    assert sum(len(b.paths) for b in batches) == 5
+
+
+def test_sampler_is_seeded_per_epoch_split_across_ranks_and_resumable():
+    data = list(range(20))
+    ranks = [ResumableSampler(data, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    first = [[key.index for key in sampler] for sampler in ranks]
+    assert sorted(first[0] + first[1]) == data  # disjoint, covering
+    again = ResumableSampler(data, num_replicas=2, rank=0, seed=3)
+    assert [k.index for k in again] == first[0]
+    again.set_epoch(1)
+    epoch1 = list(again)
+    assert [k.index for k in epoch1] != first[0]
+    assert [k.seed for k in epoch1] == [mix_seed(3, 1, k.index) for k in epoch1]
+    again.skip_once(4)
+    assert list(again) == epoch1[4:]
+    assert list(again) == epoch1  # the skip applies once
+
+
+def test_augmentation_depends_only_on_the_sample_key(tmp_path):
+    train = write_tree(tmp_path / "train", {"a": 2, "b": 2})
+    dm = data_module(train, None, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    torch.manual_seed(0)
+    first = dataset[SampleKey(1, 1234)].image
+    torch.manual_seed(99)
+    _ = dataset[SampleKey(2, 5)]
+    assert torch.equal(dataset[SampleKey(1, 1234)].image, first)
+    assert not torch.equal(dataset[SampleKey(1, 4321)].image, first)
+
+
+def test_digits_tree_matches_scikit_learn(tmp_path):
+    from sklearn.datasets import load_digits
+
+    root = write_digits_tree(tmp_path / "digits", image_size=8)
+    files = sorted(root.glob("*/*/*.png"))
+    assert len(files) == 1797
+    assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
+    assert len(list((root / "val").glob("*/*.png"))) == 360
+    digits = load_digits()
+    sample = root / "val" / "0"
+    path = sorted(sample.iterdir())[0]
+    index = int(path.stem)
+    assert digits.target[index] == 0
+    expected = np.round(digits.images[index] * 255 / 16).astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(path)), expected)
+    stamp = path.stat().st_mtime_ns
+    write_digits_tree(tmp_path / "digits", image_size=8)
+    assert path.stat().st_mtime_ns == stamp  # written once

@@ -1,0 +1,211 @@
+"""The training recipe: schedule, loss, optimizer groups, EMA, atomic checkpoints, exact resume and ddp."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
+
+from vim.data.images import ImageDataModule
+from vim.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from vim.training.classifier import classification_loss, create_model
+from vim.training.image_classifier import ImageClassifier
+from vim.training.schedule import WarmupCosine
+
+TINY_VIT = dict(patch_size=4, embed_dim=16, depth=1, num_heads=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_tree(root: Path, classes: int = 3, per_class: int = 6, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 80, (size, size, 3)) + 60 * c  # class-dependent brightness
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def tiny_classifier(**recipe) -> ImageClassifier:
+    options = dict(model_kwargs=TINY_VIT, lr=1e-2, warmup_epochs=0.5, warmup_lr=1e-4, min_lr=1e-4)
+    return ImageClassifier("vit_tiny_patch16_224", num_classes=3, img_size=16, **{**options, **recipe})
+
+
+def tiny_data(root: Path, **kwargs) -> ImageDataModule:
+    return ImageDataModule(train_root=str(root), img_size=16, batch_size=4, num_workers=0, min_image_size=4, **kwargs)
+
+
+def tiny_trainer(tmp_path: Path, callbacks=(), **kwargs) -> Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    return Trainer(default_root_dir=tmp_path, callbacks=list(callbacks), plugins=[AtomicCheckpointIO()], **{**options, **kwargs})
+
+
+def test_warmup_cosine_hand_values():
+    schedule = WarmupCosine(lr=1.0, total_steps=110, warmup_steps=10, warmup_lr=0.1, min_lr=0.0)
+    assert schedule.learning_rate(0) == pytest.approx(0.1)
+    assert schedule.learning_rate(5) == pytest.approx(0.55)
+    assert schedule.learning_rate(10) == pytest.approx(1.0)
+    assert schedule.learning_rate(60) == pytest.approx(0.5)
+    assert schedule.learning_rate(85) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert schedule.learning_rate(110) == pytest.approx(0.0) and schedule.learning_rate(500) == pytest.approx(0.0)
+    assert schedule(60) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="warmup_steps=20 must lie in"):
+        WarmupCosine(lr=1.0, total_steps=10, warmup_steps=20)
+
+
+def test_loss_smooths_class_indices_and_takes_soft_targets():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    log_probs = logits.log_softmax(-1)
+    targets = torch.tensor([0, 2])
+    smoothed = torch.full((2, 3), 0.1 / 3) + 0.9 * F.one_hot(targets, 3)
+    expected = -(smoothed * log_probs).sum(-1).mean()
+    assert classification_loss(logits, targets, 0.1) == pytest.approx(expected.item())
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.5, 0.5]])
+    assert classification_loss(logits, soft, 0.1) == pytest.approx((-(soft * log_probs).sum(-1).mean()).item())
+
+
+def test_unknown_model_lists_close_names():
+    with pytest.raises(
+        ValueError, match=r"model 'vit_tiny_patch16_22' is not a registered timm model; close names: .*vit_tiny_patch16_224"
+    ):
+        create_model("vit_tiny_patch16_22")
+    with pytest.raises(ValueError, match=r"img_size=\(8, 8\) is smaller than one patch \(patch_size=\(16, 16\)\)"):
+        ImageClassifier("vit_tiny_patch16_224", num_classes=3, img_size=8, model_kwargs=dict(depth=1))
+
+
+class Recorder(Callback):
+    """Learning rate before each step and the model's weights after it."""
+
+    def __init__(self) -> None:
+        self.lrs, self.weights = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+
+def test_optimizer_groups_schedule_and_ema(tmp_path):
+    seed_everything(0)
+    module = tiny_classifier(ema_decay=0.6, weight_decay=0.05, mixup_alpha=0.8, cutmix_alpha=1.0, drop_path_rate=0.1)
+    initial = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    recorder = Recorder()
+    trainer = tiny_trainer(tmp_path, [recorder], enable_checkpointing=False)
+    trainer.fit(module, tiny_data(write_tree(tmp_path / "train")))
+
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decay_of = {names[id(p)]: group["weight_decay"] for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    no_decay = {n for n, p in module.model.named_parameters() if p.ndim <= 1} | {"pos_embed", "cls_token"}
+    assert decay_of == {n: (0.0 if n in no_decay else 0.05) for n, _ in module.model.named_parameters()}
+
+    steps = 8  # 2 epochs of 18 images in batches of 4 (last partial batch dropped)
+    schedule = WarmupCosine(1e-2, total_steps=steps, warmup_steps=2, warmup_lr=1e-4, min_lr=1e-4)
+    assert recorder.lrs == pytest.approx([schedule.learning_rate(s) for s in range(steps)])
+
+    ema = initial
+    for weights in recorder.weights:
+        ema = {k: 0.6 * ema[k] + 0.4 * weights[k] for k in ema}
+    for key, value in module.ema.module.state_dict().items():
+        torch.testing.assert_close(value, ema[key], rtol=1e-5, atol=1e-6)
+
+
+def test_atomic_save_keeps_the_previous_file_when_saving_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+
+    def crash_half_way(obj, file):
+        file.write(b"partial checkpoint bytes")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(RuntimeError, match="disk full"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+def resume_run(tmp_path: Path, train_root: Path, callbacks=(), ckpt_path=None) -> ImageClassifier:
+    seed_everything(0)
+    module = tiny_classifier(ema_decay=0.9, mixup_alpha=0.8, cutmix_alpha=1.0, drop_path_rate=0.1)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1)
+    trainer = tiny_trainer(tmp_path, [checkpoints, *callbacks])
+    trainer.fit(module, tiny_data(train_root, val_root=str(train_root)), ckpt_path=ckpt_path)
+    assert trainer.global_step == 8
+    return module
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
+    train_root = write_tree(tmp_path / "train")
+    reference = resume_run(tmp_path / "full", train_root)
+    with pytest.raises(RuntimeError, match="simulated crash at step 5"):
+        resume_run(tmp_path / "split", train_root, [CrashAt(5)])
+    assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    resumed = resume_run(tmp_path / "split", train_root, ckpt_path="last")
+    for name, module in (("model", "model"), ("EMA", "ema")):
+        expected, actual = getattr(reference, module).state_dict(), getattr(resumed, module).state_dict()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+from lightning.pytorch import Callback
+from vim.cli import main
+
+class SaveWeights(Callback):
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.model.state_dict(), f"{OUT}/rank{trainer.global_rank}.pt")
+
+main(sys.argv[1:] + ["--trainer.callbacks+=__main__.SaveWeights"])
+"""
+
+
+def test_ddp_two_cpu_processes_end_with_equal_weights(tmp_path):
+    train_root = write_tree(tmp_path / "train", per_class=8)
+    script = tmp_path / "train_ddp.py"
+    script.write_text(f"OUT = {str(tmp_path)!r}\n" + textwrap.dedent(DDP_SCRIPT))
+    model = dict(model="vit_tiny_patch16_224", num_classes=3, img_size=16, model_kwargs=TINY_VIT, ema_decay=0.9, mixup_alpha=0.8)
+    data = dict(train_root=str(train_root), img_size=16, batch_size=4, num_workers=0, min_image_size=4)
+    trainer = dict(strategy="ddp", devices=2, accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False)
+    config = {
+        "trainer": {**trainer, "enable_checkpointing": False},
+        "model": {"class_path": "vim.training.image_classifier.ImageClassifier", "init_args": model},
+        "data": {"class_path": "vim.data.images.ImageDataModule", "init_args": data},
+    }
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), "fit", "--config", str(tmp_path / "ddp.yaml")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    initial = create_model("vit_tiny_patch16_224", num_classes=3, img_size=16, **TINY_VIT).state_dict()
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0 if "weight" in k)  # it trained
