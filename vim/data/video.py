@@ -1,0 +1,620 @@
+"""Video clip classification data: folders of videos, Kinetics / Something-Something annotation lists, frame folders.
+
+:class:`VideoClipDataModule` yields clips (B, 3, T, H, W) for training and validation and, for ``test``,
+``test_num_clips x test_num_crops`` views per video (B, V, 3, T, H, W) whose predictions the classifier
+averages (VideoMamba's 4 clips x 3 crops on Kinetics). Where the samples come from:
+
+- a folder-per-class tree ``root/<class>/<video file>`` (``train_root``, ``val_root``, ``test_root``), where
+  a sample may also be a folder of extracted frames ``root/<class>/<video>/<frame>.jpg``;
+- an annotation list (``train_list``, ...; relative paths are taken under ``data_root``): lines
+  ``path label`` (space, tab or comma separated; label an index or a class name; VideoMAE / VideoMamba's
+  lists), the official Kinetics CSV (``label,youtube_id,time_start,time_end,split``; files
+  ``<youtube_id>_<start:06d>_<end:06d>.mp4``), or the official Something-Something v2 JSON
+  (``[{"id", "template", ...}]``, files ``<id>.webm``, class indices from ``labels.json`` given as ``classes_file``).
+
+Videos are decoded with PyAV, frame folders with PIL. Training draws ``num_frames`` frames by
+segment-based sampling (the video is cut into ``num_frames`` equal segments, one frame at a random
+offset in each: TSN / VideoMamba's "sparse" sampling); evaluation takes the frame at a fixed offset of
+each segment, clip ``k`` of ``n`` at ``(k + 1) / (n + 1)`` of the segment. Transforms are torchvision
+transforms v2 applied to the whole clip at once (every frame gets the same crop, flip and RandAugment op).
+
+Bad input never stops an epoch: an empty, truncated-before-the-first-frame or corrupt file, or a stream
+without frames, is skipped with a warning and a running count. Other problems are warned about and
+handled: a clip shorter than ``num_frames`` is stretched by repeating frames (segment sampling picks
+frames more than once, never past the end), a stream that breaks off mid-way is used up to the last
+decoded frame, frames smaller than ``min_image_size`` are upsampled by the resize, odd frame sizes are
+resized like any other, and variable-frame-rate videos are sampled by frame index, not by time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
+from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageDataModule, find_classes, read_rgb
+from vim.data.sampling import SampleKey, seed_everything_from
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".ts")
+VARIABLE_RATE_TOLERANCE = 0.5
+"""A stream whose frame durations differ by more than this fraction of the median counts as variable-frame-rate."""
+
+
+class VideoReadError(ValueError):
+    """A video (or frame folder) that cannot give a single frame."""
+
+
+class UnreadableClip(NamedTuple):
+    """A sample that could not be decoded, and why."""
+
+    path: str
+    reason: str
+
+
+class LoadedClip(NamedTuple):
+    """One transformed sample: ``clip`` (3, T, H, W), or (V, 3, T, H, W) for several test views; its class and notes."""
+
+    clip: torch.Tensor
+    target: int
+    path: str
+    notes: tuple[str, ...]
+
+
+class ClipBatch(NamedTuple):
+    """A collated batch: ``clips`` (B, 3, T, H, W) or (B, V, 3, T, H, W), ``targets`` (B,), paths, skipped samples, notes."""
+
+    clips: torch.Tensor
+    targets: torch.Tensor
+    paths: list[str]
+    skipped: list[UnreadableClip]
+    notes: list[tuple[str, str]]
+
+
+# --------------------------------------------------------------------------------------------- decoding
+class Frames:
+    """The frames of one video file or frame folder; :meth:`take` converts only the frames asked for.
+
+    Args:
+        frames: decoded ``av.VideoFrame`` objects, or frame image paths in display order.
+        notes: problems met while opening (truncated stream, variable frame rate).
+    """
+
+    def __init__(self, frames: Sequence[av.VideoFrame | str], notes: Sequence[str] = ()) -> None:
+        self.frames = list(frames)
+        self.notes = list(notes)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(H, W) of the first frame."""
+        first = self.frames[0]
+        if isinstance(first, str):
+            with Image.open(first) as image:
+                return image.height, image.width
+        return first.height, first.width
+
+    def take(self, indices: Sequence[int]) -> torch.Tensor:
+        """(T, 3, H, W) uint8 RGB frames at ``indices`` (each distinct frame converted once)."""
+        converted = {i: self._rgb(self.frames[i]) for i in sorted(set(indices))}
+        return torch.from_numpy(np.stack([converted[i] for i in indices])).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def _rgb(frame: av.VideoFrame | str) -> np.ndarray:
+        if isinstance(frame, str):
+            return np.asarray(read_rgb(frame))
+        return frame.to_ndarray(format="rgb24")
+
+
+def is_variable_frame_rate(timestamps: Sequence[int | None]) -> bool:
+    """Whether consecutive presentation timestamps are spaced unevenly (beyond :data:`VARIABLE_RATE_TOLERANCE`)."""
+    known = [t for t in timestamps if t is not None]
+    durations = np.diff(np.sort(np.asarray(known, dtype=np.float64)))
+    durations = durations[durations > 0]
+    if len(durations) < 2:
+        return False
+    median = float(np.median(durations))
+    return bool(np.abs(durations - median).max() > VARIABLE_RATE_TOLERANCE * median)
+
+
+def decode_video(path: str) -> Frames:
+    """Decode every frame of the first video stream of ``path`` with PyAV.
+
+    Raises:
+        VideoReadError: the file cannot be opened, has no video stream, or gives no frame.
+    """
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise VideoReadError(f"cannot open: {type(error).__name__}: {error}") from error
+    with container:
+        if not container.streams.video:
+            raise VideoReadError("the file has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames, notes = [], []
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame)
+        except (av.FFmpegError, OSError, ValueError) as error:
+            if not frames:
+                raise VideoReadError(f"no frame could be decoded: {type(error).__name__}: {error}") from error
+            notes.append(f"the stream breaks off after {len(frames)} frames ({type(error).__name__}); using those frames")
+    if not frames:
+        raise VideoReadError("the video stream has no frames (zero-length or truncated file)")
+    if is_variable_frame_rate([frame.pts for frame in frames]):
+        notes.append("variable frame rate: frames are sampled by index, not by time")
+    return Frames(frames, notes)
+
+
+def list_frame_files(folder: str | os.PathLike) -> list[str]:
+    """Image files directly inside ``folder``, in natural order (``img_2`` before ``img_10``)."""
+
+    def natural(name: str) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+    names = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return [os.path.join(folder, f) for f in sorted(names, key=natural)]
+
+
+def open_frames(path: str) -> Frames:
+    """The frames of a video file or of a folder of extracted frames; VideoReadError when there are none."""
+    if os.path.isdir(path):
+        files = list_frame_files(path)
+        if not files:
+            raise VideoReadError(f"frame folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return Frames(files)
+    if not os.path.isfile(path):
+        raise VideoReadError("no such file")
+    if os.path.getsize(path) == 0:
+        raise VideoReadError("empty file (0 bytes)")
+    return decode_video(path)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def segment_indices(
+    num_available: int, num_frames: int, rng: random.Random | None = None, clip: int = 0, num_clips: int = 1
+) -> list[int]:
+    """Frame indices of one clip by segment-based sampling.
+
+    The frames ``0 .. num_available - 1`` are cut into ``num_frames`` segments of ``s = (num_available - 1) / num_frames``
+    frames. With ``rng`` (training) segment ``i`` gives a random frame in ``[round(s * i), round(s * (i + 1))]``;
+    without, it gives ``round(s * i) + int(s * (clip + 1) / (num_clips + 1))``, so the ``num_clips`` test clips
+    sit at evenly spaced offsets. Indices never pass the last frame; when ``num_available < num_frames`` frames repeat.
+    """
+    if num_available < 1 or num_frames < 1:
+        raise ValueError(f"segment_indices needs num_available >= 1 and num_frames >= 1, got {num_available}, {num_frames}")
+    segment = (num_available - 1) / num_frames
+    last = num_available - 1
+    if rng is not None:
+        return [min(rng.randint(round(segment * i), round(segment * (i + 1))), last) for i in range(num_frames)]
+    offset = int(segment * (clip + 1) / (num_clips + 1))
+    return [min(round(segment * i) + offset, last) for i in range(num_frames)]
+
+
+# --------------------------------------------------------------------------------------------- transforms
+def rand_augment(policy: str | None) -> v2.RandAugment | None:
+    """torchvision's RandAugment from a timm-style policy ``rand-m{magnitude}-n{ops}...`` (magnitude out of 10)."""
+    if not policy:
+        return None
+    if not policy.startswith("rand"):
+        raise ValueError(f"auto_augment: only RandAugment policies ('rand-m9-n2-...') apply to video, got {policy!r}")
+    settings = dict(re.findall(r"-([mn])(\d+)", policy))
+    return v2.RandAugment(num_ops=int(settings.get("n", 2)), magnitude=int(settings.get("m", 9)), num_magnitude_bins=11)
+
+
+class ToClip(torch.nn.Module):
+    """(T, 3, H, W) video -> (3, T, H, W) tensor, the model's layout."""
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return video.permute(1, 0, 2, 3).as_subclass(torch.Tensor)
+
+
+def spatial_crops(video: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]:
+    """``num_crops`` square crops of ``video`` (..., H, W) spaced evenly along its longer side, centred on the shorter.
+
+    With one crop it is the centre crop; with three, VideoMamba's left / centre / right (or top / centre / bottom).
+    """
+    height, width = video.shape[-2:]
+    if min(height, width) < size:
+        raise ValueError(f"cannot take {size} px crops from frames of {height}x{width}")
+    long_is_width = width >= height
+    span = (width if long_is_width else height) - size
+    starts = [span // 2] if num_crops == 1 else [round(k * span / (num_crops - 1)) for k in range(num_crops)]
+    across = ((height if long_is_width else width) - size) // 2
+    return [
+        TF.crop(video, across, start, size, size) if long_is_width else TF.crop(video, start, across, size, size)
+        for start in starts
+    ]
+
+
+# --------------------------------------------------------------------------------------------- annotations
+def _classes_from_file(path: str | os.PathLike) -> list[str]:
+    """Class names by index: JSON ``{name: index}`` (SSv2's labels.json) or ``[names]``, or a text file, one name per line."""
+    text = Path(path).read_text()
+    if str(path).endswith(".json"):
+        data = json.loads(text)
+        if isinstance(data, dict):
+            return [name for name, _ in sorted(data.items(), key=lambda item: int(item[1]))]
+        return [str(name) for name in data]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _resolve(data_root: str | None, path: str) -> str:
+    return path if data_root is None or os.path.isabs(path) else os.path.join(data_root, path)
+
+
+def _ssv2_samples(entries: list[dict], data_root: str | None, classes: list[str], argument: str) -> list[tuple[str, int]]:
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for entry in entries:
+        label = entry["template"].replace("[", "").replace("]", "")
+        if label not in index:
+            raise ValueError(f"{argument}: label {label!r} of video {entry['id']} is not in classes_file")
+        samples.append((_resolve(data_root, f"{entry['id']}.webm"), index[label]))
+    return samples
+
+
+def _kinetics_csv_samples(rows: list[dict], data_root: str | None) -> list[tuple[str, str]]:
+    return [
+        (_resolve(data_root, f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}.mp4"), row["label"])
+        for row in rows
+    ]
+
+
+def _list_samples(lines: list[str]) -> list[tuple[str, str]]:
+    samples = []
+    for line in lines:
+        separator = "," if "," in line else None
+        parts = line.rsplit(separator, 1)
+        if len(parts) != 2:
+            raise ValueError(f"annotation line {line!r} is not 'path label'")
+        samples.append((parts[0].strip(), parts[1].strip()))
+    return samples
+
+
+def read_annotations(
+    path: str | os.PathLike, data_root: str | None = None, classes: list[str] | None = None, argument: str = "train_list"
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(video path, class index)`` samples of an annotation file, and the class names.
+
+    Args:
+        path: a ``path label`` list, the official Kinetics CSV or the official Something-Something v2 JSON.
+        data_root: prefix of relative video paths.
+        classes: class names by index (required for SSv2; else taken from integer labels or sorted label names).
+        argument: the setting's name, for error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{argument}: annotation file '{path}' does not exist")
+    if path.suffix == ".json":
+        if classes is None:
+            raise ValueError(f"{argument}: a Something-Something JSON list needs classes_file (labels.json)")
+        return _ssv2_samples(json.loads(path.read_text()), data_root, classes, argument), classes
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{argument}: annotation file '{path}' is empty")
+    if "youtube_id" in lines[0]:
+        named = _kinetics_csv_samples(list(csv.DictReader(lines)), data_root)
+    else:
+        named = [(_resolve(data_root, p), label) for p, label in _list_samples(lines)]
+    if all(label.lstrip("-").isdigit() for _, label in named):
+        targets = [int(label) for _, label in named]
+        classes = classes or [str(i) for i in range(max(targets) + 1)]
+        if min(targets) < 0 or max(targets) >= len(classes):
+            raise ValueError(f"{argument}: labels span [{min(targets)}, {max(targets)}] but there are {len(classes)} classes")
+        return [(p, t) for (p, _), t in zip(named, targets)], classes
+    classes = classes or sorted({label for _, label in named})
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({label for _, label in named} - set(index))
+    if unknown:
+        raise ValueError(f"{argument}: labels {unknown[:5]} are not among the {len(classes)} classes")
+    return [(p, index[label]) for p, label in named], classes
+
+
+def list_videos(root: str | os.PathLike) -> list[str]:
+    """Samples under ``root``: video files (by extension) and folders holding frame images, recursively, sorted."""
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        if folder != str(root) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            found.append(folder)  # a frame folder is one sample
+            subfolders[:] = []
+            continue
+        found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
+    return found
+
+
+# --------------------------------------------------------------------------------------------- dataset
+class VideoClips(Dataset):
+    """Videos with class indices, sampled into clips and transformed.
+
+    Args:
+        samples: ``(path, class index)`` pairs (a path may be a video file or a frame folder).
+        num_frames: frames per clip.
+        transform: v2 transform of a (T, 3, H, W) ``tv_tensors.Video`` to a (3, T, H, W) clip (after
+            :class:`ToClip`), or a callable returning a list of such views (test).
+        train: random segment offsets (else fixed, ``num_clips`` clips).
+        num_clips: temporal clips per video at evaluation.
+        min_image_size: frames with a shorter side below this are reported.
+
+    Indexed by an int or a :class:`~vim.data.sampling.SampleKey` (whose seed fixes the sample's randomness).
+    Returns :class:`LoadedClip`, or :class:`UnreadableClip` for a file that gives no frame.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        num_frames: int,
+        transform: Callable,
+        train: bool = False,
+        num_clips: int = 1,
+        min_image_size: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.num_frames, self.transform, self.train, self.num_clips = num_frames, transform, train, num_clips
+        self.min_image_size = min_image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | SampleKey) -> LoadedClip | UnreadableClip:
+        index = key.index if isinstance(key, SampleKey) else key
+        path, target = self.samples[index]
+        try:
+            frames = open_frames(path)
+            if isinstance(key, SampleKey):
+                seed_everything_from(key.seed)
+            views = [self._view(frames, clip) for clip in range(1 if self.train else self.num_clips)]
+        except (VideoReadError, av.FFmpegError, OSError, ValueError) as error:
+            return UnreadableClip(path, f"{type(error).__name__}: {error}")
+        clip = views[0] if len(views) == 1 else torch.cat(views)  # test: (clips x crops, 3, T, S, S)
+        return LoadedClip(clip, target, path, tuple(frames.notes) + self._size_notes(frames))
+
+    def _view(self, frames: Frames, clip: int) -> torch.Tensor:
+        rng = random if self.train else None
+        indices = segment_indices(len(frames), self.num_frames, rng, clip, self.num_clips)
+        video = self.transform(tv_tensors.Video(frames.take(indices)))
+        return torch.cat(video) if isinstance(video, list) else video  # crops: (V, 3, T, H, W) per clip
+
+    def _size_notes(self, frames: Frames) -> tuple[str, ...]:
+        notes = []
+        if len(frames) < self.num_frames:
+            notes.append(f"only {len(frames)} frames for num_frames={self.num_frames}: frames are repeated to fill the clip")
+        height, width = frames.frame_size
+        if min(height, width) < self.min_image_size:
+            notes.append(f"frames of {height}x{width} are smaller than min_image_size={self.min_image_size}: upsampled")
+        return tuple(notes)
+
+
+def collate_clips(samples: Sequence[LoadedClip | UnreadableClip]) -> ClipBatch:
+    """Stack the readable samples into a :class:`ClipBatch`; unreadable ones are listed in ``skipped``."""
+    loaded = [s for s in samples if isinstance(s, LoadedClip)]
+    clips = torch.stack([s.clip for s in loaded]) if loaded else torch.empty(0, 3, 0, 0, 0)
+    return ClipBatch(
+        clips,
+        torch.tensor([s.target for s in loaded], dtype=torch.long),
+        [s.path for s in loaded],
+        [s for s in samples if isinstance(s, UnreadableClip)],
+        [(s.path, note) for s in loaded for note in s.notes],
+    )
+
+
+class MultiViewTransform:
+    """Test views of one clip: resize the short side, take ``num_crops`` crops, normalise each: a list of (3, T, S, S)."""
+
+    def __init__(self, resize: v2.Transform, size: int, num_crops: int, finish: v2.Transform) -> None:
+        self.resize, self.size, self.num_crops, self.finish = resize, size, num_crops, finish
+
+    def __call__(self, video: tv_tensors.Video) -> list[torch.Tensor]:
+        video = self.resize(video)
+        return [self.finish(crop).unsqueeze(0) for crop in spatial_crops(video, self.size, self.num_crops)]
+
+
+# --------------------------------------------------------------------------------------------- datamodule
+class VideoClipDataModule(ImageDataModule):
+    """Video classification data (see the module docstring) on :class:`~vim.data.images.ImageDataModule`'s loaders.
+
+    The folder roots, batch size, workers, seed, resumable shuffling and the augmentation settings are the
+    image datamodule's; augmentation runs on whole clips with torchvision v2 (``auto_augment`` takes timm's
+    ``rand-m{M}-n{N}`` RandAugment syntax).
+
+    Args:
+        num_frames: frames per clip.
+        train_list, val_list, test_list: annotation files, used instead of the corresponding ``*_root`` tree.
+        data_root: prefix of relative paths in the annotation files.
+        classes_file: class names by index (JSON ``{name: index}`` / list, or one per line); required for SSv2.
+        test_num_clips: temporal clips per video for ``test``.
+        test_num_crops: spatial crops per clip for ``test`` (1 centre, 3 left / centre / right).
+        **kwargs: :class:`~vim.data.images.ImageDataModule` arguments (roots, ``img_size``, ``batch_size``,
+            ``num_workers``, ``seed``, ``auto_augment``, ``color_jitter``, ``re_prob``, ``hflip`` (0 for
+            Something-Something, where left and right differ), ``scale``, ``crop_pct``, ``mean``, ``std``, ...).
+    """
+
+    collate_fn = staticmethod(collate_clips)
+
+    def __init__(
+        self,
+        num_frames: int = 8,
+        train_root: str | None = None,
+        val_root: str | None = None,
+        test_root: str | None = None,
+        train_list: str | None = None,
+        val_list: str | None = None,
+        test_list: str | None = None,
+        data_root: str | None = None,
+        classes_file: str | None = None,
+        test_num_clips: int = 4,
+        test_num_crops: int = 3,
+        img_size: int = 224,
+        batch_size: int = 32,
+        auto_augment: str | None = "rand-m7-n4-mstd0.5-inc1",
+        color_jitter: float = 0.0,
+        crop_pct: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            train_root=train_root,
+            val_root=val_root,
+            test_root=test_root,
+            img_size=img_size,
+            batch_size=batch_size,
+            auto_augment=auto_augment,
+            color_jitter=color_jitter,
+            crop_pct=crop_pct,
+            **kwargs,
+        )
+        for name, value in (("num_frames", num_frames), ("test_num_clips", test_num_clips), ("test_num_crops", test_num_crops)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.num_frames, self.test_num_clips, self.test_num_crops = num_frames, test_num_clips, test_num_crops
+        self.lists = {"train_root": train_list, "val_root": val_list, "test_root": test_list}
+        self.data_root, self.classes_file = data_root, classes_file
+        rand_augment(auto_augment)  # reject a bad policy now, not in a worker
+        self._warned: set[tuple[str, str]] = set()
+
+    # ---------------------------------------------------------------------------------------- samples
+    @property
+    def classes(self) -> list[str]:
+        """Class names: from ``classes_file``, the train annotations or the train tree (else val / test)."""
+        if self.classes_file is not None:
+            return _classes_from_file(self.classes_file)
+        for argument in ("train_root", "val_root", "test_root"):
+            if self.lists[argument] is not None:
+                return read_annotations(self.lists[argument], self.data_root, None, _list_name(argument))[1]
+            if self.roots[argument] is not None:
+                return find_classes(self.roots[argument], argument)
+        raise ValueError("no labelled data: set data.train_root / train_list, val_root / val_list or test_root / test_list")
+
+    def labelled_samples(self, argument: str) -> list[tuple[str, int]]:
+        """``(path, class index)`` of the split that ``argument`` ("train_root", "val_root", "test_root") names."""
+        if self.lists[argument] is not None:
+            return read_annotations(self.lists[argument], self.data_root, self.classes, _list_name(argument))[0]
+        root, classes = self.roots[argument], self.classes
+        folders = find_classes(root, argument)
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise ValueError(f"{argument}: class folders {unknown[:10]} of '{root}' are not among the {len(classes)} classes")
+        samples = [(path, classes.index(name)) for name in folders for path in list_videos(Path(root, name))]
+        if not samples:
+            raise ValueError(f"{argument}: no video files ({', '.join(VIDEO_EXTENSIONS)}) or frame folders under '{root}'")
+        return samples
+
+    def _has(self, argument: str) -> bool:
+        return self.roots[argument] is not None or self.lists[argument] is not None
+
+    def _clips(self, argument: str, transform: Callable, train: bool = False, num_clips: int = 1) -> VideoClips:
+        return VideoClips(self.labelled_samples(argument), self.num_frames, transform, train, num_clips, self.min_image_size)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            if not self._has("train_root"):
+                raise ValueError("fit needs data.train_root (a class-folder tree) or data.train_list (an annotation file)")
+            self.datasets["train"] = self._clips("train_root", self.train_transform(), train=True)
+        if stage in ("fit", "validate") and self._has("val_root"):
+            self.datasets["val"] = self._clips("val_root", self.eval_transform())
+        if stage == "validate" and not self._has("val_root"):
+            raise ValueError("validate needs data.val_root or data.val_list")
+        if stage == "test":
+            argument = "test_root" if self._has("test_root") else "val_root"
+            if not self._has(argument):
+                raise ValueError("test needs data.test_root / test_list or data.val_root / val_list")
+            self.datasets["test"] = self._clips(argument, self.test_transform(), num_clips=self.test_num_clips)
+        if stage == "predict":
+            self.datasets["predict"] = self.unlabelled_split()
+
+    def unlabelled_split(self) -> VideoClips:
+        root = self.roots["predict_root"]
+        if root is None or not Path(root).is_dir():
+            raise ValueError(f"predict needs data.predict_root, a folder of videos; got '{root}'")
+        files = list_videos(root)
+        if not files:
+            raise ValueError(f"predict_root: no video files ({', '.join(VIDEO_EXTENSIONS)}) or frame folders under '{root}'")
+        return VideoClips(
+            [(f, UNLABELLED) for f in files], self.num_frames, self.eval_transform(), min_image_size=self.min_image_size
+        )
+
+    # ---------------------------------------------------------------------------------------- transforms
+    def _interpolation(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+    def _normalize(self) -> v2.Transform:
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std), ToClip()])
+
+    def train_transform(self) -> v2.Transform:
+        """Random resized crop, flip, RandAugment, color jitter, normalisation, random erasing: (T, 3, H, W) -> (3, T, S, S)."""
+        augment = self.augmentation
+        steps = [
+            v2.RandomResizedCrop(self.img_size, scale=augment["scale"], interpolation=self._interpolation(), antialias=True),
+            v2.RandomHorizontalFlip(augment["hflip"]),
+            rand_augment(augment["auto_augment"]),
+            v2.ColorJitter(*(augment["color_jitter"],) * 3) if augment["color_jitter"] else None,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(self.mean, self.std),
+            v2.RandomErasing(augment["re_prob"], value="random") if augment["re_prob"] else None,
+            ToClip(),
+        ]
+        return v2.Compose([step for step in steps if step is not None])
+
+    def _resize(self) -> v2.Transform:
+        return v2.Resize(math.floor(self.img_size / self.crop_pct), interpolation=self._interpolation(), antialias=True)
+
+    def eval_transform(self) -> v2.Transform:
+        """Resize the short side to ``img_size / crop_pct``, centre crop, normalise: (T, 3, H, W) -> (3, T, S, S)."""
+        return v2.Compose([self._resize(), v2.CenterCrop(self.img_size), self._normalize()])
+
+    def test_transform(self) -> MultiViewTransform:
+        """``test_num_crops`` crops along the long side after the evaluation resize: a list of (1, 3, T, S, S)."""
+        return MultiViewTransform(self._resize(), self.img_size, self.test_num_crops, self._normalize())
+
+    # ---------------------------------------------------------------------------------------- reporting
+    def on_before_batch_transfer(self, batch: ClipBatch, dataloader_idx: int) -> ClipBatch:
+        """Report skipped (unreadable) videos with a running count, and each other problem once per video."""
+        for path, reason in batch.skipped:
+            self.num_skipped += 1
+            warnings.warn(f"skipped unreadable video '{path}' ({reason}); {self.num_skipped} skipped so far", stacklevel=2)
+        for path, note in batch.notes:
+            if (path, note) not in self._warned:
+                self._warned.add((path, note))
+                warnings.warn(f"video '{path}': {note}", stacklevel=2)
+        return batch
+
+
+def _list_name(argument: str) -> str:
+    return argument.replace("_root", "_list")
+
+
+__all__ = [
+    "ClipBatch",
+    "Frames",
+    "LoadedClip",
+    "UnreadableClip",
+    "VideoClipDataModule",
+    "VideoClips",
+    "VideoReadError",
+    "collate_clips",
+    "decode_video",
+    "is_variable_frame_rate",
+    "list_videos",
+    "open_frames",
+    "read_annotations",
+    "segment_indices",
+    "spatial_crops",
+]
