@@ -1,0 +1,159 @@
+"""``vim extract``: features of each modality against the model run directly, manifest, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import vim.models  # noqa: F401
+from vim.cli import main as cli_main
+from vim.data.moving_digits import write_video
+from vim.data.points import prepare_points
+from vim.extract import extract, read_features
+
+RNG = np.random.default_rng(0)
+
+
+def saved_model(tmp_path: Path, name: str, **kwargs) -> tuple[torch.nn.Module, str]:
+    """A seeded model with a classifier, saved as .safetensors, and the same weights without the classifier."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7, **kwargs).eval()
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    model.reset_classifier(0)
+    return model, str(path)
+
+
+def point_folder(root: Path) -> list[Path]:
+    good = []
+    for i in range(5):
+        path = root / ("a" if i < 3 else "b") / f"{i}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, RNG.normal(size=(40 + 10 * i, 3)).astype(np.float32))
+        good.append(path)
+    np.save(root / "a" / "nan.npy", np.full((50, 3), np.nan))
+    np.save(root / "b" / "few.npy", RNG.normal(size=(5, 3)))
+    return good
+
+
+def test_points_features_manifest_and_resume(tmp_path):
+    model, weights = saved_model(tmp_path, "test_pointmamba")
+    good = point_folder(tmp_path / "clouds")
+    out = tmp_path / "features"
+    options = dict(checkpoint=weights, tokens=True, layers=[0], shard_size=3, batch_size=2, num_points=32, progress=False)
+    manifest = extract("test_pointmamba", tmp_path / "clouds", out, **options)
+
+    batch = torch.stack([torch.from_numpy(prepare_points(np.load(p), 32)) for p in good])
+    with torch.no_grad():
+        final, (layer0,) = model.forward_intermediates(batch, indices=[0])
+        pooled = model.forward_head(final, pre_logits=True)
+    features, names = read_features(out)
+    assert names == [str(p) for p in good]  # sorted walk order, failures left out
+    np.testing.assert_allclose(features, pooled.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read_features(out, "tokens")[0], final.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read_features(out, "layer0")[0], layer0.numpy(), rtol=1e-4, atol=1e-5)
+
+    # 7 inputs in walk order (a/0 a/1 a/2 a/nan | b/3 b/4 b/few) in shards of 3: the last holds only a failure
+    assert manifest["num_rows"] == 5 and [(s["rows"], len(s["files"])) for s in manifest["shards"]] == [(3, 3), (2, 3), (0, 0)]
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert {e["input"]: (e["shard"], e["row"]) for e in manifest["entries"]}[str(good[4])] == ("shard-00001", 1)
+    reasons = {Path(f["input"]).name: f["reason"] for f in manifest["failed"]}
+    assert set(reasons) == {"nan.npy", "few.npy"}
+    assert "NaN or infinite" in reasons["nan.npy"] and "5 points, fewer than the 16" in reasons["few.npy"]
+
+    # a crash after shard 0: its files stay as they are, the rest is redone
+    first = out / "shard-00000.pooled.npy"
+    stamp = first.stat().st_mtime_ns
+    for name in ("shard-00001.json", "shard-00002.json", "shard-00001.pooled.npy"):
+        (out / name).unlink()
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    again = extract("test_pointmamba", tmp_path / "clouds", out, **options)
+    assert again == manifest and first.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(read_features(out)[0], features)
+    with pytest.raises(ValueError, match=r"other settings \(keys: .* -> \['pooled'\]"):
+        extract("test_pointmamba", tmp_path / "clouds", out, checkpoint=weights, shard_size=3, num_points=32, progress=False)
+
+
+def test_hdf5_points_through_the_command_line(tmp_path, capsys):
+    model, weights = saved_model(tmp_path, "test_pointmamba")
+    clouds = RNG.normal(size=(3, 64, 3)).astype(np.float32)
+    with h5py.File(tmp_path / "test.h5", "w") as file:
+        file["data"], file["label"] = clouds, np.zeros((3, 1))
+    out = tmp_path / "h5features"
+    args = ["--model", "test_pointmamba", "--checkpoint", weights, "--input", str(tmp_path / "test.h5"), "--out", str(out)]
+    cli_main(["extract", *args, "--num-points", "48", "--format", "safetensors", "--num-workers", "0"])
+    assert "Features of 3 inputs" in capsys.readouterr().out
+    features, names = read_features(out)
+    assert names == [f"{tmp_path / 'test.h5'}[{i}]" for i in range(3)]
+    expected = model.forward_head(
+        model.forward_features(torch.from_numpy(np.stack([prepare_points(c, 48) for c in clouds]))), True
+    )
+    np.testing.assert_allclose(features, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_images_against_the_model(tmp_path):
+    model, weights = saved_model(tmp_path, "test_vim")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = RNG.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    manifest = extract("test_vim", folder, tmp_path / "out", checkpoint=weights, format="safetensors", progress=False)
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2) / 255 - mean) / std  # 32 px images: resize and crop are no-ops
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(batch), pre_logits=True)
+    features, names = read_features(tmp_path / "out")
+    assert names == [str(folder / f"{i}.png") for i in range(3)]
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-4)
+    assert [Path(f["input"]).name for f in manifest["failed"]] == ["broken.png"]
+
+
+def test_video_against_the_model(tmp_path):
+    from vim.data.video import VideoClipDataModule, VideoClips
+
+    model, weights = saved_model(tmp_path, "test_videomamba")
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / "clips" / f"{i}.mp4")
+        paths[-1].parent.mkdir(exist_ok=True)
+        write_video(paths[-1], RNG.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8))
+    listing = tmp_path / "clips.txt"
+    listing.write_text("# path label\nclips/1.mp4 3\nclips/0.mp4 5\n")
+    extract("test_videomamba", listing, tmp_path / "out", checkpoint=weights, progress=False)
+    transform = VideoClipDataModule(num_frames=4, img_size=32, crop_pct=1.0, num_workers=0).eval_transform()
+    clips = VideoClips([(str(paths[1]), 0), (str(paths[0]), 0)], 4, transform)
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(torch.stack([clips[0].clip, clips[1].clip])), pre_logits=True)
+    features, names = read_features(tmp_path / "out")
+    assert names == [str(tmp_path / "clips/1.mp4"), str(tmp_path / "clips/0.mp4")]  # list order, relative to the list
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="input folder '.*empty' holds no image, video or point files"):
+        extract("test_pointmamba", tmp_path / "empty", tmp_path / "o", progress=False)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    np.save(mixed / "cloud.npy", np.zeros((40, 3)))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(mixed / "photo.png")
+    with pytest.raises(ValueError, match=r"inputs mix modalities: images \(e.g. '.*photo.png'\), points \(e.g. '.*cloud.npy'\)"):
+        extract("test_pointmamba", mixed, tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match=r"model 'test_vim' takes images but the inputs are points \(e.g. '.*cloud.npy'\)"):
+        extract("test_vim", [str(mixed / "cloud.npy")], tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match=r"modality='video' was asked for"):
+        extract("test_videomamba", [str(mixed / "photo.png")], tmp_path / "o", modality="video", progress=False)
+    with pytest.raises(ValueError, match="checkpoint does not fit PointMamba: missing"):
+        _, weights = saved_model(tmp_path, "test_vim")
+        extract("test_pointmamba", [str(mixed / "cloud.npy")], tmp_path / "o", checkpoint=weights, progress=False)

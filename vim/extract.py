@@ -1,0 +1,518 @@
+"""Feature extraction for images, video clips and point clouds: ``vim extract`` and :func:`extract`.
+
+Command line::
+
+    vim extract --model vim_small_patch16_224 --input photos/ --out feats/
+    vim extract --checkpoint runs/points_quickstart/checkpoints/last.ckpt --input clouds.h5 --out feats/ --tokens
+    vim extract --model videomamba_tiny --checkpoint vm_t.pth --input clips.txt --out feats/ --layers 5 11 --format safetensors
+
+Python::
+
+    manifest = vim.extract.extract("pointmamba_small", "clouds/", "feats/", checkpoint="pm.safetensors")
+    pooled, names = vim.extract.read_features("feats/")          # (rows, D) and the input of each row
+
+Inputs: a folder (searched recursively), a list file (``.txt`` / ``.lst`` / ``.csv``: the first field of
+each line is a path, relative to the list's folder; blank lines and ``#`` comments skipped), an HDF5
+file of point clouds (``data`` (M, P, 3); inputs ``<file>[<row>]``) or a single file. The modality
+(images, video, points) follows from the file extensions and must match the model; ``modality``
+restricts it. Each input is prepared exactly as the model's evaluation data (the datamodules'
+deterministic evaluation transforms), and features are computed in eval mode, so runs are deterministic.
+
+Outputs in ``out``: shards of ``shard_size`` inputs, ``shard-00000.<key>.npy`` (one file per feature
+key) or ``shard-00000.safetensors`` (all keys), with keys ``pooled`` (rows, F): the model's pre-logits
+feature; ``tokens`` (rows, L, D): the final tokens (``tokens=True``); ``layer<i>`` (rows, L', D): the
+residual stream after block ``i`` (``layers=[i, ...]``). ``manifest.json`` records the settings, the
+shards, and for each input its shard and row, or the reason it failed (unreadable or invalid inputs
+are listed, not fatal). Every file is written to a temporary name and moved into place, a shard's
+``shard-00000.json`` last: a rerun with the same settings skips the finished shards and does the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+import vim.models  # noqa: F401  (registers the Vim backbones in timm)
+from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageFiles, UnreadableImage
+from vim.data.points import HDF5_EXTENSIONS, POINT_EXTENSIONS, HDF5Clouds, PointClouds, PointFiles, UnreadableCloud
+from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule, VideoClips
+from vim.models.checkpoint import load_official_checkpoint
+from vim.models.point_mamba import PointMamba
+
+__all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
+
+LIST_EXTENSIONS = (".txt", ".lst", ".csv")
+FORMATS = ("npy", "safetensors")
+MANIFEST = "manifest.json"
+UNITS = {"images": "image", "video": "clip", "points": "cloud"}
+CHECKPOINT_MODEL_KWARGS = ("img_size", "num_frames", "num_groups", "group_size")
+"""Classifier hyperparameters of a Lightning checkpoint that are model arguments (besides ``model_kwargs``)."""
+
+
+# ---------------------------------------------------------------------------------------------- modalities
+@dataclass(frozen=True)
+class Modality:
+    """How one kind of input is recognised and turned into model inputs.
+
+    Args:
+        name: "images", "video" or "points".
+        extensions: file name endings of this modality.
+        dataset: ``(model, inputs, settings) -> Dataset`` whose items are a loaded sample (tensor first)
+            or a ``failure`` (with ``path`` and ``reason``).
+        failure: the dataset's type for an input that could not be read.
+    """
+
+    name: str
+    extensions: tuple[str, ...]
+    dataset: Callable[[nn.Module, list[str], dict[str, Any]], Dataset]
+    failure: type
+
+
+def _image_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
+    """Images through timm's evaluation transform for ``model`` (resize, centre crop, normalise)."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # a model created with another img_size than its pretrained_cfg's
+        config["input_size"] = (config["input_size"][0], *img_size)
+    return ImageFiles([(path, UNLABELLED) for path in inputs], create_transform(**config, is_training=False))
+
+
+def _video_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
+    """Clips of ``num_frames`` evenly spaced frames through the video datamodule's evaluation transform."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    patch_embed = model.patch_embed
+    data = VideoClipDataModule(
+        num_frames=patch_embed.num_frames, img_size=patch_embed.img_size[0], crop_pct=config["crop_pct"],
+        interpolation=config["interpolation"], mean=config["mean"], std=config["std"], num_workers=0,
+    )  # fmt: skip
+    return VideoClips([(path, UNLABELLED) for path in inputs], patch_embed.num_frames, data.eval_transform())
+
+
+def _point_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
+    """Clouds resampled by farthest point sampling to ``num_points`` and scaled into the unit sphere."""
+    h5_files = list(dict.fromkeys(name.rpartition("[")[0] for name in inputs if name.endswith("]")))
+    source = HDF5Clouds(h5_files) if h5_files else PointFiles([(path, UNLABELLED) for path in inputs])
+    if h5_files and source.names != inputs:
+        raise ValueError("point inputs mix HDF5 rows and point files; extract them in separate runs")
+    return PointClouds(source, settings["num_points"], min_points=getattr(model, "min_points", 1))
+
+
+MODALITIES: dict[str, Modality] = {
+    "images": Modality("images", IMAGE_EXTENSIONS, _image_dataset, UnreadableImage),
+    "points": Modality("points", POINT_EXTENSIONS + HDF5_EXTENSIONS, _point_dataset, UnreadableCloud),
+    "video": Modality("video", VIDEO_EXTENSIONS, _video_dataset, UnreadableClip),
+}
+
+
+def modality_of(path: str) -> str | None:
+    """The modality whose extension ``path`` has, or None."""
+    lower = path.lower()
+    return next((m.name for m in MODALITIES.values() if lower.endswith(m.extensions)), None)
+
+
+def model_modality(model: nn.Module) -> str:
+    """What ``model`` takes: "points" (PointMamba), "video" (a patch embedding with ``num_frames``) or "images"."""
+    if isinstance(model, PointMamba):
+        return "points"
+    if hasattr(getattr(model, "patch_embed", None), "num_frames"):
+        return "video"
+    return "images"
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _read_list(path: Path) -> list[str]:
+    entries = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            first = line.replace(",", " ").split()[0]
+            entries.append(str(path.parent / first) if not os.path.isabs(first) else first)
+    if not entries:
+        raise ValueError(f"input list '{path}' names no files")
+    return entries
+
+
+def _walk(root: Path) -> list[str]:
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [os.path.join(folder, f) for f in sorted(files) if not f.startswith(".") and modality_of(f) is not None]
+    if not found:
+        known = ", ".join(ext for m in MODALITIES.values() for ext in m.extensions)
+        raise ValueError(f"input folder '{root}' holds no image, video or point files ({known})")
+    return found
+
+
+def _expand_hdf5(paths: list[str]) -> list[str]:
+    """Replace each HDF5 file by its clouds ``<file>[<row>]``."""
+    import h5py
+
+    expanded = []
+    for path in paths:
+        if not path.lower().endswith(HDF5_EXTENSIONS):
+            expanded.append(path)
+            continue
+        try:
+            with h5py.File(path, "r") as file:
+                if "data" not in file:
+                    raise ValueError(f"{path}: HDF5 file has no 'data' dataset (found {sorted(file.keys())})")
+                count = len(file["data"])
+        except OSError as err:
+            raise ValueError(f"{path}: unreadable HDF5 file ({err})") from None
+        expanded += [f"{path}[{row}]" for row in range(count)]
+    return expanded
+
+
+def resolve_inputs(inputs: str | os.PathLike | Sequence[str], modality: str | None = None) -> tuple[list[str], str]:
+    """The input names, in order, and their modality.
+
+    Args:
+        inputs: a folder, a list file, an HDF5 file, a single file, or a sequence of files.
+        modality: expected modality; None detects it.
+
+    Raises:
+        ValueError: no inputs, unknown extensions, or more than one modality (naming a file of each).
+    """
+    if modality is not None and modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+    if isinstance(inputs, (str, os.PathLike)):
+        path = Path(inputs)
+        if path.is_dir():
+            paths = _walk(path)
+        elif not path.exists():
+            raise ValueError(f"input '{path}' does not exist")
+        elif path.suffix.lower() in LIST_EXTENSIONS:
+            paths = _read_list(path)
+        else:
+            paths = [str(path)]
+    else:
+        paths = [str(p) for p in inputs]
+        if not paths:
+            raise ValueError("inputs: the list of files is empty")
+    by_modality: dict[str | None, str] = {}
+    for path in paths:
+        by_modality.setdefault(modality_of(path), path)
+    if None in by_modality:
+        raise ValueError(f"input '{by_modality[None]}' is not an image, video or point file (unknown extension)")
+    found = sorted(by_modality)
+    if len(found) > 1 or (modality is not None and found != [modality]):
+        examples = ", ".join(f"{name} (e.g. '{by_modality[name]}')" for name in found)
+        wanted = f"; modality={modality!r} was asked for" if modality is not None else ""
+        raise ValueError(f"inputs mix modalities: {examples}{wanted}; extract one modality per run")
+    return _expand_hdf5(paths), found[0]
+
+
+# ---------------------------------------------------------------------------------------------- model
+def _checkpoint_settings(checkpoint: str) -> tuple[dict[str, torch.Tensor], str | None, dict[str, Any]]:
+    """(weights, model name or None, model kwargs) of a weights file or a Lightning ``.ckpt`` of a vim Classifier."""
+    path = Path(checkpoint)
+    if path.suffix != ".ckpt":
+        return load_official_checkpoint(path), None, {}
+    if not path.is_file():
+        raise ValueError(f"checkpoint '{path}' does not exist")
+    from vim.training.export import checkpoint_weights
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = state.get("hyper_parameters", {})
+    kwargs = dict(hparams.get("model_kwargs") or {})
+    kwargs.update({key: hparams[key] for key in CHECKPOINT_MODEL_KWARGS if hparams.get(key) is not None})
+    return checkpoint_weights(state), hparams.get("model"), kwargs
+
+
+def _is_classifier_key(model: nn.Module, key: str) -> bool:
+    names = model.pretrained_cfg.get("classifier") or ()
+    return any(key.startswith(f"{name}.") for name in ((names,) if isinstance(names, str) else names))
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load ``weights`` into the headless ``model``; ValueError listing missing or unexpected keys (classifier aside)."""
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        weights = filter_fn(weights, model)
+    weights = {key: value for key, value in weights.items() if not _is_classifier_key(model, key)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not fit {type(model).__name__}: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} (check the model name and model_kwargs)"
+        )
+
+
+def build_model(model: str | None, checkpoint: str | None, model_kwargs: dict[str, Any] | None) -> tuple[nn.Module, str, dict]:
+    """The headless model in eval mode with the checkpoint's weights, its name and the kwargs it was created with."""
+    weights, name, kwargs = _checkpoint_settings(checkpoint) if checkpoint is not None else (None, None, {})
+    name = model or name
+    if name is None:
+        raise ValueError("no model: pass model= (a timm name), or a Lightning .ckpt that records one")
+    from vim.training.classifier import create_model
+
+    kwargs.update(model_kwargs or {})
+    network = create_model(name, **{**kwargs, "num_classes": 0})
+    if weights is not None:
+        load_weights(network, weights)
+    return network.eval(), name, kwargs
+
+
+# ---------------------------------------------------------------------------------------------- features
+def compute_features(model: nn.Module, batch: torch.Tensor, tokens: bool, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The feature arrays of one batch: ``pooled`` (B, F), optionally ``tokens`` and ``layer<i>``."""
+    if layers:
+        final, intermediates = model.forward_intermediates(batch, indices=list(layers), output_fmt="NLC")
+    else:
+        final, intermediates = model.forward_features(batch), []
+    out = {"pooled": model.forward_head(final, pre_logits=True)}
+    if tokens:
+        out["tokens"] = final
+    out.update({f"layer{i}": y for i, y in zip(layers, intermediates)})
+    return out
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+
+
+def _shard_files(name: str, keys: Sequence[str], fmt: str) -> list[str]:
+    return [f"{name}.safetensors"] if fmt == "safetensors" else [f"{name}.{key}.npy" for key in keys]
+
+
+def _write_shard(out: Path, name: str, arrays: dict[str, np.ndarray], fmt: str) -> None:
+    if fmt == "safetensors":
+        from safetensors.numpy import save_file
+
+        _atomic(out / f"{name}.safetensors", lambda tmp: save_file(arrays, str(tmp)))
+        return
+    for key, array in arrays.items():
+
+        def write(tmp: Path, array: np.ndarray = array) -> None:
+            with open(tmp, "wb") as file:
+                np.save(file, array)
+
+        _atomic(out / f"{name}.{key}.npy", write)
+
+
+def _keep(samples: list) -> list:
+    return samples
+
+
+@torch.inference_mode()
+def _extract_shard(
+    model: nn.Module, loader: DataLoader, failure: type, tokens: bool, layers: list[int], device: torch.device, bar: tqdm
+) -> tuple[dict[str, np.ndarray], list[str], list[dict[str, str]]]:
+    """Features of one shard's readable inputs (arrays keyed like :func:`compute_features`), their names, and the failures."""
+    arrays: dict[str, list[np.ndarray]] = {}
+    rows, failed = [], []
+    for samples in loader:
+        loaded = [s for s in samples if not isinstance(s, failure)]
+        failed += [{"input": s.path, "reason": s.reason} for s in samples if isinstance(s, failure)]
+        if loaded:
+            batch = torch.stack([s[0] for s in loaded]).to(device)
+            for key, value in compute_features(model, batch, tokens, layers).items():
+                arrays.setdefault(key, []).append(value.float().cpu().numpy())
+            rows += [s.path for s in loaded]
+        bar.update(len(samples))
+    return {key: np.concatenate(value) for key, value in arrays.items()}, rows, failed
+
+
+def _check_resumable(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest when ``out`` holds a run with the same settings; ValueError when the settings differ."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    previous = json.loads(path.read_text())
+    old = previous.get("settings", {})
+    changed = [f"{key}: {old.get(key)!r} -> {settings[key]!r}" for key in settings if old.get(key) != settings[key]]
+    if changed:
+        raise ValueError(
+            f"'{out}' holds features extracted with other settings ({'; '.join(changed)}); use another output folder"
+        )
+    return previous
+
+
+def extract(
+    model: str | None,
+    inputs: str | os.PathLike | Sequence[str],
+    out: str | os.PathLike,
+    checkpoint: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    modality: str | None = None,
+    tokens: bool = False,
+    layers: Sequence[int] | None = None,
+    format: str = "npy",
+    shard_size: int = 1024,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | None = None,
+    num_points: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Extract features of every input with ``model`` into ``out``; see the module docstring.
+
+    Args:
+        model: timm model name (may be None with a Lightning ``.ckpt`` checkpoint, which records it).
+        inputs: folder, list file, HDF5 file, single file, or sequence of files.
+        out: output folder (created; a rerun resumes it).
+        checkpoint: weights: ``.safetensors`` / ``.pth`` (e.g. from ``vim export``, or official) or a Lightning ``.ckpt``.
+        model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``embed_dim``, ``num_frames``, ...).
+        modality: "images", "video" or "points"; None detects it from the file extensions.
+        tokens: also write the final tokens (rows, L, D).
+        layers: also write the residual stream after these blocks (rows, L', D), keys ``layer<i>``.
+        format: "npy" or "safetensors".
+        shard_size: inputs per shard.
+        batch_size: inputs per forward pass.
+        num_workers: loader processes.
+        device: "cuda", "cpu", ...; None picks CUDA when available.
+        num_points: points per cloud (None: the model's ``input_size``).
+        progress: show a progress bar.
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be positive")
+    names, found = resolve_inputs(inputs, modality)
+    network, name, kwargs = build_model(model, checkpoint, model_kwargs)
+    expected = model_modality(network)
+    if found != expected:
+        raise ValueError(f"model '{name}' takes {expected} but the inputs are {found} (e.g. '{names[0]}')")
+    layers = sorted(set(int(i) for i in layers or ()))
+    if layers and not hasattr(network, "forward_intermediates"):
+        raise ValueError(f"layers={layers}: model '{name}' has no forward_intermediates")
+    if layers and not all(0 <= i < len(network.layers) for i in layers):
+        raise ValueError(f"layers={layers}: model '{name}' has blocks 0..{len(network.layers) - 1}")
+    num_points = (num_points or network.pretrained_cfg["input_size"][-1]) if found == "points" else None
+    keys = ["pooled"] + (["tokens"] if tokens else []) + [f"layer{i}" for i in layers]
+    settings = {
+        "model": name, "model_kwargs": kwargs, "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+        "modality": found, "keys": keys, "format": format, "shard_size": shard_size, "num_points": num_points,
+        "num_inputs": len(names), "inputs_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+    }  # fmt: skip
+
+    out = Path(out)
+    previous = _check_resumable(out, settings)
+    if previous is not None and previous.get("complete"):
+        return previous
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / MANIFEST, {"settings": settings, "complete": False})
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    network.to(device)
+    spec = MODALITIES[found]
+    dataset = spec.dataset(network, names, {"num_points": num_points})
+    num_shards = math.ceil(len(names) / shard_size)
+    shard_names = [f"shard-{i:05d}" for i in range(num_shards)]
+    done = [(out / f"{shard}.json").is_file() for shard in shard_names]
+    finished = sum(min(shard_size, len(names) - i * shard_size) for i, d in enumerate(done) if d)
+    bar = tqdm(total=len(names), initial=finished, desc="vim extract", unit=UNITS[found], disable=not progress)
+    for index, shard in enumerate(shard_names):
+        if done[index]:
+            continue
+        shard_inputs = Subset(dataset, range(index * shard_size, min((index + 1) * shard_size, len(names))))
+        loader = DataLoader(shard_inputs, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep)
+        arrays, rows, failed = _extract_shard(network, loader, spec.failure, tokens, layers, device, bar)
+        if rows:
+            _write_shard(out, shard, arrays, format)
+        _write_json(out / f"{shard}.json", {"inputs": rows, "failed": failed})
+    bar.close()
+    manifest = _final_manifest(out, settings, shard_names, keys, format)
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _final_manifest(out: Path, settings: dict, shard_names: list[str], keys: list[str], fmt: str) -> dict[str, Any]:
+    shards, entries, failed = [], [], []
+    for shard in shard_names:
+        record = json.loads((out / f"{shard}.json").read_text())
+        shards.append(
+            {"name": shard, "files": _shard_files(shard, keys, fmt) if record["inputs"] else [], "rows": len(record["inputs"])}
+        )
+        entries += [{"input": name, "shard": shard, "row": row} for row, name in enumerate(record["inputs"])]
+        failed += record["failed"]
+    return {
+        "settings": settings,
+        "complete": True,
+        "num_rows": len(entries),
+        "shards": shards,
+        "entries": entries,
+        "failed": failed,
+    }
+
+
+def read_features(out: str | os.PathLike, key: str = "pooled") -> tuple[np.ndarray, list[str]]:
+    """All rows of feature ``key`` of a finished extraction, concatenated over shards, and the input of each row."""
+    out = Path(out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    if not manifest.get("complete"):
+        raise ValueError(f"'{out}' holds an unfinished extraction; rerun vim extract to complete it")
+    if key not in manifest["settings"]["keys"]:
+        raise ValueError(f"key {key!r} was not extracted; available: {manifest['settings']['keys']}")
+    arrays = []
+    for shard in manifest["shards"]:
+        if not shard["rows"]:
+            continue
+        if manifest["settings"]["format"] == "safetensors":
+            from safetensors.numpy import load_file
+
+            arrays.append(load_file(str(out / f"{shard['name']}.safetensors"))[key])
+        else:
+            arrays.append(np.load(out / f"{shard['name']}.{key}.npy"))
+    return (np.concatenate(arrays) if arrays else np.empty((0,))), [entry["input"] for entry in manifest["entries"]]
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> None:
+    """``vim extract --model NAME [--checkpoint FILE] --input PATH --out DIR [options]``."""
+    parser = argparse.ArgumentParser(prog="vim extract", description="Extract features of images, video clips or point clouds.")
+    parser.add_argument("--model", help="timm model name (optional with a Lightning .ckpt, which records it)")
+    parser.add_argument("--checkpoint", help="weights: .safetensors / .pth, or a Lightning .ckpt from vim fit")
+    parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON timm arguments, e.g. '{\"img_size\": 32}'")
+    parser.add_argument(
+        "--input", required=True, help="folder, list file (.txt/.lst/.csv), HDF5 file of point clouds, or one file"
+    )
+    parser.add_argument("--out", required=True, help="output folder (a rerun resumes it)")
+    parser.add_argument("--modality", choices=sorted(MODALITIES), help="expected modality (default: from the file extensions)")
+    parser.add_argument("--tokens", action="store_true", help="also write the final per-token features")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="also write the per-token features after these blocks"
+    )
+    parser.add_argument("--format", choices=FORMATS, default="npy")
+    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--num-points", type=int, default=None, help="points per cloud (default: the model's)")
+    args = parser.parse_args(argv)
+    manifest = extract(
+        args.model, args.input, args.out, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, modality=args.modality,
+        tokens=args.tokens, layers=args.layers, format=args.format, shard_size=args.shard_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=args.device, num_points=args.num_points,
+    )  # fmt: skip
+    failed = manifest["failed"]
+    print(f"Features of {manifest['num_rows']} inputs in {args.out} ({len(manifest['shards'])} shards, manifest {MANIFEST})")
+    if failed:
+        print(f"{len(failed)} inputs failed (listed in the manifest), e.g. {failed[0]['input']}: {failed[0]['reason']}")
