@@ -70,7 +70,7 @@ def test_every_config_parses(config, capsys):
 
 def test_extract_is_forwarded_lazily(monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "vim.extract", types.SimpleNamespace(main=calls.append))
+    monkeypatch.setitem(sys.modules, "vim.extraction", types.SimpleNamespace(main=calls.append))
     main(["extract", "--config", "x.yaml", "--out", "features"])
     assert calls == [["--config", "x.yaml", "--out", "features"]]
 

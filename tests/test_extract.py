@@ -18,7 +18,7 @@ import vim.models  # noqa: F401
 from vim.cli import main as cli_main
 from vim.data.moving_digits import write_video
 from vim.data.points import prepare_points
-from vim.extract import extract, read_features
+from vim.extraction import extract, read_features
 
 RNG = np.random.default_rng(0)
 

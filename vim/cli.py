@@ -6,7 +6,7 @@
   ``predict`` writing top-5 classes to CSV (``--predict_writer.output``; default ``<log_dir>/predictions.csv``).
   Resume an interrupted run with ``--ckpt_path last``.
 - ``vim export --ckpt CKPT --out FILE.safetensors``: the trained (EMA) weights for ``timm.create_model``.
-- ``vim extract ...``: forwarded to ``vim.extract.main``.
+- ``vim extract ...``: forwarded to ``vim.extraction.main``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def run_lightning(argv: list[str], run: bool = True) -> VimCLI:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["extract"]:
-        from vim.extract import main as extract_main  # imported only when asked for; vim.extract may name the function
+        from vim.extraction import main as extract_main  # imported only when asked for
 
         extract_main(argv[1:])
     elif argv[:1] == ["export"]:

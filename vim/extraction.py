@@ -8,8 +8,8 @@ Command line::
 
 Python::
 
-    manifest = vim.extract.extract("pointmamba_small", "clouds/", "feats/", checkpoint="pm.safetensors")
-    pooled, names = vim.extract.read_features("feats/")          # (rows, D) and the input of each row
+    manifest = vim.extract("pointmamba_small", "clouds/", "feats/", checkpoint="pm.safetensors")
+    pooled, names = vim.read_features("feats/")          # (rows, D) and the input of each row
 
 Inputs: a folder (searched recursively), a list file (``.txt`` / ``.lst`` / ``.csv``: the first field of
 each line is a path, relative to the list's folder; blank lines and ``#`` comments skipped), an HDF5

@@ -1,0 +1,66 @@
+"""The package's shape: one-way imports, and what ``import vim`` gives a timm user."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(folder: Path) -> dict[str, set[str]]:
+    """Absolute module names imported by each .py file below ``folder`` (relative imports excluded)."""
+    found = {}
+    for path in sorted(folder.rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_kernels_import_nothing_from_vim():
+    offenders = {f: n for f, n in _imported_modules(ROOT / "kernels").items() if any(m.split(".")[0] == "vim" for m in n)}
+    assert not offenders
+
+
+def test_models_know_nothing_of_lightning():
+    offenders = {
+        f: n
+        for f, n in _imported_modules(ROOT / "vim" / "models").items()
+        if any(
+            m.split(".")[0] in ("lightning", "pytorch_lightning", "vim")
+            and m.startswith(("lightning", "pytorch_lightning", "vim.training", "vim.data", "vim.cli"))
+            for m in n
+        )
+    }
+    assert not offenders
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [("vim_tiny_patch16_224", 7_148_008), ("vim_small_patch16_stride8_224", 26_001_256)],
+)
+def test_import_vim_registers_models_without_lightning_or_video_readers(name, params):
+    code = (
+        "import sys, timm, torch, vim\n"
+        "assert 'lightning' not in sys.modules and 'av' not in sys.modules, sorted(sys.modules)\n"
+        f"m = timm.create_model({name!r}, device='meta')\n"
+        "print(sum(p.numel() for p in m.parameters()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) == params
+
+
+def test_vim_extract_is_the_extraction_function():
+    import vim
+    from vim.extraction import extract, main  # noqa: F401  (binds the submodule on the package)
+
+    assert vim.extract is extract
