@@ -1,0 +1,249 @@
+"""Throughput and peak memory of Vision Mamba against DeiT across image resolutions.
+
+Usage::
+
+    python tools/bench_models.py                                   # GPU: Vim-Ti/S/B vs DeiT-Ti/S/B, 224 ... 1248 px
+    python tools/bench_models.py --models vim_tiny_patch16_224 deit_tiny_patch16_224 --sizes 224 512 --batch 2 --iters 3
+
+For every model and image size it measures inference (no grad) and training (forward, cross
+entropy, backward, AdamW step) images/s (from the median step time, robust to a busy machine)
+and the peak memory, each configuration in a fresh
+process so that peaks do not leak between them (CUDA: ``max_memory_allocated``; CPU: the growth of
+the process's peak resident set while the model runs). On CUDA the models run under autocast
+(``--dtype``, bfloat16 by default); DeiT uses timm's fused SDPA attention. A configuration that
+runs out of memory is recorded as OOM.
+
+Writes ``benchmarks/models_<device>.{json,md,png}`` (``--out-dir``, ``--tag``) with the device,
+the torch / triton / timm versions and the date; the PNG plots images/s and peak memory against
+resolution on log scales.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODELS = [
+    "vim_tiny_patch16_224",
+    "vim_small_patch16_224",
+    "vim_base_patch16_224",
+    "deit_tiny_patch16_224",
+    "deit_small_patch16_224",
+    "deit_base_patch16_224",
+]
+DEFAULT_SIZES = [224, 512, 738, 1024, 1248]
+MODES = ("inference", "training")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(
+    model_name: str, size: int, mode: str, batch: int, warmup: int, iters: int, device: str, dtype: str, threads: int | None
+) -> dict:
+    """Images/s and peak memory of one configuration; runs in its own process."""
+    import timm
+
+    import vim.models  # noqa: F401  (registers the Vim models)
+
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    baseline_rss = _peak_rss_bytes()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        model = timm.create_model(model_name, img_size=size, num_classes=1000).to(dev)
+        images = torch.randn(batch, 3, size, size, device=dev)
+        labels = torch.randint(0, 1000, (batch,), device=dev)
+        autocast = torch.autocast(dev.type, dtype=getattr(torch, dtype), enabled=dev.type == "cuda")
+        if mode == "training":
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step() -> None:
+                with autocast:
+                    loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+
+            def step() -> None:
+                with torch.no_grad(), autocast:
+                    model(images)
+
+        for _ in range(warmup):
+            step()
+        step_seconds = []
+        for _ in range(iters):
+            _sync(dev)
+            start = time.perf_counter()
+            step()
+            _sync(dev)
+            step_seconds.append(time.perf_counter() - start)
+    except torch.cuda.OutOfMemoryError:
+        return dict(model=model_name, size=size, mode=mode, status="OOM")
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak = _peak_rss_bytes() - baseline_rss
+    return dict(
+        model=model_name,
+        size=size,
+        mode=mode,
+        status="ok",
+        images_per_s=batch / statistics.median(step_seconds),
+        peak_memory_mib=peak / 2**20,
+        step_seconds=step_seconds,
+    )
+
+
+def environment(device: str, args: argparse.Namespace) -> dict:
+    import timm
+
+    from vim.kernels import resolve_backend
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+    return dict(
+        device=name,
+        device_type=dev.type,
+        threads=args.threads or torch.get_num_threads(),
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton_version,
+        timm=timm.__version__,
+        python=platform.python_version(),
+        scan_backend=resolve_backend(dev),
+        batch=args.batch,
+        warmup=args.warmup,
+        iters=args.iters,
+        dtype=args.dtype if dev.type == "cuda" else "float32",
+    )
+
+
+def write_markdown(path: Path, env: dict, results: list[dict]) -> None:
+    lines = [
+        "# Vision Mamba vs DeiT: throughput and peak memory",
+        "",
+        f"Device: {env['device']} ({env['threads']} threads) · torch {env['torch']} · triton {env['triton']} · "
+        f"timm {env['timm']} · scan backend `{env['scan_backend']}` · {env['dtype']} · batch {env['batch']} · "
+        f"median of {env['iters']} timed steps after {env['warmup']} warm-up · {env['date']}",
+        "",
+        "| model | size | mode | images/s | peak memory (MiB) |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for r in results:
+        if r["status"] == "ok":
+            lines.append(f"| {r['model']} | {r['size']} | {r['mode']} | {r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} |")
+        else:
+            lines.append(f"| {r['model']} | {r['size']} | {r['mode']} | {r['status']} | {r['status']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, env: dict, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    models = sorted({r["model"] for r in results})
+    sizes = sorted({r["size"] for r in results})
+    for col, mode in enumerate(MODES):
+        for row, (key, label) in enumerate((("images_per_s", "images / s"), ("peak_memory_mib", "peak memory (MiB)"))):
+            ax = axes[row, col]
+            for model in models:
+                runs = [r for r in results if r["model"] == model and r["mode"] == mode and r["status"] == "ok"]
+                points = sorted((r["size"], r[key]) for r in runs)
+                if points:
+                    ax.plot(*zip(*points), marker="o", linestyle="--" if model.startswith("deit") else "-", label=model)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(sizes, [str(size) for size in sizes])
+            ax.minorticks_off()
+            ax.set_title(f"{mode}: {label}")
+            ax.set_xlabel("image size (px)")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{env['device']} · batch {env['batch']} · {env['dtype']} · {env['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--sizes", nargs="+", type=int, default=DEFAULT_SIZES)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: 32 on CUDA, 1 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (default: 10 on CUDA, 2 on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadier on a shared machine")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="CUDA autocast dtype")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
+    parser.add_argument("--tag", help="output file suffix (default: the device type)")
+    args = parser.parse_args(argv)
+    on_cuda = torch.device(args.device).type == "cuda"
+    args.batch = args.batch or (32 if on_cuda else 1)
+    args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
+    args.iters = args.iters or (10 if on_cuda else 2)
+    if min(args.batch, args.iters, *args.sizes) < 1:
+        parser.error("--batch, --iters and --sizes must be positive")
+
+    from tqdm import tqdm
+
+    env = environment(args.device, args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"models_{args.tag or torch.device(args.device).type}"
+    configs = [(m, s, mode) for m in args.models for s in args.sizes for mode in args.modes]
+    results = []
+    context = multiprocessing.get_context("spawn")
+    with tqdm(configs, desc="benchmark", unit="config") as progress:
+        for model_name, size, mode in progress:
+            progress.set_postfix_str(f"{model_name} {size}px {mode}")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                job = (model_name, size, mode, args.batch, args.warmup, args.iters, args.device, args.dtype, args.threads)
+                future = pool.submit(measure, *job)
+                try:
+                    results.append(future.result())
+                except concurrent.futures.process.BrokenProcessPool:  # killed, e.g. out of host memory
+                    results.append(dict(model=model_name, size=size, mode=mode, status="crashed"))
+            # rewritten after every configuration, so an interrupted run keeps what it measured
+            stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, results=results), indent=2) + "\n")
+            write_markdown(stem.with_suffix(".md"), env, results)
+    plot(stem.with_suffix(".png"), env, results)
+    print(f"wrote {stem}.json, .md and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
