@@ -1,38 +1,56 @@
-"""The residual Mamba trunk shared by the image, video and point-cloud backbones.
+"""The residual Mamba trunk and the timm model API shared by the image, video and point-cloud backbones.
 
 API (a base class; a modality's backbone subclasses it and adds its own tokenizer and head)::
 
     class MyBackbone(MambaBackbone):
+        pool_types = ("token", "avg", "")                                         # the default; "max" also works
+        stem_no_weight_decay = ("pos_embed", "cls_token")                         # besides the SSM's A and D
+        stem_pattern = r"^cls_token|^pos_embed|^patch_embed"                      # group_matcher's stem
+
         def __init__(self, ..., device=None, dtype=None):
             super().__init__()
+            self.init_head_attributes(num_classes, global_pool, embed_dim)        # checks global_pool
             ...  # tokenizer
             self.build_trunk(embed_dim, depth, drop_path_rate=0.1, divide_out=True, device=device, dtype=dtype)
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = self.linear_head(num_classes, device=device, dtype=dtype)  # or override _reset_head
             self.init_trunk_weights()
 
+        def class_token_index(self, num_tokens):                                  # for global_pool="token"
+            return 0
+
         def forward_features(self, x):
-            return self.forward_trunk(tokens)                                    # (B, L, D) normalised
+            return self.forward_trunk(tokens)                                     # (B, L, D) normalised
 
     final, inter = self.forward_trunk_intermediates(tokens, take_indices, norm=True)
 
 The trunk owns ``layers`` (a ModuleList of :class:`MambaBlock`), ``norm_f`` (the final
 RMSNorm) and ``drop_path`` (the full-rate stochastic depth before ``norm_f``), all at the
 backbone's top level so official checkpoints map 1:1 (``layers.{i}.mixer.*``, ``norm_f.weight``).
-It also provides the drop-path schedule, gradient checkpointing, weight init, pruning and the
-trunk's part of ``no_weight_decay`` / ``group_matcher``.
+It also provides the drop-path schedule, gradient checkpointing and weight init of the trunk, and
+timm's model API on top of it: the head attributes (``num_classes``, ``global_pool`` checked against
+``pool_types``, ``num_features``, ``head_hidden_size``, ``embed_dim``), ``pool``, ``forward_head``,
+``forward``, ``get_classifier``, ``reset_classifier`` (a linear ``head`` with ``head_drop`` unless a
+subclass overrides ``_reset_head`` / ``forward_head``), ``no_weight_decay``, ``group_matcher`` and
+``prune_intermediate_layers``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Literal, get_args
 
 import torch
-from timm.layers import DropPath
+from timm.layers import DropPath, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .block import MambaBlock
 
-__all__ = ["MambaBackbone", "drop_path_schedule"]
+__all__ = ["MambaBackbone", "PoolType", "drop_path_schedule"]
+
+PoolType = Literal["token", "avg", ""]
 
 NO_WEIGHT_DECAY_MIXER_PARAMS = ("A_log", "A_b_log", "D", "D_b")
 
@@ -46,12 +64,35 @@ def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
 
 
 class MambaBackbone(nn.Module):
-    """Base class holding the residual Mamba trunk; see the module docstring."""
+    """Base class holding the residual Mamba trunk and timm's model API; see the module docstring."""
+
+    pool_types: tuple[str, ...] = get_args(PoolType)
+    stem_no_weight_decay: tuple[str, ...] = ()
+    stem_pattern: str = ""
 
     layers: nn.ModuleList
     norm_f: nn.RMSNorm
     drop_path: nn.Module
     grad_checkpointing: bool
+    head: nn.Module
+    head_drop: nn.Module
+
+    def init_head_attributes(
+        self, num_classes: int, global_pool: str, embed_dim: int, head_hidden_size: int | None = None
+    ) -> None:
+        """Check ``global_pool``; set ``num_classes``, ``global_pool``, ``num_features``, ``embed_dim``, ``head_hidden_size``.
+
+        ``head_hidden_size`` defaults to ``embed_dim`` (a linear head on the pooled token).
+        """
+        self._check_pool(global_pool)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.head_hidden_size = embed_dim if head_hidden_size is None else head_hidden_size
+
+    def _check_pool(self, global_pool: str) -> None:
+        if global_pool not in self.pool_types:
+            raise ValueError(f"global_pool must be one of {self.pool_types}, got {global_pool!r}")
 
     def build_trunk(
         self,
@@ -95,18 +136,6 @@ class MambaBackbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.grad_checkpointing = enable
-
-    def trunk_no_weight_decay(self) -> set[str]:
-        """Names of the trunk parameters that take no weight decay (the SSM's A and D)."""
-        return {f"layers.{i}.mixer.{name}" for i in range(len(self.layers)) for name in NO_WEIGHT_DECAY_MIXER_PARAMS}
-
-    def trunk_group_matcher(self) -> list[tuple[str, tuple[int, ...] | None]]:
-        """Parameter groups for layer-wise learning-rate decay: one per block, ``norm_f`` last."""
-        return [(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))]
-
-    def prune_trunk(self, max_index: int) -> None:
-        """Drop the blocks after ``max_index``."""
-        self.layers = self.layers[: max_index + 1]
 
     def _run_block(
         self, layer: MambaBlock, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -166,3 +195,77 @@ class MambaBackbone(nn.Module):
                 stream = residual + hidden
                 intermediates.append(self._norm_f(stream) if norm else stream.to(hidden.dtype))
         return self._final_norm(hidden, residual), intermediates
+
+    def linear_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        """A (D -> num_classes) linear classifier, the identity for ``num_classes == 0``."""
+        return nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+
+    def _init_head(self) -> None:
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def _reset_head(self, num_classes: int) -> None:
+        """A new, initialised linear ``head`` on the class token's device and dtype."""
+        like = self.cls_token
+        self.head = self.linear_head(num_classes, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            self._init_head()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The stem's ``stem_no_weight_decay`` and the trunk parameters that take no weight decay (the SSM's A and D)."""
+        trunk = {f"layers.{i}.mixer.{name}" for i in range(len(self.layers)) for name in NO_WEIGHT_DECAY_MIXER_PARAMS}
+        return set(self.stem_no_weight_decay) | trunk
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise learning-rate decay: the stem, one per block, ``norm_f`` last."""
+        return dict(stem=self.stem_pattern, blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a new (initialised) one for ``num_classes`` outputs (0: none)."""
+        if global_pool is not None:
+            self._check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self._reset_head(num_classes)
+        self.head.train(self.training)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        """(B, L, D) tokens -> (B, D) (or the tokens unchanged for pool type ""), ``global_pool`` if None.
+
+        "token" takes the class token at ``class_token_index(L)``, "avg" the mean and "max" the maximum of all tokens.
+        """
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "token":
+            return x[:, self.class_token_index(x.shape[1])]
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "max":
+            return x.amax(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, L, D) tokens -> logits (B, num_classes), or the pooled (B, D) with ``pre_logits``."""
+        x = self.head_drop(self.pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm / classifier); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices

@@ -25,7 +25,7 @@ Registered: ``pointmamba_small`` (64 groups, ModelNet40's 1024 points), ``pointm
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from timm.layers import trunc_normal_
@@ -39,7 +39,6 @@ from .point_ops import ORDERS, gather_points, group_points, serialization_order
 __all__ = ["PointGroupEncoder", "PointMamba", "PointMambaHead", "check_point_batch"]
 
 PoolType = Literal["avg", "max", ""]
-POOL_TYPES = ("avg", "max", "")
 
 
 def check_point_batch(points: torch.Tensor, min_points: int) -> None:
@@ -147,6 +146,10 @@ class PointMamba(MambaBackbone):
         scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
+    pool_types = get_args(PoolType)
+    stem_no_weight_decay = ("order_scale", "order_shift")
+    stem_pattern = r"^encoder|^pos_embed|^order_"
+
     def __init__(
         self,
         num_classes: int = 40,
@@ -169,19 +172,15 @@ class PointMamba(MambaBackbone):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        _check_pool(global_pool)
+        self.init_head_attributes(num_classes, global_pool, embed_dim, head_hidden_size)
         orders = tuple(orders)
         unknown = [order for order in orders if order not in ORDERS]
         if not orders or unknown:
             raise ValueError(f"orders must be a non-empty sequence of {ORDERS}, got {orders}")
         if num_groups < 1 or group_size < 1:
             raise ValueError(f"num_groups={num_groups} and group_size={group_size} must be positive")
-        self.num_classes = num_classes
         self.num_groups, self.group_size = num_groups, group_size
         self.orders, self.serial_bits = orders, serial_bits
-        self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
-        self.head_hidden_size = head_hidden_size
 
         self.encoder = PointGroupEncoder(embed_dim, **dd)
         self.pos_embed = nn.Sequential(nn.Linear(3, 128, **dd), nn.GELU(), nn.Linear(128, embed_dim, **dd))
@@ -213,25 +212,12 @@ class PointMamba(MambaBackbone):
         self.init_trunk_weights()
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"order_scale", "order_shift"} | self.trunk_no_weight_decay()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^encoder|^pos_embed|^order_", blocks=self.trunk_group_matcher())
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: PoolType | None = None) -> None:
+    def _reset_head(self, num_classes: int) -> None:
         """Replace ``head.fc`` with a new (initialised) one for ``num_classes`` outputs (0: none)."""
-        if global_pool is not None:
-            _check_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
         self.head.reset(num_classes)
-        self.head.train(self.training)
 
     def serialize(self, centres: torch.Tensor) -> torch.Tensor:
         """(B, G, 3) patch centres -> (S, B, G) index permutations, one per serialisation order."""
@@ -253,15 +239,6 @@ class PointMamba(MambaBackbone):
     def forward_features(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) -> (B, S * G, D) normalised tokens, order by order."""
         return self.forward_trunk(self._embed(points))
-
-    def pool(self, x: torch.Tensor, pool_type: PoolType | None = None) -> torch.Tensor:
-        """(B, L, D) tokens -> (B, D) (or the tokens unchanged for pool type "")."""
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type == "avg":
-            return x.mean(dim=1)
-        if pool_type == "max":
-            return x.amax(dim=1)
-        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, L, D) tokens -> logits (B, num_classes), or the MLP head's (B, head_hidden_size) with ``pre_logits``."""
@@ -299,23 +276,6 @@ class PointMamba(MambaBackbone):
             self._embed(points), take_indices, norm=norm, stop_early=stop_early
         )
         return intermediates if intermediates_only else (final, intermediates)
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the blocks after the last of ``indices`` (and the final norm / classifier); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.prune_trunk(max_index)
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-
-def _check_pool(global_pool: str) -> None:
-    if global_pool not in POOL_TYPES:
-        raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
 
 
 def _create_point_mamba(variant: str, pretrained: bool = False, **kwargs) -> PointMamba:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from .backbone import MambaBackbone
+from .backbone import MambaBackbone, PoolType
 from .checkpoint import CLASSIFIER_KEYS, _square_grid, load_official_checkpoint, unwrap_state_dict
 from .pos_embed import split_middle_token
 
@@ -58,8 +58,6 @@ __all__ = [
     "resample_temporal_pos_embed",
 ]
 
-PoolType = Literal["token", "avg", ""]
-POOL_TYPES = ("token", "avg", "")
 OUTPUT_FORMATS = ("NCTHW", "NLC")
 
 
@@ -172,6 +170,9 @@ class VideoMamba(MambaBackbone):
         scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
+    stem_no_weight_decay = ("pos_embed", "cls_token", "temporal_pos_embedding")
+    stem_pattern = r"^cls_token|^pos_embed|^temporal_pos_embedding|^patch_embed"
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -196,11 +197,8 @@ class VideoMamba(MambaBackbone):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        _check_pool(global_pool)
-        self.num_classes = num_classes
+        self.init_head_attributes(num_classes, global_pool, embed_dim)
         self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = TubeletEmbed(
@@ -223,7 +221,7 @@ class VideoMamba(MambaBackbone):
             **dd,
         )
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = self.linear_head(num_classes, **dd)
 
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.init_weights()
@@ -238,37 +236,6 @@ class VideoMamba(MambaBackbone):
         nn.init.zeros_(self.patch_embed.proj.bias)
         self._init_head()
         self.init_trunk_weights()
-
-    def _init_head(self) -> None:
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "temporal_pos_embedding"} | self.trunk_no_weight_decay()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^cls_token|^pos_embed|^temporal_pos_embedding|^patch_embed", blocks=self.trunk_group_matcher())
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: PoolType | None = None) -> None:
-        """Replace the head with a new (initialised) one for ``num_classes`` outputs (0: none)."""
-        if global_pool is not None:
-            _check_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        like = self.cls_token
-        self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=like.device, dtype=like.dtype) if num_classes > 0 else nn.Identity()
-        )
-        with torch.no_grad():
-            self._init_head()
-        self.head.train(self.training)
 
     def set_input_size(self, num_frames: int | None = None, img_size: int | tuple[int, int] | None = None) -> None:
         """Change the nominal clip length and frame size, resampling both position embeddings."""
@@ -302,22 +269,9 @@ class VideoMamba(MambaBackbone):
         """(B, C, T, H, W) -> (B, 1 + T' * H' * W', D) normalised per-token features, class token first."""
         return self.forward_trunk(self._embed(x))
 
-    def pool(self, x: torch.Tensor, pool_type: PoolType | None = None) -> torch.Tensor:
-        """(B, L, D) tokens -> (B, D) clip feature (or the tokens unchanged for pool type "")."""
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type == "token":
-            return x[:, 0]
-        if pool_type == "avg":
-            return x.mean(dim=1)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, L, D) tokens -> logits (B, num_classes), or the pooled (B, D) clip feature with ``pre_logits``."""
-        x = self.head_drop(self.pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def class_token_index(self, num_tokens: int) -> int:
+        """Position of the class token: the front, 0."""
+        return 0
 
     def forward_intermediates(
         self,
@@ -353,23 +307,6 @@ class VideoMamba(MambaBackbone):
             patches = [y.reshape(y.shape[0], *grid, -1).permute(0, 4, 1, 2, 3).contiguous() for y in patches]
         outputs = [(p, y[:, :1]) for p, y in zip(patches, intermediates)] if return_prefix_tokens else patches
         return outputs if intermediates_only else (final, outputs)
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the blocks after the last of ``indices`` (and the final norm / head); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.prune_trunk(max_index)
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-
-def _check_pool(global_pool: str) -> None:
-    if global_pool not in POOL_TYPES:
-        raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -22,7 +22,7 @@ resampled to the token grid of each input; at the nominal size nothing changes).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -31,15 +31,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from .backbone import MambaBackbone
+from .backbone import MambaBackbone, PoolType
 from .checkpoint import checkpoint_filter_fn
 from .patch_embed import StridedPatchEmbed
 from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed, split_middle_token
 
 __all__ = ["VisionMamba"]
-
-PoolType = Literal["token", "avg", ""]
-POOL_TYPES = ("token", "avg", "")
 
 
 class VisionMamba(MambaBackbone):
@@ -64,6 +61,9 @@ class VisionMamba(MambaBackbone):
         scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
+    stem_no_weight_decay = ("pos_embed", "cls_token")
+    stem_pattern = r"^cls_token|^pos_embed|^patch_embed"
+
     def __init__(
         self,
         img_size: int | tuple[int, int] = 224,
@@ -87,11 +87,8 @@ class VisionMamba(MambaBackbone):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        _check_pool(global_pool)
-        self.num_classes = num_classes
+        self.init_head_attributes(num_classes, global_pool, embed_dim)
         self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = StridedPatchEmbed(
@@ -119,7 +116,7 @@ class VisionMamba(MambaBackbone):
             **dd,
         )
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head = self.linear_head(num_classes, **dd)
 
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
@@ -135,37 +132,6 @@ class VisionMamba(MambaBackbone):
             nn.init.zeros_(self.patch_embed.proj.bias)
         self._init_head()
         self.init_trunk_weights()
-
-    def _init_head(self) -> None:
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"} | self.trunk_no_weight_decay()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=self.trunk_group_matcher())
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: PoolType | None = None) -> None:
-        """Replace the head with a new (initialised) one for ``num_classes`` outputs (0: none)."""
-        if global_pool is not None:
-            _check_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        like = self.cls_token
-        self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=like.device, dtype=like.dtype) if num_classes > 0 else nn.Identity()
-        )
-        with torch.no_grad():
-            self._init_head()
-        self.head.train(self.training)
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
         """Change the nominal image size, resampling the position embedding to the new grid."""
@@ -191,22 +157,9 @@ class VisionMamba(MambaBackbone):
         """(B, C, H, W) -> (B, M + 1, D) normalised tokens, class token at M // 2."""
         return self.forward_trunk(self._embed(x))
 
-    def pool(self, x: torch.Tensor, pool_type: PoolType | None = None) -> torch.Tensor:
-        """(B, M + 1, D) tokens -> (B, D) (or the tokens unchanged for pool type "")."""
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type == "token":
-            return x[:, middle_token_index(x.shape[1])]
-        if pool_type == "avg":
-            return x.mean(dim=1)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, M + 1, D) tokens -> logits (B, num_classes), or the pooled (B, D) with ``pre_logits``."""
-        x = self.head_drop(self.pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def class_token_index(self, num_tokens: int) -> int:
+        """Position of the class token in a sequence of ``num_tokens`` = M + 1: the middle, M // 2."""
+        return middle_token_index(num_tokens)
 
     def forward_intermediates(
         self,
@@ -243,23 +196,6 @@ class VisionMamba(MambaBackbone):
             patches = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in patches]
         outputs = list(zip(patches, cls_tokens)) if return_prefix_tokens else list(patches)
         return outputs if intermediates_only else (final, outputs)
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the blocks after the last of ``indices`` (and the final norm / head); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.prune_trunk(max_index)
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-
-def _check_pool(global_pool: str) -> None:
-    if global_pool not in POOL_TYPES:
-        raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
 
 
 def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
