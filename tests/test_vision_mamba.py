@@ -308,3 +308,15 @@ def test_grad_checkpointing_gives_the_same_gradients(images: torch.Tensor) -> No
     assert model.grad_checkpointing
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, msg=f"gradient of {name}")
+
+
+def test_fx_feature_extraction_traces_the_model():
+    """timm's FX feature extraction traces the model (the pos-embed resampling must stay a leaf)."""
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    model = timm.create_model("test_vim", num_classes=5).eval()
+    _, eval_nodes = get_graph_node_names(model)
+    extractor = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)[eval_nodes[-1]], model(x))

@@ -39,6 +39,10 @@ from .pos_embed import insert_middle_token, middle_token_index, resample_middle_
 __all__ = ["VisionMamba"]
 
 
+# torch.fx autowraps no-trace functions only in the module of the traced forward (MambaBackbone's):
+# wrap the size-dependent pos-embed resampling in this module, where VisionMamba calls it.
+torch.fx.wrap("resample_middle_token_pos_embed")
+
 class VisionMamba(MambaBackbone):
     """Vision Mamba with a middle class token, behaving like a timm ViT.
 
