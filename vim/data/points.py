@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vim.data.images import ImageDataModule, find_classes
 from vim.data.sampling import SampleKey
@@ -416,6 +416,8 @@ class PointCloudDataModule(ImageDataModule):
         up_axis: the up axis of the data ("y" for ModelNet40 and ScanObjectNN).
     """
 
+    collate_fn = staticmethod(collate_clouds)
+
     def __init__(
         self,
         train_path: str | list[str] | None = None,
@@ -519,19 +521,6 @@ class PointCloudDataModule(ImageDataModule):
         if not found:
             raise ValueError(f"predict_path: no point files ({', '.join(POINT_EXTENSIONS)}) under '{path}'")
         return PointFiles([(str(f), UNLABELLED) for f in found])
-
-    # --------------------------------------------------------------------------------------- loaders
-    def loader(self, dataset: Dataset, sampler=None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=sampler is not None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_clouds,
-        )
 
     def on_before_batch_transfer(self, batch: PointBatch, dataloader_idx: int) -> PointBatch:
         """Warn about each skipped cloud as it occurs, with a running count."""
