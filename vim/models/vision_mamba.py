@@ -43,6 +43,7 @@ __all__ = ["VisionMamba"]
 # wrap the size-dependent pos-embed resampling in this module, where VisionMamba calls it.
 torch.fx.wrap("resample_middle_token_pos_embed")
 
+
 class VisionMamba(MambaBackbone):
     """Vision Mamba with a middle class token, behaving like a timm ViT.
 
