@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
-from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageFiles, UnreadableImage
+from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageFiles, UnreadableImage, walk_files
 from vim.data.points import HDF5_EXTENSIONS, POINT_EXTENSIONS, HDF5Clouds, PointClouds, PointFiles, UnreadableCloud
 from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule, VideoClips
 from vim.models.checkpoint import load_official_checkpoint
@@ -151,10 +151,7 @@ def _read_list(path: Path) -> list[str]:
 
 
 def _walk(root: Path) -> list[str]:
-    found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        found += [os.path.join(folder, f) for f in sorted(files) if not f.startswith(".") and modality_of(f) is not None]
+    found = [str(f) for f in walk_files(root, lambda name: not name.startswith(".") and modality_of(name) is not None)]
     if not found:
         known = ", ".join(ext for m in MODALITIES.values() for ext in m.extensions)
         raise ValueError(f"input folder '{root}' holds no image, video or point files ({known})")

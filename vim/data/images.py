@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,13 +66,18 @@ def find_classes(root: str | os.PathLike, argument: str) -> list[str]:
     return classes
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """All image files (by extension) under ``root``, recursively, in sorted order."""
+def walk_files(root: str | os.PathLike, keep: Callable[[str], bool]) -> list[Path]:
+    """Files under ``root`` whose name passes ``keep``, recursively, in sorted order; hidden folders skipped."""
     found = []
     for folder, subfolders, files in os.walk(root, followlinks=True):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        found += [Path(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [Path(folder, f) for f in sorted(files) if keep(f)]
     return found
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All image files (by extension) under ``root``, recursively, in sorted order."""
+    return walk_files(root, lambda name: name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def labelled_images(root: str | os.PathLike, classes: Sequence[str], argument: str) -> list[tuple[str, int]]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vim.data.images import ImageDataModule, find_classes
+from vim.data.images import ImageDataModule, find_classes, walk_files
 from vim.data.sampling import SampleKey
 from vim.models.point_ops import farthest_point_sample
 
@@ -246,11 +246,7 @@ def prepare_points(
 # ---------------------------------------------------------------------------------------------- sources
 def list_point_files(root: str | os.PathLike) -> list[Path]:
     """All point files (by extension) under ``root``, recursively, in sorted order."""
-    found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        found += [Path(folder, f) for f in sorted(files) if f.lower().endswith(POINT_EXTENSIONS)]
-    return found
+    return walk_files(root, lambda name: name.lower().endswith(POINT_EXTENSIONS))
 
 
 def expand_hdf5_paths(path: str | Sequence[str], argument: str) -> list[Path] | None:
