@@ -14,9 +14,11 @@ contiguous ``(batch, L, dim)`` tensor, which is what a vision block produces. Ou
 gradients come back in that layout. Reversed scans read memory backwards: nothing is flipped.
 
 Backends: ``"triton"`` (CUDA; also runs on CPU tensors under ``TRITON_INTERPRET=1``),
-``"torch"`` (the chunked CPU fast path), ``"reference"`` (the sequential definition, differentiated
-by autograd; slow, for debugging). ``"auto"``
-picks Triton for CUDA tensors and the chunked path otherwise. Pass ``backend=`` or set the
+``"native"`` (the CPU fast path: a fused C forward built on first use, see :mod:`vim.kernels.scan_native`,
+with the chunked backward), ``"torch"`` (the chunked pure-PyTorch path, forward and backward),
+``"reference"`` (the sequential definition, differentiated by autograd; slow, for debugging).
+``"auto"`` picks Triton for CUDA tensors, "native" for CPU tensors where a C compiler is found, and
+the chunked path otherwise. Pass ``backend=`` or set the
 environment variable ``VIM_SCAN_BACKEND`` to force one.
 """
 
@@ -32,16 +34,20 @@ from .scan_reference import selective_scan_ref
 
 __all__ = ["selective_scan", "bidirectional_selective_scan", "BACKENDS"]
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "native", "torch", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _implementation(backend: str):
-    """(forward, backward) functions of the "triton" or "torch" backend, imported on first use."""
+    """(forward, backward) functions of the "triton", "native" or "torch" backend, imported on first use."""
     if backend == "triton":
         from .scan_triton import triton_backward, triton_forward
 
         return triton_forward, triton_backward
+    if backend == "native":
+        from .scan_native import native_backward, native_forward
+
+        return native_forward, native_backward
     from .scan_cpu import chunked_backward, chunked_forward
 
     return chunked_forward, chunked_backward
@@ -53,7 +59,11 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {name!r}; expected one of {BACKENDS}")
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        from .scan_native import native_available
+
+        return "native" if device.type == "cpu" and native_available() else "torch"
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"selective-scan backend 'triton' needs CUDA tensors, got tensors on {device}; "

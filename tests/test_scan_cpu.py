@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vim.kernels import bidirectional_selective_scan, scan_cpu, selective_scan, selective_scan_ref
+from vim.kernels import bidirectional_selective_scan, scan_cpu, scan_native, selective_scan, selective_scan_ref
 from vim.kernels.scan_layout import CHUNK_SIZE, num_chunks
 
 TOLERANCES = {torch.float32: dict(rtol=6e-4, atol=2e-3), torch.bfloat16: dict(rtol=3e-2, atol=5e-2)}
@@ -114,7 +114,8 @@ def test_gradcheck_float64(reverse):
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-5)
 
 
-def test_bidirectional_matches_two_reference_scans():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bidirectional_matches_two_reference_scans(backend):
     inputs = make_inputs(state=64, length=90, groups=2, lead=(2,))  # N at its maximum, 64
     dout = torch.randn(2, 2, 8, 90, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
@@ -125,15 +126,16 @@ def test_bidirectional_matches_two_reference_scans():
         ])  # fmt: skip
 
     out, grads = run_with_grads(
-        lambda **x: bidirectional_selective_scan(**x, delta_softplus=True, backend="torch"), leaves(inputs), dout
+        lambda **x: bidirectional_selective_scan(**x, delta_softplus=True, backend=backend), leaves(inputs), dout
     )
     ref_out, ref_grads = run_with_grads(reference, leaves(inputs, torch.float64), dout)
     torch.testing.assert_close(out.double(), ref_out, **TOLERANCES[torch.float32])
     assert_close_all(grads, ref_grads, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_long_sequence_with_fast_and_slow_decay_is_stable(reverse):
+def test_long_sequence_with_fast_and_slow_decay_is_stable(reverse, backend):
     """L = 4096 with delta*|A| up to ~60 on half the states and ~1e-4 on the others: no underflow tricks.
 
     B and C get no gradient here: the reference's per-step autograd makes them quadratic in L
@@ -148,7 +150,7 @@ def test_long_sequence_with_fast_and_slow_decay_is_stable(reverse):
         return {**x, "B": x["B"].detach(), "C": x["C"].detach()}
 
     def fast(**x):
-        return selective_scan(**x, delta_softplus=True, reverse=reverse, backend="torch")
+        return selective_scan(**x, delta_softplus=True, reverse=reverse, backend=backend)
 
     def reference(**x):
         return selective_scan_ref(**x, delta_softplus=True, reverse=reverse)
@@ -160,15 +162,17 @@ def test_long_sequence_with_fast_and_slow_decay_is_stable(reverse):
     assert_close_all(grads, ref_grads, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_checkpoints_hold_the_state_at_each_chunk_end(reverse):
+def test_checkpoints_hold_the_state_at_each_chunk_end(reverse, backend):
     length = 2 * CHUNK_SIZE + 13
     x = make_inputs(length=length, groups=2, seed=5)
     canonical = (
         x["u"][None], x["delta"][None], x["A"][None], x["B"][None], x["C"][None], x["D"][None], x["z"],
         x["delta_bias"][None], True, reverse,
     )  # fmt: skip
-    out, checkpoints = scan_cpu.chunked_forward(*canonical)
+    forward = scan_cpu.chunked_forward if backend == "torch" else scan_native.native_forward
+    out, checkpoints = forward(*canonical)
     ref_out, last, states = selective_scan_ref(
         **{k: v.double() for k, v in x.items()},
         delta_softplus=True,
@@ -181,7 +185,7 @@ def test_checkpoints_hold_the_state_at_each_chunk_end(reverse):
     times = [length - 1 - s for s in ends] if reverse else ends
     torch.testing.assert_close(checkpoints[0].double(), states[:, :, times].transpose(1, 2), rtol=6e-4, atol=2e-3)
     torch.testing.assert_close(out[0].double(), ref_out, rtol=6e-4, atol=2e-3)
-    _, public_last = selective_scan(**x, delta_softplus=True, reverse=reverse, return_last_state=True, backend="torch")
+    _, public_last = selective_scan(**x, delta_softplus=True, reverse=reverse, return_last_state=True, backend=backend)
     torch.testing.assert_close(public_last.double(), last, rtol=6e-4, atol=2e-3)
 
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vim.kernels import resolve_backend, selective_scan, selective_scan_ref
+from vim.kernels import resolve_backend, scan_native, selective_scan, selective_scan_ref
 from vim.kernels.selective_scan import _implementation
 
 
-def test_auto_picks_triton_on_cuda_and_the_chunked_path_on_cpu(monkeypatch):
+def test_auto_picks_triton_on_cuda_and_the_fused_or_chunked_path_on_cpu(monkeypatch):
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
-    assert resolve_backend(torch.device("cpu")) == "torch"
     assert resolve_backend(torch.device("cuda", 0)) == "triton"
+    monkeypatch.setattr(scan_native, "_compiler", lambda: "/usr/bin/cc")
+    assert resolve_backend(torch.device("cpu")) == "native"
+    monkeypatch.setattr(scan_native, "_library", None)
+    monkeypatch.setattr(scan_native, "_compiler", lambda: None)
+    assert resolve_backend(torch.device("cpu")) == "torch"
 
 
 def test_environment_variable_and_keyword_force_a_backend(monkeypatch):

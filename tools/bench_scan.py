@@ -4,7 +4,7 @@ Writes ``benchmarks/scan_<device>.json`` and ``.md`` with the machine, versions 
 also measures the device-to-device copy bandwidth and reports each Triton run as effective GB/s and
 as a fraction of that roofline; if mamba_ssm is importable its CUDA ``selective_scan_fn`` is timed too.
 
-    python tools/bench_scan.py                      # GPU: triton (+ mamba_ssm); CPU: torch + reference
+    python tools/bench_scan.py                      # GPU: triton (+ mamba_ssm); CPU: native, torch, reference
     python tools/bench_scan.py --lengths 197 1024 --batch 2 --backends torch reference
 """
 
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batch = args.batch or (8 if device == "cuda" else 1)
-    backends = args.backends or (["triton", "triton-bidirectional", "mamba_ssm"] if device == "cuda" else ["torch", "reference"])
+    default = ["triton", "triton-bidirectional", "mamba_ssm"] if device == "cuda" else ["native", "torch", "reference"]
+    backends = args.backends or default
     if "mamba_ssm" in backends:
         try:
             import mamba_ssm  # noqa: F401
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             row["forward_roofline_fraction"] = row["forward_GBps"] / roofline
             row["forward_backward_roofline_fraction"] = row["forward_backward_GBps"] / roofline
         rows.append(row)
+    add_speedups(rows)
 
     meta = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -157,6 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     write_results(args.out, device, meta, rows)
 
 
+def add_speedups(rows: list[dict]) -> None:
+    """Add each row's speed-up over the sequential reference at the same length (where it was timed)."""
+    reference = {row["length"]: row for row in rows if row["backend"] == "reference"}
+    for row in rows:
+        if row["length"] in reference:
+            for phase in ("forward", "forward_backward"):
+                row[f"{phase}_x_reference"] = reference[row["length"]][f"{phase}_ms"] / row[f"{phase}_ms"]
+
+
 def _version(package: str) -> str | None:
     try:
         return __import__(package).__version__
@@ -169,12 +180,13 @@ def write_results(folder: Path, device: str, meta: dict, rows: list[dict]) -> No
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"scan_{device}"
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = [f"# Selective scan benchmark ({meta['device']})", ""]
     lines += [f"- {key}: {value}" for key, value in meta.items()]
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        cells = (row.get(column, "") for column in columns)
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in cells) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
