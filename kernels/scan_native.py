@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .scan_cpu import chunked_backward, chunked_forward
-from .scan_layout import CHUNK_SIZE, empty_channels_last, num_chunks
+from .scan_layout import CHUNK_SIZE, MAX_STATE, empty_channels_last, num_chunks
 
 __all__ = ["native_available", "native_backward", "native_forward"]
 
@@ -129,11 +129,13 @@ def _run(library: ctypes.CDLL, args: tuple, rows: int) -> None:
     if len(ranges) == 1:
         status = [library.vim_scan_forward(*args, *ranges[0])]
     else:
-        if _pool_size < len(ranges):
+        if _pool_size < len(ranges):  # more threads than before: replace the pool, releasing the old one's threads
+            if _pool is not None:
+                _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(len(ranges), thread_name_prefix="vim-scan"), len(ranges)
         status = list(_pool.map(lambda bounds: library.vim_scan_forward(*args, *bounds), ranges))
     if any(status):
-        raise ValueError("the fused CPU scan supports at most 64 states")
+        raise ValueError(f"the fused CPU scan supports at most {MAX_STATE} states (scan_native.c's MAX_STATE)")
 
 
 def _time_major(x: Tensor) -> Tensor:
