@@ -10,19 +10,20 @@ the library under ``$VIM_KERNEL_CACHE`` (default ``~/.cache/vim-toolkit``), keye
 the flags and the machine. Nothing is compiled at install time. Without a working compiler the
 forward falls back to the chunked path, with one warning.
 
-Threads: the rows (``batch * dim`` channels) are split into ``torch.get_num_threads()`` ranges,
-each scanned by a worker thread (ctypes releases the GIL), so no second OpenMP runtime is loaded.
+Calling: the kernel reads the canonical tensors (:mod:`vim.kernels.scan_layout`) through their
+strides, so nothing is copied or transposed on the way in, and it writes the channels-last output
+and the checkpoints in place. It splits its work over ``torch.get_num_threads()`` threads of its own
+(ctypes releases the GIL), so no second OpenMP runtime is loaded.
 
-Float64 input takes the chunked path (its arithmetic stays in float64); other dtypes are scanned
-in float32. The backward pass is the chunked path's (:func:`chunked_backward`), which recomputes
-the states itself.
+Float64 input takes the chunked path (its arithmetic stays in float64); float16 and bfloat16 are
+widened to float32 first. The backward pass is the chunked path's (:func:`chunked_backward`), which
+recomputes the states itself.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -30,7 +31,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,19 +43,30 @@ __all__ = ["native_available", "native_backward", "native_forward"]
 
 SOURCE = Path(__file__).with_name("scan_native.c")
 FLAG_SETS = (
-    ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC"),
-    ("-O3", "-ffast-math", "-shared", "-fPIC"),
+    ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-pthread"),
+    ("-O3", "-ffast-math", "-shared", "-fPIC", "-pthread"),
 )
 """Compiler flags to try in order: tuned for this CPU first, then portable."""
-
-LANES = 16
-"""Rows scanned together by the kernel (keep equal to LANES in the C source)."""
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _unavailable: str | None = None
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+
+
+class ScanArgs(ctypes.Structure):
+    """The kernel's argument block (``ScanArgs`` in scan_native.c): float32 pointers, strides in elements."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("length", "batch", "dim", "groups", "n_state", "directions", "chunk")),
+        ("reverse", ctypes.c_int64),
+        ("delta_softplus", ctypes.c_int64),
+        *((name, ctypes.c_void_p) for name in ("u", "delta", "z", "B", "C", "A", "D", "bias", "out", "checkpoints")),
+        ("u_stride", ctypes.c_int64 * 4),
+        ("delta_stride", ctypes.c_int64 * 4),
+        ("z_stride", ctypes.c_int64 * 3),
+        ("B_stride", ctypes.c_int64 * 5),
+        ("C_stride", ctypes.c_int64 * 5),
+    ]
 
 
 def _compiler() -> str | None:
@@ -102,9 +113,8 @@ def _load() -> ctypes.CDLL | None:
             _unavailable = str(error)
             warnings.warn(f"vim.kernels: the fused CPU scan is unavailable, using the chunked path: {error}", stacklevel=3)
             return None
-        pointer, i64 = ctypes.c_void_p, ctypes.c_int64
         library.vim_scan_forward.restype = ctypes.c_int
-        library.vim_scan_forward.argtypes = [i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int] + [pointer] * 11 + [i64, i64]
+        library.vim_scan_forward.argtypes = [ctypes.POINTER(ScanArgs), ctypes.c_int]
         _library = library
         return library
 
@@ -114,56 +124,18 @@ def native_available() -> bool:
     return _library is not None or (_unavailable is None and _compiler() is not None)
 
 
-def _row_ranges(rows: int) -> list[tuple[int, int]]:
-    """Split ``rows`` into one range per thread, on multiples of LANES."""
-    blocks = -(-rows // LANES)
-    workers = max(1, min(torch.get_num_threads(), blocks))
-    bounds = [min(rows, LANES * (blocks * i // workers)) for i in range(workers + 1)]
-    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+def _float32(x: Tensor | None) -> Tensor | None:
+    """``x`` itself if float32 (any strides), else a float32 copy; None stays None."""
+    return x if x is None or x.dtype == torch.float32 else x.float()
 
 
-def _run(library: ctypes.CDLL, args: tuple, rows: int) -> None:
-    """Call the kernel over all rows, one range per worker thread."""
-    global _pool, _pool_size
-    ranges = _row_ranges(rows)
-    if len(ranges) == 1:
-        status = [library.vim_scan_forward(*args, *ranges[0])]
-    else:
-        if _pool_size < len(ranges):  # more threads than before: replace the pool, releasing the old one's threads
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(len(ranges), thread_name_prefix="vim-scan"), len(ranges)
-        status = list(_pool.map(lambda bounds: library.vim_scan_forward(*args, *bounds), ranges))
-    if any(status):
-        raise ValueError(f"the fused CPU scan supports at most {MAX_STATE} states (scan_native.c's MAX_STATE)")
+def _dense_float32(x: Tensor | None) -> Tensor | None:
+    """``x`` as dense float32 (the parameters A, D and delta_bias are read without strides)."""
+    return None if x is None else x.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
 
 
-def _time_major(x: Tensor) -> Tensor:
-    """(batch, *rest, L) -> contiguous (L, batch, *rest) float32."""
-    return x.movedim(-1, 0).to(torch.float32, memory_format=torch.contiguous_format).contiguous()
-
-
-def _one_direction(library, u, delta, A, B, C, D, z_t, delta_bias, delta_softplus: bool, reverse: bool, checkpoints) -> Tensor:
-    """One direction: u, delta (batch, dim, L); A (dim, N); B, C (batch, G, N, L); D, delta_bias (dim,) or None;
-    z_t (L, batch * dim) float32 or None.
-
-    Fills ``checkpoints`` (batch, chunks, dim, N) and returns ``(C . h + D u) * silu(z)`` as (L, batch, dim) float32.
-    """
-    batch, dim, length = u.shape
-    groups, n_state = B.shape[1], B.shape[2]
-    rows = batch * dim
-    delta_t, u_t, B_t, C_t = (_time_major(x) for x in (delta, u, B, C))
-    A2 = (A.float() * math.log2(math.e)).repeat(batch, 1)
-    D_rows, bias_rows = (u_t.new_zeros(rows) if x is None else x.float().repeat(batch) for x in (D, delta_bias))
-    group = torch.arange(rows, device=u.device) // (dim // groups)
-    y = torch.empty_like(u_t)
-    saved = u_t.new_empty(num_chunks(length), batch, dim, n_state)
-    pointers = [x.data_ptr() for x in (delta_t, u_t)] + [None if z_t is None else z_t.data_ptr()]
-    pointers += [x.data_ptr() for x in (B_t, C_t, A2, D_rows, bias_rows, group, y, saved)]
-    shape = (length, rows, batch * groups, n_state, CHUNK_SIZE, int(reverse), int(delta_softplus))
-    _run(library, (*shape, *pointers), rows)
-    checkpoints.copy_(saved.transpose(0, 1))
-    return y
+def _pointer(x: Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
 
 
 def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
@@ -172,16 +144,21 @@ def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
     if library is None:
         return chunked_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     K, batch, dim, length = u.shape
-    out = empty_channels_last(K, batch, dim, length, like=u)
+    u32, delta32, z32, B32, C32 = (_float32(x) for x in (u, delta, z, B, C))
+    A32, D32, bias32 = (_dense_float32(x) for x in (A, D, delta_bias))
+    out = empty_channels_last(K, batch, dim, length, like=u, dtype=torch.float32)
     checkpoints = u.new_empty(K, batch, num_chunks(length), dim, A.shape[-1], dtype=torch.float32)
-    z_t = None if z is None else _time_major(z)
-    for k in range(K):
-        y = _one_direction(
-            library, u[k], delta[k], A[k], B[k], C[k], None if D is None else D[k], z_t,
-            None if delta_bias is None else delta_bias[k], delta_softplus, reverse != (k == 1), checkpoints[k],
-        )  # fmt: skip
-        out[k].copy_(y.permute(1, 2, 0))
-    return out, checkpoints
+    args = ScanArgs(
+        length, batch, dim, B.shape[2], A.shape[-1], K, CHUNK_SIZE, int(reverse), int(delta_softplus),
+        *(_pointer(x) for x in (u32, delta32, z32, B32, C32, A32, D32, bias32, out, checkpoints)),
+        u32.stride(), delta32.stride(), z32.stride() if z is not None else (0, 0, 0), B32.stride(), C32.stride(),
+    )  # fmt: skip
+    status = library.vim_scan_forward(ctypes.byref(args), torch.get_num_threads())
+    if status == -1:
+        raise ValueError(f"the fused CPU scan supports at most {MAX_STATE} states (scan_native.c's MAX_STATE)")
+    if status:
+        raise MemoryError("the fused CPU scan could not allocate its scratch buffer")
+    return (out if u.dtype == torch.float32 else out.to(u.dtype)), checkpoints
 
 
 native_backward = chunked_backward

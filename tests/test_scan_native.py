@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_scan_cpu import CASES, TOLERANCES, make_inputs
 
-from vim.kernels import scan_cpu, scan_native, selective_scan, selective_scan_ref
+from vim.kernels import bidirectional_selective_scan, scan_cpu, scan_native, selective_scan, selective_scan_ref
 
 pytestmark = pytest.mark.skipif(not scan_native.native_available(), reason="no C compiler to build the fused CPU scan")
 
@@ -39,9 +39,9 @@ def test_forward_matches_reference(dtype, length, reverse, groups, optional, sof
 @pytest.mark.parametrize(
     "batch, dim, state, groups",
     [
-        (2, 32, 16, None),  # the specialised kernel: N = 16, whole blocks of 16 rows in one batch element
-        (3, 24, 16, None),  # blocks of rows that straddle two batch elements, and a partial last block
-        (2, 48, 16, 3),  # groups of B and C inside one block
+        (2, 32, 16, None),  # the specialised kernel: N = 16, whole blocks of 16 channels
+        (3, 24, 16, None),  # a full and a partial block of channels in each batch element
+        (2, 48, 16, 3),  # groups of B and C inside one block of channels
         (1, 20, 64, None),  # the largest state
     ],
 )
@@ -49,6 +49,62 @@ def test_row_blocking_matches_reference(batch, dim, state, groups):
     inputs = make_inputs(batch=batch, dim=dim, state=state, length=37, groups=groups, seed=dim)
     out = selective_scan(**inputs, delta_softplus=True, backend="native")
     ref = selective_scan_ref(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float32])
+
+
+def _layouts(inputs: dict) -> dict[str, dict]:
+    """The same values in the memory layouts a caller can hand over: the kernel reads each in place."""
+
+    def strided_in_time(x):  # every other element of a twice-as-long buffer along L
+        return torch.stack([x, torch.zeros_like(x)], dim=-1).flatten(-2)[..., ::2]
+
+    def channel_slice(x):  # the first half of a (..., L, 2 * dim) buffer, as a mixer's in_proj output is split
+        wide = torch.cat([x.transpose(-1, -2), torch.full_like(x.transpose(-1, -2), float("nan"))], dim=-1)
+        return wide[..., : x.shape[-2]].transpose(-1, -2)
+
+    sequences = ("u", "delta", "z", "B", "C")
+    return {
+        "channels-last": inputs,
+        "contiguous": {k: v.contiguous() for k, v in inputs.items()},
+        "strided in time": {k: strided_in_time(v) if k in sequences else v for k, v in inputs.items()},
+        "channel slice": {k: channel_slice(v) if k in ("u", "delta", "z") else v for k, v in inputs.items()},
+    }
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_every_memory_layout_matches_reference_both_directions(groups):
+    """Both directions in one call (dim 40: two full blocks of 16 channels and a partial one; groups of 20
+    make the middle block straddle two groups), for channels-last, contiguous and strided inputs."""
+    inputs = make_inputs(batch=2, dim=40, state=16, length=70, groups=groups, lead=(2,), seed=11)
+    reference = {k: v.double() for k, v in inputs.items()}
+    expected = torch.stack(
+        [
+            selective_scan_ref(
+                **{k: v if k == "z" else v[direction] for k, v in reference.items()}, delta_softplus=True, reverse=direction == 1
+            )
+            for direction in range(2)
+        ]
+    )
+    for layout, tensors in _layouts(inputs).items():
+        out = bidirectional_selective_scan(**tensors, delta_softplus=True, backend="native")
+        torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32], msg=lambda m, n=layout: f"{n}: {m}")
+
+
+def test_half_precision_is_widened_to_float32():
+    inputs = make_inputs(batch=1, dim=32, state=16, length=40, dtype=torch.float16, seed=4)
+    out = selective_scan(**inputs, delta_softplus=True, backend="native")
+    widened = selective_scan(**{k: v.float() for k, v in inputs.items()}, delta_softplus=True, backend="native")
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, widened.half(), rtol=0, atol=0)
+
+
+def test_saturated_decays_stay_finite():
+    """Decays far below 2^-126 flush to zero and large ones are clamped, instead of turning into inf or NaN."""
+    inputs = make_inputs(batch=1, dim=16, state=16, length=50, decay=(50.0, 200.0), seed=5)
+    inputs["delta"] = inputs["delta"].abs() * 20
+    out = selective_scan(**inputs, delta_softplus=True, backend="native")
+    ref = selective_scan_ref(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
+    assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float32])
 
 
