@@ -1,4 +1,4 @@
-"""The fused CPU forward: a small C kernel (``scan_native.c``) built on first use and called through ctypes.
+"""The fused CPU scan, forward and backward: a small C kernel (``scan_native.c``) built on first use, called through ctypes.
 
 Why C: the chunked PyTorch path (:mod:`vim.kernels.scan_cpu`) runs dozens of eager operations over
 ``(L, dim, N)`` buffers and is bound by those memory passes; this kernel walks the sequence once
@@ -7,17 +7,17 @@ with the state in registers and never stores anything of size ``(L, dim, N)``.
 Building: the first call compiles the plain C source (no Python or PyTorch headers, about a
 second) with ``$CC`` or the first of ``cc``, ``gcc``, ``clang`` on PATH, tuned for this CPU, and caches
 the library under ``$VIM_KERNEL_CACHE`` (default ``~/.cache/vim-toolkit``), keyed by the source,
-the flags and the machine. Nothing is compiled at install time. Without a working compiler the
-forward falls back to the chunked path, with one warning.
+the flags and the machine. Nothing is compiled at install time. Without a working compiler both
+passes fall back to the chunked path, with one warning.
 
 Calling: the kernel reads the canonical tensors (:mod:`vim.kernels.scan_layout`) through their
-strides, so nothing is copied or transposed on the way in, and it writes the channels-last output
-and the checkpoints in place. It splits its work over ``torch.get_num_threads()`` threads of its own
+strides, so nothing is copied or transposed on the way in, and it writes the channels-last output,
+the checkpoints and the gradients in place. It splits its work over ``torch.get_num_threads()`` threads of its own
 (ctypes releases the GIL), so no second OpenMP runtime is loaded.
 
 Float64 input takes the chunked path (its arithmetic stays in float64); float16 and bfloat16 are
-widened to float32 first. The backward pass is the chunked path's (:func:`chunked_backward`), which
-recomputes the states itself.
+widened to float32 first. The backward pass recomputes the states chunk by chunk from the
+forward's checkpoints, as the Triton kernels do.
 """
 
 from __future__ import annotations
@@ -53,16 +53,24 @@ _library: ctypes.CDLL | None = None
 _unavailable: str | None = None
 
 
+POINTERS = (
+    "u", "delta", "z", "B", "C", "A", "D", "bias", "out", "checkpoints",
+    "dout", "du", "ddelta", "dz", "dB", "dC", "dA", "dD", "dbias",
+)  # fmt: skip
+"""The tensors of ScanArgs, in the order of its fields."""
+
+
 class ScanArgs(ctypes.Structure):
     """The kernel's argument block (``ScanArgs`` in scan_native.c): float32 pointers, strides in elements."""
 
     _fields_ = [
-        *((name, ctypes.c_int64) for name in ("length", "batch", "dim", "groups", "n_state", "directions", "chunk")),
+        *((name, ctypes.c_int64) for name in ("length", "batch", "dim", "groups", "n_state", "directions", "chunk", "threads")),
         ("reverse", ctypes.c_int64),
         ("delta_softplus", ctypes.c_int64),
-        *((name, ctypes.c_void_p) for name in ("u", "delta", "z", "B", "C", "A", "D", "bias", "out", "checkpoints")),
+        *((name, ctypes.c_void_p) for name in POINTERS),
         ("u_stride", ctypes.c_int64 * 4),
         ("delta_stride", ctypes.c_int64 * 4),
+        ("dout_stride", ctypes.c_int64 * 4),
         ("z_stride", ctypes.c_int64 * 3),
         ("B_stride", ctypes.c_int64 * 5),
         ("C_stride", ctypes.c_int64 * 5),
@@ -113,8 +121,9 @@ def _load() -> ctypes.CDLL | None:
             _unavailable = str(error)
             warnings.warn(f"vim.kernels: the fused CPU scan is unavailable, using the chunked path: {error}", stacklevel=3)
             return None
-        library.vim_scan_forward.restype = ctypes.c_int
-        library.vim_scan_forward.argtypes = [ctypes.POINTER(ScanArgs), ctypes.c_int]
+        for entry in (library.vim_scan_forward, library.vim_scan_backward):
+            entry.restype = ctypes.c_int
+            entry.argtypes = [ctypes.POINTER(ScanArgs)]
         _library = library
         return library
 
@@ -138,28 +147,102 @@ def _pointer(x: Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
+def _launch(
+    library: ctypes.CDLL, backward: bool, threads: int, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, **buffers
+):
+    """Run the kernel on the canonical inputs and ``buffers`` (float32, named as in ScanArgs) on up to ``threads`` threads."""
+    K, batch, dim, length = u.shape
+    tensors = dict(zip(("u", "delta", "z", "B", "C"), (_float32(x) for x in (u, delta, z, B, C))))
+    tensors |= dict(zip(("A", "D", "bias"), (_dense_float32(x) for x in (A, D, delta_bias))))
+    tensors |= {name: _float32(x) for name, x in buffers.items()}
+    strided = [name for name in ("u", "delta", "dout", "z", "B", "C") if tensors.get(name) is not None]
+    strides = {f"{name}_stride": tensors[name].stride() for name in strided}
+    args = ScanArgs(
+        length=length, batch=batch, dim=dim, groups=B.shape[2], n_state=A.shape[-1], directions=K, chunk=CHUNK_SIZE,
+        threads=threads, reverse=int(reverse), delta_softplus=int(delta_softplus),
+        **{name: _pointer(x) for name, x in tensors.items()}, **strides,
+    )  # fmt: skip
+    entry = library.vim_scan_backward if backward else library.vim_scan_forward
+    status = entry(ctypes.byref(args))
+    if status == -1:
+        raise ValueError(f"the fused CPU scan supports at most {MAX_STATE} states (scan_native.c's MAX_STATE)")
+    if status:
+        raise MemoryError("the fused CPU scan could not allocate its scratch buffers")
+
+
 def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
     """Forward pass in the canonical form (see scan_layout): ``out`` (K, batch, dim, L), ``checkpoints``."""
     library = None if u.dtype == torch.float64 else _load()
     if library is None:
         return chunked_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     K, batch, dim, length = u.shape
-    u32, delta32, z32, B32, C32 = (_float32(x) for x in (u, delta, z, B, C))
-    A32, D32, bias32 = (_dense_float32(x) for x in (A, D, delta_bias))
     out = empty_channels_last(K, batch, dim, length, like=u, dtype=torch.float32)
     checkpoints = u.new_empty(K, batch, num_chunks(length), dim, A.shape[-1], dtype=torch.float32)
-    args = ScanArgs(
-        length, batch, dim, B.shape[2], A.shape[-1], K, CHUNK_SIZE, int(reverse), int(delta_softplus),
-        *(_pointer(x) for x in (u32, delta32, z32, B32, C32, A32, D32, bias32, out, checkpoints)),
-        u32.stride(), delta32.stride(), z32.stride() if z is not None else (0, 0, 0), B32.stride(), C32.stride(),
+    _launch(
+        library,
+        False,
+        torch.get_num_threads(),
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        delta_softplus,
+        reverse,
+        out=out,
+        checkpoints=checkpoints,
+    )
+    return out.to(u.dtype), checkpoints
+
+
+def native_backward(
+    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints
+) -> tuple[Tensor, ...]:
+    """Backward pass in the canonical form (see scan_layout): (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias).
+
+    The states are recomputed chunk by chunk from the forward's float32 ``checkpoints``.
+    """
+    library = None if u.dtype == torch.float64 else _load()
+    if library is None:
+        return chunked_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, checkpoints)
+    K, batch, dim, length = u.shape
+    groups, n_state = B.shape[2], A.shape[-1]
+    threads = torch.get_num_threads()  # the sums of dB and dC are sized for it
+
+    def buffer(*shape: int) -> Tensor:
+        return u.new_empty(*shape, dtype=torch.float32)
+
+    def channels_last(*shape: int) -> Tensor:
+        return empty_channels_last(*shape, like=u, dtype=torch.float32)
+
+    grads = {
+        "du": channels_last(K, batch, dim, length),
+        "ddelta": channels_last(K, batch, dim, length),
+        "dz": None if z is None else channels_last(batch, dim, length),
+        "dB": buffer(threads, K, batch, groups, n_state, length),  # per thread, summed below
+        "dC": buffer(threads, K, batch, groups, n_state, length),
+        "dA": buffer(K, batch, dim, n_state),  # per batch element, summed below
+        "dD": None if D is None else buffer(K, batch, dim),
+        "dbias": None if delta_bias is None else buffer(K, batch, dim),
+    }
+    _launch(
+        library, True, threads, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+        checkpoints=checkpoints, dout=dout, **grads,
     )  # fmt: skip
-    status = library.vim_scan_forward(ctypes.byref(args), torch.get_num_threads())
-    if status == -1:
-        raise ValueError(f"the fused CPU scan supports at most {MAX_STATE} states (scan_native.c's MAX_STATE)")
-    if status:
-        raise MemoryError("the fused CPU scan could not allocate its scratch buffer")
-    return (out if u.dtype == torch.float32 else out.to(u.dtype)), checkpoints
 
+    def summed(name: str) -> Tensor:
+        return buffer(0) if grads[name] is None else grads[name].sum(1)
 
-native_backward = chunked_backward
-"""The backward pass: the chunked path's, which recomputes the states itself."""
+    return (
+        grads["du"].to(u.dtype),
+        grads["ddelta"].to(delta.dtype),
+        summed("dA"),
+        grads["dB"].sum(0).to(B.dtype),
+        grads["dC"].sum(0).to(C.dtype),
+        summed("dD"),
+        buffer(0) if z is None else grads["dz"].to(z.dtype),
+        summed("dbias"),
+    )

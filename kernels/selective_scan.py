@@ -14,8 +14,8 @@ contiguous ``(batch, L, dim)`` tensor, which is what a vision block produces. Ou
 gradients come back in that layout. Reversed scans read memory backwards: nothing is flipped.
 
 Backends: ``"triton"`` (CUDA; also runs on CPU tensors under ``TRITON_INTERPRET=1``),
-``"native"`` (the CPU fast path: a fused C forward built on first use, see :mod:`vim.kernels.scan_native`,
-with the chunked backward), ``"torch"`` (the chunked pure-PyTorch path, forward and backward),
+``"native"`` (the CPU fast path: a fused C kernel, forward and backward, built on first use, see
+:mod:`vim.kernels.scan_native`), ``"torch"`` (the chunked pure-PyTorch path, forward and backward),
 ``"reference"`` (the sequential definition, differentiated by autograd; slow, for debugging).
 ``"auto"`` picks Triton for CUDA tensors, "native" for CPU tensors where a C compiler is found, and
 the chunked path otherwise. Pass ``backend=`` or set the
@@ -272,7 +272,7 @@ def selective_scan(
         D, delta_bias: (dim,).
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state (batch, dim, N) float32 (not differentiable).
-        backend: "auto", "triton", "torch" or "reference" (default: ``$VIM_SCAN_BACKEND`` or auto).
+        backend: "auto", "triton", "native", "torch" or "reference" (default: ``$VIM_SCAN_BACKEND`` or auto).
 
     Returns:
         ``out`` (batch, dim, L) in ``u.dtype``, and the last state if asked for.

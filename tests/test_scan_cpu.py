@@ -70,9 +70,15 @@ CASES = [
 ]
 
 
+needs_compiler = pytest.mark.skipif(not scan_native.native_available(), reason="no C compiler to build the fused CPU scan")
+CPU_BACKENDS = ["torch", pytest.param("native", marks=needs_compiler)]
+"""The chunked PyTorch path and the fused C kernel: every CPU test below runs on both."""
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length, reverse, groups, optional, softplus", CASES)
-def test_forward_and_gradients_match_reference(dtype, length, reverse, groups, optional, softplus):
+def test_forward_and_gradients_match_reference(dtype, length, reverse, groups, optional, softplus, backend):
     inputs = make_inputs(length=length, groups=groups, dtype=dtype, seed=length)
     if not optional:
         inputs.update(D=None, z=None, delta_bias=None)
@@ -82,7 +88,7 @@ def test_forward_and_gradients_match_reference(dtype, length, reverse, groups, o
     dout = torch.randn(2, 8, length, generator=torch.Generator().manual_seed(1)).to(dtype).double()
 
     def fast(**x):
-        return selective_scan(**x, delta_softplus=softplus, reverse=reverse, backend="torch")
+        return selective_scan(**x, delta_softplus=softplus, reverse=reverse, backend=backend)
 
     def reference(**x):
         return selective_scan_ref(**x, delta_softplus=softplus, reverse=reverse)
@@ -114,7 +120,7 @@ def test_gradcheck_float64(reverse):
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bidirectional_matches_two_reference_scans(backend):
     inputs = make_inputs(state=64, length=90, groups=2, lead=(2,))  # N at its maximum, 64
     dout = torch.randn(2, 2, 8, 90, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -133,7 +139,7 @@ def test_bidirectional_matches_two_reference_scans(backend):
     assert_close_all(grads, ref_grads, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_long_sequence_with_fast_and_slow_decay_is_stable(reverse, backend):
     """L = 4096 with delta*|A| up to ~60 on half the states and ~1e-4 on the others: no underflow tricks.
@@ -162,7 +168,7 @@ def test_long_sequence_with_fast_and_slow_decay_is_stable(reverse, backend):
     assert_close_all(grads, ref_grads, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_checkpoints_hold_the_state_at_each_chunk_end(reverse, backend):
     length = 2 * CHUNK_SIZE + 13

@@ -1,4 +1,8 @@
-"""The fused C forward for CPU tensors (``backend="native"``) against the sequential reference."""
+"""The fused C kernel for CPU tensors (``backend="native"``) against the sequential reference.
+
+The CASES grid, bidirectional, long-sequence and checkpoint tests run it too (test_scan_cpu.py, for both CPU
+backends); here are the cases particular to the kernel: blocking of channels, memory layouts, dtypes, building.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +10,11 @@ import warnings
 
 import pytest
 import torch
-from test_scan_cpu import CASES, TOLERANCES, make_inputs
+from test_scan_cpu import TOLERANCES, assert_close_all, leaves, make_inputs, run_with_grads
 
 from vim.kernels import bidirectional_selective_scan, scan_cpu, scan_native, selective_scan, selective_scan_ref
 
 pytestmark = pytest.mark.skipif(not scan_native.native_available(), reason="no C compiler to build the fused CPU scan")
-
-
-def _flags(inputs: dict, optional: bool, softplus: bool) -> dict:
-    if not optional:
-        inputs.update(D=None, z=None, delta_bias=None)
-    if not softplus:  # keep delta + delta_bias positive, as softplus would
-        inputs["delta"] = inputs["delta"].abs()
-        inputs["delta_bias"] = None if inputs["delta_bias"] is None else inputs["delta_bias"].abs()
-    return inputs
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length, reverse, groups, optional, softplus", CASES)
-def test_forward_matches_reference(dtype, length, reverse, groups, optional, softplus):
-    inputs = _flags(make_inputs(length=length, groups=groups, dtype=dtype, seed=length), optional, softplus)
-    out, last = selective_scan(**inputs, delta_softplus=softplus, reverse=reverse, return_last_state=True, backend="native")
-    ref, ref_last = selective_scan_ref(
-        **{k: None if v is None else v.double() for k, v in inputs.items()},
-        delta_softplus=softplus, reverse=reverse, return_last_state=True,
-    )  # fmt: skip
-    assert out.dtype == dtype and out.stride(1) == 1, "output must be channels-last in the input dtype"
-    torch.testing.assert_close(out.double(), ref, **TOLERANCES[dtype])
-    torch.testing.assert_close(last.double(), ref_last, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize(
@@ -41,15 +22,35 @@ def test_forward_matches_reference(dtype, length, reverse, groups, optional, sof
     [
         (2, 32, 16, None),  # the specialised kernel: N = 16, whole blocks of 16 channels
         (3, 24, 16, None),  # a full and a partial block of channels in each batch element
-        (2, 48, 16, 3),  # groups of B and C inside one block of channels
+        (2, 48, 16, 3),  # three groups of B and C, one full block each
+        (1, 36, 8, 3),  # groups of 12 channels: one partial block each
         (1, 20, 64, None),  # the largest state
     ],
 )
-def test_row_blocking_matches_reference(batch, dim, state, groups):
+def test_channel_blocking_matches_reference(batch, dim, state, groups):
     inputs = make_inputs(batch=batch, dim=dim, state=state, length=37, groups=groups, seed=dim)
-    out = selective_scan(**inputs, delta_softplus=True, backend="native")
-    ref = selective_scan_ref(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
+    dout = torch.randn(batch, dim, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out, grads = run_with_grads(lambda **x: selective_scan(**x, delta_softplus=True, backend="native"), leaves(inputs), dout)
+    ref, ref_grads = run_with_grads(lambda **x: selective_scan_ref(**x, delta_softplus=True), leaves(inputs, torch.float64), dout)
     torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float32])
+    assert_close_all(grads, ref_grads, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_any_thread_count_matches_reference(threads):
+    """The channels are split over torch's thread count (more threads than blocks included); the per-thread
+    sums of dB and dC add up to the whole."""
+    inputs = make_inputs(batch=2, dim=48, state=16, length=45, groups=None, seed=12)
+    dout = torch.randn(2, 48, 45, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, grads = run_with_grads(lambda **x: selective_scan(**x, delta_softplus=True, backend="native"), leaves(inputs), dout)
+    finally:
+        torch.set_num_threads(before)
+    ref, ref_grads = run_with_grads(lambda **x: selective_scan_ref(**x, delta_softplus=True), leaves(inputs, torch.float64), dout)
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float32])
+    assert_close_all(grads, ref_grads, **TOLERANCES[torch.float32])
 
 
 def _layouts(inputs: dict) -> dict[str, dict]:
@@ -74,20 +75,26 @@ def _layouts(inputs: dict) -> dict[str, dict]:
 @pytest.mark.parametrize("groups", [None, 2])
 def test_every_memory_layout_matches_reference_both_directions(groups):
     """Both directions in one call (dim 40: two full blocks of 16 channels and a partial one; groups of 20
-    make the middle block straddle two groups), for channels-last, contiguous and strided inputs."""
+    give each group a full and a partial block), for channels-last, contiguous and strided inputs, gradients too."""
     inputs = make_inputs(batch=2, dim=40, state=16, length=70, groups=groups, lead=(2,), seed=11)
-    reference = {k: v.double() for k, v in inputs.items()}
-    expected = torch.stack(
-        [
-            selective_scan_ref(
-                **{k: v if k == "z" else v[direction] for k, v in reference.items()}, delta_softplus=True, reverse=direction == 1
-            )
-            for direction in range(2)
-        ]
-    )
+    dout = torch.randn(2, 2, 40, 70, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def reference(u, delta, A, B, C, D, z, delta_bias):
+        return torch.stack([
+            selective_scan_ref(u[k], delta[k], A[k], B[k], C[k], D[k], z, delta_bias[k], True, reverse=k == 1)
+            for k in range(2)
+        ])  # fmt: skip
+
+    expected, expected_grads = run_with_grads(reference, leaves(inputs, torch.float64), dout)
     for layout, tensors in _layouts(inputs).items():
-        out = bidirectional_selective_scan(**tensors, delta_softplus=True, backend="native")
+        out, grads = run_with_grads(
+            lambda **x: bidirectional_selective_scan(**x, delta_softplus=True, backend="native"), leaves(tensors), dout
+        )
         torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32], msg=lambda m, n=layout: f"{n}: {m}")
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(
+                grads[name].double(), grad, **TOLERANCES[torch.float32], msg=lambda m, n=layout, g=name: f"{n}, d{g}: {m}"
+            )
 
 
 def test_half_precision_is_widened_to_float32():
@@ -127,6 +134,11 @@ def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):
     expected, expected_checkpoints = scan_cpu.chunked_forward(*canonical)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(checkpoints, expected_checkpoints)
+    dout = torch.randn_like(out)
+    for grad, expected_grad in zip(
+        scan_native.native_backward(dout, *canonical, checkpoints), scan_cpu.chunked_backward(dout, *canonical, checkpoints)
+    ):
+        torch.testing.assert_close(grad, expected_grad)
     assert not scan_native.native_available()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
