@@ -318,8 +318,27 @@ static void *work(void *arg) {
     return NULL;
 }
 
-/* Every job on up to args->threads threads, the caller's among them; a thread that cannot be started has
- * its share done by the caller. Returns 0; -1 if N is over MAX_STATE; -2 if memory ran out. */
+#ifdef _OPENMP
+/* Built with -fopenmp against the libgomp torch has loaded: the jobs run on torch's own thread pool. */
+static void start_workers(Worker *workers, int64_t threads) {
+#pragma omp parallel for num_threads((int)threads) schedule(static, 1)
+    for (int64_t i = 0; i < threads; i++) work(&workers[i]);
+}
+#else
+/* Threads of our own, the caller's among them; a thread that cannot be started has its share done by the caller. */
+static void start_workers(Worker *workers, int64_t threads) {
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, work, &workers[i]) == 0;
+    work(&workers[0]);
+    for (int64_t i = 1; i < threads; i++) {
+        if (started[i]) pthread_join(ids[i], NULL);
+        else work(&workers[i]);
+    }
+}
+#endif
+
+/* Every job on up to args->threads threads. Returns 0; -1 if N is over MAX_STATE; -2 if memory ran out. */
 static int run(const ScanArgs *args, int backward) {
     if (args->n_state > MAX_STATE) return -1;
     const int64_t jobs = args->batch * args->groups * blocks_per_group(args);
@@ -331,17 +350,10 @@ static int run(const ScanArgs *args, int backward) {
     int64_t threads = args->threads < jobs ? args->threads : jobs;
     threads = threads > MAX_THREADS ? MAX_THREADS : threads < 1 ? 1 : threads;
     Worker workers[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int i = 0; i < threads; i++) workers[i] = (Worker){args, i, jobs * i / threads, jobs * (i + 1) / threads, backward, 0};
-    for (int i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, work, &workers[i]) == 0;
-    work(&workers[0]);
-    int status = workers[0].status;
-    for (int i = 1; i < threads; i++) {
-        if (started[i]) pthread_join(ids[i], NULL);
-        else work(&workers[i]);
-        status = status ? status : workers[i].status;
-    }
+    for (int64_t i = 0; i < threads; i++) workers[i] = (Worker){args, i, jobs * i / threads, jobs * (i + 1) / threads, backward, 0};
+    start_workers(workers, threads);
+    int status = 0;
+    for (int64_t i = 0; i < threads; i++) status = status ? status : workers[i].status;
     return status;
 }
 

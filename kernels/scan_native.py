@@ -12,8 +12,9 @@ passes fall back to the chunked path, with one warning.
 
 Calling: the kernel reads the canonical tensors (:mod:`vim.kernels.scan_layout`) through their
 strides, so nothing is copied or transposed on the way in, and it writes the channels-last output,
-the checkpoints and the gradients in place. It splits its work over ``torch.get_num_threads()`` threads of its own
-(ctypes releases the GIL), so no second OpenMP runtime is loaded.
+the checkpoints and the gradients in place. It splits its work over ``torch.get_num_threads()`` threads (ctypes releases the GIL):
+those of torch's own OpenMP pool where torch runs on libgomp (the kernel is linked against that very
+library, so no second runtime is loaded), else threads of its own.
 
 Float64 input takes the chunked path (its arithmetic stays in float64); float16 and bfloat16 are
 widened to float32 first. The backward pass recomputes the states chunk by chunk from the
@@ -26,6 +27,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -42,12 +44,6 @@ from .scan_layout import CHUNK_SIZE, MAX_STATE, empty_channels_last, num_chunks
 __all__ = ["native_available", "native_backward", "native_forward"]
 
 SOURCE = Path(__file__).with_name("scan_native.c")
-FLAG_SETS = (
-    ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-pthread"),
-    ("-O3", "-ffast-math", "-shared", "-fPIC", "-pthread"),
-)
-"""Compiler flags to try in order: tuned for this CPU first, then portable."""
-
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _unavailable: str | None = None
@@ -86,24 +82,55 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("VIM_KERNEL_CACHE", Path.home() / ".cache" / "vim-toolkit"))
 
 
-def _build(compiler: str) -> Path:
-    """Compile the kernel (or find it in the cache); the library's path."""
+def _loaded_libraries() -> list[str]:
+    """Paths of the shared libraries loaded in this process (empty where /proc is missing)."""
+    maps = Path("/proc/self/maps")
+    return [line.rsplit(" ", 1)[-1] for line in maps.read_text().splitlines()] if maps.exists() else []
+
+
+def _torch_libgomp() -> str | None:
+    """The GNU OpenMP runtime torch runs its intra-op threads on (Linux wheels ship one), or None."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    runtimes = sorted({path for path in _loaded_libraries() if re.fullmatch(r"libgomp[\w.-]*\.so[\d.]*", Path(path).name)})
+    package = Path(torch.__file__).resolve().parent
+    shipped = [path for path in runtimes if Path(path).resolve().parent in (package / "lib", package.parent / "torch.libs")]
+    # torch's own copy; else the only one loaded (a system torch linked against the system's libgomp)
+    return shipped[0] if shipped else runtimes[0] if len(runtimes) == 1 else None
+
+
+def _variants() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(compile flags, link flags) to try in order.
+
+    First, where torch runs on libgomp, an OpenMP build linked against that very library, so that the
+    kernel's threads are torch's own pool (threads of our own would compete with torch's OpenMP workers,
+    which spin for a while after each operation); then our own threads, tuned for this CPU; then portable.
+    """
+    tuned = ("-O3", "-march=native", "-ffast-math", "-fPIC")
+    libgomp = _torch_libgomp()
+    openmp = [((*tuned, "-fopenmp"), (libgomp,))] if libgomp else []
+    return [*openmp, ((*tuned, "-pthread"), ("-pthread",)), (("-O3", "-ffast-math", "-fPIC", "-pthread"), ("-pthread",))]
+
+
+def _build(compiler: str, compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> Path:
+    """Compile and link the kernel (or find it in the cache); the library's path. RuntimeError if the compiler fails."""
     source = SOURCE.read_bytes()
-    errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(source + repr((flags, compiler, platform.machine(), platform.processor())).encode())
-        target = _cache_dir() / f"scan_native-{key.hexdigest()[:20]}.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
-            if result.returncode == 0:
-                os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
-                return target
-            errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-500:]}")
-    raise RuntimeError("compiling scan_native.c failed:\n" + "\n".join(errors))
+    key = hashlib.sha256(source + repr((compile_flags, link_flags, compiler, platform.machine(), platform.processor())).encode())
+    target = _cache_dir() / f"scan_native-{key.hexdigest()[:20]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built, objects = Path(scratch) / target.name, Path(scratch) / "scan_native.o"
+        for command in (
+            [compiler, *compile_flags, "-c", str(SOURCE), "-o", str(objects)],
+            [compiler, "-shared", str(objects), *link_flags, "-lm", "-o", str(built)],
+        ):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
+    return target
 
 
 def _load() -> ctypes.CDLL | None:
@@ -113,13 +140,17 @@ def _load() -> ctypes.CDLL | None:
         if _library is not None or _unavailable is not None:
             return _library
         compiler = _compiler()
-        try:
-            if compiler is None:
-                raise RuntimeError("no C compiler found (set $CC, or install gcc or clang)")
-            library = ctypes.CDLL(str(_build(compiler)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            _unavailable = str(error)
-            warnings.warn(f"vim.kernels: the fused CPU scan is unavailable, using the chunked path: {error}", stacklevel=3)
+        errors = [] if compiler else ["no C compiler found (set $CC, or install gcc or clang)"]
+        library = None
+        for flags in _variants() if compiler else []:
+            try:
+                library = ctypes.CDLL(str(_build(compiler, *flags)))
+                break
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                errors.append(str(error))
+        if library is None:
+            _unavailable = "\n".join(errors)
+            warnings.warn(f"vim.kernels: the fused CPU scan is unavailable, using the chunked path: {_unavailable}", stacklevel=3)
             return None
         for entry in (library.vim_scan_forward, library.vim_scan_backward):
             entry.restype = ctypes.c_int

@@ -1,4 +1,7 @@
-"""The chunked PyTorch selective scan (``backend="torch"``) against the sequential reference."""
+"""The CPU selective scans against the sequential reference.
+
+Both CPU backends run here: the chunked PyTorch path (``backend="torch"``) and the fused C kernel (``"native"``).
+"""
 
 from __future__ import annotations
 
@@ -53,6 +56,14 @@ def run_with_grads(fn, inputs: dict, dout: torch.Tensor) -> tuple[torch.Tensor, 
 def assert_close_all(actual: dict, expected: dict, **tol) -> None:
     for name in expected:
         torch.testing.assert_close(actual[name].double(), expected[name].double(), **tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def two_reference_scans(u, delta, A, B, C, D, z, delta_bias) -> torch.Tensor:
+    """A bidirectional scan (inputs stacked on a leading axis of 2, softplus on) as two sequential reference scans."""
+    return torch.stack([
+        selective_scan_ref(u[k], delta[k], A[k], B[k], C[k], D[k], z, delta_bias[k], True, reverse=k == 1)
+        for k in range(2)
+    ])  # fmt: skip
 
 
 CASES = [
@@ -125,16 +136,10 @@ def test_bidirectional_matches_two_reference_scans(backend):
     inputs = make_inputs(state=64, length=90, groups=2, lead=(2,))  # N at its maximum, 64
     dout = torch.randn(2, 2, 8, 90, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
-    def reference(u, delta, A, B, C, D, z, delta_bias):
-        return torch.stack([
-            selective_scan_ref(u[k], delta[k], A[k], B[k], C[k], D[k], z, delta_bias[k], True, reverse=k == 1)
-            for k in range(2)
-        ])  # fmt: skip
-
     out, grads = run_with_grads(
         lambda **x: bidirectional_selective_scan(**x, delta_softplus=True, backend=backend), leaves(inputs), dout
     )
-    ref_out, ref_grads = run_with_grads(reference, leaves(inputs, torch.float64), dout)
+    ref_out, ref_grads = run_with_grads(two_reference_scans, leaves(inputs, torch.float64), dout)
     torch.testing.assert_close(out.double(), ref_out, **TOLERANCES[torch.float32])
     assert_close_all(grads, ref_grads, **TOLERANCES[torch.float32])
 

@@ -7,10 +7,11 @@ backends); here are the cases particular to the kernel: blocking of channels, me
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from test_scan_cpu import TOLERANCES, assert_close_all, leaves, make_inputs, run_with_grads
+from test_scan_cpu import TOLERANCES, assert_close_all, leaves, make_inputs, run_with_grads, two_reference_scans
 
 from vim.kernels import bidirectional_selective_scan, scan_cpu, scan_native, selective_scan, selective_scan_ref
 
@@ -79,13 +80,7 @@ def test_every_memory_layout_matches_reference_both_directions(groups):
     inputs = make_inputs(batch=2, dim=40, state=16, length=70, groups=groups, lead=(2,), seed=11)
     dout = torch.randn(2, 2, 40, 70, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
-    def reference(u, delta, A, B, C, D, z, delta_bias):
-        return torch.stack([
-            selective_scan_ref(u[k], delta[k], A[k], B[k], C[k], D[k], z, delta_bias[k], True, reverse=k == 1)
-            for k in range(2)
-        ])  # fmt: skip
-
-    expected, expected_grads = run_with_grads(reference, leaves(inputs, torch.float64), dout)
+    expected, expected_grads = run_with_grads(two_reference_scans, leaves(inputs, torch.float64), dout)
     for layout, tensors in _layouts(inputs).items():
         out, grads = run_with_grads(
             lambda **x: bidirectional_selective_scan(**x, delta_softplus=True, backend="native"), leaves(tensors), dout
@@ -145,9 +140,50 @@ def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):
         scan_native.native_forward(*canonical)  # no second warning
 
 
+def test_build_on_its_own_threads_matches_reference(monkeypatch, tmp_path):
+    """The build without OpenMP (where torch does not run on libgomp) starts threads of its own."""
+    monkeypatch.setattr(scan_native, "_library", None)
+    monkeypatch.setattr(scan_native, "_unavailable", None)
+    monkeypatch.setattr(scan_native, "_variants", lambda: [(("-O2", "-fPIC", "-pthread"), ("-pthread",))])
+    monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))
+    inputs = make_inputs(batch=3, dim=40, state=16, length=70, lead=(2,), seed=13)
+    dout = torch.randn(2, 3, 40, 70, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out, grads = run_with_grads(
+            lambda **x: bidirectional_selective_scan(**x, delta_softplus=True, backend="native"), leaves(inputs), dout
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert scan_native._library is not None, "the pthread build must load"
+    expected, expected_grads = run_with_grads(two_reference_scans, leaves(inputs, torch.float64), dout)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+    assert_close_all(grads, expected_grads, **TOLERANCES[torch.float32])
+
+
 def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))
-    first = scan_native._build(scan_native._compiler())
+    flags = scan_native._variants()[-1]  # the portable build
+    first = scan_native._build(scan_native._compiler(), *flags)
     assert first.parent == tmp_path and first.suffix == ".so"
-    assert scan_native._build(scan_native._compiler()) == first
+    assert scan_native._build(scan_native._compiler(), *flags) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name], "no scratch files are left behind"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to list the loaded libraries")
+def test_kernel_adds_no_openmp_runtime(monkeypatch, tmp_path):
+    """Where torch runs on libgomp the kernel is linked against that same library: no second runtime is loaded."""
+    monkeypatch.setattr(scan_native, "_library", None)
+    monkeypatch.setattr(scan_native, "_unavailable", None)
+    monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))
+
+    def runtimes() -> set[str]:
+        return {path for path in scan_native._loaded_libraries() if "gomp" in Path(path).name or "libomp" in Path(path).name}
+
+    before = runtimes()
+    assert scan_native._load() is not None
+    assert runtimes() == before
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert scan_native._torch_libgomp() in before, "torch's OpenMP runtime was not found"
