@@ -1,11 +1,13 @@
 """Benchmark the selective scan: forward and forward+backward time per backend and sequence length.
 
-Writes ``benchmarks/scan_<device>.json`` and ``.md`` with the machine, versions and date. On a GPU it
+Writes ``benchmarks/scan_<device>.json``, ``.md`` and ``.png`` (time against sequence length) with
+the machine, versions and date. On a GPU it
 also measures the device-to-device copy bandwidth and reports each Triton run as effective GB/s and
 as a fraction of that roofline; if mamba_ssm is importable its CUDA ``selective_scan_fn`` is timed too.
 
     python tools/bench_scan.py                      # GPU: triton (+ mamba_ssm); CPU: native, torch, reference
     python tools/bench_scan.py --lengths 197 1024 --batch 2 --backends torch reference
+    python tools/bench_scan.py --replot benchmarks/scan_cpu.json   # redraw the plot of an earlier run
 """
 
 from __future__ import annotations
@@ -109,7 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", default=None)
     parser.add_argument("--max-reference-length", type=int, default=1024, help="the sequential reference is slow")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--replot", type=Path, default=None, help="only redraw the plot of this results JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        plot(args.replot.with_suffix(".png"), saved["meta"], saved["results"])
+        return
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -188,7 +195,34 @@ def write_results(folder: Path, device: str, meta: dict, rows: list[dict]) -> No
         cells = (row.get(column, "") for column in columns)
         lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in cells) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(stem.with_suffix(".png"), meta, rows)
     print("\n".join(lines))
+
+
+def plot(path: Path, meta: dict, rows: list[dict]) -> None:
+    """Forward and forward+backward time against sequence length, one line per backend, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, phase in zip(axes, ("forward", "forward_backward")):
+        for backend in dict.fromkeys(row["backend"] for row in rows):
+            points = sorted((row["length"], row[f"{phase}_ms"]) for row in rows if row["backend"] == backend)
+            ax.plot(*zip(*points), marker="o", label=backend)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(phase.replace("_", " + "))
+        ax.set_xlabel("sequence length L")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time (ms)")
+    axes[0].legend()
+    shape = f"dim {meta['dim']}, N {meta['state']}, batch {meta['batch']}, {meta['dtype']}"
+    fig.suptitle(f"selective scan, {shape} · {meta['device']} · {meta['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
