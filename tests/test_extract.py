@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -117,6 +119,31 @@ def test_images_against_the_model(tmp_path):
     assert names == [str(folder / f"{i}.png") for i in range(3)]
     np.testing.assert_allclose(features, expected.numpy(), rtol=1e-4, atol=1e-4)
     assert [Path(f["input"]).name for f in manifest["failed"]] == ["broken.png"]
+
+
+def test_images_need_no_pyav(tmp_path):
+    """Without PyAV, image features are still extracted; a video file then names the missing package."""
+    _, weights = saved_model(tmp_path, "test_vim")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(RNG.integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 64)
+    script = f"""
+import sys
+sys.modules["av"] = None  # as if PyAV were not installed: importing it raises ImportError
+from vim.extraction import extract
+from vim.data.video import open_frames
+print(extract("test_vim", {str(folder)!r}, {str(tmp_path / "out")!r}, checkpoint={weights!r}, progress=False)["num_rows"])
+try:
+    open_frames({str(tmp_path / "clip.mp4")!r})
+except ImportError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows, message = result.stdout.strip().splitlines()[-2:]
+    assert rows == "2" and "needs PyAV" in message
 
 
 def test_video_against_the_model(tmp_path):

@@ -37,9 +37,8 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import av
 import numpy as np
 import torch
 from PIL import Image
@@ -50,6 +49,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageDataModule, find_classes, read_rgb
 from vim.data.sampling import SampleKey, seed_everything_from
+
+if TYPE_CHECKING:
+    import av  # imported on first use (see _pyav): only video files need it
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".ts")
 VARIABLE_RATE_TOLERANCE = 0.5
@@ -134,12 +136,33 @@ def is_variable_frame_rate(timestamps: Sequence[int | None]) -> bool:
     return bool(np.abs(durations - median).max() > VARIABLE_RATE_TOLERANCE * median)
 
 
+def _pyav():
+    """PyAV, imported on first use: video files need it, frame folders (and images, points) do not."""
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError("reading video files needs PyAV: pip install av, or the toolkit's 'data' extra") from error
+    return av
+
+
+def read_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean a clip cannot be read: PyAV's own among them where PyAV is installed."""
+    errors: tuple[type[Exception], ...] = (VideoReadError, OSError, ValueError)
+    try:
+        import av
+    except ImportError:
+        return errors
+    return (*errors, av.FFmpegError)
+
+
 def decode_video(path: str) -> Frames:
     """Decode every frame of the first video stream of ``path`` with PyAV.
 
     Raises:
         VideoReadError: the file cannot be opened, has no video stream, or gives no frame.
+        ImportError: PyAV is not installed.
     """
+    av = _pyav()
     try:
         container = av.open(path)
     except (av.FFmpegError, OSError, ValueError) as error:
@@ -383,7 +406,7 @@ class VideoClips(Dataset):
             if isinstance(key, SampleKey):
                 seed_everything_from(key.seed)
             views = [self._view(frames, clip) for clip in range(1 if self.train else self.num_clips)]
-        except (VideoReadError, av.FFmpegError, OSError, ValueError) as error:
+        except read_errors() as error:
             return UnreadableClip(path, f"{type(error).__name__}: {error}")
         clip = views[0] if len(views) == 1 else torch.cat(views)  # test: (clips x crops, 3, T, S, S)
         return LoadedClip(clip, target, path, tuple(frames.notes) + self._size_notes(frames))
