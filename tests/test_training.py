@@ -124,6 +124,36 @@ def test_optimizer_groups_schedule_and_ema(tmp_path):
         torch.testing.assert_close(value, ema[key], rtol=1e-5, atol=1e-6)
 
 
+def test_layer_decay_scales_each_layers_learning_rate(tmp_path):
+    """Vim with 4 blocks and layer_decay 0.5: stem at lr * 0.5^5, block i (and norm_f with the last) at lr * 0.5^(4 - i),
+    the head at lr; one schedule scales them all."""
+    seed_everything(0)
+    module = ImageClassifier("test_vim", num_classes=3, img_size=16, lr=1e-2, warmup_epochs=0.5, min_lr=1e-4, layer_decay=0.5)
+    trainer = tiny_trainer(tmp_path, enable_checkpointing=False, max_epochs=1)
+    trainer.fit(module, tiny_data(write_tree(tmp_path / "train")))
+
+    def expected_scale(name: str) -> float:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            return 0.5**5
+        if name.startswith("layers."):
+            return 0.5 ** (4 - int(name.split(".")[1]))
+        if name.startswith("norm_f"):  # grouped with the last block, as timm groups ViT's final norm
+            return 0.5
+        assert name.startswith("head"), name
+        return 1.0
+
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    groups = trainer.optimizers[0].param_groups
+    for group in groups:
+        for p in group["params"]:
+            assert group["initial_lr"] == pytest.approx(1e-2 * expected_scale(names[id(p)])), names[id(p)]
+    factors = [group["lr"] / group["initial_lr"] for group in groups]
+    assert factors == pytest.approx([factors[0]] * len(groups)) and factors[0] < 1, "one schedule for every layer"
+    assert sorted({round(group["initial_lr"] / 1e-2, 6) for group in groups}) == sorted(round(0.5**k, 6) for k in range(6))
+    with pytest.raises(ValueError, match="layer_decay must lie in"):
+        ImageClassifier("test_vim", num_classes=3, layer_decay=1.5)
+
+
 def test_atomic_save_keeps_the_previous_file_when_saving_fails(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, path)

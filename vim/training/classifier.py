@@ -85,6 +85,10 @@ class Classifier(LightningModule):
         drop_path_rate: stochastic depth rate.
         lr: peak learning rate (after any batch-size scaling).
         weight_decay: AdamW weight decay (not applied to 1-D parameters and ``no_weight_decay()``).
+        layer_decay: layer-wise learning-rate decay (e.g. 0.75, as VideoMamba fine-tunes): the head trains at
+            ``lr``, the last block (with the final norm, as timm groups it) at ``lr * layer_decay``, each block
+            below at ``layer_decay`` times the one above, the patch and position embeddings lowest. Layers come
+            from the model's ``group_matcher`` through timm's optimizer factory. None: one rate for all.
         warmup_epochs: linear warmup length in epochs (fractions allowed).
         warmup_lr: learning rate at step 0.
         min_lr: learning rate at the end of the cosine.
@@ -103,6 +107,7 @@ class Classifier(LightningModule):
         drop_path_rate: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
+        layer_decay: float | None = None,
         warmup_epochs: float = 5.0,
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
@@ -123,7 +128,9 @@ class Classifier(LightningModule):
             warmup_lr,
             min_lr,
         )
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.layer_decay = label_smoothing, layer_decay
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
         self.model = self.build_model()
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay is not None else None
         if self.ema is not None:
@@ -190,7 +197,11 @@ class Classifier(LightningModule):
 
     # ----------------------------------------------------------------------------------------- training
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = create_optimizer_v2(self.model, opt="adamw", lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = create_optimizer_v2(
+            self.model, opt="adamw", lr=self.lr, weight_decay=self.weight_decay, layer_decay=self.layer_decay
+        )
+        for group in optimizer.param_groups:  # timm leaves a layer's scale to its own schedulers; LambdaLR needs it in lr
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
         total_steps = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = -(-self.train_batches_per_epoch() // self.trainer.accumulate_grad_batches)
         warmup_steps = min(round(self.warmup_epochs * steps_per_epoch), total_steps)
