@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import warnings
@@ -175,3 +176,26 @@ def test_test_views_are_clips_times_crops(tmp_path):
     pixel = (batch.clips[0, :, :, :, 16, 16] * std + mean) * 255  # (views, 3, T)
     expected_frames = [segment_indices(9, 4, clip=0, num_clips=2)] * 3 + [segment_indices(9, 4, clip=1, num_clips=2)] * 3
     torch.testing.assert_close(pixel[:, 0].round(), 10 + 12 * torch.tensor(expected_frames, dtype=torch.float32), atol=4, rtol=0)
+
+
+def test_repeated_augmentation_gives_views_of_one_segment_sample(tmp_path):
+    """repeated_aug 3: each video is sampled once in time and augmented three times; the batch holds 3 rows per video."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_video(tmp_path / name / "v.mp4", gray_frames(17))
+    data = VideoClipDataModule(num_frames=4, train_root=str(tmp_path), img_size=16, batch_size=2, num_workers=0, repeated_aug=3)
+    data.setup("fit")
+    train = data.datasets["train"]
+    calls = itertools.count()
+    train.transform = lambda video: ToClip()(video) + next(calls) % 3  # view k of a video: brightness + k
+    batch = data.collate_fn([train[0], train[1]])
+    assert batch.clips.shape == (6, 3, 4, 32, 32) and batch.targets.tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch.paths == [str(tmp_path / "a" / "v.mp4")] * 3 + [str(tmp_path / "b" / "v.mp4")] * 3
+    for video in batch.clips.view(2, 3, 3, 4, 32, 32):  # (views, 3, T, H, W)
+        brightness = video.float().mean(dim=(1, 3, 4))  # (views, T)
+        expected = brightness[0] + torch.arange(3.0)[:, None]  # the same frames, each view augmented on its own
+        torch.testing.assert_close(brightness, expected)
+    with pytest.raises(ValueError, match="repeated_aug must be at least 1"):
+        VideoClipDataModule(train_root=str(tmp_path), repeated_aug=0)
+    with pytest.raises(ValueError, match="train=True"):
+        VideoClips([], num_frames=4, transform=ToClip(), repeats=2)

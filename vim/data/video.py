@@ -70,12 +70,15 @@ class UnreadableClip(NamedTuple):
 
 
 class LoadedClip(NamedTuple):
-    """One transformed sample: ``clip`` (3, T, H, W), or (V, 3, T, H, W) for several test views; its class and notes."""
+    """One transformed sample: ``clip`` (3, T, H, W), or (V, 3, T, H, W) for several test views or ``repeats``
+    training views; its class and notes."""
 
     clip: torch.Tensor
     target: int
     path: str
     notes: tuple[str, ...]
+    repeats: int = 1
+    """Training views of the same frames stacked on the clip's first axis (repeated augmentation); 1: none."""
 
 
 class ClipBatch(NamedTuple):
@@ -377,6 +380,8 @@ class VideoClips(Dataset):
         train: random segment offsets (else fixed, ``num_clips`` clips).
         num_clips: temporal clips per video at evaluation.
         min_image_size: frames with a shorter side below this are reported.
+        repeats: training only: augment the frames of one segment sample this many times (VideoMamba's
+            ``num_sample``, repeated augmentation): the video is decoded once and gives ``repeats`` clips.
 
     Indexed by an int or a :class:`~vim.data.sampling.SampleKey` (whose seed fixes the sample's randomness).
     Returns :class:`LoadedClip`, or :class:`UnreadableClip` for a file that gives no frame.
@@ -390,10 +395,13 @@ class VideoClips(Dataset):
         train: bool = False,
         num_clips: int = 1,
         min_image_size: int = 0,
+        repeats: int = 1,
     ) -> None:
+        if repeats < 1 or (repeats > 1 and not train):
+            raise ValueError(f"repeats={repeats}: repeated augmentation needs repeats >= 1, and train=True when above 1")
         self.samples = list(samples)
         self.num_frames, self.transform, self.train, self.num_clips = num_frames, transform, train, num_clips
-        self.min_image_size = min_image_size
+        self.min_image_size, self.repeats = min_image_size, repeats
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -405,17 +413,22 @@ class VideoClips(Dataset):
             frames = open_frames(path)
             if isinstance(key, SampleKey):
                 seed_everything_from(key.seed)
-            views = [self._view(frames, clip) for clip in range(1 if self.train else self.num_clips)]
+            if self.train:  # one segment sample, augmented `repeats` times
+                video = frames.take(segment_indices(len(frames), self.num_frames, random))
+                views = [self._transformed(video) for _ in range(self.repeats)]
+                clip = views[0] if self.repeats == 1 else torch.stack(views)  # repeats: (R, 3, T, S, S)
+            else:
+                indices = (segment_indices(len(frames), self.num_frames, None, i, self.num_clips) for i in range(self.num_clips))
+                views = [self._transformed(frames.take(clip_indices)) for clip_indices in indices]
+                clip = views[0] if len(views) == 1 else torch.cat(views)  # test: (clips x crops, 3, T, S, S)
         except read_errors() as error:
             return UnreadableClip(path, f"{type(error).__name__}: {error}")
-        clip = views[0] if len(views) == 1 else torch.cat(views)  # test: (clips x crops, 3, T, S, S)
-        return LoadedClip(clip, target, path, tuple(frames.notes) + self._size_notes(frames))
+        return LoadedClip(clip, target, path, tuple(frames.notes) + self._size_notes(frames), self.repeats)
 
-    def _view(self, frames: Frames, clip: int) -> torch.Tensor:
-        rng = random if self.train else None
-        indices = segment_indices(len(frames), self.num_frames, rng, clip, self.num_clips)
-        video = self.transform(tv_tensors.Video(frames.take(indices)))
-        return torch.cat(video) if isinstance(video, list) else video  # crops: (V, 3, T, H, W) per clip
+    def _transformed(self, video: torch.Tensor) -> torch.Tensor:
+        """(T, 3, H, W) uint8 frames through the transform: (3, T, S, S), or (V, 3, T, S, S) for test crops."""
+        out = self.transform(tv_tensors.Video(video))
+        return torch.cat(out) if isinstance(out, list) else out
 
     def _size_notes(self, frames: Frames) -> tuple[str, ...]:
         notes = []
@@ -428,13 +441,17 @@ class VideoClips(Dataset):
 
 
 def collate_clips(samples: Sequence[LoadedClip | UnreadableClip]) -> ClipBatch:
-    """Stack the readable samples into a :class:`ClipBatch`; unreadable ones are listed in ``skipped``."""
+    """Stack the readable samples into a :class:`ClipBatch`; unreadable ones are listed in ``skipped``.
+
+    A sample with ``repeats`` training views gives that many rows (its target and path repeated).
+    """
     loaded = [s for s in samples if isinstance(s, LoadedClip)]
-    clips = torch.stack([s.clip for s in loaded]) if loaded else torch.empty(0, 3, 0, 0, 0)
+    rows = [(clip, s) for s in loaded for clip in (s.clip.unbind(0) if s.repeats > 1 else (s.clip,))]
+    clips = torch.stack([clip for clip, _ in rows]) if rows else torch.empty(0, 3, 0, 0, 0)
     return ClipBatch(
         clips,
-        torch.tensor([s.target for s in loaded], dtype=torch.long),
-        [s.path for s in loaded],
+        torch.tensor([s.target for _, s in rows], dtype=torch.long),
+        [s.path for _, s in rows],
         [s for s in samples if isinstance(s, UnreadableClip)],
         [(s.path, note) for s in loaded for note in s.notes],
     )
@@ -466,6 +483,9 @@ class VideoClipDataModule(ImageDataModule):
         classes_file: class names by index (JSON ``{name: index}`` / list, or one per line); required for SSv2.
         test_num_clips: temporal clips per video for ``test``.
         test_num_crops: spatial crops per clip for ``test`` (1 centre, 3 left / centre / right).
+        repeated_aug: training clips per video and step (VideoMamba's ``num_sample``): each video is decoded
+            once and augmented this many times, so a batch of ``batch_size`` videos holds
+            ``batch_size * repeated_aug`` clips. 1: off.
         **kwargs: :class:`~vim.data.images.ImageDataModule` arguments (roots, ``img_size``, ``batch_size``,
             ``num_workers``, ``seed``, ``auto_augment``, ``color_jitter``, ``re_prob``, ``hflip`` (0 for
             Something-Something, where left and right differ), ``scale``, ``crop_pct``, ``mean``, ``std``, ...).
@@ -486,6 +506,7 @@ class VideoClipDataModule(ImageDataModule):
         classes_file: str | None = None,
         test_num_clips: int = 4,
         test_num_crops: int = 3,
+        repeated_aug: int = 1,
         img_size: int = 224,
         batch_size: int = 32,
         auto_augment: str | None = "rand-m7-n4-mstd0.5-inc1",
@@ -504,10 +525,12 @@ class VideoClipDataModule(ImageDataModule):
             crop_pct=crop_pct,
             **kwargs,
         )
-        for name, value in (("num_frames", num_frames), ("test_num_clips", test_num_clips), ("test_num_crops", test_num_crops)):
+        counts = dict(num_frames=num_frames, test_num_clips=test_num_clips, test_num_crops=test_num_crops)
+        for name, value in {**counts, "repeated_aug": repeated_aug}.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.num_frames, self.test_num_clips, self.test_num_crops = num_frames, test_num_clips, test_num_crops
+        self.repeated_aug = repeated_aug
         self.lists = {"train_root": train_list, "val_root": val_list, "test_root": test_list}
         self.data_root, self.classes_file = data_root, classes_file
         rand_augment(auto_augment)  # reject a bad policy now, not in a worker
@@ -544,7 +567,8 @@ class VideoClipDataModule(ImageDataModule):
         return self.roots[argument] is not None or self.lists[argument] is not None
 
     def _clips(self, argument: str, transform: Callable, train: bool = False, num_clips: int = 1) -> VideoClips:
-        return VideoClips(self.labelled_samples(argument), self.num_frames, transform, train, num_clips, self.min_image_size)
+        samples, repeats = self.labelled_samples(argument), self.repeated_aug if train else 1
+        return VideoClips(samples, self.num_frames, transform, train, num_clips, self.min_image_size, repeats)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
