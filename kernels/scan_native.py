@@ -24,6 +24,7 @@ forward's checkpoints, as the Triton kernels do.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -74,8 +75,15 @@ class ScanArgs(ctypes.Structure):
 
 
 def _compiler() -> str | None:
-    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-    return next((path for name in candidates if (path := shutil.which(name))), None)
+    """``$CC``, else the first of cc, gcc, clang on ``$PATH``; None if there is none."""
+    return _find_compiler(os.environ.get("CC"), os.environ.get("PATH"))
+
+
+@functools.lru_cache(maxsize=8)
+def _find_compiler(cc: str | None, search_path: str | None) -> str | None:
+    """Looked up once per ($CC, $PATH): ``auto`` asks on every CPU call until the kernel is loaded."""
+    candidates = [cc] if cc else ["cc", "gcc", "clang"]
+    return next((found for name in candidates if (found := shutil.which(name, path=search_path))), None)
 
 
 def _cache_dir() -> Path:
