@@ -197,11 +197,13 @@ INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, 
         for (int64_t i = 0; i < steps; i++) { /* recompute the chunk's states */
             const int64_t t = time_of(v, length, first + i);
             const float *dt_t = dt + t * LANES;
+            float drive[LANES];
+            for (int j = 0; j < LANES; j++) drive[j] = dt_t[j] * lane(v->u, t, v->u_step, j, v->u_lane, width);
             for (int64_t n = 0; n < n_state; n++) {
                 const float bn = v->B[n * v->B_state + t * v->B_step];
                 for (int j = 0; j < LANES; j++) {
                     DECAY(i, n, j) = exp2_poly(dt_t[j] * a2[n][j]);
-                    STATE(i + 1, n, j) = DECAY(i, n, j) * STATE(i, n, j) + dt_t[j] * lane(v->u, t, v->u_step, j, v->u_lane, width) * bn;
+                    STATE(i + 1, n, j) = DECAY(i, n, j) * STATE(i, n, j) + drive[j] * bn;
                 }
             }
         }

@@ -12,9 +12,9 @@ passes fall back to the chunked path, with one warning.
 
 Calling: the kernel reads the canonical tensors (:mod:`vim.kernels.scan_layout`) through their
 strides, so nothing is copied or transposed on the way in, and it writes the channels-last output,
-the checkpoints and the gradients in place. It splits its work over ``torch.get_num_threads()`` threads (ctypes releases the GIL):
-those of torch's own OpenMP pool where torch runs on libgomp (the kernel is linked against that very
-library, so no second runtime is loaded), else threads of its own.
+the checkpoints and the gradients in place. It splits its work over ``torch.get_num_threads()``
+threads (ctypes releases the GIL): those of torch's own OpenMP pool where torch runs on libgomp (the
+kernel is linked against that very library, so no second runtime is loaded), else threads of its own.
 
 Float64 input takes the chunked path (its arithmetic stays in float64); float16 and bfloat16 are
 widened to float32 first. The backward pass recomputes the states chunk by chunk from the
@@ -186,10 +186,13 @@ def _pointer(x: Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
-def _launch(
-    library: ctypes.CDLL, backward: bool, threads: int, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, **buffers
-):
-    """Run the kernel on the canonical inputs and ``buffers`` (float32, named as in ScanArgs) on up to ``threads`` threads."""
+def _launch(entry, threads: int, inputs: tuple, **buffers: Tensor | None) -> None:
+    """Run ``entry`` (the library's forward or backward) on up to ``threads`` threads.
+
+    ``inputs`` are the canonical ``(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)``; ``buffers``
+    the other tensors, named as in ScanArgs (float32 outputs, and for the backward ``dout`` and ``checkpoints``).
+    """
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse = inputs
     K, batch, dim, length = u.shape
     tensors = dict(zip(("u", "delta", "z", "B", "C"), (_float32(x) for x in (u, delta, z, B, C))))
     tensors |= dict(zip(("A", "D", "bias"), (_dense_float32(x) for x in (A, D, delta_bias))))
@@ -201,7 +204,6 @@ def _launch(
         threads=threads, reverse=int(reverse), delta_softplus=int(delta_softplus),
         **{name: _pointer(x) for name, x in tensors.items()}, **strides,
     )  # fmt: skip
-    entry = library.vim_scan_backward if backward else library.vim_scan_forward
     status = entry(ctypes.byref(args))
     if status == -1:
         raise ValueError(f"the fused CPU scan supports at most {MAX_STATE} states (scan_native.c's MAX_STATE)")
@@ -211,29 +213,14 @@ def _launch(
 
 def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
     """Forward pass in the canonical form (see scan_layout): ``out`` (K, batch, dim, L), ``checkpoints``."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     library = None if u.dtype == torch.float64 else _load()
     if library is None:
-        return chunked_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        return chunked_forward(*inputs)
     K, batch, dim, length = u.shape
     out = empty_channels_last(K, batch, dim, length, like=u, dtype=torch.float32)
     checkpoints = u.new_empty(K, batch, num_chunks(length), dim, A.shape[-1], dtype=torch.float32)
-    _launch(
-        library,
-        False,
-        torch.get_num_threads(),
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        z,
-        delta_bias,
-        delta_softplus,
-        reverse,
-        out=out,
-        checkpoints=checkpoints,
-    )
+    _launch(library.vim_scan_forward, torch.get_num_threads(), inputs, out=out, checkpoints=checkpoints)
     return out.to(u.dtype), checkpoints
 
 
@@ -244,9 +231,10 @@ def native_backward(
 
     The states are recomputed chunk by chunk from the forward's float32 ``checkpoints``.
     """
+    inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     library = None if u.dtype == torch.float64 else _load()
     if library is None:
-        return chunked_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, checkpoints)
+        return chunked_backward(dout, *inputs, checkpoints)
     K, batch, dim, length = u.shape
     groups, n_state = B.shape[2], A.shape[-1]
     threads = torch.get_num_threads()  # the sums of dB and dC are sized for it
@@ -267,10 +255,7 @@ def native_backward(
         "dD": None if D is None else buffer(K, batch, dim),
         "dbias": None if delta_bias is None else buffer(K, batch, dim),
     }
-    _launch(
-        library, True, threads, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
-        checkpoints=checkpoints, dout=dout, **grads,
-    )  # fmt: skip
+    _launch(library.vim_scan_backward, threads, inputs, checkpoints=checkpoints, dout=dout, **grads)
 
     def summed(name: str) -> Tensor:
         return buffer(0) if grads[name] is None else grads[name].sum(1)
