@@ -22,7 +22,7 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         def forward_features(self, x):
             return self.forward_trunk(tokens)                                     # (B, L, D) normalised
 
-    final, inter = self.forward_trunk_intermediates(tokens, take_indices, norm=True)
+    final, inter = self.forward_trunk_intermediates(tokens, indices, norm=True)
 
 The trunk owns ``layers`` (a ModuleList of :class:`MambaBlock`), ``norm_f`` (the final
 RMSNorm) and ``drop_path`` (the full-rate stochastic depth before ``norm_f``), all at the
@@ -61,6 +61,24 @@ def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
     Block ``i`` applies its rate to the output of block ``i - 1``; the final norm uses the full rate.
     """
     return ([0.0] + torch.linspace(0, drop_path_rate, depth, device="cpu").tolist())[:depth]
+
+
+def init_linear_(module: nn.Module) -> None:
+    """The init of the models' own linear layers (heads, PointMamba's tokenizer): weights truncated-normal (std 0.02),
+    biases zero."""
+    trunc_normal_(module.weight, std=0.02)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def new_classifier(in_features: int, num_classes: int, like: torch.Tensor) -> nn.Module:
+    """An initialised (in_features -> num_classes) linear classifier on ``like``'s device and dtype; identity for 0."""
+    if num_classes <= 0:
+        return nn.Identity()
+    head = nn.Linear(in_features, num_classes, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        init_linear_(head)
+    return head
 
 
 class MambaBackbone(nn.Module):
@@ -170,22 +188,24 @@ class MambaBackbone(nn.Module):
     def forward_trunk_intermediates(
         self,
         x: torch.Tensor,
-        take_indices: list[int],
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the blocks, collecting the residual stream after the blocks in ``take_indices``.
+        """Run the blocks, collecting the residual stream after the blocks that ``indices`` selects.
 
         Args:
             x: (B, L, D) embedded tokens.
-            take_indices: absolute block indices whose output to return.
+            indices: as timm's ``forward_intermediates`` takes them: the last ``n`` blocks for an int, else
+                block indices (negative ones count from the end); None: every block.
             norm: pass each intermediate through ``norm_f``.
-            stop_early: stop after the last block in ``take_indices``.
+            stop_early: stop after the last selected block.
 
         Returns:
             The normalised tokens after the last block run (B, L, D), and one (B, L, D) tensor per
             taken block, in block order.
         """
+        take_indices, _ = feature_take_indices(len(self.layers), indices)
         num_blocks = max(take_indices) + 1 if stop_early else len(self.layers)
         hidden, residual = x, None
         intermediates = []
@@ -202,15 +222,11 @@ class MambaBackbone(nn.Module):
 
     def _init_head(self) -> None:
         if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+            init_linear_(self.head)
 
     def _reset_head(self, num_classes: int) -> None:
         """A new, initialised linear ``head`` on the class token's device and dtype."""
-        like = self.cls_token
-        self.head = self.linear_head(num_classes, device=like.device, dtype=like.dtype)
-        with torch.no_grad():
-            self._init_head()
+        self.head = new_classifier(self.embed_dim, num_classes, like=self.cls_token)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

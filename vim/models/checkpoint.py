@@ -110,12 +110,20 @@ def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict[str, tor
             value = resample_middle_token_pos_embed(
                 value, new_size=model.patch_embed.grid_size, old_size=_square_grid(value.shape[1] - 1, key)
             )
-        if key in expected and key not in CLASSIFIER_KEYS and not _fits(key, value, expected[key]):
-            raise ValueError(
-                f"checkpoint key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
-            )
-        out[key] = value
+        out[key] = checked(key, value, expected)
     return out
+
+
+def checked(key: str, value: torch.Tensor, expected: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``value`` for ``key`` once it fits the model's ``expected`` state dict (keys the model lacks pass).
+
+    Raises:
+        ValueError: naming the key and both shapes. The classifier is left to timm's loader, which drops or
+            adapts it for another ``num_classes``; so are a 2-D patch kernel's input channels.
+    """
+    if key in expected and key not in CLASSIFIER_KEYS and not _fits(key, value, expected[key]):
+        raise ValueError(f"checkpoint key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+    return value
 
 
 def _fits(key: str, value: torch.Tensor, target: torch.Tensor) -> bool:

@@ -28,12 +28,10 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
-from .backbone import MambaBackbone
+from .backbone import MambaBackbone, init_linear_, new_classifier
 from .point_ops import ORDERS, gather_points, group_points, serialization_order
 
 __all__ = ["PointGroupEncoder", "PointMamba", "PointMambaHead", "check_point_batch"]
@@ -104,24 +102,11 @@ class PointMambaHead(nn.Module):
 
     def reset(self, num_classes: int) -> None:
         """A new, initialised ``fc`` for ``num_classes`` outputs (0: none)."""
-        like = self.pre_logits[0].weight
-        self.fc = (
-            nn.Linear(self.hidden_size, num_classes, device=like.device, dtype=like.dtype) if num_classes > 0 else nn.Identity()
-        )
-        if isinstance(self.fc, nn.Linear):
-            with torch.no_grad():
-                _init_linear(self.fc)
+        self.fc = new_classifier(self.hidden_size, num_classes, like=self.pre_logits[0].weight)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(x)
         return x if pre_logits else self.fc(x)
-
-
-def _init_linear(module: nn.Module) -> None:
-    """PointMamba's init of its own layers: weights truncated-normal (std 0.02), biases zero."""
-    trunc_normal_(module.weight, std=0.02)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
 
 
 class PointMamba(MambaBackbone):
@@ -204,7 +189,7 @@ class PointMamba(MambaBackbone):
         """PointMamba's init: trunc-normal (0.02) tokenizer and head, order scale ~ N(1, 0.02); Mamba init for the trunk."""
         for module in (*self.encoder.modules(), *self.pos_embed.modules(), *self.head.modules()):
             if isinstance(module, (nn.Linear, nn.Conv1d)):
-                _init_linear(module)
+                init_linear_(module)
             elif isinstance(module, nn.BatchNorm1d):
                 module.reset_parameters()
         nn.init.normal_(self.order_scale, mean=1.0, std=0.02)
@@ -244,9 +229,6 @@ class PointMamba(MambaBackbone):
         """(B, L, D) tokens -> logits (B, num_classes), or the MLP head's (B, head_hidden_size) with ``pre_logits``."""
         return self.head(self.pool(x), pre_logits=pre_logits)
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(points))
-
     def forward_intermediates(
         self,
         points: torch.Tensor,
@@ -271,10 +253,7 @@ class PointMamba(MambaBackbone):
         """
         if output_fmt != "NLC":
             raise ValueError(f"output_fmt must be 'NLC' for point clouds (tokens have no grid), got {output_fmt!r}")
-        take_indices, _ = feature_take_indices(len(self.layers), indices)
-        final, intermediates = self.forward_trunk_intermediates(
-            self._embed(points), take_indices, norm=norm, stop_early=stop_early
-        )
+        final, intermediates = self.forward_trunk_intermediates(self._embed(points), indices, norm=norm, stop_early=stop_early)
         return intermediates if intermediates_only else (final, intermediates)
 
 

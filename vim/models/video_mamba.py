@@ -41,11 +41,10 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from .backbone import MambaBackbone, PoolType
-from .checkpoint import CLASSIFIER_KEYS, _square_grid, load_official_checkpoint, unwrap_state_dict
+from .checkpoint import CLASSIFIER_KEYS, _square_grid, checked, load_official_checkpoint, unwrap_state_dict
 from .pos_embed import split_middle_token
 
 __all__ = [
@@ -299,9 +298,8 @@ class VideoMamba(MambaBackbone):
         """
         if output_fmt not in OUTPUT_FORMATS:
             raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
-        take_indices, _ = feature_take_indices(len(self.layers), indices)
         grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[2:]))
-        final, intermediates = self.forward_trunk_intermediates(self._embed(x), take_indices, norm=norm, stop_early=stop_early)
+        final, intermediates = self.forward_trunk_intermediates(self._embed(x), indices, norm=norm, stop_early=stop_early)
         patches = [y[:, 1:] for y in intermediates]
         if output_fmt == "NCTHW":
             patches = [y.reshape(y.shape[0], *grid, -1).permute(0, 4, 1, 2, 3).contiguous() for y in patches]
@@ -365,11 +363,7 @@ def checkpoint_filter_fn(state_dict: Mapping, model: VideoMamba) -> dict[str, to
             value = resample_spatial_pos_embed(value, model.patch_embed.grid_size[1:], old_grid)
         elif key == "temporal_pos_embedding":
             value = resample_temporal_pos_embed(value, model.patch_embed.grid_size[0])
-        if key in expected and key not in CLASSIFIER_KEYS and value.shape != expected[key].shape:
-            raise ValueError(
-                f"checkpoint key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
-            )
-        out[key] = value
+        out[key] = checked(key, value, expected)
     return out
 
 

@@ -28,7 +28,6 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from .backbone import MambaBackbone, PoolType
@@ -192,9 +191,8 @@ class VisionMamba(MambaBackbone):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, _ = feature_take_indices(len(self.layers), indices)
         height, width = x.shape[-2:]
-        final, intermediates = self.forward_trunk_intermediates(self._embed(x), take_indices, norm=norm, stop_early=stop_early)
+        final, intermediates = self.forward_trunk_intermediates(self._embed(x), indices, norm=norm, stop_early=stop_early)
         cls_tokens, patches = zip(*(split_middle_token(y) for y in intermediates)) if intermediates else ((), ())
         if output_fmt == "NCHW":
             grid = self.patch_embed.dynamic_feat_size((height, width))
