@@ -198,7 +198,7 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
     ``lead`` is ``()`` for :func:`selective_scan` and ``(2,)`` for the bidirectional call.
     """
     k = len(lead)
-    if u.dim() != 3 + k:
+    if u.dim() != 3 + k or tuple(u.shape[:k]) != lead:
         raise ValueError(f"selective_scan: u must be {'(2, ' if k else '('}batch, dim, L), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape[k:]
     if length < 1:
@@ -208,7 +208,7 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
             raise ValueError(f"selective_scan: {name} must be a floating tensor, got dtype {x.dtype}")
     if A.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"selective_scan: A must be float32 (or float64), got dtype {A.dtype} with shape {tuple(A.shape)}")
-    if A.dim() != 2 + k or A.shape[k] != dim:
+    if A.dim() != 2 + k or tuple(A.shape[:k]) != lead or A.shape[k] != dim:
         raise ValueError(
             f"selective_scan: A has shape {tuple(A.shape)}, expected {(*lead, dim, 'N')} for u of shape {tuple(u.shape)}"
         )

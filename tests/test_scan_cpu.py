@@ -260,3 +260,18 @@ def test_bad_input_raises_value_error_naming_it(change, message):
     inputs = {**make_inputs(), **change}
     with pytest.raises(ValueError, match=message):
         selective_scan(**inputs, backend="torch")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("u", r"u must be \(2, batch, dim, L\), got shape \(1, 2, 8, 16\)"),
+        ("A", r"A has shape \(1, 8, 4\), expected \(2, 8, 'N'\)"),
+    ],
+)
+def test_bidirectional_input_must_hold_two_directions(name, message):
+    """One direction where two are expected is an error, not a silent single scan or a read past A's end."""
+    inputs = make_inputs(lead=(2,))
+    inputs[name] = inputs[name][:1]
+    with pytest.raises(ValueError, match=message):
+        bidirectional_selective_scan(**inputs, delta_softplus=True, backend="torch")
