@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scan_layout import CHUNK_SIZE, empty_channels_last, num_chunks
+from .scan_layout import CHUNK_SIZE, empty_channels_last, empty_checkpoints, num_chunks
 
 __all__ = ["chunked_forward", "chunked_backward", "linear_recurrence_"]
 
@@ -291,7 +291,7 @@ def chunked_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, r
     state = A.shape[-1]
     dtype = _compute_dtype(u)
     out = empty_channels_last(K, batch, dim, length, like=u)
-    checkpoints = u.new_empty(K, batch, num_chunks(length), dim, state, dtype=torch.float32)
+    checkpoints = empty_checkpoints(u, K, batch, length, dim, state)
     for rows in _batch_slices(batch, length, dim, state):
         gate = None if z is None else F.silu(_channels_first(z[rows]).to(dtype))
         for k in range(K):

@@ -50,6 +50,11 @@ def num_chunks(length: int) -> int:
     return -(-length // CHUNK_SIZE)
 
 
+def empty_checkpoints(like: torch.Tensor, directions: int, batch: int, length: int, dim: int, n_state: int) -> torch.Tensor:
+    """An empty ``checkpoints`` buffer of the contract: (K, batch, num_chunks(L), dim, N) float32 on ``like``'s device."""
+    return like.new_empty(directions, batch, num_chunks(length), dim, n_state, dtype=torch.float32)
+
+
 def empty_channels_last(*shape: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An empty tensor of ``shape`` (..., dim, L) whose memory is laid out as (..., L, dim)."""
     *lead, dim, length = shape

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .scan_cpu import chunked_backward, chunked_forward
-from .scan_layout import CHUNK_SIZE, MAX_STATE, empty_channels_last, num_chunks
+from .scan_layout import CHUNK_SIZE, MAX_STATE, empty_channels_last, empty_checkpoints
 
 __all__ = ["native_available", "native_backward", "native_forward"]
 
@@ -219,7 +219,7 @@ def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
         return chunked_forward(*inputs)
     K, batch, dim, length = u.shape
     out = empty_channels_last(K, batch, dim, length, like=u, dtype=torch.float32)
-    checkpoints = u.new_empty(K, batch, num_chunks(length), dim, A.shape[-1], dtype=torch.float32)
+    checkpoints = empty_checkpoints(u, K, batch, length, dim, A.shape[-1])
     _launch(library.vim_scan_forward, torch.get_num_threads(), inputs, out=out, checkpoints=checkpoints)
     return out.to(u.dtype), checkpoints
 

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scan_layout import CHUNK_SIZE, empty_channels_last, num_chunks
+from .scan_layout import CHUNK_SIZE, empty_channels_last, empty_checkpoints
 
 __all__ = ["triton_forward", "triton_backward"]
 
@@ -422,7 +422,7 @@ def triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
     n_groups, n_state = B.shape[2], A.shape[-1]
     tiles = _choose_tiles(length, dim // n_groups, n_state, backward=False)
     out = empty_channels_last(n_dir, batch, dim, length, like=u)
-    checkpoints = u.new_empty(n_dir, batch, num_chunks(length), dim, n_state, dtype=torch.float32)
+    checkpoints = empty_checkpoints(u, n_dir, batch, length, dim, n_state)
     grid = (batch * n_groups * tiles.dim_blocks, n_dir)
     with _on_device(u):
         _selective_scan_fwd_kernel[grid](

@@ -29,7 +29,7 @@ import os
 import torch
 from torch import Tensor
 
-from .scan_layout import MAX_STATE, as_channels_last, empty_channels_last, num_chunks
+from .scan_layout import MAX_STATE, as_channels_last, empty_channels_last, empty_checkpoints
 from .scan_reference import selective_scan_ref
 
 __all__ = ["selective_scan", "bidirectional_selective_scan", "BACKENDS"]
@@ -100,7 +100,7 @@ def _scan_fwd(
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend):
     K, batch, dim, length = u.shape
     out = empty_channels_last(K, batch, dim, length, like=u)
-    checkpoints = u.new_empty(K, batch, num_chunks(length), dim, A.shape[-1], dtype=torch.float32)
+    checkpoints = empty_checkpoints(u, K, batch, length, dim, A.shape[-1])
     return out, checkpoints
 
 
