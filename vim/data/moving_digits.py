@@ -15,23 +15,21 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import av
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vim.data.digits import cache_dir
-from vim.data.video import VideoClipDataModule
+from vim.data.digits import DIGIT_CLASSES, cache_dir
+from vim.data.video import VideoClipDataModule, _pyav
 
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 """Class name -> unit motion (rows, columns) per frame."""
-DIGIT_CLASSES = [str(d) for d in range(10)]
 LabelType = Literal["direction", "digit"]
 
 
 def video_codec() -> str:
     """``libx264`` when this PyAV build can encode it, else ``mpeg4``."""
-    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    return "libx264" if "libx264" in _pyav().codecs_available else "mpeg4"
 
 
 def render_clip(digit: np.ndarray, direction: str, rng: np.random.Generator, num_frames: int, canvas: int) -> np.ndarray:
@@ -60,6 +58,7 @@ def render_clip(digit: np.ndarray, direction: str, rng: np.random.Generator, num
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, codec: str | None = None) -> None:
     """Encode (T, H, W, 3) uint8 RGB ``frames`` (even H and W) as a video file with PyAV."""
+    av = _pyav()
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec or video_codec(), rate=fps)
         stream.height, stream.width = frames.shape[1:3]

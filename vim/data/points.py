@@ -33,13 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vim.data.images import ImageDataModule, find_classes, walk_files
+from vim.data.images import UNLABELLED, ImageDataModule, find_classes, walk_files
 from vim.data.sampling import SampleKey
 from vim.models.point_ops import farthest_point_sample
 
 POINT_EXTENSIONS = (".npy", ".ply", ".off")
 HDF5_EXTENSIONS = (".h5", ".hdf5")
-UNLABELLED = -1
 MESH_SURFACE_POINTS = 8192
 """Points sampled (uniformly by area, fixed seed) from the surface of a mesh file."""
 TRAIN_OVERSAMPLING = 1.2

@@ -29,6 +29,7 @@ resized like any other, and variable-frame-rate videos are sampled by frame inde
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -148,14 +149,15 @@ def _pyav():
     return av
 
 
+@functools.cache
 def read_errors() -> tuple[type[Exception], ...]:
-    """The errors that mean a clip cannot be read: PyAV's own among them where PyAV is installed."""
-    errors: tuple[type[Exception], ...] = (VideoReadError, OSError, ValueError)
+    """The errors that mean a clip cannot be read (VideoReadError is a ValueError): PyAV's own among them where
+    PyAV is installed. Looked up once."""
     try:
         import av
     except ImportError:
-        return errors
-    return (*errors, av.FFmpegError)
+        return (OSError, ValueError)
+    return (OSError, ValueError, av.FFmpegError)
 
 
 def decode_video(path: str) -> Frames:
@@ -168,7 +170,7 @@ def decode_video(path: str) -> Frames:
     av = _pyav()
     try:
         container = av.open(path)
-    except (av.FFmpegError, OSError, ValueError) as error:
+    except read_errors() as error:
         raise VideoReadError(f"cannot open: {type(error).__name__}: {error}") from error
     with container:
         if not container.streams.video:
@@ -179,7 +181,7 @@ def decode_video(path: str) -> Frames:
         try:
             for frame in container.decode(stream):
                 frames.append(frame)
-        except (av.FFmpegError, OSError, ValueError) as error:
+        except read_errors() as error:
             if not frames:
                 raise VideoReadError(f"no frame could be decoded: {type(error).__name__}: {error}") from error
             notes.append(f"the stream breaks off after {len(frames)} frames ({type(error).__name__}); using those frames")
@@ -525,8 +527,10 @@ class VideoClipDataModule(ImageDataModule):
             crop_pct=crop_pct,
             **kwargs,
         )
-        counts = dict(num_frames=num_frames, test_num_clips=test_num_clips, test_num_crops=test_num_crops)
-        for name, value in {**counts, "repeated_aug": repeated_aug}.items():
+        counts = dict(
+            num_frames=num_frames, test_num_clips=test_num_clips, test_num_crops=test_num_crops, repeated_aug=repeated_aug
+        )
+        for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.num_frames, self.test_num_clips, self.test_num_crops = num_frames, test_num_clips, test_num_crops
