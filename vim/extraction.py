@@ -52,6 +52,7 @@ from vim.data.points import HDF5_EXTENSIONS, POINT_EXTENSIONS, HDF5Clouds, Point
 from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule, VideoClips
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
+from vim.training.checkpoint_io import atomic_write
 
 __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
@@ -282,14 +283,8 @@ def compute_features(model: nn.Module, batch: torch.Tensor, tokens: bool, layers
     return out
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _shard_files(name: str, keys: Sequence[str], fmt: str) -> list[str]:
@@ -300,7 +295,7 @@ def _write_shard(out: Path, name: str, arrays: dict[str, np.ndarray], fmt: str) 
     if fmt == "safetensors":
         from safetensors.numpy import save_file
 
-        _atomic(out / f"{name}.safetensors", lambda tmp: save_file(arrays, str(tmp)))
+        atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(arrays, str(tmp)))
         return
     for key, array in arrays.items():
 
@@ -308,7 +303,7 @@ def _write_shard(out: Path, name: str, arrays: dict[str, np.ndarray], fmt: str) 
             with open(tmp, "wb") as file:
                 np.save(file, array)
 
-        _atomic(out / f"{name}.{key}.npy", write)
+        atomic_write(out / f"{name}.{key}.npy", write)
 
 
 def _keep(samples: list) -> list:

@@ -1,9 +1,10 @@
-"""Checkpoint files written atomically: a crash while saving never leaves a truncated ``last.ckpt``."""
+"""Files written atomically: a crash while saving never leaves a truncated ``last.ckpt``, export or feature shard."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +12,34 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Replace ``path`` all at once: ``write(tmp)`` fills a temporary file beside it, which is fsynced and then
+    ``os.replace``-d into place.
 
-    ``os.replace`` is atomic on one filesystem, so ``path`` holds either the previous file or the complete
-    new one; the temporary file is removed if saving fails.
+    ``os.replace`` is atomic on one filesystem, so ``path`` holds either its previous content or the complete
+    new one; the temporary file is removed if writing fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
+        write(tmp)
+        with open(tmp, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+
+    atomic_write(path, write)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vim.training.checkpoint_io import atomic_write
+
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
 
@@ -50,10 +52,7 @@ def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema:
         "model": str(checkpoint.get("hyper_parameters", {}).get("model", "")),
         "class_names": json.dumps(checkpoint.get("class_names", [])),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(weights, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
     return out
 
 
