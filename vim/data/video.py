@@ -541,9 +541,12 @@ class VideoClipDataModule(ImageDataModule):
         self._warned: set[tuple[str, str]] = set()
 
     # ---------------------------------------------------------------------------------------- samples
-    @property
+    @functools.cached_property
     def classes(self) -> list[str]:
-        """Class names: from ``classes_file``, the train annotations or the train tree (else val / test)."""
+        """Class names: from ``classes_file``, the train annotations or the train tree (else val / test).
+
+        Read once: every split's samples and the classifier's setup ask for them, and a Kinetics list is long.
+        """
         if self.classes_file is not None:
             return _classes_from_file(self.classes_file)
         for argument in ("train_root", "val_root", "test_root"):
