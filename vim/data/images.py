@@ -330,11 +330,18 @@ class ImageDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.loader(self.datasets["predict"])
 
+    def report_skipped(self, skipped: Sequence[tuple[str, str]], what: str) -> None:
+        """Warn about each skipped ``(path, reason)`` sample (``what``: "unreadable image", ...) with a running count.
+
+        Called from ``on_before_batch_transfer``; the warning points at that hook's caller.
+        """
+        for path, reason in skipped:
+            self.num_skipped += 1
+            warnings.warn(f"skipped {what} '{path}' ({reason}); {self.num_skipped} skipped so far", stacklevel=3)
+
     def on_before_batch_transfer(self, batch: ImageBatch, dataloader_idx: int) -> ImageBatch:
         """Report skipped (unreadable) and upsampled (smaller than ``min_image_size``) images as they occur."""
-        for path, reason in batch.skipped:
-            self.num_skipped += 1
-            warnings.warn(f"skipped unreadable image '{path}' ({reason}); {self.num_skipped} skipped so far", stacklevel=2)
+        self.report_skipped(batch.skipped, "unreadable image")
         for path in batch.small:
             warnings.warn(
                 f"image '{path}' is smaller than min_image_size={self.min_image_size} px (one patch); "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -519,7 +518,5 @@ class PointCloudDataModule(ImageDataModule):
 
     def on_before_batch_transfer(self, batch: PointBatch, dataloader_idx: int) -> PointBatch:
         """Warn about each skipped cloud as it occurs, with a running count."""
-        for path, reason in batch.skipped:
-            self.num_skipped += 1
-            warnings.warn(f"skipped point cloud '{path}' ({reason}); {self.num_skipped} skipped so far", stacklevel=2)
+        self.report_skipped(batch.skipped, "point cloud")
         return batch

@@ -641,9 +641,7 @@ class VideoClipDataModule(ImageDataModule):
     # ---------------------------------------------------------------------------------------- reporting
     def on_before_batch_transfer(self, batch: ClipBatch, dataloader_idx: int) -> ClipBatch:
         """Report skipped (unreadable) videos with a running count, and each other problem once per video."""
-        for path, reason in batch.skipped:
-            self.num_skipped += 1
-            warnings.warn(f"skipped unreadable video '{path}' ({reason}); {self.num_skipped} skipped so far", stacklevel=2)
+        self.report_skipped(batch.skipped, "unreadable video")
         for path, note in batch.notes:
             if (path, note) not in self._warned:
                 self._warned.add((path, note))
