@@ -80,11 +80,19 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return walk_files(root, lambda name: name.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def labelled_images(root: str | os.PathLike, classes: Sequence[str], argument: str) -> list[tuple[str, int]]:
-    """``(path, class index)`` for every image under ``root/<class>/``; ValueError when there are none."""
-    samples = [(str(path), target) for target, name in enumerate(classes) for path in list_images(Path(root, name))]
+def labelled_files(
+    root: str | os.PathLike,
+    classes: Sequence[str],
+    argument: str,
+    list_files: Callable[[Path], list] = list_images,
+    kind: str = "image",
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> list[tuple[str, int]]:
+    """``(path, class index)`` for every file ``list_files`` finds under ``root/<class>/`` (images by default);
+    ValueError naming ``argument``, the ``kind`` of file and its ``extensions`` when there are none."""
+    samples = [(str(path), target) for target, name in enumerate(classes) for path in list_files(Path(root, name))]
     if not samples:
-        raise ValueError(f"{argument}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of '{root}'")
+        raise ValueError(f"{argument}: no {kind} files ({', '.join(extensions)}) in the class folders of '{root}'")
     return samples
 
 
@@ -250,7 +258,7 @@ class ImageDataModule(LightningDataModule):
         classes = find_classes(root, argument)
         if self.roots["train_root"] is not None and argument != "train_root":
             check_same_classes(find_classes(self.roots["train_root"], "train_root"), classes)
-        return ImageFiles(labelled_images(root, classes, argument), transform, self.min_image_size)
+        return ImageFiles(labelled_files(root, classes, argument), transform, self.min_image_size)
 
     def setup(self, stage: str) -> None:
         hp = self.roots

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vim.data.images import UNLABELLED, ImageDataModule, find_classes, walk_files
+from vim.data.images import UNLABELLED, ImageDataModule, find_classes, labelled_files, walk_files
 from vim.data.sampling import SampleKey
 from vim.models.point_ops import farthest_point_sample
 
@@ -450,11 +450,7 @@ class PointCloudDataModule(ImageDataModule):
                 self._sources[argument] = HDF5Clouds(files)
             else:
                 classes = find_classes(path, argument)
-                samples = [(str(f), target) for target, name in enumerate(classes) for f in list_point_files(Path(path, name))]
-                if not samples:
-                    raise ValueError(
-                        f"{argument}: no point files ({', '.join(POINT_EXTENSIONS)}) in the class folders of '{path}'"
-                    )
+                samples = labelled_files(path, classes, argument, list_point_files, "point", POINT_EXTENSIONS)
                 self._sources[argument] = PointFiles(samples)
         return self._sources[argument]
 
