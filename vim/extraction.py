@@ -48,7 +48,15 @@ from tqdm import tqdm
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageFiles, UnreadableImage, walk_files
-from vim.data.points import HDF5_EXTENSIONS, POINT_EXTENSIONS, HDF5Clouds, PointClouds, PointFiles, UnreadableCloud
+from vim.data.points import (
+    HDF5_EXTENSIONS,
+    POINT_EXTENSIONS,
+    HDF5Clouds,
+    PointClouds,
+    PointFiles,
+    UnreadableCloud,
+    open_point_hdf5,
+)
 from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule, VideoClips
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
@@ -161,20 +169,13 @@ def _walk(root: Path) -> list[str]:
 
 def _expand_hdf5(paths: list[str]) -> list[str]:
     """Replace each HDF5 file by its clouds ``<file>[<row>]``."""
-    import h5py
-
     expanded = []
     for path in paths:
         if not path.lower().endswith(HDF5_EXTENSIONS):
             expanded.append(path)
             continue
-        try:
-            with h5py.File(path, "r") as file:
-                if "data" not in file:
-                    raise ValueError(f"{path}: HDF5 file has no 'data' dataset (found {sorted(file.keys())})")
-                count = len(file["data"])
-        except OSError as err:
-            raise ValueError(f"{path}: unreadable HDF5 file ({err})") from None
+        with open_point_hdf5(path) as file:
+            count = len(file["data"])
         expanded += [f"{path}[{row}]" for row in range(count)]
     return expanded
 

@@ -20,13 +20,14 @@ same data as an uninterrupted one (the resumable loaders of :class:`~vim.data.im
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -282,6 +283,24 @@ class PointFiles:
         return read_point_file(self.samples[index][0])
 
 
+@contextlib.contextmanager
+def open_point_hdf5(path: str | os.PathLike) -> Iterator[Any]:
+    """An HDF5 file of point clouds (a ``data`` dataset, ``label`` optional), open for reading.
+
+    Raises:
+        ValueError: the file is unreadable (also part-way through reading it) or has no ``data`` dataset.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as file:
+            if "data" not in file:
+                raise ValueError(f"{path}: HDF5 file has no 'data' dataset (found {sorted(file.keys())})")
+            yield file
+    except OSError as err:
+        raise ValueError(f"{path}: unreadable HDF5 file ({err})") from None
+
+
 class HDF5Clouds:
     """The clouds of HDF5 files with ``data`` (M, P, C) and ``label`` datasets, read into memory once.
 
@@ -289,18 +308,11 @@ class HDF5Clouds:
     """
 
     def __init__(self, files: Sequence[str | os.PathLike]) -> None:
-        import h5py
-
         clouds, labels, self.names = [], [], []
         for path in files:
-            try:
-                with h5py.File(path, "r") as file:
-                    if "data" not in file:
-                        raise ValueError(f"{path}: HDF5 file has no 'data' dataset (found {sorted(file.keys())})")
-                    data = np.asarray(file["data"])
-                    label = np.asarray(file["label"]).reshape(-1).astype(np.int64) if "label" in file else None
-            except OSError as err:
-                raise ValueError(f"{path}: unreadable HDF5 file ({err})") from None
+            with open_point_hdf5(path) as file:
+                data = np.asarray(file["data"])
+                label = np.asarray(file["label"]).reshape(-1).astype(np.int64) if "label" in file else None
             if data.ndim != 3:
                 raise ValueError(f"{path}: 'data' must have shape (clouds, points, 3+), got {data.shape}")
             label = np.full(len(data), UNLABELLED) if label is None else label
