@@ -38,6 +38,13 @@ def official_bimamba_v2(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tens
     return y.transpose(1, 2) @ mixer.out_proj.weight.T
 
 
+def official_mamba(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
+    """mamba_ssm's unidirectional Mamba.forward (mamba_inner_fn): one causal direction, gated, projected out."""
+    xz = (hidden @ mixer.in_proj.weight.T).transpose(1, 2)
+    x, z = xz.chunk(2, dim=1)
+    return _official_direction(mixer, x, z, "").transpose(1, 2) @ mixer.out_proj.weight.T
+
+
 def _randomize(mixer: BiMambaMixer, generator: torch.Generator) -> None:
     """Give the two directions different, non-trivial parameters so that mixing them up would show."""
     with torch.no_grad():
@@ -68,6 +75,41 @@ def test_mixer_matches_explicit_flip_forward_and_backward(divide_out: bool, leng
     torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
     for name, p in mixer.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("length", [1, 9])
+def test_single_direction_is_mambas_own_mixer(length: int) -> None:
+    """directions=1: Mamba's parameter names (no ``_b``) and its causal forward, values and gradients."""
+    generator = torch.Generator().manual_seed(7)
+    mixer = BiMambaMixer(16, d_state=4, directions=1, scan_backend="torch")
+    assert set(mixer.state_dict()) == {
+        "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
+        "A_log", "D", "out_proj.weight",
+    }  # fmt: skip
+    assert mixer.conv1d_b is None and mixer.A_b_log is None
+    _randomize(mixer, generator)
+    hidden = torch.randn(2, length, 16, generator=generator)
+    x_ours, x_ref = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    out = mixer(x_ours)
+    grad_out = torch.randn(out.shape, generator=generator)
+    (out * grad_out).sum().backward()
+    ours = {name: p.grad.clone() for name, p in mixer.named_parameters()}
+    mixer.zero_grad()
+    expected = official_mamba(mixer, x_ref)
+    (expected * grad_out).sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    for name, p in mixer.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+    if length > 1:  # causal: the first token never sees the later ones
+        x = hidden.clone().requires_grad_()
+        mixer(x)[0, 0].sum().backward()
+        assert x.grad[0, 1:].abs().sum() == 0
+
+
+def test_bad_direction_count() -> None:
+    with pytest.raises(ValueError, match="directions must be 1"):
+        BiMambaMixer(8, directions=3)
 
 
 def test_divide_out_halves_the_sum_of_directions() -> None:

@@ -1,40 +1,56 @@
-"""The bidirectional Mamba mixer ("bimamba v2" of Vision Mamba), shared by every modality.
+"""The Mamba token mixer shared by every modality: bidirectional ("bimamba v2" of Vision Mamba) or one direction.
 
 API::
 
-    mixer = BiMambaMixer(d_model, d_state=16, d_conv=4, expand=2, divide_out=True)
+    mixer = BiMambaMixer(d_model, d_state=16, d_conv=4, expand=2, divide_out=True)   # two directions
+    mixer = BiMambaMixer(d_model, directions=1)                                       # Mamba's own mixer
     y = mixer(x)              # x, y: (B, L, d_model)
     mixer.reset_parameters()  # Mamba initialisation of every parameter (used after ``to_empty``)
 
 One shared ``in_proj`` splits each token into the scan input ``x`` and the gate ``z``; each
 direction has its own depthwise conv, ``x_proj``, ``dt_proj``, ``A_log`` and ``D`` (the backward
 ones carry the suffix ``_b``, as in the official checkpoints); ``out_proj`` maps the average
-(Vim, ``divide_out=True``) or the sum (VideoMamba, ``divide_out=False``) of the two gated
-directions back to ``d_model``.
+(Vim, ``divide_out=True``) or the sum (VideoMamba, ``divide_out=False``) of the gated directions
+back to ``d_model``. With ``directions=1`` there are no ``_b`` parameters and the mixer is the
+unidirectional Mamba block of mamba_ssm (``mamba_simple.Mamba``), as PointMamba uses it.
 
 The backward direction is the forward computation applied to the reversed sequence, output
 reversed back. No reversed copy is ever made: its causal conv runs as an anti-causal conv with the
 flipped 4-tap kernel, and both scans run in one :func:`vim.kernels.bidirectional_selective_scan`
-launch, whose second direction reads the sequence from the last token to the first.
+launch, whose second direction reads the sequence from the last token to the first. One direction
+runs :func:`vim.kernels.selective_scan`, the K = 1 case of the same kernels.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from vim.kernels import bidirectional_selective_scan
+from vim.kernels import bidirectional_selective_scan, selective_scan
 
 __all__ = ["BiMambaMixer"]
 
 
+class DirectionWeights(NamedTuple):
+    """Each direction's parameters stacked along a leading axis K (1 or 2; index 1 is the backward direction)."""
+
+    conv_weight: torch.Tensor  # (K, d_inner, 1, d_conv)
+    conv_bias: torch.Tensor  # (K, d_inner)
+    x_proj: torch.Tensor  # (K, R + 2N, d_inner)
+    dt_proj: torch.Tensor  # (K, d_inner, R)
+    dt_bias: torch.Tensor  # (K, d_inner) float32
+    A: torch.Tensor  # (K, d_inner, N) float32, negative
+    D: torch.Tensor  # (K, d_inner) float32
+
+
 @register_notrace_module
 class BiMambaMixer(nn.Module):
-    """Bidirectional selective-state-space token mixer, (B, L, d_model) -> (B, L, d_model).
+    """Selective-state-space token mixer over one or both directions, (B, L, d_model) -> (B, L, d_model).
 
     Args:
         d_model: token width D.
@@ -42,10 +58,17 @@ class BiMambaMixer(nn.Module):
         d_conv: width of the depthwise causal convolution.
         expand: inner width ``d_inner = expand * d_model``.
         dt_rank: rank of the step-size projection, ``ceil(d_model / 16)`` if None.
+        directions: 2 (forward and backward, Vim / VideoMamba) or 1 (forward only, Mamba / PointMamba).
         divide_out: average the two directions (Vim) instead of summing them (VideoMamba).
         dt_min, dt_max, dt_init_floor: range of the initial step sizes.
         scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
+
+    conv1d_b: nn.Conv1d | None
+    x_proj_b: nn.Linear | None
+    dt_proj_b: nn.Linear | None
+    A_b_log: nn.Parameter | None
+    D_b: nn.Parameter | None
 
     def __init__(
         self,
@@ -54,6 +77,7 @@ class BiMambaMixer(nn.Module):
         d_conv: int = 4,
         expand: int = 2,
         dt_rank: int | None = None,
+        directions: int = 2,
         divide_out: bool = True,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
@@ -63,26 +87,53 @@ class BiMambaMixer(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        if directions not in (1, 2):
+            raise ValueError(f"directions must be 1 (forward) or 2 (forward and backward), got {directions}")
         dd = {"device": device, "dtype": dtype}
         self.d_model = d_model
         self.d_state = d_state
         self.d_conv = d_conv
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.directions = directions
         self.divide_out = divide_out
         self.dt_range = (dt_min, dt_max, dt_init_floor)
         self.scan_backend = scan_backend
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False, **dd)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **dd)
-        for suffix in ("", "_b"):
-            self.add_module(f"conv1d{suffix}", nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, **dd))
-            self.add_module(f"x_proj{suffix}", nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **dd))
-            self.add_module(f"dt_proj{suffix}", nn.Linear(self.dt_rank, self.d_inner, bias=True, **dd))
-            # the scan reads A and D as float32 whatever the parameters' dtype
-            self.register_parameter(f"A{suffix}_log", nn.Parameter(torch.empty(self.d_inner, d_state, **dd)))
-            self.register_parameter(f"D{suffix}", nn.Parameter(torch.empty(self.d_inner, **dd)))
+        # forward direction; the scan reads A and D as float32 whatever the parameters' dtype
+        self.conv1d = self._new_conv(**dd)
+        self.x_proj = self._new_x_proj(**dd)
+        self.dt_proj = self._new_dt_proj(**dd)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, **dd))
+        self.D = nn.Parameter(torch.empty(self.d_inner, **dd))
+        # backward direction (absent for a single direction)
+        bidirectional = directions == 2
+        self.conv1d_b = self._new_conv(**dd) if bidirectional else None
+        self.x_proj_b = self._new_x_proj(**dd) if bidirectional else None
+        self.dt_proj_b = self._new_dt_proj(**dd) if bidirectional else None
+        self.A_b_log = nn.Parameter(torch.empty(self.d_inner, d_state, **dd)) if bidirectional else None
+        self.D_b = nn.Parameter(torch.empty(self.d_inner, **dd)) if bidirectional else None
         self.reset_parameters()
+
+    def _new_conv(self, device=None, dtype=None) -> nn.Conv1d:
+        return nn.Conv1d(self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, device=device, dtype=dtype)
+
+    def _new_x_proj(self, device=None, dtype=None) -> nn.Linear:
+        return nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False, device=device, dtype=dtype)
+
+    def _new_dt_proj(self, device=None, dtype=None) -> nn.Linear:
+        return nn.Linear(self.dt_rank, self.d_inner, bias=True, device=device, dtype=dtype)
+
+    def _per_direction(self) -> list[tuple[nn.Conv1d, nn.Linear, nn.Linear, nn.Parameter, nn.Parameter]]:
+        """(conv1d, x_proj, dt_proj, A_log, D) of each direction, the forward one first."""
+        directions = [(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)]
+        if self.conv1d_b is not None:
+            assert self.x_proj_b is not None and self.dt_proj_b is not None
+            assert self.A_b_log is not None and self.D_b is not None
+            directions.append((self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
+        return directions
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -92,52 +143,64 @@ class BiMambaMixer(nn.Module):
         backbone rescales ``out_proj`` for depth afterwards.
         """
         dt_min, dt_max, dt_floor = self.dt_range
-        for module in (self.in_proj, self.out_proj, self.conv1d, self.conv1d_b, self.x_proj, self.x_proj_b):
+        directions = self._per_direction()
+        # this order of random draws keeps the initialisation of a given seed what it has always been
+        for module in (self.in_proj, self.out_proj, *(d[0] for d in directions), *(d[1] for d in directions)):
             module.reset_parameters()
-        for suffix in ("", "_b"):
-            dt_proj = getattr(self, f"dt_proj{suffix}")
+        for _, _, dt_proj, A_log, D in directions:
             nn.init.uniform_(dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
             log_dt = torch.rand(self.d_inner, device=dt_proj.bias.device) * (math.log(dt_max) - math.log(dt_min))
             dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_floor)
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
             state_index = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=dt_proj.bias.device)
-            getattr(self, f"A{suffix}_log").copy_(torch.log(state_index).expand(self.d_inner, -1))
-            getattr(self, f"D{suffix}").fill_(1.0)
+            A_log.copy_(torch.log(state_index).expand(self.d_inner, -1))
+            D.fill_(1.0)
 
-    def _conv_both_directions(self, x: torch.Tensor) -> torch.Tensor:
-        """Depthwise conv + SiLU of both directions in one grouped conv.
+    def _stacked_weights(self) -> DirectionWeights:
+        conv1d, x_proj, dt_proj, A_log, D = zip(*self._per_direction())
+        return DirectionWeights(
+            conv_weight=torch.stack([conv.weight for conv in conv1d]),
+            conv_bias=torch.stack([conv.bias for conv in conv1d]),
+            x_proj=torch.stack([proj.weight for proj in x_proj]),
+            dt_proj=torch.stack([proj.weight for proj in dt_proj]),
+            dt_bias=torch.stack([proj.bias for proj in dt_proj]).float(),
+            A=-torch.exp(torch.stack(A_log).float()),
+            D=torch.stack(D).float(),
+        )
+
+    def _conv(self, x: torch.Tensor, weights: DirectionWeights) -> torch.Tensor:
+        """Depthwise conv + SiLU of every direction in one grouped conv.
 
         Args:
             x: (B, d_inner, L), any strides.
 
         Returns:
-            (2, B, L, d_inner) contiguous: index 0 the causal conv, index 1 the anti-causal conv with
-            the flipped kernel (the backward direction's causal conv, seen from the original order).
+            (K, B, L, d_inner) contiguous: index 0 the causal conv, index 1 (two directions) the anti-causal conv
+            with the flipped kernel (the backward direction's causal conv, seen from the original order).
         """
-        length, pad = x.shape[-1], self.d_conv - 1
-        # group g maps input channel g to output channels (2g, 2g + 1): forward and backward taps
-        weight = torch.stack([self.conv1d.weight, self.conv1d_b.weight.flip(-1)], dim=1).flatten(0, 1)
-        bias = torch.stack([self.conv1d.bias, self.conv1d_b.bias], dim=1).flatten()
-        y = F.conv1d(x, weight, bias, padding=pad, groups=self.d_inner)  # (B, 2 * d_inner, L + pad)
-        y = y.unflatten(1, (self.d_inner, 2))
-        both = torch.stack([y[:, :, 0, :length].transpose(1, 2), y[:, :, 1, pad:].transpose(1, 2)])  # one copy
-        return F.silu(both)
+        length, pad, num_directions = x.shape[-1], self.d_conv - 1, weights.conv_weight.shape[0]
+        kernels = [weights.conv_weight[0], *(w.flip(-1) for w in weights.conv_weight[1:])]
+        # group g maps input channel g to output channels (K g, ..., K g + K - 1): one tap set per direction
+        weight = torch.stack(kernels, dim=1).flatten(0, 1)
+        bias = weights.conv_bias.transpose(0, 1).flatten()
+        y = F.conv1d(x, weight, bias, padding=pad, groups=self.d_inner)  # (B, K * d_inner, L + pad)
+        y = y.unflatten(1, (self.d_inner, num_directions))
+        windows = [y[:, :, 0, :length], *(y[:, :, k, pad:] for k in range(1, num_directions))]
+        return F.silu(torch.stack([w.transpose(1, 2) for w in windows]))  # one copy
 
-    def _project_both_directions(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input-dependent step sizes and B, C of both directions, each from one batched matmul.
+    def _project(self, u: torch.Tensor, weights: DirectionWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input-dependent step sizes and B, C of every direction, each from one batched matmul.
 
         Args:
-            u: (2, B, L, d_inner) conv output.
+            u: (K, B, L, d_inner) conv output.
 
         Returns:
-            delta (2, B, d_inner, L), B and C (2, B, N, L), all views of channels-last memory.
+            delta (K, B, d_inner, L), B and C (K, B, N, L), all views of channels-last memory.
         """
         batch, length = u.shape[1], u.shape[2]
-        x_proj = torch.stack([self.x_proj.weight, self.x_proj_b.weight])  # (2, R + 2N, d_inner)
-        dt_proj = torch.stack([self.dt_proj.weight, self.dt_proj_b.weight])  # (2, d_inner, R)
-        x_dbl = torch.bmm(u.flatten(1, 2), x_proj.transpose(1, 2))  # (2, B * L, R + 2N)
+        x_dbl = torch.bmm(u.flatten(1, 2), weights.x_proj.transpose(1, 2))  # (K, B * L, R + 2N)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = torch.bmm(dt, dt_proj.transpose(1, 2))  # (2, B * L, d_inner)
+        delta = torch.bmm(dt, weights.dt_proj.transpose(1, 2))  # (K, B * L, d_inner)
 
         def channels_first(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(1, (batch, length)).transpose(-1, -2)
@@ -146,25 +209,27 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
+        weights = self._stacked_weights()
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, d_inner) each
-        u = self._conv_both_directions(x.transpose(1, 2))  # (2, B, L, d_inner)
-        delta, B, C = self._project_both_directions(u)
-        y = bidirectional_selective_scan(
-            u.transpose(-1, -2),
-            delta,
-            -torch.exp(torch.stack([self.A_log, self.A_b_log]).float()),
-            B,
-            C,
-            D=torch.stack([self.D, self.D_b]).float(),
-            z=z.transpose(1, 2),
-            delta_bias=torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float(),
-            delta_softplus=True,
-            backend=self.scan_backend,
-        )  # (2, B, d_inner, L)
-        y = y[0] + y[1]
-        if self.divide_out:
-            y = y / 2
+        u = self._conv(x.transpose(1, 2), weights)  # (K, B, L, d_inner)
+        delta, B, C = self._project(u, weights)
+        scan_args = dict(z=z.transpose(1, 2), delta_softplus=True, backend=self.scan_backend)
+        if self.directions == 1:
+            y = selective_scan(
+                u[0].transpose(-1, -2), delta[0], weights.A[0], B[0], C[0],
+                D=weights.D[0], delta_bias=weights.dt_bias[0], **scan_args,
+            )  # fmt: skip
+        else:
+            y = bidirectional_selective_scan(
+                u.transpose(-1, -2), delta, weights.A, B, C, D=weights.D, delta_bias=weights.dt_bias, **scan_args
+            )  # (2, B, d_inner, L)
+            y = y[0] + y[1]
+            if self.divide_out:
+                y = y / 2
         return self.out_proj(y.transpose(1, 2))
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, divide_out={self.divide_out}"
+        return (
+            f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, directions={self.directions}, "
+            f"divide_out={self.divide_out}"
+        )
