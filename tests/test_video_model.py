@@ -176,3 +176,17 @@ def test_other_clip_sizes_resample_like_set_input_size():
         odd(torch.randn(1, 3, 5, 32, 32))
     with pytest.raises(ValueError, match="smaller than the patch size"):
         odd(torch.randn(1, 3, 4, 6, 32))
+
+
+def test_set_input_size_takes_timms_argument_order_and_keeps_unchanged_parameters():
+    model = timm.create_model("test_videomamba", num_frames=4)
+    pos_embed, temporal = model.pos_embed, model.temporal_pos_embedding
+    model.set_input_size()
+    model.set_input_size(32, 8, num_frames=4)  # the current sizes, positionally as timm passes them
+    assert model.pos_embed is pos_embed and model.temporal_pos_embedding is temporal
+    model.set_input_size(num_frames=6)  # only the clip length changes: the spatial embedding stays
+    assert model.pos_embed is pos_embed and model.temporal_pos_embedding.shape == (1, 6, 32)
+    model.set_input_size((48, 40))
+    assert model.pos_embed.shape == (1, 1 + 6 * 5, 32) and model.patch_embed.grid_size == (6, 6, 5)
+    with pytest.raises(ValueError, match="cannot change patch_size"):
+        model.set_input_size(patch_size=16)

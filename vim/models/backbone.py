@@ -22,11 +22,15 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         def forward_features(self, x):
             return self.forward_trunk(tokens)                                     # (B, L, D) normalised
 
-    final, inter = self.forward_trunk_intermediates(tokens, indices, norm=True)
+        def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW", ...):
+            return self.format_intermediates(self._embed(x), indices, grid=(gh, gw), norm=norm, ...)
 
 The trunk owns ``layers`` (a ModuleList of :class:`MambaBlock`), ``norm_f`` (the final
-RMSNorm) and ``drop_path`` (the full-rate stochastic depth before ``norm_f``), all at the
+RMSNorm or LayerNorm) and ``drop_path`` (the full-rate stochastic depth before ``norm_f``), all at the
 backbone's top level so official checkpoints map 1:1 (``layers.{i}.mixer.*``, ``norm_f.weight``).
+:meth:`~MambaBackbone.format_intermediates` is timm's ``forward_intermediates`` for every modality:
+the class token split off (``class_token_index``; none when ``num_prefix_tokens`` is 0) and the
+other tokens reshaped to the token grid ("NCHW" for images, "NCTHW" for clips) or left as "NLC".
 It also provides the drop-path schedule, gradient checkpointing and weight init of the trunk, and
 timm's model API on top of it: the head attributes (``num_classes``, ``global_pool`` checked against
 ``pool_types``, ``num_features``, ``head_hidden_size``, ``embed_dim``), ``pool``, ``forward_head``,
@@ -46,13 +50,16 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .block import MambaBlock
+from .block import MambaBlock, NormLayer, create_norm
 
 __all__ = ["MambaBackbone", "PoolType", "drop_path_schedule"]
 
 PoolType = Literal["token", "avg", ""]
 
 NO_WEIGHT_DECAY_MIXER_PARAMS = ("A_log", "A_b_log", "D", "D_b")
+
+SPATIAL_FORMATS = {2: "NCHW", 3: "NCTHW"}
+"""timm's ``output_fmt`` of intermediates on a 2-D (image) or 3-D (clip) token grid."""
 
 
 def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
@@ -85,11 +92,12 @@ class MambaBackbone(nn.Module):
     """Base class holding the residual Mamba trunk and timm's model API; see the module docstring."""
 
     pool_types: tuple[str, ...] = get_args(PoolType)
+    num_prefix_tokens: int = 1
     stem_no_weight_decay: tuple[str, ...] = ()
     stem_pattern: str = ""
 
     layers: nn.ModuleList
-    norm_f: nn.RMSNorm
+    norm_f: nn.RMSNorm | nn.LayerNorm
     drop_path: nn.Module
     grad_checkpointing: bool
     head: nn.Module
@@ -117,6 +125,7 @@ class MambaBackbone(nn.Module):
         embed_dim: int,
         depth: int,
         drop_path_rate: float = 0.0,
+        norm_layer: NormLayer = "rmsnorm",
         norm_eps: float = 1e-5,
         device=None,
         dtype=None,
@@ -128,16 +137,17 @@ class MambaBackbone(nn.Module):
             embed_dim: token width D.
             depth: number of blocks.
             drop_path_rate: stochastic-depth rate of the last block and of the final norm.
-            norm_eps: RMSNorm epsilon.
-            mixer_kwargs: forwarded to every :class:`BiMambaMixer` (d_state, expand, divide_out, ...).
+            norm_layer: "rmsnorm" (Vim, VideoMamba) or "layernorm" (PointMamba), in every block and ``norm_f``.
+            norm_eps: the norms' epsilon.
+            mixer_kwargs: forwarded to every :class:`BiMambaMixer` (d_state, expand, directions, divide_out, ...).
         """
         dd = {"device": device, "dtype": dtype}
         self.depth = depth
         self.layers = nn.ModuleList(
-            MambaBlock(embed_dim, drop_path=rate, norm_eps=norm_eps, **mixer_kwargs, **dd)
+            MambaBlock(embed_dim, drop_path=rate, norm_layer=norm_layer, norm_eps=norm_eps, **mixer_kwargs, **dd)
             for rate in drop_path_schedule(drop_path_rate, depth)
         )
-        self.norm_f = nn.RMSNorm(embed_dim, eps=norm_eps, **dd)
+        self.norm_f = create_norm(norm_layer, embed_dim, eps=norm_eps, **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.grad_checkpointing = False
 
@@ -216,6 +226,58 @@ class MambaBackbone(nn.Module):
                 intermediates.append(self._norm_f(stream) if norm else stream.to(hidden.dtype))
         return self._final_norm(hidden, residual), intermediates
 
+    def class_token_index(self, num_tokens: int) -> int:
+        """Position of the class token in a sequence of ``num_tokens`` tokens (for ``num_prefix_tokens`` = 1)."""
+        raise NotImplementedError(f"{type(self).__name__} has no class token")
+
+    def split_prefix_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) -> the class token (B, num_prefix_tokens, D) and the other tokens (B, L - num_prefix_tokens, D)."""
+        if self.num_prefix_tokens == 0:
+            return x[:, :0], x
+        index = self.class_token_index(x.shape[1])
+        rest = x[:, 1:] if index == 0 else torch.cat([x[:, :index], x[:, index + 1 :]], dim=1)
+        return x[:, index : index + 1], rest
+
+    def format_intermediates(
+        self,
+        tokens: torch.Tensor,
+        indices: int | list[int] | None,
+        grid: tuple[int, ...] | None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NLC",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, list]:
+        """timm's ``forward_intermediates`` from embedded tokens, as every modality formats it.
+
+        Args:
+            tokens: (B, L, D) embedded tokens (:meth:`forward_trunk_intermediates` runs the blocks).
+            indices: the last n blocks if an int, these blocks if a list, all if None.
+            grid: the token grid of the non-class tokens, (H', W') or (T', H', W'); None for tokens without
+                one (point clouds), which come as "NLC" only.
+            norm: apply the final norm to the intermediates.
+            stop_early: skip the blocks after the last selected one.
+            output_fmt: "NCHW" (B, D, H', W') for a 2-D grid, "NCTHW" (B, D, T', H', W') for a 3-D one, or
+                "NLC" (B, L - num_prefix_tokens, D); the class token is removed in every format.
+            intermediates_only: return the intermediates only.
+            return_prefix_tokens: pair each intermediate with its class token (B, num_prefix_tokens, D).
+
+        Returns:
+            ``(final_tokens (B, L, D), intermediates)`` or the intermediates alone.
+        """
+        formats = ("NLC",) if grid is None else (SPATIAL_FORMATS[len(grid)], "NLC")
+        if output_fmt not in formats:
+            raise ValueError(f"output_fmt must be one of {formats} for {type(self).__name__}, got {output_fmt!r}")
+        final, intermediates = self.forward_trunk_intermediates(tokens, indices, norm=norm, stop_early=stop_early)
+        outputs = []
+        for y in intermediates:
+            prefix, patches = self.split_prefix_tokens(y)
+            if output_fmt != "NLC":
+                patches = patches.reshape(patches.shape[0], *grid, -1).movedim(-1, 1).contiguous()
+            outputs.append((patches, prefix) if return_prefix_tokens else patches)
+        return outputs if intermediates_only else (final, outputs)
+
     def linear_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
         """A (D -> num_classes) linear classifier, the identity for ``num_classes == 0``."""
         return nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
@@ -225,13 +287,18 @@ class MambaBackbone(nn.Module):
             init_linear_(self.head)
 
     def _reset_head(self, num_classes: int) -> None:
-        """A new, initialised linear ``head`` on the class token's device and dtype."""
-        self.head = new_classifier(self.embed_dim, num_classes, like=self.cls_token)
+        """A new, initialised linear ``head`` on the device and dtype of the model's parameters."""
+        self.head = new_classifier(self.embed_dim, num_classes, like=next(self.parameters()))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """The stem's ``stem_no_weight_decay`` and the trunk parameters that take no weight decay (the SSM's A and D)."""
-        trunk = {f"layers.{i}.mixer.{name}" for i in range(len(self.layers)) for name in NO_WEIGHT_DECAY_MIXER_PARAMS}
+        trunk = {
+            f"layers.{i}.mixer.{name}"
+            for i, layer in enumerate(self.layers)
+            for name, _ in layer.mixer.named_parameters()
+            if name in NO_WEIGHT_DECAY_MIXER_PARAMS
+        }
         return set(self.stem_no_weight_decay) | trunk
 
     @torch.jit.ignore
@@ -255,7 +322,8 @@ class MambaBackbone(nn.Module):
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         """(B, L, D) tokens -> (B, D) (or the tokens unchanged for pool type ""), ``global_pool`` if None.
 
-        "token" takes the class token at ``class_token_index(L)``, "avg" the mean and "max" the maximum of all tokens.
+        "token" takes the class token at ``class_token_index(L)``, "avg" the mean and "max" the maximum of all
+        tokens; "catavgmax" concatenates mean and maximum, (B, 2 D), as timm's pooling of that name does.
         """
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type == "token":
@@ -264,6 +332,8 @@ class MambaBackbone(nn.Module):
             return x.mean(dim=1)
         if pool_type == "max":
             return x.amax(dim=1)
+        if pool_type == "catavgmax":
+            return torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=1)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -216,9 +216,15 @@ class BiMambaMixer(nn.Module):
         scan_args = dict(z=z.transpose(1, 2), delta_softplus=True, backend=self.scan_backend)
         if self.directions == 1:
             y = selective_scan(
-                u[0].transpose(-1, -2), delta[0], weights.A[0], B[0], C[0],
-                D=weights.D[0], delta_bias=weights.dt_bias[0], **scan_args,
-            )  # fmt: skip
+                u[0].transpose(-1, -2),
+                delta[0],
+                weights.A[0],
+                B[0],
+                C[0],
+                D=weights.D[0],
+                delta_bias=weights.dt_bias[0],
+                **scan_args,
+            )
         else:
             y = bidirectional_selective_scan(
                 u.transpose(-1, -2), delta, weights.A, B, C, D=weights.D, delta_bias=weights.dt_bias, **scan_args

@@ -132,6 +132,7 @@ class PointMamba(MambaBackbone):
     """
 
     pool_types = get_args(PoolType)
+    num_prefix_tokens = 0
     stem_no_weight_decay = ("order_scale", "order_shift")
     stem_pattern = r"^encoder|^pos_embed|^order_"
 
@@ -251,10 +252,15 @@ class PointMamba(MambaBackbone):
         Returns:
             ``(final_tokens (B, S * G, D), intermediates)`` or the intermediates alone.
         """
-        if output_fmt != "NLC":
-            raise ValueError(f"output_fmt must be 'NLC' for point clouds (tokens have no grid), got {output_fmt!r}")
-        final, intermediates = self.forward_trunk_intermediates(self._embed(points), indices, norm=norm, stop_early=stop_early)
-        return intermediates if intermediates_only else (final, intermediates)
+        return self.format_intermediates(
+            self._embed(points),
+            indices,
+            None,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+        )
 
 
 def _create_point_mamba(variant: str, pretrained: bool = False, **kwargs) -> PointMamba:

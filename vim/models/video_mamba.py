@@ -57,8 +57,6 @@ __all__ = [
     "resample_temporal_pos_embed",
 ]
 
-OUTPUT_FORMATS = ("NCTHW", "NLC")
-
 
 class TubeletEmbed(nn.Module):
     """Clip to tubelet tokens: Conv3d with kernel = stride = (tubelet_size, patch_size, patch_size).
@@ -97,12 +95,14 @@ class TubeletEmbed(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.set_input_size(num_frames, img_size)
-
-    def set_input_size(self, num_frames: int, img_size: int | tuple[int, int]) -> None:
-        """Change the nominal clip size and the token grid ``grid_size`` (T', H', W')."""
         self.num_frames, self.img_size = num_frames, to_2tuple(img_size)
-        self.grid_size = self.dynamic_feat_size((num_frames, *self.img_size))
+        self.set_input_size()
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, num_frames: int | None = None) -> None:
+        """Change the nominal frame size and clip length (None keeps them) and the token grid ``grid_size`` (T', H', W')."""
+        self.img_size = self.img_size if img_size is None else to_2tuple(img_size)
+        self.num_frames = self.num_frames if num_frames is None else num_frames
+        self.grid_size = self.dynamic_feat_size((self.num_frames, *self.img_size))
         self.num_patches = self.grid_size[1] * self.grid_size[2]  # per frame, as the spatial pos_embed counts them
 
     def dynamic_feat_size(self, clip_size: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -236,23 +236,35 @@ class VideoMamba(MambaBackbone):
         self._init_head()
         self.init_trunk_weights()
 
-    def set_input_size(self, num_frames: int | None = None, img_size: int | tuple[int, int] | None = None) -> None:
-        """Change the nominal clip length and frame size, resampling both position embeddings."""
-        old_grid = self.patch_embed.grid_size
-        self.patch_embed.set_input_size(num_frames or self.patch_embed.num_frames, img_size or self.patch_embed.img_size)
-        pos_embed, temporal = self._position_embeddings(self.patch_embed.grid_size, old_grid)
-        with torch.no_grad():
-            self.pos_embed = nn.Parameter(pos_embed.detach().clone(), requires_grad=self.pos_embed.requires_grad)
-            self.temporal_pos_embedding = nn.Parameter(
-                temporal.detach().clone(), requires_grad=self.temporal_pos_embedding.requires_grad
-            )
+    def set_input_size(
+        self,
+        img_size: int | tuple[int, int] | None = None,
+        patch_size: int | tuple[int, int] | None = None,
+        num_frames: int | None = None,
+    ) -> None:
+        """Change the nominal frame size and clip length (timm's argument order; None keeps a setting).
 
-    def _position_embeddings(
-        self, grid: tuple[int, int, int], own_grid: tuple[int, int, int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        The position embeddings are resampled to the new token grid; a parameter whose grid axis did not
+        change is left as it is (the same ``nn.Parameter``). The patch size is fixed: ValueError if another is asked for.
+        """
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_embed.patch_size:
+            raise ValueError(f"VideoMamba cannot change patch_size from {self.patch_embed.patch_size} to {to_2tuple(patch_size)}")
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size, num_frames=num_frames)
+        new_grid = self.patch_embed.grid_size
+        with torch.no_grad():
+            if new_grid[1:] != old_grid[1:]:
+                pos_embed = resample_spatial_pos_embed(self.pos_embed, new_grid[1:], old_grid[1:])
+                self.pos_embed = nn.Parameter(pos_embed.detach().clone(), requires_grad=self.pos_embed.requires_grad)
+            if new_grid[0] != old_grid[0]:
+                temporal = resample_temporal_pos_embed(self.temporal_pos_embedding, new_grid[0])
+                self.temporal_pos_embedding = nn.Parameter(
+                    temporal.detach().clone(), requires_grad=self.temporal_pos_embedding.requires_grad
+                )
+
+    def _position_embeddings(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``pos_embed`` (1, 1 + H' * W', D) and ``temporal_pos_embedding`` (1, T', D) for the token grid ``grid``."""
-        own_grid = own_grid or self.patch_embed.grid_size
-        pos_embed = resample_spatial_pos_embed(self.pos_embed, grid[1:], own_grid[1:])
+        pos_embed = resample_spatial_pos_embed(self.pos_embed, grid[1:], self.patch_embed.grid_size[1:])
         return pos_embed, resample_temporal_pos_embed(self.temporal_pos_embedding, grid[0])
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,15 +308,17 @@ class VideoMamba(MambaBackbone):
         Returns:
             ``(final_tokens (B, 1 + T' * H' * W', D), intermediates)`` or the intermediates alone.
         """
-        if output_fmt not in OUTPUT_FORMATS:
-            raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
         grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[2:]))
-        final, intermediates = self.forward_trunk_intermediates(self._embed(x), indices, norm=norm, stop_early=stop_early)
-        patches = [y[:, 1:] for y in intermediates]
-        if output_fmt == "NCTHW":
-            patches = [y.reshape(y.shape[0], *grid, -1).permute(0, 4, 1, 2, 3).contiguous() for y in patches]
-        outputs = [(p, y[:, :1]) for p, y in zip(patches, intermediates)] if return_prefix_tokens else patches
-        return outputs if intermediates_only else (final, outputs)
+        return self.format_intermediates(
+            self._embed(x),
+            indices,
+            grid,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+            return_prefix_tokens=return_prefix_tokens,
+        )
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

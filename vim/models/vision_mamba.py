@@ -33,7 +33,7 @@ from torch import nn
 from .backbone import MambaBackbone, PoolType
 from .checkpoint import checkpoint_filter_fn
 from .patch_embed import StridedPatchEmbed
-from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed, split_middle_token
+from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed
 
 __all__ = ["VisionMamba"]
 
@@ -189,16 +189,17 @@ class VisionMamba(MambaBackbone):
         Returns:
             ``(final_tokens (B, M + 1, D), intermediates)`` or the intermediates alone.
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        height, width = x.shape[-2:]
-        final, intermediates = self.forward_trunk_intermediates(self._embed(x), indices, norm=norm, stop_early=stop_early)
-        cls_tokens, patches = zip(*(split_middle_token(y) for y in intermediates)) if intermediates else ((), ())
-        if output_fmt == "NCHW":
-            grid = self.patch_embed.dynamic_feat_size((height, width))
-            patches = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in patches]
-        outputs = list(zip(patches, cls_tokens)) if return_prefix_tokens else list(patches)
-        return outputs if intermediates_only else (final, outputs)
+        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        return self.format_intermediates(
+            self._embed(x),
+            indices,
+            grid,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+            return_prefix_tokens=return_prefix_tokens,
+        )
 
 
 def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:

@@ -1,0 +1,91 @@
+"""The shared trunk: its norm choice against the pre-norm residual definition, head reset, pooling, weight decay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vim.models import MambaBackbone
+
+
+class TokenBackbone(MambaBackbone):
+    """The trunk alone on (B, L, D) tokens: no class token, no stem."""
+
+    pool_types = ("avg", "max", "catavgmax", "")
+    num_prefix_tokens = 0
+
+    def __init__(self, norm_layer: str = "rmsnorm", directions: int = 2, global_pool: str = "avg") -> None:
+        super().__init__()
+        self.init_head_attributes(3, global_pool, 16)
+        self.build_trunk(16, 3, norm_layer=norm_layer, directions=directions, d_state=4, scan_backend="torch")
+        self.head_drop = nn.Identity()
+        self.head = self.linear_head(3)
+        self.init_trunk_weights()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_trunk(x)
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+
+
+@pytest.mark.parametrize(("norm_layer", "norm_type"), [("layernorm", nn.LayerNorm), ("rmsnorm", nn.RMSNorm)])
+@pytest.mark.parametrize("directions", [1, 2])
+def test_trunk_is_the_pre_norm_residual_chain(norm_layer: str, norm_type: type, directions: int) -> None:
+    """forward_trunk = final_norm(x_L) with x_{i+1} = x_i + mixer_i(norm_i(x_i)), as PointMamba's blocks write it."""
+    torch.manual_seed(0)
+    model = TokenBackbone(norm_layer, directions).eval()
+    _randomize_norms(model)
+    assert all(isinstance(layer.norm, norm_type) for layer in model.layers) and isinstance(model.norm_f, norm_type)
+    assert all(layer.mixer.directions == directions for layer in model.layers)
+
+    def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        if norm_layer == "layernorm":
+            return nn.functional.layer_norm(x, (16,), module.weight, module.bias, 1e-5)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * module.weight
+
+    x = torch.randn(2, 7, 16)
+    expected = x
+    for layer in model.layers:
+        expected = expected + layer.mixer(norm(expected, layer.norm))
+    expected = norm(expected, model.norm_f)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_classifier_without_a_class_token() -> None:
+    model = TokenBackbone().to(torch.float64)
+    assert not hasattr(model, "cls_token")
+    model.reset_classifier(5)
+    assert model.head.out_features == 5 and model.head.weight.dtype == torch.float64
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), nn.Identity)
+
+
+def test_catavgmax_pool_concatenates_mean_and_max() -> None:
+    model = TokenBackbone(global_pool="catavgmax")
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(model.pool(x), torch.cat([x.mean(1), x.max(1).values], dim=1))
+
+
+def test_no_weight_decay_names_only_existing_parameters() -> None:
+    for directions in (1, 2):
+        model = TokenBackbone(directions=directions)
+        names = model.no_weight_decay()
+        parameters = dict(model.named_parameters())
+        assert names <= set(parameters)
+        assert {"layers.2.mixer.A_log", "layers.2.mixer.D"} <= names
+        assert ("layers.0.mixer.A_b_log" in names) == (directions == 2)
+
+
+def test_unknown_norm_layer() -> None:
+    with pytest.raises(ValueError, match="norm_layer must be one of"):
+        TokenBackbone(norm_layer="batchnorm")
