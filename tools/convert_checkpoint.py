@@ -1,4 +1,4 @@
-"""Convert an official Vision Mamba checkpoint (.pth) to a .safetensors file of its weights.
+"""Convert a released checkpoint (.pth of Vim, VideoMamba or PointMamba) to a .safetensors file of its weights.
 
 Usage::
 
@@ -6,10 +6,11 @@ Usage::
         [--model vim_tiny_patch16_224] [--no-ema]
 
 The .pth is read without executing pickled code (see :func:`vim.models.load_official_checkpoint`);
-the weights (``"model_ema"`` if present, unless ``--no-ema``, else ``"model"``) are written
-unchanged, official key names included, so the result loads with
+the weights (``"model_ema"`` if present, unless ``--no-ema``, else ``"model"`` or ``"base_model"``) are
+written unchanged, official key names included, so the result loads with
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``. With
-``--model`` every key and shape is checked against that architecture first.
+``--model`` every key and shape is checked against that architecture first, after the family's
+``checkpoint_filter_fn`` has mapped them (renamed, resampled or inflated).
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import vim.models  # noqa: F401  (registers the models)
-from vim.models import checkpoint_filter_fn, load_official_checkpoint
+from vim.models import load_official_checkpoint
 
 
 def check_against_model(state_dict: dict[str, torch.Tensor], model_name: str) -> None:
-    """Raise ValueError unless ``state_dict`` has exactly the keys and shapes of ``model_name``."""
+    """Raise ValueError unless ``state_dict``, mapped by the family's filter, has the keys and shapes of ``model_name``."""
     model = timm.create_model(model_name, device="meta")
-    checkpoint_filter_fn(state_dict, model)  # raises on a shape mismatch, naming the key
-    expected, found = set(model.state_dict()), set(state_dict)
+    mapped = model.checkpoint_filter(state_dict)  # raises on a shape mismatch, naming the key
+    expected, found = set(model.state_dict()), set(mapped)
     if expected != found:
         raise ValueError(
             f"the checkpoint does not match {model_name}: missing keys {sorted(expected - found)[:10]}, "

@@ -1,19 +1,20 @@
 """Vision Mamba backbones; importing this package registers the models with timm.
 
-Modules: :mod:`.mixer` (the bidirectional Mamba mixer), :mod:`.block` (the residual block),
+Modules: :mod:`.mixer` (the Mamba mixer, one or two directions), :mod:`.block` (the residual block),
 :mod:`.backbone` (the trunk shared by every modality), :mod:`.patch_embed`, :mod:`.pos_embed`
 (middle class token), :mod:`.vision_mamba` (the timm image backbones), :mod:`.checkpoint`
-(official checkpoints), and the video / point-cloud backbones :mod:`.video_mamba`, :mod:`.point_mamba`.
+(the safe reader and loading path of released checkpoints), :mod:`.weights` (released weights by name),
+and the video / point-cloud backbones :mod:`.video_mamba`, :mod:`.point_mamba`.
 """
 
 from . import point_mamba, video_mamba  # noqa: F401  (register the PointMamba and VideoMamba models with timm)
 from .backbone import MambaBackbone, drop_path_schedule
 from .block import MambaBlock
-from .checkpoint import checkpoint_filter_fn, load_official_checkpoint
+from .checkpoint import load_checkpoint_into, load_official_checkpoint
 from .mixer import BiMambaMixer
 from .patch_embed import StridedPatchEmbed
 from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed, split_middle_token
-from .vision_mamba import VisionMamba
+from .vision_mamba import VisionMamba, checkpoint_filter_fn
 
 __all__ = [
     "BiMambaMixer",
@@ -24,6 +25,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "drop_path_schedule",
     "insert_middle_token",
+    "load_checkpoint_into",
     "load_official_checkpoint",
     "middle_token_index",
     "resample_middle_token_pos_embed",

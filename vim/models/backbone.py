@@ -36,12 +36,14 @@ timm's model API on top of it: the head attributes (``num_classes``, ``global_po
 ``pool_types``, ``num_features``, ``head_hidden_size``, ``embed_dim``), ``pool``, ``forward_head``,
 ``forward``, ``get_classifier``, ``reset_classifier`` (a linear ``head`` with ``head_drop`` unless a
 subclass overrides ``_reset_head`` / ``forward_head``), ``no_weight_decay``, ``group_matcher`` and
-``prune_intermediate_layers``.
+``prune_intermediate_layers``; and the weight loading every family shares (``load_pretrained``, timm's
+``custom_load`` hook, through the family's ``checkpoint_filter``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import torch
@@ -51,6 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .block import MambaBlock, NormLayer, create_norm
+from .checkpoint import load_checkpoint_into, unwrap_state_dict
 
 __all__ = ["MambaBackbone", "PoolType", "drop_path_schedule"]
 
@@ -289,6 +292,18 @@ class MambaBackbone(nn.Module):
     def _reset_head(self, num_classes: int) -> None:
         """A new, initialised linear ``head`` on the device and dtype of the model's parameters."""
         self.head = new_classifier(self.embed_dim, num_classes, like=next(self.parameters()))
+
+    def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
+        """Map a released or exported state dict onto this model; each family calls its ``checkpoint_filter_fn``."""
+        return unwrap_state_dict(state_dict)
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook: load the local file timm resolved (given, or downloaded from a URL or the Hub).
+
+        See :func:`~vim.models.checkpoint.load_checkpoint_into`; every source goes through the same safe reader.
+        """
+        load_checkpoint_into(self, checkpoint_path)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

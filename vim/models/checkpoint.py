@@ -1,48 +1,72 @@
-"""Official Vision Mamba checkpoints: safe loading and mapping onto our models.
+"""Released checkpoints: one safe reader and one loading path for every family and every weight source.
 
 API::
 
-    state_dict = load_official_checkpoint("vim_t_midclstok_76p1acc.pth")    # or a .safetensors file
-    state_dict = checkpoint_filter_fn(state_dict, model)                    # timm's pretrained_filter_fn
+    state_dict = load_official_checkpoint("vim_t_midclstok_76p1acc.pth")   # any family's .pth, or a .safetensors file
+    load_checkpoint_into(model, "finetune_modelnet.pth")                    # read, map (the family's filter), load
+    model = build_backbone(VisionMamba, "vim_tiny_patch16_224", pretrained, **kwargs)   # the families' timm builder
 
-The released Vim files are training checkpoints: the weights sit under ``"model"`` (and
-``"model_ema"`` when EMA was on) next to optimizer/scheduler state and an ``argparse.Namespace``
-of the run's arguments. They are read with ``torch.load(weights_only=True)``, allowing only
-:data:`SAFE_GLOBALS`, so no pickled code runs. Our parameter names equal the official ones, so the
-filter only unwraps the weights, strips a DDP ``module.`` prefix, resamples ``pos_embed`` to the
-model's token grid and checks the shapes.
+The released files are training checkpoints: the weights sit under ``"model"`` (Vim, VideoMamba; also
+``"model_ema"`` when EMA was on) or ``"base_model"`` (PointMamba), next to optimizer / scheduler state,
+metrics and often an ``argparse.Namespace`` of the run's arguments. They are read with
+``torch.load(weights_only=True)``, allowing only :data:`SAFE_GLOBALS`, so no pickled code runs.
+
+Every registered model of ours is built by :func:`build_backbone`, which sets timm's ``custom_load``: timm
+resolves the weight source as usual (a ``pretrained_cfg_overlay`` file, a URL downloaded into torch hub's
+cache, a Hugging Face Hub file downloaded into its cache) and hands the local file to the model's
+``load_pretrained``, which calls :func:`load_checkpoint_into`. So a file is read the same way whether it came
+from disk, a URL or the Hub. :func:`load_checkpoint_into` reads it with :func:`load_official_checkpoint`,
+maps it with the family's ``checkpoint_filter_fn`` (``model.checkpoint_filter``), adapts the input channels of
+a 2-D patch kernel and drops a classifier that does not fit (both as timm does), then loads it with every key
+accounted for: a missing or unexpected key is refused, naming it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from timm.models import adapt_input_conv, build_model_with_cfg
 from torch import nn
 
-from .pos_embed import resample_middle_token_pos_embed
+__all__ = [
+    "CUSTOM_LOAD",
+    "SAFE_GLOBALS",
+    "build_backbone",
+    "checked",
+    "classifier_keys",
+    "load_checkpoint_into",
+    "load_official_checkpoint",
+    "square_grid",
+    "unwrap_state_dict",
+]
 
-__all__ = ["SAFE_GLOBALS", "checkpoint_filter_fn", "load_official_checkpoint", "unwrap_state_dict"]
+_logger = logging.getLogger(__name__)
 
 SAFE_GLOBALS: list = [argparse.Namespace]
 """Non-tensor types a released checkpoint may hold that ``torch.load(weights_only=True)`` accepts."""
 
-CLASSIFIER_KEYS = ("head.weight", "head.bias")
-"""Keys whose shapes follow ``num_classes``: timm's loader drops them when the class count differs."""
+WEIGHT_KEYS = ("model", "base_model", "state_dict")
+"""Where training checkpoints keep the model weights: Vim / VideoMamba / DeiT, PointMamba, Lightning."""
+
+CUSTOM_LOAD = "hf"
+"""timm's ``custom_load`` value that sends every source, Hugging Face Hub included, to ``model.load_pretrained``."""
 
 
 def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The model weights of a training checkpoint, keys without a DDP ``module.`` prefix.
 
     Args:
-        checkpoint: a state dict, or a dict holding one under ``"model_ema"``, ``"model"`` or ``"state_dict"``.
+        checkpoint: a state dict, or a dict holding one under ``"model_ema"`` or :data:`WEIGHT_KEYS`.
         use_ema: take ``"model_ema"`` when the checkpoint has it.
     """
-    for key in (("model_ema",) if use_ema else ()) + ("model", "state_dict"):
+    for key in (("model_ema",) if use_ema else ()) + WEIGHT_KEYS:
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break
@@ -50,18 +74,18 @@ def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = True) -> dict[str, to
 
 
 def load_official_checkpoint(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Read a released Vim ``.pth`` (or a ``.safetensors`` file) without executing pickled code.
+    """Read a released ``.pth`` (Vim, VideoMamba, PointMamba) or a ``.safetensors`` file without executing pickled code.
 
     Args:
         path: the checkpoint file.
         use_ema: take the EMA weights when the checkpoint has them.
 
     Returns:
-        The model's state dict (official parameter names).
+        The model's state dict (the file's own parameter names).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file holds pickled objects outside :data:`SAFE_GLOBALS`.
+        ValueError: the file holds pickled objects outside :data:`SAFE_GLOBALS`, or no dict of weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -84,50 +108,117 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = True) -> dict[str
     return unwrap_state_dict(checkpoint, use_ema)
 
 
-def _square_grid(num_patches: int, key: str) -> tuple[int, int]:
+def square_grid(num_patches: int, key: str) -> tuple[int, int]:
+    """The (side, side) grid of ``num_patches`` position-embedding rows; ValueError naming ``key`` if not square."""
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise ValueError(f"checkpoint key {key!r}: {num_patches} patch positions do not form a square grid")
     return side, side
 
 
-def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map an official Vim state dict (or a whole training checkpoint) onto ``model``.
-
-    ``pos_embed`` is resampled to the model's token grid when the image size or stride differs
-    (the checkpoint's grid is taken to be square).
-
-    Raises:
-        ValueError: naming the key and both shapes, when a tensor cannot fit the model. The
-            classifier and the patch embedding's input channels are left to timm's loader, which
-            adapts them to ``num_classes`` / ``in_chans``.
-    """
-    state_dict = unwrap_state_dict(state_dict)
-    expected = model.state_dict()
-    out = {}
-    for key, value in state_dict.items():
-        if key == "pos_embed" and key in expected and value.shape != expected[key].shape:
-            value = resample_middle_token_pos_embed(
-                value, new_size=model.patch_embed.grid_size, old_size=_square_grid(value.shape[1] - 1, key)
-            )
-        out[key] = checked(key, value, expected)
-    return out
+def classifier_keys(model: nn.Module, keys: Any) -> list[str]:
+    """The entries of ``keys`` under the classifier that ``model.pretrained_cfg["classifier"]`` names ("head" without a cfg)."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return [key for key in keys if any(key.startswith(f"{name}.") for name in names)]
 
 
-def checked(key: str, value: torch.Tensor, expected: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def checked(key: str, value: torch.Tensor, expected: Mapping[str, torch.Tensor], classifier: Any = ()) -> torch.Tensor:
     """``value`` for ``key`` once it fits the model's ``expected`` state dict (keys the model lacks pass).
 
     Raises:
-        ValueError: naming the key and both shapes. The classifier is left to timm's loader, which drops or
-            adapts it for another ``num_classes``; so are a 2-D patch kernel's input channels.
+        ValueError: naming the key and both shapes. Keys in ``classifier`` are left to the loader, which drops a
+            classifier of another size; so are a 2-D patch kernel's input channels, which it adapts.
     """
-    if key in expected and key not in CLASSIFIER_KEYS and not _fits(key, value, expected[key]):
+    if key in expected and key not in classifier and not _fits(key, value, expected[key]):
         raise ValueError(f"checkpoint key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
     return value
 
 
 def _fits(key: str, value: torch.Tensor, target: torch.Tensor) -> bool:
     if key == "patch_embed.proj.weight" and value.dim() == target.dim() == 4:
-        # in_chans may differ: timm's loader adapts the input channels afterwards
+        # in_chans may differ: the loader adapts the input channels afterwards
         return value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]
     return value.shape == target.shape
+
+
+def _adapt_input_conv(model: nn.Module, state_dict: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """timm's adaptation of a 2-D first conv to the model's input channels (e.g. RGB weights for a grey model)."""
+    first_conv = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    key = f"{first_conv}.weight"
+    if first_conv and key in state_dict and key in expected and state_dict[key].dim() == 4:
+        channels = expected[key].shape[1]
+        if state_dict[key].shape[1] != channels:
+            state_dict[key] = adapt_input_conv(channels, state_dict[key], base_chans=state_dict[key].shape[1])
+
+
+def load_checkpoint_into(model: nn.Module, path: str | Path, use_ema: bool = True, strict: bool = True) -> list[str]:
+    """Load a released or exported weights file into ``model`` through its family's filter.
+
+    The file is read by :func:`load_official_checkpoint`, mapped by ``model.checkpoint_filter`` (the family's
+    ``checkpoint_filter_fn``: renames, resampled position embeddings, inflation), the input channels of a 2-D
+    patch kernel are adapted, and a classifier that does not fit the model (another ``num_classes``, or none)
+    is dropped: the model's classifier keeps its initialisation.
+
+    Args:
+        model: one of our backbones (anything with ``checkpoint_filter`` and timm's ``pretrained_cfg``).
+        path: the file.
+        use_ema: take the EMA weights when the checkpoint has them.
+        strict: refuse missing and unexpected keys (the dropped classifier aside).
+
+    Returns:
+        The classifier keys that were dropped.
+
+    Raises:
+        FileNotFoundError, ValueError: from :func:`load_official_checkpoint`; ValueError naming the keys that are
+            missing, unexpected or of the wrong shape.
+    """
+    state_dict = model.checkpoint_filter(load_official_checkpoint(path, use_ema=use_ema))
+    expected = model.state_dict()
+    _adapt_input_conv(model, state_dict, expected)
+    classifier = classifier_keys(model, set(state_dict) | set(expected))
+    replace_classifier = not all(
+        key in state_dict and key in expected and state_dict[key].shape == expected[key].shape for key in classifier
+    )  # another class count, a headless model, or a file without a classifier (a pre-training checkpoint)
+    dropped = [key for key in classifier if key in state_dict] if replace_classifier else []
+    for key in dropped:
+        del state_dict[key]
+    if dropped:
+        _logger.info("%s: classifier %s left at its initialisation (it does not fit the model)", path, sorted(dropped))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [key for key in missing if not (replace_classifier and key in classifier)]
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: missing keys {_listed(missing)}, "
+            f"unexpected keys {_listed(unexpected)}"
+        )
+    return dropped
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
+
+
+def _filter_with_model(state_dict: Mapping, model: nn.Module) -> dict[str, torch.Tensor]:
+    return model.checkpoint_filter(state_dict)
+
+
+def build_backbone(model_cls: type[nn.Module], variant: str, pretrained: bool = False, feature_cfg: dict | None = None, **kwargs):
+    """timm's ``build_model_with_cfg`` for our families, with every weight source read by :func:`load_checkpoint_into`.
+
+    ``custom_load`` is set on the resolved pretrained cfg, including when ``pretrained_cfg_overlay`` names a file
+    (timm resets it there otherwise); a ``state_dict`` overlay goes through the family's filter as well.
+    ``out_indices`` (default 3) and ``feature_cfg`` configure ``features_only`` (intermediates through
+    ``forward_intermediates``).
+    """
+    out_indices = kwargs.pop("out_indices", 3)
+    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "custom_load": CUSTOM_LOAD}
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=_filter_with_model,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", **(feature_cfg or {})),
+        **kwargs,
+    )

@@ -28,10 +28,11 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .backbone import MambaBackbone, init_linear_, new_classifier
+from .checkpoint import CUSTOM_LOAD, build_backbone
 from .point_ops import ORDERS, gather_points, group_points, serialization_order
 
 __all__ = ["PointGroupEncoder", "PointMamba", "PointMambaHead", "check_point_batch"]
@@ -264,12 +265,11 @@ class PointMamba(MambaBackbone):
 
 
 def _create_point_mamba(variant: str, pretrained: bool = False, **kwargs) -> PointMamba:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    return build_backbone(
         PointMamba,
         variant,
         pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", output_fmt="NLC"),
+        feature_cfg=dict(output_fmt="NLC"),
         kwargs_filter=("in_chans",),  # timm derives it from input_size; a cloud always has 3 coordinates
         **kwargs,
     )
@@ -289,6 +289,7 @@ def _cfg(num_points: int = 1024, num_classes: int = 40, **kwargs) -> dict[str, A
         "paper_name": "PointMamba: A Simple State Space Model for Point Cloud Analysis",
         "origin_url": "https://github.com/LMD0311/PointMamba",
         "notes": ("input: (B, N, 3) xyz, centred and scaled to the unit sphere; N = input_size[-1]",),
+        "custom_load": CUSTOM_LOAD,
         **kwargs,
     }
 

@@ -31,6 +31,7 @@ one did. Registered: ``videomamba_{tiny,small,middle}`` and the small ``test_vid
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,11 +41,19 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
 
 from .backbone import MambaBackbone, PoolType
-from .checkpoint import CLASSIFIER_KEYS, _square_grid, checked, load_official_checkpoint, unwrap_state_dict
+from .checkpoint import (
+    CUSTOM_LOAD,
+    build_backbone,
+    checked,
+    classifier_keys,
+    load_checkpoint_into,
+    square_grid,
+    unwrap_state_dict,
+)
 from .pos_embed import split_middle_token
 
 __all__ = [
@@ -284,6 +293,9 @@ class VideoMamba(MambaBackbone):
         """Position of the class token: the front, 0."""
         return 0
 
+    def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, self)
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -355,71 +367,74 @@ def inflate_image_state_dict(
     return out
 
 
-def checkpoint_filter_fn(state_dict: Mapping, model: VideoMamba) -> dict[str, torch.Tensor]:
-    """Map a VideoMamba or image (Vim) state dict, or a whole training checkpoint, onto ``model``.
+VIDEOMAMBA_IMAGE_TAGS = ("in1k",)
+"""Tags whose file is a VideoMamba image model (class token in front, directions summed), not a Vim one."""
 
-    Image checkpoints (a 4-D patch kernel) are inflated with :func:`inflate_image_state_dict` (Vim layout
-    assumed: middle class token, averaged directions). ``pos_embed`` is resampled to the model's frame size
-    (the checkpoint's grid is taken to be square) and ``temporal_pos_embedding`` to its frame count.
+
+def checkpoint_filter_fn(state_dict: Mapping, model: VideoMamba) -> dict[str, torch.Tensor]:
+    """Map a VideoMamba or image state dict, or a whole training checkpoint, onto ``model``.
+
+    Image checkpoints (a 4-D patch kernel) are inflated with :func:`inflate_image_state_dict`: in the Vim layout
+    (middle class token, averaged directions), or in VideoMamba's image layout (front class token, summed
+    directions) when the model was created with a tag of :data:`VIDEOMAMBA_IMAGE_TAGS` (``videomamba_tiny.in1k``).
+    ``pos_embed`` is resampled to the model's frame size (the checkpoint's grid is taken to be square) and
+    ``temporal_pos_embedding`` to its frame count.
 
     Raises:
         ValueError: naming the key and both shapes, when a tensor cannot fit the model (the classifier is left
-            to timm's loader, which drops it when ``num_classes`` differs).
+            to the loader, which drops it when ``num_classes`` differs).
     """
     state_dict = unwrap_state_dict(state_dict)
     if state_dict.get("patch_embed.proj.weight", torch.empty(0)).dim() == 4:
-        state_dict = inflate_image_state_dict(state_dict, model)
+        vim_layout = getattr(model, "pretrained_cfg", {}).get("tag") not in VIDEOMAMBA_IMAGE_TAGS
+        state_dict = inflate_image_state_dict(state_dict, model, middle_cls_token=vim_layout, divide_out=vim_layout)
     expected = model.state_dict()
+    classifier = classifier_keys(model, state_dict)
     out = {}
     for key, value in state_dict.items():
         if key == "pos_embed" and value.shape != expected[key].shape:
-            old_grid = _square_grid(value.shape[1] - 1, key)
+            old_grid = square_grid(value.shape[1] - 1, key)
             value = resample_spatial_pos_embed(value, model.patch_embed.grid_size[1:], old_grid)
         elif key == "temporal_pos_embedding":
             value = resample_temporal_pos_embed(value, model.patch_embed.grid_size[0])
-        out[key] = checked(key, value, expected)
+        out[key] = checked(key, value, expected, classifier)
     return out
 
 
 def load_video_checkpoint(model: VideoMamba, path: str | Path, use_ema: bool = True, strict: bool = True) -> None:
     """Load a released VideoMamba / Vim ``.pth`` (or a ``.safetensors`` file) into ``model``, safely.
 
-    The file is read by :func:`~vim.models.checkpoint.load_official_checkpoint` (no pickled code runs) and
-    mapped by :func:`checkpoint_filter_fn`; a classifier for another class count is skipped with a warning.
+    :func:`~vim.models.checkpoint.load_checkpoint_into` reads the file (no pickled code runs) and maps it with
+    :func:`checkpoint_filter_fn`; a classifier for another class count is skipped with a warning.
     """
-    state_dict = checkpoint_filter_fn(load_official_checkpoint(path, use_ema=use_ema), model)
-    expected = model.state_dict()
-    mismatched = [k for k in CLASSIFIER_KEYS if k in state_dict and k in expected and state_dict[k].shape != expected[k].shape]
-    if mismatched:
+    dropped = load_checkpoint_into(model, path, use_ema=use_ema, strict=strict)
+    if dropped:
         warnings.warn(
-            f"{path}: classifier of shape {tuple(state_dict[mismatched[0]].shape)} does not fit num_classes={model.num_classes}; "
-            "the head keeps its initialisation",
+            f"{path}: the checkpoint's classifier ({', '.join(sorted(dropped))}) does not fit "
+            f"num_classes={model.num_classes}; the head keeps its initialisation",
             stacklevel=2,
         )
-        for key in mismatched:
-            del state_dict[key]
-    model.load_state_dict(state_dict, strict=strict and not mismatched)
 
 
 # --------------------------------------------------------------------------------------------- registry
 def _create_video_mamba(variant: str, pretrained: bool = False, **kwargs) -> VideoMamba:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        VideoMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    """Build through :func:`~vim.models.checkpoint.build_backbone`; a ``_f<T>`` tag sets the default ``num_frames``."""
+    tag = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg")).tag or ""
+    clip_length = re.search(r"_f(\d+)$", tag)
+    if clip_length:
+        kwargs.setdefault("num_frames", int(clip_length.group(1)))
+    return build_backbone(VideoMamba, variant, pretrained, **kwargs)
 
 
 OFFICIAL_URL = "https://pjlab-gvm-data.oss-cn-shanghai.aliyuncs.com/videomamba/"
+OFFICIAL_HF_HUB_ID = "OpenGVLab/VideoMamba"
 
 
 def _cfg(file: str = "", **kwargs) -> dict[str, Any]:
+    """A pretrained cfg; ``file``: the released file's name, hosted on the Hugging Face Hub and at the official URL."""
+    source = dict(url=OFFICIAL_URL + file, hf_hub_id=OFFICIAL_HF_HUB_ID, hf_hub_filename=file) if file else dict(url="")
     return {
-        "url": OFFICIAL_URL + file if file else "",
+        **source,
         "num_classes": 400,
         "input_size": (3, 224, 224),
         "pool_size": None,
@@ -434,23 +449,31 @@ def _cfg(file: str = "", **kwargs) -> dict[str, Any]:
         "paper_ids": "arXiv:2403.06977",
         "paper_name": "VideoMamba: State Space Model for Efficient Video Understanding",
         "origin_url": "https://github.com/OpenGVLab/VideoMamba",
+        "custom_load": CUSTOM_LOAD,  # released .pth files hold an argparse.Namespace: our safe reader loads every source
         **kwargs,
     }
 
 
-# Tags name the released weights' clip length (f8 / f16): create the model with that ``num_frames``, or the
-# temporal embedding is resampled to yours.
+RELEASED_WEIGHTS = (
+    # (tag, file name after "videomamba_<t|s|m>16_", num_classes), as OpenGVLab/VideoMamba's model zoo lists them
+    ("k400_f8", "k400_f8_res224.pth", 400),
+    ("k400_f16", "k400_f16_res224.pth", 400),
+    ("k400_f32", "k400_f32_res224.pth", 400),
+    ("k400_f64", "k400_f64_res224.pth", 400),
+    ("ssv2_f8", "ssv2_f8_res224.pth", 174),
+    ("ssv2_f16", "ssv2_f16_res224.pth", 174),
+    ("in1k", "in1k_res224.pth", 1000),  # the ImageNet-1K image model, inflated (VideoMamba's own init for video)
+)
+
+# A "_f<T>" tag is a clip length: the model gets that num_frames unless given another (then the temporal
+# embedding is resampled). An "in1k" tag inflates the image weights to any num_frames (8 by default).
 default_cfgs = generate_default_cfgs(
     {
-        "videomamba_tiny.k400_f8": _cfg("videomamba_t16_k400_f8_res224.pth"),
-        "videomamba_tiny.k400_f16": _cfg("videomamba_t16_k400_f16_res224.pth"),
-        "videomamba_tiny.ssv2_f8": _cfg("videomamba_t16_ssv2_f8_res224.pth", num_classes=174),
-        "videomamba_small.k400_f8": _cfg("videomamba_s16_k400_f8_res224.pth"),
-        "videomamba_small.k400_f16": _cfg("videomamba_s16_k400_f16_res224.pth"),
-        "videomamba_small.ssv2_f8": _cfg("videomamba_s16_ssv2_f8_res224.pth", num_classes=174),
-        "videomamba_middle.k400_f8": _cfg("videomamba_m16_k400_f8_res224.pth"),
-        "videomamba_middle.k400_f16": _cfg("videomamba_m16_k400_f16_res224.pth"),
-        "videomamba_middle.ssv2_f8": _cfg("videomamba_m16_ssv2_f8_res224.pth", num_classes=174),
+        **{
+            f"videomamba_{size}.{tag}": _cfg(f"videomamba_{size[0]}16_{file}", num_classes=num_classes)
+            for size in ("tiny", "small", "middle")
+            for tag, file, num_classes in RELEASED_WEIGHTS
+        },
         "test_videomamba.untrained": _cfg(input_size=(3, 32, 32), num_classes=10),
     }
 )

@@ -22,20 +22,21 @@ resampled to the token grid of each input; at the nominal size nothing changes).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import lecun_normal_, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .backbone import MambaBackbone, PoolType
-from .checkpoint import checkpoint_filter_fn
+from .checkpoint import CUSTOM_LOAD, build_backbone, checked, classifier_keys, square_grid, unwrap_state_dict
 from .patch_embed import StridedPatchEmbed
 from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed
 
-__all__ = ["VisionMamba"]
+__all__ = ["VisionMamba", "checkpoint_filter_fn"]
 
 
 # torch.fx autowraps no-trace functions only in the module of the traced forward (MambaBackbone's):
@@ -165,6 +166,9 @@ class VisionMamba(MambaBackbone):
         """Position of the class token in a sequence of ``num_tokens`` = M + 1: the middle, M // 2."""
         return middle_token_index(num_tokens)
 
+    def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, self)
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -202,16 +206,32 @@ class VisionMamba(MambaBackbone):
         )
 
 
+def checkpoint_filter_fn(state_dict: Mapping, model: VisionMamba) -> dict[str, torch.Tensor]:
+    """Map an official Vim state dict (or a whole training checkpoint) onto ``model``.
+
+    Our parameter names equal the official ones: the weights are unwrapped, a DDP ``module.`` prefix is
+    stripped, and ``pos_embed`` is resampled to the model's token grid when the image size or stride differs
+    (the checkpoint's grid is taken to be square).
+
+    Raises:
+        ValueError: naming the key and both shapes, when a tensor cannot fit the model. The classifier and the
+            patch embedding's input channels are left to the loader, which adapts them to ``num_classes`` / ``in_chans``.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    expected = model.state_dict()
+    classifier = classifier_keys(model, state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if key == "pos_embed" and key in expected and value.shape != expected[key].shape:
+            value = resample_middle_token_pos_embed(
+                value, new_size=model.patch_embed.grid_size, old_size=square_grid(value.shape[1] - 1, key)
+            )
+        out[key] = checked(key, value, expected, classifier)
+    return out
+
+
 def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        VisionMamba,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_backbone(VisionMamba, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict[str, Any]:
@@ -231,6 +251,7 @@ def _cfg(url: str = "", **kwargs) -> dict[str, Any]:
         "paper_ids": "arXiv:2401.09417",
         "paper_name": "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model",
         "origin_url": "https://github.com/hustvl/Vim",
+        "custom_load": CUSTOM_LOAD,  # released .pth files hold an argparse.Namespace: our safe reader loads every source
         **kwargs,
     }
 
