@@ -8,6 +8,7 @@ import torch
 
 from vim.models.point_ops import (
     farthest_point_sample,
+    grid_cells,
     group_points,
     hilbert_encode,
     knn_indices,
@@ -22,6 +23,35 @@ def loop_fps(points: np.ndarray, count: int) -> list[int]:
     for _ in range(count - 1):
         nearest = np.minimum(nearest, ((points - points[chosen[-1]]) ** 2).sum(-1))
         chosen.append(int(nearest.argmax()))
+    return chosen
+
+
+def pointnet2_kernel_fps(points: np.ndarray, count: int) -> list[int]:
+    """pointnet2_ops' CUDA furthest_point_sampling_kernel, thread by thread, in float32 (one cloud)."""
+    n = len(points)
+    threads = max(min(2 ** int(np.log(n) / np.log(2)), 512), 1)  # opt_n_threads
+    x = points.astype(np.float32)
+    temp = np.full(n, 1e10, dtype=np.float32)
+    chosen = [0]
+    for _ in range(count - 1):
+        x1, y1, z1 = x[chosen[-1]]
+        best, best_index = np.full(threads, -1.0, dtype=np.float32), np.zeros(threads, dtype=np.int64)
+        for tid in range(threads):
+            for k in range(tid, n, threads):
+                x2, y2, z2 = x[k]
+                if float(x2 * x2 + y2 * y2 + z2 * z2) <= 1e-3:  # float compared with a double literal
+                    continue
+                d2 = min((x2 - x1) * (x2 - x1) + (y2 - y1) * (y2 - y1) + (z2 - z1) * (z2 - z1), temp[k])
+                temp[k] = d2
+                if d2 > best[tid]:
+                    best[tid], best_index[tid] = d2, k
+        stride = threads // 2
+        while stride >= 1:  # the shared-memory tree reduction; the lower slot wins ties
+            for tid in range(stride):
+                if best[tid + stride] > best[tid]:
+                    best[tid], best_index[tid] = best[tid + stride], best_index[tid + stride]
+            stride //= 2
+        chosen.append(int(best_index[0]))
     return chosen
 
 
@@ -43,6 +73,26 @@ def test_fps_and_knn_match_loops():
             assert knn[b, g].tolist() == np.argsort(distances)[:5].tolist()
 
 
+@pytest.mark.parametrize(
+    ("name", "points"),
+    [
+        ("random", torch.rand(2, 100, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1),  # 64 threads
+        ("lattice ties", torch.cartesian_prod(*[torch.arange(-2.0, 3.0)] * 3)[None] / 2),  # 125 points, many ties
+        ("near the origin", torch.cat([torch.zeros(1, 3, 3), torch.full((1, 5, 3), 0.01), torch.rand(1, 40, 3) + 0.5], 1)),
+        ("all skipped", torch.full((1, 20, 3), 0.001)),
+        ("more than 512", torch.randint(-3, 4, (1, 1100, 3), generator=torch.Generator().manual_seed(1)).float()),
+    ],
+)
+def test_pointnet2_fps_picks_as_the_cuda_kernel(name, points):
+    """Start at 0, never a point within sqrt(1e-3) of the origin, ties in the kernel's thread-reduction order."""
+    count = 6 if points.shape[1] > 500 else 12
+    fps = farthest_point_sample(points, count, pointnet2=True)
+    for b in range(points.shape[0]):
+        assert fps[b].tolist() == pointnet2_kernel_fps(points[b].numpy(), count), name
+    if name == "near the origin":
+        assert not (fps[0, 1:] < 6).any()  # the zeros and the 0.01-points are never picked after point 0
+
+
 def test_group_points_are_centred_neighbourhoods():
     points = torch.rand(2, 40, 3, generator=torch.Generator().manual_seed(1))
     groups, centres = group_points(points, num_groups=5, group_size=6)
@@ -62,6 +112,50 @@ def test_hilbert_is_a_continuous_bijection(bits):
     path = cells[codes.argsort()]
     steps = (path[1:] - path[:-1]).abs().sum(-1)
     assert torch.all(steps == 1)  # consecutive cells are face neighbours: a Hilbert curve, not a z-order
+
+
+def bit_array_hilbert(cells: np.ndarray, bits: int) -> np.ndarray:
+    """Skilling's transform on (n, 3, bits) bit arrays, most significant bit first, the layout of the
+    numpy-hilbert-curve code that PointMamba's hilbert.py adapts: per bit and axis invert or exchange the
+    lower bits, interleave the axes bit by bit, then Gray-decode the whole string (a running XOR)."""
+    gray = ((cells[:, :, None] >> np.arange(bits - 1, -1, -1)) & 1).astype(bool)  # (n, 3, bits)
+    for bit in range(bits):
+        for axis in range(3):
+            on = gray[:, axis, bit].copy()
+            gray[:, 0, bit + 1 :] ^= on[:, None]
+            swap = ~on[:, None] & (gray[:, 0, bit + 1 :] ^ gray[:, axis, bit + 1 :])
+            gray[:, axis, bit + 1 :] ^= swap
+            gray[:, 0, bit + 1 :] ^= swap
+    binary = np.logical_xor.accumulate(gray.transpose(0, 2, 1).reshape(len(cells), -1), axis=1)
+    return (binary * (1 << np.arange(3 * bits - 1, -1, -1))).sum(1)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 6, 7])
+def test_hilbert_equals_the_official_bit_array_encoding(bits):
+    cells = np.random.default_rng(bits).integers(0, 2**bits, size=(300, 3))
+    assert hilbert_encode(torch.from_numpy(cells), bits).tolist() == bit_array_hilbert(cells, bits).tolist()
+
+
+def test_fixed_cell_serialisation_is_pointmambas():
+    """floor(p / 0.02) minus each cloud's minimum per axis; depth = bit length of the batch's largest cell."""
+    generator = torch.Generator().manual_seed(4)
+    small, large = torch.rand(1, 40, 3, generator=generator) * 0.6, torch.rand(1, 40, 3, generator=generator) * 2 - 1
+    batch = torch.cat([small, large])
+    cells, bits = grid_cells(batch, 0.02)
+    reference = np.floor(batch.numpy() / np.float32(0.02)).astype(np.int64)
+    reference -= reference.min(axis=1, keepdims=True)
+    assert cells.tolist() == reference.tolist() and bits == int(reference.max()).bit_length() == 7
+    for order, axes in (("hilbert", [0, 1, 2]), ("hilbert-trans", [1, 0, 2])):
+        perm = serialization_order(batch, order, cell_size=0.02)
+        for b in range(2):
+            codes = bit_array_hilbert(reference[b][:, axes], bits)
+            assert perm[b].tolist() == np.argsort(codes, kind="stable").tolist()
+    # alone, the small cloud needs 5 bits, and the curve's orientation changes with the depth: as upstream
+    # (Pointcept computes the depth over the batch), its order depends on the batch it is in
+    assert grid_cells(small, 0.02)[1] == 5
+    assert not torch.equal(
+        serialization_order(small, "hilbert", cell_size=0.02)[0], serialization_order(batch, "hilbert", cell_size=0.02)[0]
+    )
 
 
 def test_z_order_is_bit_interleaving():
