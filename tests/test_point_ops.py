@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pointmamba_reference import bit_array_hilbert, pointnet2_kernel_fps
 
 from vim.models.point_ops import (
     farthest_point_sample,
@@ -23,35 +24,6 @@ def loop_fps(points: np.ndarray, count: int) -> list[int]:
     for _ in range(count - 1):
         nearest = np.minimum(nearest, ((points - points[chosen[-1]]) ** 2).sum(-1))
         chosen.append(int(nearest.argmax()))
-    return chosen
-
-
-def pointnet2_kernel_fps(points: np.ndarray, count: int) -> list[int]:
-    """pointnet2_ops' CUDA furthest_point_sampling_kernel, thread by thread, in float32 (one cloud)."""
-    n = len(points)
-    threads = max(min(2 ** int(np.log(n) / np.log(2)), 512), 1)  # opt_n_threads
-    x = points.astype(np.float32)
-    temp = np.full(n, 1e10, dtype=np.float32)
-    chosen = [0]
-    for _ in range(count - 1):
-        x1, y1, z1 = x[chosen[-1]]
-        best, best_index = np.full(threads, -1.0, dtype=np.float32), np.zeros(threads, dtype=np.int64)
-        for tid in range(threads):
-            for k in range(tid, n, threads):
-                x2, y2, z2 = x[k]
-                if float(x2 * x2 + y2 * y2 + z2 * z2) <= 1e-3:  # float compared with a double literal
-                    continue
-                d2 = min((x2 - x1) * (x2 - x1) + (y2 - y1) * (y2 - y1) + (z2 - z1) * (z2 - z1), temp[k])
-                temp[k] = d2
-                if d2 > best[tid]:
-                    best[tid], best_index[tid] = d2, k
-        stride = threads // 2
-        while stride >= 1:  # the shared-memory tree reduction; the lower slot wins ties
-            for tid in range(stride):
-                if best[tid + stride] > best[tid]:
-                    best[tid], best_index[tid] = best[tid + stride], best_index[tid + stride]
-            stride //= 2
-        chosen.append(int(best_index[0]))
     return chosen
 
 
@@ -112,22 +84,6 @@ def test_hilbert_is_a_continuous_bijection(bits):
     path = cells[codes.argsort()]
     steps = (path[1:] - path[:-1]).abs().sum(-1)
     assert torch.all(steps == 1)  # consecutive cells are face neighbours: a Hilbert curve, not a z-order
-
-
-def bit_array_hilbert(cells: np.ndarray, bits: int) -> np.ndarray:
-    """Skilling's transform on (n, 3, bits) bit arrays, most significant bit first, the layout of the
-    numpy-hilbert-curve code that PointMamba's hilbert.py adapts: per bit and axis invert or exchange the
-    lower bits, interleave the axes bit by bit, then Gray-decode the whole string (a running XOR)."""
-    gray = ((cells[:, :, None] >> np.arange(bits - 1, -1, -1)) & 1).astype(bool)  # (n, 3, bits)
-    for bit in range(bits):
-        for axis in range(3):
-            on = gray[:, axis, bit].copy()
-            gray[:, 0, bit + 1 :] ^= on[:, None]
-            swap = ~on[:, None] & (gray[:, 0, bit + 1 :] ^ gray[:, axis, bit + 1 :])
-            gray[:, axis, bit + 1 :] ^= swap
-            gray[:, 0, bit + 1 :] ^= swap
-    binary = np.logical_xor.accumulate(gray.transpose(0, 2, 1).reshape(len(cells), -1), axis=1)
-    return (binary * (1 << np.arange(3 * bits - 1, -1, -1))).sum(1)
 
 
 @pytest.mark.parametrize("bits", [1, 3, 6, 7])

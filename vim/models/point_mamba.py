@@ -1,9 +1,10 @@
-"""PointMamba point-cloud backbones on the shared bidirectional Mamba trunk, registered with timm.
+"""PointMamba point-cloud backbones on the shared Mamba trunk, registered with timm: ours and the released architecture.
 
 API::
 
     import vim, timm
-    model = timm.create_model("pointmamba_small", num_classes=40)
+    model = timm.create_model("pointmamba_small", num_classes=40)               # ours, trained by our recipes
+    model = timm.create_model("pointmamba_scan_small.modelnet40", pretrained=True)   # PointMamba's released weights
     logits = model(points)                                  # (B, N, 3) xyz -> (B, 40)
     tokens = model.forward_features(points)                 # (B, S * G, D), S serialisation orders of G groups
     pooled = model.forward_head(tokens, pre_logits=True)    # (B, head_hidden_size)
@@ -14,17 +15,34 @@ takes its K nearest points (relative to the centre), a mini-PointNet (:class:`Po
 Point-MAE's "Encoder") turns each group into a token and an MLP embeds the centre's position. The
 tokens are serialised along several space-filling curves (:func:`~vim.models.point_ops.serialization_order`;
 by default a Hilbert curve and the Hilbert curve with x and y swapped), each order's tokens get
-their own learned scale and shift (PointMamba's order indicator), and the sequences are concatenated
-and run through the same bidirectional Mamba blocks as every other modality
+their own learned scale and shift (PointMamba's order indicator), the position embedding is added
+once, and the sequences are concatenated and run through the trunk every modality shares
 (:class:`~vim.models.backbone.MambaBackbone`). The mean of the final tokens goes through PointMamba's
-MLP head (Linear-BN-ReLU-Dropout twice, then the classifier ``head.fc``).
+MLP head (Linear-BN-ReLU-Dropout twice, then a linear classifier).
 
-Registered: ``pointmamba_small`` (64 groups, ModelNet40's 1024 points), ``pointmamba_small_g128``
-(128 groups, ScanObjectNN's 2048 points) and the tiny ``test_pointmamba``.
+Two families, one class each:
+
+* :class:`PointMamba` (``pointmamba_small``, ``pointmamba_small_g128``): ours. Bidirectional RMSNorm
+  blocks, exact FPS, curves on a 2^10 grid over each cloud's bounding cube, the MLP head's output as
+  ``pre_logits`` (classifier ``head.fc``). No released weights: train them (``configs/pointmamba_*.yaml``).
+* :class:`PointMambaScan` (``pointmamba_scan_small``, ``pointmamba_scan_small_g128``): the released
+  architecture, upstream's ``PointMambaScan`` in its numerics, loading its released files. Unidirectional
+  Mamba mixers in pre-norm LayerNorm blocks (``x + mixer(LayerNorm(x))``) and a final LayerNorm,
+  FPS exactly as pointnet2_ops picks, curves on 0.02-sized cells (Pointcept's serialisation), mean (or
+  ``catavgmax``: mean and max) pooling, and the whole MLP head ``cls_head_finetune`` as the classifier
+  (``pre_logits`` is the pooled feature, which the pre-training checkpoint also has).
+
+:func:`checkpoint_filter_fn` reads upstream's files as they are (weights under ``base_model``; the
+pre-training file's ``MAE_encoder.`` prefix; the decoder dropped) and maps their three container names onto
+the shared trunk and head: ``blocks.layers.*`` -> ``layers.*``, ``blocks.norm_f`` -> ``norm_f``,
+``cls_head_finetune.*`` -> ``head.*``, ``OrderScale_gamma_i`` / ``OrderScale_beta_i`` -> row i - 1 of
+``order_scale`` / ``order_shift``; every other name (encoder, position MLP, mixers, norms) is upstream's.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import torch
@@ -32,12 +50,14 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .backbone import MambaBackbone, init_linear_, new_classifier
-from .checkpoint import CUSTOM_LOAD, build_backbone
+from .block import NormLayer
+from .checkpoint import CUSTOM_LOAD, build_backbone, checked, classifier_keys, unwrap_state_dict
 from .point_ops import ORDERS, gather_points, group_points, serialization_order
 
-__all__ = ["PointGroupEncoder", "PointMamba", "PointMambaHead", "check_point_batch"]
+__all__ = ["PointGroupEncoder", "PointMamba", "PointMambaHead", "PointMambaScan", "check_point_batch", "checkpoint_filter_fn"]
 
 PoolType = Literal["avg", "max", ""]
+Sampling = Literal["exact", "pointnet2"]
 
 
 def check_point_batch(points: torch.Tensor, min_points: int) -> None:
@@ -81,23 +101,23 @@ class PointGroupEncoder(nn.Module):
         return x.amax(dim=2).reshape(batch, num_groups, self.out_dim)
 
 
+def mlp_head_layers(in_features: int, hidden_size: int, drop_rate: float, device=None, dtype=None) -> list[nn.Module]:
+    """PointMamba's head before its classifier: (Linear-BN-ReLU-Dropout) twice, (B, in_features) -> (B, hidden_size)."""
+    dd = {"device": device, "dtype": dtype}
+    layers: list[nn.Module] = []
+    for width_in in (in_features, hidden_size):
+        layers += [nn.Linear(width_in, hidden_size, **dd), nn.BatchNorm1d(hidden_size, **dd), nn.ReLU(inplace=True)]
+        layers.append(nn.Dropout(drop_rate))
+    return layers
+
+
 class PointMambaHead(nn.Module):
     """PointMamba's classifier: ``pre_logits`` (Linear-BN-ReLU-Dropout x 2) then ``fc``, (B, D) -> (B, num_classes)."""
 
     def __init__(self, in_features: int, hidden_size: int, num_classes: int, drop_rate: float, device=None, dtype=None) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
         self.hidden_size = hidden_size
-
-        def layer(width_in: int) -> list[nn.Module]:
-            return [
-                nn.Linear(width_in, hidden_size, **dd),
-                nn.BatchNorm1d(hidden_size, **dd),
-                nn.ReLU(inplace=True),
-                nn.Dropout(drop_rate),
-            ]
-
-        self.pre_logits = nn.Sequential(*layer(in_features), *layer(hidden_size))
+        self.pre_logits = nn.Sequential(*mlp_head_layers(in_features, hidden_size, drop_rate, device=device, dtype=dtype))
         self.fc = nn.Identity()
         self.reset(num_classes)
 
@@ -121,14 +141,19 @@ class PointMamba(MambaBackbone):
         depth: number of Mamba blocks.
         orders: serialisation orders (see :data:`~vim.models.point_ops.ORDERS`); the sequence has
             ``len(orders) * G`` tokens.
-        serial_bits: resolution (bits per axis) of the grid the curves are computed on.
+        serial_bits: resolution (bits per axis) of the grid over each cloud's bounding cube the curves run on.
+        serial_cell_size: run the curves on cells of this size instead (PointMamba's 0.02; the depth is the batch's).
+        sampling: "exact" farthest point sampling (ties to the lowest index) or "pointnet2" (as pointnet2_ops'
+            CUDA kernel picks, see :func:`~vim.models.point_ops.farthest_point_sample`).
         global_pool: "avg" (PointMamba), "max" or "" (no pooling; the head then cannot run).
         head_hidden_size: width of the MLP head.
         d_state: SSM state size N.
         expand: mixer inner width ``expand * embed_dim``.
+        directions: 2 (bidirectional mixers, ours) or 1 (Mamba's own, PointMamba's).
+        norm_layer: "rmsnorm" (ours) or "layernorm" (PointMamba's) in every block and the final norm.
         drop_rate: dropout inside the MLP head.
         drop_path_rate: stochastic depth of the last block and of the final norm.
-        norm_eps: RMSNorm epsilon.
+        norm_eps: the norms' epsilon.
         scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
@@ -146,10 +171,14 @@ class PointMamba(MambaBackbone):
         depth: int = 12,
         orders: tuple[str, ...] = ("hilbert", "hilbert-trans"),
         serial_bits: int = 10,
+        serial_cell_size: float | None = None,
+        sampling: Sampling = "exact",
         global_pool: PoolType = "avg",
         head_hidden_size: int = 256,
         d_state: int = 16,
         expand: int = 2,
+        directions: int = 2,
+        norm_layer: NormLayer = "rmsnorm",
         drop_rate: float = 0.5,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
@@ -166,20 +195,31 @@ class PointMamba(MambaBackbone):
             raise ValueError(f"orders must be a non-empty sequence of {ORDERS}, got {orders}")
         if num_groups < 1 or group_size < 1:
             raise ValueError(f"num_groups={num_groups} and group_size={group_size} must be positive")
-        self.num_groups, self.group_size = num_groups, group_size
-        self.orders, self.serial_bits = orders, serial_bits
+        if sampling not in get_args(Sampling):
+            raise ValueError(f"sampling must be one of {get_args(Sampling)}, got {sampling!r}")
+        self.num_groups, self.group_size, self.sampling = num_groups, group_size, sampling
+        self.orders, self.serial_bits, self.serial_cell_size = orders, serial_bits, serial_cell_size
+        self.drop_rate, self.mlp_width = drop_rate, head_hidden_size
 
         self.encoder = PointGroupEncoder(embed_dim, **dd)
         self.pos_embed = nn.Sequential(nn.Linear(3, 128, **dd), nn.GELU(), nn.Linear(128, embed_dim, **dd))
         self.order_scale = nn.Parameter(torch.empty(len(orders), embed_dim, **dd))
         self.order_shift = nn.Parameter(torch.empty(len(orders), embed_dim, **dd))
         self.build_trunk(
-            embed_dim, depth, drop_path_rate=drop_path_rate, norm_eps=norm_eps,
-            d_state=d_state, expand=expand, divide_out=True, scan_backend=scan_backend, **dd,
+            embed_dim, depth, drop_path_rate=drop_path_rate, norm_layer=norm_layer, norm_eps=norm_eps,
+            d_state=d_state, expand=expand, directions=directions, divide_out=True, scan_backend=scan_backend, **dd,
         )  # fmt: skip
-        self.head = PointMambaHead(embed_dim, head_hidden_size, num_classes, drop_rate, **dd)
+        self.head = self._new_head(num_classes, **dd)
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=1) for i in range(depth)]
         self.init_weights()
+
+    @property
+    def pooled_width(self) -> int:
+        """Width of the pooled feature the head takes: D, or 2 D for "catavgmax"."""
+        return self.embed_dim * (2 if self.global_pool == "catavgmax" else 1)
+
+    def _new_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        return PointMambaHead(self.pooled_width, self.mlp_width, num_classes, self.drop_rate, device=device, dtype=dtype)
 
     @property
     def min_points(self) -> int:
@@ -206,14 +246,19 @@ class PointMamba(MambaBackbone):
         """Replace ``head.fc`` with a new (initialised) one for ``num_classes`` outputs (0: none)."""
         self.head.reset(num_classes)
 
+    def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state_dict, self)
+
     def serialize(self, centres: torch.Tensor) -> torch.Tensor:
         """(B, G, 3) patch centres -> (S, B, G) index permutations, one per serialisation order."""
-        return torch.stack([serialization_order(centres, order, self.serial_bits) for order in self.orders])
+        return torch.stack(
+            [serialization_order(centres, order, self.serial_bits, cell_size=self.serial_cell_size) for order in self.orders]
+        )
 
     def _embed(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) points -> (B, S * G, D) tokens: each order's serialised group tokens, order-scaled, plus position."""
         check_point_batch(points, self.min_points)
-        groups, centres = group_points(points, self.num_groups, self.group_size)
+        groups, centres = group_points(points, self.num_groups, self.group_size, pointnet2=self.sampling == "pointnet2")
         dtype = self.order_scale.dtype
         tokens = self.encoder(groups.to(dtype))  # (B, G, D)
         pos = self.pos_embed(centres.to(dtype))
@@ -264,9 +309,112 @@ class PointMamba(MambaBackbone):
         )
 
 
-def _create_point_mamba(variant: str, pretrained: bool = False, **kwargs) -> PointMamba:
+class PointMambaScan(PointMamba):
+    """The released PointMamba architecture (LMD0311/PointMamba ``PointMambaScan``), loading its released weights.
+
+    :class:`PointMamba` with upstream's choices (:data:`RELEASED_ARCHITECTURE`: one-direction Mamba mixers,
+    LayerNorm, pointnet2_ops' sampling, 0.02-sized serialisation cells; any of them can still be overridden)
+    and upstream's head: the whole MLP ``cls_head_finetune`` (Linear-BN-ReLU-Dropout x 2, Linear) is the
+    classifier, named ``head``, and ``pre_logits`` is the pooled feature (B, D), or (B, 2 D) for
+    ``global_pool="catavgmax"`` (upstream's ``avg_head`` + ``max_head``). ``num_classes=0`` removes the head,
+    as the pre-training checkpoint has none; :meth:`reset_classifier` builds a new one.
+
+    Upstream adds dropout (``drop_out``, 0 in every released config) after each block; it is not reproduced.
+    """
+
+    pool_types = ("avg", "max", "catavgmax", "")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{**RELEASED_ARCHITECTURE, **kwargs})
+        self.head_hidden_size = self.pooled_width
+
+    def _new_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        layers = mlp_head_layers(self.pooled_width, self.mlp_width, self.drop_rate, device=device, dtype=dtype)
+        return nn.Sequential(*layers, nn.Linear(self.mlp_width, num_classes, device=device, dtype=dtype))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def _reset_head(self, num_classes: int) -> None:
+        """A new, initialised MLP head for ``num_classes`` outputs (0: none), on the model's device and dtype."""
+        like = self.order_scale
+        self.head_hidden_size = self.pooled_width  # global_pool may have changed
+        self.head = self._new_head(num_classes, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            for module in self.head.modules():
+                if isinstance(module, nn.Linear):
+                    init_linear_(module)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, L, D) tokens -> logits (B, num_classes), or the pooled (B, head_hidden_size) with ``pre_logits``."""
+        x = self.pool(x)
+        return x if pre_logits else self.head(x)
+
+
+RELEASED_ARCHITECTURE = dict(
+    directions=1, norm_layer="layernorm", sampling="pointnet2", serial_cell_size=0.02, orders=("hilbert", "hilbert-trans")
+)
+"""The choices of upstream's PointMambaScan where ours differ (its config files: rms_norm False, Mamba blocks)."""
+
+OFFICIAL_RENAMES = (("blocks.layers.", "layers."), ("blocks.norm_f.", "norm_f."), ("cls_head_finetune.", "head."))
+"""Upstream's container names -> ours: the shared trunk's blocks and final norm, the head."""
+
+ORDER_SCALE_KEY = re.compile(r"OrderScale_(gamma|beta)_(\d+)")
+
+
+def _official_to_ours(state_dict: dict[str, torch.Tensor], num_orders: int) -> dict[str, torch.Tensor]:
+    """Rename an upstream PointMamba state dict; the order scales become rows of ``order_scale`` / ``order_shift``."""
+    if any(key.startswith("MAE_encoder.") for key in state_dict):  # the pre-training file: keep the encoder only
+        state_dict = {key.removeprefix("MAE_encoder."): v for key, v in state_dict.items() if key.startswith("MAE_encoder.")}
+    out, scales = {}, {}
+    for key, value in state_dict.items():
+        match = ORDER_SCALE_KEY.fullmatch(key)
+        if match:
+            scales[key] = value
+            continue
+        for old, new in OFFICIAL_RENAMES:
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+                break
+        out[key] = value
+    if scales:
+        for ours, kind in (("order_scale", "gamma"), ("order_shift", "beta")):
+            names = [f"OrderScale_{kind}_{i}" for i in range(1, num_orders + 1)]
+            missing = [name for name in names if name not in scales]
+            if missing:
+                raise ValueError(f"checkpoint key {missing[0]!r} is missing (the model has {num_orders} serialisation orders)")
+            out[ours] = torch.stack([scales.pop(name) for name in names])
+        if scales:
+            raise ValueError(f"checkpoint keys {sorted(scales)} do not fit the model's {num_orders} serialisation orders")
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Mapping, model: PointMamba) -> dict[str, torch.Tensor]:
+    """Map a PointMamba state dict onto ``model``: ours as it is, upstream's (LMD0311/PointMamba) renamed.
+
+    Upstream's files keep the weights under ``base_model``; the pre-training file (``pretrain.pth``) holds the
+    whole masked autoencoder, whose ``MAE_encoder.*`` is kept (prefix stripped) and whose decoder
+    (``mask_token``, ``decoder_pos_embed``, ``MAE_decoder``, ``increase_dim``) is dropped. See the module
+    docstring for the renames.
+
+    Raises:
+        ValueError: naming the key, when a tensor does not fit the model (shape, or an order scale the model
+            lacks). The classifier is left to the loader, which drops it when it does not fit.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(key.startswith(("MAE_encoder.", "blocks.", "cls_head_finetune.", "OrderScale_")) for key in state_dict):
+        state_dict = _official_to_ours(state_dict, len(model.orders))
+    expected = model.state_dict()
+    classifier = classifier_keys(model, state_dict)
+    return {key: checked(key, value, expected, classifier) for key, value in state_dict.items()}
+
+
+def _create_point_mamba(variant: str, pretrained: bool = False, model_cls: type[PointMamba] = PointMamba, **kwargs) -> PointMamba:
     return build_backbone(
-        PointMamba,
+        model_cls,
         variant,
         pretrained,
         feature_cfg=dict(output_fmt="NLC"),
@@ -294,11 +442,27 @@ def _cfg(num_points: int = 1024, num_classes: int = 40, **kwargs) -> dict[str, A
     }
 
 
+RELEASE_URL = "https://github.com/LMD0311/PointMamba/releases/download/ckpts-2/"
+
+
+def _released(file: str, num_points: int, num_classes: int) -> dict[str, Any]:
+    """A cfg for one of upstream's released files; torch hub caches it as ``pointmamba_<file>`` (its names are generic)."""
+    return _cfg(num_points, num_classes, url=(RELEASE_URL + file, f"pointmamba_{file}"), classifier="head")
+
+
 default_cfgs = generate_default_cfgs(
     {
         "pointmamba_small.untrained": _cfg(),
         "pointmamba_small_g128.untrained": _cfg(num_points=2048, num_classes=15),
         "test_pointmamba.untrained": _cfg(num_points=128, num_classes=10),
+        # upstream's releases (the "ckpts-2" assets of LMD0311/PointMamba)
+        "pointmamba_scan_small.modelnet40": _released("finetune_modelnet.pth", 1024, 40),
+        "pointmamba_scan_small.shapenet_pretrain": _released("pretrain.pth", 1024, 0),
+        "pointmamba_scan_small_g128.scanobjectnn_objbg": _released("finetune_scan_objbg.pth", 2048, 15),
+        "pointmamba_scan_small_g128.scanobjectnn_objonly": _released("finetune_scan_only.pth", 2048, 15),
+        "pointmamba_scan_small_g128.scanobjectnn_hardest": _released("finetune_scan_hardest.pth", 2048, 15),
+        "pointmamba_scan_small_g128.shapenet_pretrain": _released("pretrain.pth", 2048, 0),
+        "test_pointmamba_scan.untrained": _cfg(num_points=128, num_classes=10, classifier="head"),
     }
 )
 
@@ -322,3 +486,24 @@ def test_pointmamba(pretrained: bool = False, **kwargs) -> PointMamba:
     """A tiny PointMamba for tests: 16 groups of 8 points, 2 blocks of width 32, head width 32."""
     model_args = dict(num_groups=16, group_size=8, embed_dim=32, depth=2, d_state=8, head_hidden_size=32)
     return _create_point_mamba("test_pointmamba", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pointmamba_scan_small(pretrained: bool = False, **kwargs) -> PointMambaScan:
+    """Upstream's PointMamba (12 blocks, width 384), 64 groups of 32 points: ModelNet40 (1024 points), ShapeNet pre-training."""
+    model_args = dict(num_groups=64, group_size=32, embed_dim=384, depth=12)
+    return _create_point_mamba("pointmamba_scan_small", pretrained, PointMambaScan, **dict(model_args, **kwargs))
+
+
+@register_model
+def pointmamba_scan_small_g128(pretrained: bool = False, **kwargs) -> PointMambaScan:
+    """Upstream's PointMamba (12 blocks, width 384), 128 groups of 32 points: ScanObjectNN (2048 points)."""
+    model_args = dict(num_groups=128, group_size=32, embed_dim=384, depth=12)
+    return _create_point_mamba("pointmamba_scan_small_g128", pretrained, PointMambaScan, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_pointmamba_scan(pretrained: bool = False, **kwargs) -> PointMambaScan:
+    """A tiny upstream-architecture PointMamba for tests: 16 groups of 8 points, 2 blocks of width 32, head width 32."""
+    model_args = dict(num_groups=16, group_size=8, embed_dim=32, depth=2, d_state=8, head_hidden_size=32)
+    return _create_point_mamba("test_pointmamba_scan", pretrained, PointMambaScan, **dict(model_args, **kwargs))

@@ -141,16 +141,17 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
     return distance.topk(k, dim=-1, largest=False, sorted=True).indices
 
 
-def group_points(points: Tensor, num_groups: int, group_size: int) -> tuple[Tensor, Tensor]:
+def group_points(points: Tensor, num_groups: int, group_size: int, pointnet2: bool = False) -> tuple[Tensor, Tensor]:
     """Cut clouds into ``num_groups`` local patches of ``group_size`` points (FPS centres + kNN).
 
     Args:
         points: (B, N, 3).
+        pointnet2: sample the centres as pointnet2_ops does (see :func:`farthest_point_sample`).
 
     Returns:
         ``groups`` (B, G, K, 3): each patch's points relative to its centre, and ``centres`` (B, G, 3).
     """
-    centres = gather_points(points, farthest_point_sample(points, num_groups))
+    centres = gather_points(points, farthest_point_sample(points, num_groups, pointnet2=pointnet2))
     groups = gather_points(points, knn_indices(centres, points, group_size))
     return groups - centres.unsqueeze(2), centres
 
