@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,45 @@ def test_names_without_released_weights() -> None:
         resolve_pretrained("test_videomamba")
     with pytest.raises(NoReleasedWeightsError, match=r"no tag 'k400_f12'; its tags: in1k, k400_f8"):
         released_weights("videomamba_tiny.k400_f12")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("config", "hub_file", "classes"),
+    [
+        ("finetune_images", ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"), 5),
+        ("finetune_video", ("OpenGVLab/VideoMamba", "videomamba_s16_k400_f8_res224.pth"), 10),
+        ("finetune_points", None, 8),
+    ],
+)
+def test_finetune_configs_start_from_the_released_weights(caches, config, hub_file, classes):
+    """Each fine-tuning config builds its model from the tag's released file (here a fabricated one in the cache,
+    shrunk through model_kwargs), with a new head for the data's classes."""
+    from pointmamba_reference import official_shapes, official_state_dict, released_file
+
+    from vim.cli import run_lightning
+
+    torch.manual_seed(0)
+    small = dict(SMALL, head_hidden_size=32) if config == "finetune_points" else SMALL
+    name = {"finetune_images": "vim_small_patch16_224", "finetune_video": "videomamba_small"}.get(config)
+    if hub_file is not None:
+        checkpoint = training_checkpoint(timm.create_model(name, **small))
+        put_in_hub_cache(caches["hub"], *hub_file, checkpoint)
+        trunk = checkpoint["model"]["layers.1.mixer.A_b_log"]
+    else:
+        base_model = official_state_dict(official_shapes(None, d=32, depth=2, d_state=8), torch.Generator().manual_seed(0))
+        caches["urls"].mkdir(parents=True)
+        torch.save(released_file(base_model), caches["urls"] / "pointmamba_pretrain.pth")
+        trunk = base_model["MAE_encoder.blocks.layers.1.mixer.A_log"]
+    kwargs = json.dumps({"pretrained": True, **small})
+    cli = run_lightning(
+        ["--config", str(REPO / "configs" / f"{config}.yaml"), f"--model.init_args.model_kwargs={kwargs}"], run=False
+    )
+    model = cli.model.model
+    torch.testing.assert_close(model.layers[1].mixer.state_dict()["A_b_log" if hub_file else "A_log"], trunk)
+    assert model.num_classes == cli.model.num_classes == classes
+    classifier = model.get_classifier() if hub_file else model.get_classifier()[-1]  # PointMambaScan: the MLP head
+    assert classifier.out_features == classes
+    assert cli.model.layer_decay == {"finetune_images": 0.92, "finetune_video": 0.75, "finetune_points": None}[config]
