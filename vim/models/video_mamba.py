@@ -26,7 +26,10 @@ embeddings resampled to the model's frame count and image size), or an image che
 official Vim), inflated: the 2-D patch kernel goes into the centre slice of the 3-D kernel, the Vim
 middle-class-token position layout is converted to VideoMamba's front one, the temporal embedding
 starts at zero and ``out_proj`` is halved so that the summing mixer computes what the averaging
-one did. Registered: ``videomamba_{tiny,small,middle}`` and the small ``test_videomamba``.
+one did. Registered: ``videomamba_{tiny,small,middle}`` and the small ``test_videomamba``; tags (see
+:data:`RELEASED_WEIGHTS`) name the released files on OpenGVLab/VideoMamba (Hugging Face Hub, or the official
+URL): ``k400_f8`` ... ``k400_f64``, ``ssv2_f8``, ``ssv2_f16`` (a ``_f<T>`` tag sets ``num_frames=T``) and ``in1k``,
+VideoMamba's image model inflated with its own layout.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 API::
 
     import vim, timm
-    model = timm.create_model("vim_small_patch16_224", pretrained=True)
+    model = timm.create_model("vim_small_patch16_224.in1k", pretrained=True)   # hustvl's release, via the Hub
     model = timm.create_model("vim_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file="vim_t.pth"))
     logits = model(images)                                   # (B, 3, 224, 224) -> (B, 1000)
     tokens = model.forward_features(images)                  # (B, M + 1, D), class token at M // 2
@@ -13,7 +13,9 @@ Vim (arXiv 2401.09417, hustvl/Vim): patch tokens with a learned absolute positio
 class token inserted in the middle of the sequence, 24 bidirectional Mamba blocks
 (:class:`~vim.models.backbone.MambaBackbone`), the class token's final state as the pooled
 feature and a linear head. Registered: ``vim_{tiny,small}_patch16{,_stride8}_224``,
-``vim_base_patch16_224`` and the small ``test_vim``.
+``vim_base_patch16_224`` (tag ``in1k``: the released ImageNet-1K weights, hustvl/Vim-*-midclstok on the
+Hugging Face Hub) and the small ``test_vim``. :func:`checkpoint_filter_fn` maps a released or exported
+state dict onto a model (the names are the official ones; ``pos_embed`` is resampled to the model's grid).
 
 The registered models take any image size (``dynamic_img_size=True``: the position embedding is
 resampled to the token grid of each input; at the nominal size nothing changes). Pass
