@@ -167,3 +167,12 @@ def test_finetune_configs_start_from_the_released_weights(caches, config, hub_fi
     classifier = model.get_classifier() if hub_file else model.get_classifier()[-1]  # PointMambaScan: the MLP head
     assert classifier.out_features == classes
     assert cli.model.layer_decay == {"finetune_images": 0.92, "finetune_video": 0.75, "finetune_points": None}[config]
+
+
+def test_url_file_missing_offline_names_the_torch_hub_path(caches) -> None:
+    info = released_weights("pointmamba_scan_small_g128.scanobjectnn_hardest")
+    assert info.source == "url" and info.filename == "pointmamba_finetune_scan_hardest.pth"
+    with pytest.raises(WeightsUnavailableError, match="finetune_scan_hardest.pth") as error:
+        resolve_pretrained(info.name)
+    assert str(caches["urls"] / "pointmamba_finetune_scan_hardest.pth") in str(error.value)
+    assert "no network in tests" in str(error.value)  # the download's own reason

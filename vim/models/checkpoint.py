@@ -29,11 +29,14 @@ import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.models import adapt_input_conv, build_model_with_cfg
 from torch import nn
+
+if TYPE_CHECKING:
+    from .backbone import MambaBackbone
 
 __all__ = [
     "CUSTOM_LOAD",
@@ -152,7 +155,7 @@ def _adapt_input_conv(model: nn.Module, state_dict: dict[str, torch.Tensor], exp
             state_dict[key] = adapt_input_conv(channels, state_dict[key], base_chans=state_dict[key].shape[1])
 
 
-def load_checkpoint_into(model: nn.Module, path: str | Path, use_ema: bool = True, strict: bool = True) -> list[str]:
+def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool = True, strict: bool = True) -> list[str]:
     """Load a released or exported weights file into ``model`` through its family's filter.
 
     The file is read by :func:`load_official_checkpoint`, mapped by ``model.checkpoint_filter`` (the family's
@@ -199,7 +202,7 @@ def _listed(keys: list[str], limit: int = 8) -> str:
     return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
 
 
-def _filter_with_model(state_dict: Mapping, model: nn.Module) -> dict[str, torch.Tensor]:
+def _filter_with_model(state_dict: Mapping, model: MambaBackbone) -> dict[str, torch.Tensor]:
     return model.checkpoint_filter(state_dict)
 
 

@@ -492,18 +492,18 @@ def test_pointmamba(pretrained: bool = False, **kwargs) -> PointMamba:
 def pointmamba_scan_small(pretrained: bool = False, **kwargs) -> PointMambaScan:
     """Upstream's PointMamba (12 blocks, width 384), 64 groups of 32 points: ModelNet40 (1024 points), ShapeNet pre-training."""
     model_args = dict(num_groups=64, group_size=32, embed_dim=384, depth=12)
-    return _create_point_mamba("pointmamba_scan_small", pretrained, PointMambaScan, **dict(model_args, **kwargs))
+    return _create_point_mamba("pointmamba_scan_small", pretrained, model_cls=PointMambaScan, **dict(model_args, **kwargs))
 
 
 @register_model
 def pointmamba_scan_small_g128(pretrained: bool = False, **kwargs) -> PointMambaScan:
     """Upstream's PointMamba (12 blocks, width 384), 128 groups of 32 points: ScanObjectNN (2048 points)."""
     model_args = dict(num_groups=128, group_size=32, embed_dim=384, depth=12)
-    return _create_point_mamba("pointmamba_scan_small_g128", pretrained, PointMambaScan, **dict(model_args, **kwargs))
+    return _create_point_mamba("pointmamba_scan_small_g128", pretrained, model_cls=PointMambaScan, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_pointmamba_scan(pretrained: bool = False, **kwargs) -> PointMambaScan:
     """A tiny upstream-architecture PointMamba for tests: 16 groups of 8 points, 2 blocks of width 32, head width 32."""
     model_args = dict(num_groups=16, group_size=8, embed_dim=32, depth=2, d_state=8, head_hidden_size=32)
-    return _create_point_mamba("test_pointmamba_scan", pretrained, PointMambaScan, **dict(model_args, **kwargs))
+    return _create_point_mamba("test_pointmamba_scan", pretrained, model_cls=PointMambaScan, **dict(model_args, **kwargs))

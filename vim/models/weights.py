@@ -133,6 +133,8 @@ def released_weights(name: str) -> ReleasedWeights | None:
     except RuntimeError as error:  # timm: "Invalid pretrained tag"
         tags = ", ".join(_tags(architecture))
         raise NoReleasedWeightsError(f"model {architecture!r} has no tag {tag!r}; its tags: {tags}") from error
+    if cfg is None:  # registered without any pretrained cfg
+        return None
     # timm accepts (url, cache file name) for a URL; ours name generic upstream files ("pretrain.pth") uniquely
     url, url_filename = cfg.url if isinstance(cfg.url, (list, tuple)) else (cfg.url, None)
     if not (cfg.hf_hub_id or url):
@@ -140,7 +142,7 @@ def released_weights(name: str) -> ReleasedWeights | None:
     if cfg.hf_hub_id:
         filename = cfg.hf_hub_filename or "model.safetensors"  # timm's preferred file in a Hub repository
     else:
-        filename = url_filename or Path(urlparse(url).path).name
+        filename = url_filename or Path(str(urlparse(url).path)).name
     return ReleasedWeights(f"{architecture}.{cfg.tag}", cfg.num_classes, cfg.hf_hub_id, filename, url or None)
 
 
@@ -187,6 +189,7 @@ def resolve_pretrained(name: str, progress: bool = True) -> Path:
             from huggingface_hub import hf_hub_download
 
             return Path(hf_hub_download(info.hf_hub_id, info.filename))
+        assert info.url is not None  # a cfg without a Hub file has a URL (released_weights)
         info.url_cache_file.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(info.url, str(info.url_cache_file), progress=progress)
     except Exception as error:  # no network, offline mode, HTTP errors: all mean the file cannot be had
