@@ -53,28 +53,29 @@ def _randomize(mixer: BiMambaMixer, generator: torch.Generator) -> None:
             p.add_(0.3 * noise if name.startswith(("A", "D", "conv")) else 0.05 * noise)
 
 
+def assert_matches_reference(mixer: BiMambaMixer, reference, hidden: torch.Tensor, generator: torch.Generator) -> None:
+    """The mixer's output and the gradients of its input and parameters equal ``reference(mixer, hidden)``'s."""
+    x_ours, x_ref = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    out = mixer(x_ours)
+    grad_out = torch.randn(out.shape, generator=generator)
+    (out * grad_out).sum().backward()
+    ours = {name: p.grad.clone() for name, p in mixer.named_parameters()}
+    mixer.zero_grad()
+    expected = reference(mixer, x_ref)
+    (expected * grad_out).sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    for name, p in mixer.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("divide_out", [True, False])
 @pytest.mark.parametrize("length", [1, 5, 37])
 def test_mixer_matches_explicit_flip_forward_and_backward(divide_out: bool, length: int) -> None:
     generator = torch.Generator().manual_seed(length)
     mixer = BiMambaMixer(16, d_state=4, divide_out=divide_out, scan_backend="torch")
     _randomize(mixer, generator)
-    hidden = torch.randn(2, length, 16, generator=generator)
-
-    x_ours = hidden.clone().requires_grad_()
-    x_ref = hidden.clone().requires_grad_()
-    out = mixer(x_ours)
-    grad_out = torch.randn(out.shape, generator=generator)
-    (out * grad_out).sum().backward()
-    ours = {name: p.grad.clone() for name, p in mixer.named_parameters()}
-    mixer.zero_grad()
-    expected = official_bimamba_v2(mixer, x_ref)
-    (expected * grad_out).sum().backward()
-
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
-    for name, p in mixer.named_parameters():
-        torch.testing.assert_close(ours[name], p.grad, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+    assert_matches_reference(mixer, official_bimamba_v2, torch.randn(2, length, 16, generator=generator), generator)
 
 
 @pytest.mark.parametrize("length", [1, 9])
@@ -89,18 +90,7 @@ def test_single_direction_is_mambas_own_mixer(length: int) -> None:
     assert mixer.conv1d_b is None and mixer.A_b_log is None
     _randomize(mixer, generator)
     hidden = torch.randn(2, length, 16, generator=generator)
-    x_ours, x_ref = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-    out = mixer(x_ours)
-    grad_out = torch.randn(out.shape, generator=generator)
-    (out * grad_out).sum().backward()
-    ours = {name: p.grad.clone() for name, p in mixer.named_parameters()}
-    mixer.zero_grad()
-    expected = official_mamba(mixer, x_ref)
-    (expected * grad_out).sum().backward()
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
-    for name, p in mixer.named_parameters():
-        torch.testing.assert_close(ours[name], p.grad, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+    assert_matches_reference(mixer, official_mamba, hidden, generator)
     if length > 1:  # causal: the first token never sees the later ones
         x = hidden.clone().requires_grad_()
         mixer(x)[0, 0].sum().backward()

@@ -22,15 +22,18 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         def forward_features(self, x):
             return self.forward_trunk(tokens)                                     # (B, L, D) normalised
 
-        def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW", ...):
-            return self.format_intermediates(self._embed(x), indices, grid=(gh, gw), norm=norm, ...)
+        def _embed(self, x):                                                      # (B, L, D) tokens
+            ...
+
+        def token_grid(self, x):                                                  # for forward_intermediates
+            return self.patch_embed.dynamic_feat_size(x.shape[-2:])               # (H', W'); None: no grid
 
 The trunk owns ``layers`` (a ModuleList of :class:`MambaBlock`), ``norm_f`` (the final
 RMSNorm or LayerNorm) and ``drop_path`` (the full-rate stochastic depth before ``norm_f``), all at the
 backbone's top level so official checkpoints map 1:1 (``layers.{i}.mixer.*``, ``norm_f.weight``).
-:meth:`~MambaBackbone.format_intermediates` is timm's ``forward_intermediates`` for every modality:
-the class token split off (``class_token_index``; none when ``num_prefix_tokens`` is 0) and the
-other tokens reshaped to the token grid ("NCHW" for images, "NCTHW" for clips) or left as "NLC".
+:meth:`~MambaBackbone.forward_intermediates` serves every modality: the class token split off
+(``class_token_index``; none when ``num_prefix_tokens`` is 0) and the other tokens reshaped to the
+``token_grid`` ("NCHW" for images, "NCTHW" for clips) or left as "NLC".
 It also provides the drop-path schedule, gradient checkpointing and weight init of the trunk, and
 timm's model API on top of it: the head attributes (``num_classes``, ``global_pool`` checked against
 ``pool_types``, ``num_features``, ``head_hidden_size``, ``embed_dim``), ``pool``, ``forward_head``,
@@ -241,38 +244,46 @@ class MambaBackbone(nn.Module):
         rest = x[:, 1:] if index == 0 else torch.cat([x[:, :index], x[:, index + 1 :]], dim=1)
         return x[:, index : index + 1], rest
 
-    def format_intermediates(
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The modality's input -> (B, L, D) embedded tokens (the tokenizer and position embeddings)."""
+        raise NotImplementedError
+
+    def token_grid(self, x: torch.Tensor) -> tuple[int, ...] | None:
+        """The grid of the non-class tokens of input ``x``: (H', W') for images, (T', H', W') for clips, None without one."""
+        return None
+
+    def forward_intermediates(
         self,
-        tokens: torch.Tensor,
-        indices: int | list[int] | None,
-        grid: tuple[int, ...] | None,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
         norm: bool = False,
         stop_early: bool = False,
-        output_fmt: str = "NLC",
+        output_fmt: str | None = None,
         intermediates_only: bool = False,
-        return_prefix_tokens: bool = False,
     ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, list]:
-        """timm's ``forward_intermediates`` from embedded tokens, as every modality formats it.
+        """Forward pass that also returns the residual stream after selected blocks, as timm formats it.
 
         Args:
-            tokens: (B, L, D) embedded tokens (:meth:`forward_trunk_intermediates` runs the blocks).
+            x: the model's input ((B, C, H, W) images, (B, C, T, H, W) clips, (B, N, 3) points).
             indices: the last n blocks if an int, these blocks if a list, all if None.
-            grid: the token grid of the non-class tokens, (H', W') or (T', H', W'); None for tokens without
-                one (point clouds), which come as "NLC" only.
+            return_prefix_tokens: pair each intermediate with its class token (B, num_prefix_tokens, D).
             norm: apply the final norm to the intermediates.
             stop_early: skip the blocks after the last selected one.
-            output_fmt: "NCHW" (B, D, H', W') for a 2-D grid, "NCTHW" (B, D, T', H', W') for a 3-D one, or
-                "NLC" (B, L - num_prefix_tokens, D); the class token is removed in every format.
+            output_fmt: "NCHW" (B, D, H', W') on an image's 2-D token grid, "NCTHW" (B, D, T', H', W') on a clip's
+                3-D one, or "NLC" (B, L - num_prefix_tokens, D); the class token is removed in every format.
+                None: the grid's format, "NLC" without a grid (point clouds).
             intermediates_only: return the intermediates only.
-            return_prefix_tokens: pair each intermediate with its class token (B, num_prefix_tokens, D).
 
         Returns:
             ``(final_tokens (B, L, D), intermediates)`` or the intermediates alone.
         """
+        grid = self.token_grid(x)
         formats = ("NLC",) if grid is None else (SPATIAL_FORMATS[len(grid)], "NLC")
+        output_fmt = output_fmt or formats[0]
         if output_fmt not in formats:
             raise ValueError(f"output_fmt must be one of {formats} for {type(self).__name__}, got {output_fmt!r}")
-        final, intermediates = self.forward_trunk_intermediates(tokens, indices, norm=norm, stop_early=stop_early)
+        final, intermediates = self.forward_trunk_intermediates(self._embed(x), indices, norm=norm, stop_early=stop_early)
         outputs = []
         for y in intermediates:
             prefix, patches = self.split_prefix_tokens(y)

@@ -275,38 +275,6 @@ class PointMamba(MambaBackbone):
         """(B, L, D) tokens -> logits (B, num_classes), or the MLP head's (B, head_hidden_size) with ``pre_logits``."""
         return self.head(self.pool(x), pre_logits=pre_logits)
 
-    def forward_intermediates(
-        self,
-        points: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NLC",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward pass that also returns the residual stream after selected blocks.
-
-        Args:
-            points: (B, N, 3).
-            indices: the last n blocks if an int, these blocks if a list, all if None.
-            norm: apply the final norm to the intermediates.
-            stop_early: skip the blocks after the last selected one.
-            output_fmt: "NLC" only: (B, S * G, D) tokens in sequence order.
-            intermediates_only: return the intermediates only.
-
-        Returns:
-            ``(final_tokens (B, S * G, D), intermediates)`` or the intermediates alone.
-        """
-        return self.format_intermediates(
-            self._embed(points),
-            indices,
-            None,
-            norm=norm,
-            stop_early=stop_early,
-            output_fmt=output_fmt,
-            intermediates_only=intermediates_only,
-        )
-
 
 class PointMambaScan(PointMamba):
     """The released PointMamba architecture (LMD0311/PointMamba ``PointMambaScan``), loading its released weights.

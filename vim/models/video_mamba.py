@@ -299,41 +299,9 @@ class VideoMamba(MambaBackbone):
     def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
         return checkpoint_filter_fn(state_dict, self)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCTHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward pass that also returns the residual stream after selected blocks, as per-frame maps.
-
-        Args:
-            x: (B, C, T, H, W) clips.
-            indices: the last n blocks if an int, these blocks if a list, all if None.
-            return_prefix_tokens: pair each intermediate with its class token (B, 1, D).
-            norm: apply the final norm to the intermediates.
-            stop_early: skip the blocks after the last selected one.
-            output_fmt: "NCTHW" (B, D, T', H', W') maps or "NLC" (B, T' * H' * W', D) tokens, class token removed.
-            intermediates_only: return the intermediates only.
-
-        Returns:
-            ``(final_tokens (B, 1 + T' * H' * W', D), intermediates)`` or the intermediates alone.
-        """
-        grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[2:]))
-        return self.format_intermediates(
-            self._embed(x),
-            indices,
-            grid,
-            norm=norm,
-            stop_early=stop_early,
-            output_fmt=output_fmt,
-            intermediates_only=intermediates_only,
-            return_prefix_tokens=return_prefix_tokens,
-        )
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """The (T', H', W') tubelet grid of (B, C, T, H, W) clips: ``forward_intermediates`` gives "NCTHW" maps on it."""
+        return self.patch_embed.dynamic_feat_size(tuple(x.shape[2:]))
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -171,41 +171,9 @@ class VisionMamba(MambaBackbone):
     def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
         return checkpoint_filter_fn(state_dict, self)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward pass that also returns the residual stream after selected blocks.
-
-        Args:
-            x: (B, C, H, W) images.
-            indices: the last n blocks if an int, these blocks if a list, all if None.
-            return_prefix_tokens: pair each intermediate with its class token (B, 1, D).
-            norm: apply the final norm to the intermediates.
-            stop_early: skip the blocks after the last selected one.
-            output_fmt: "NCHW" (B, D, gh, gw) or "NLC" (B, M, D) patch tokens, class token removed.
-            intermediates_only: return the intermediates only.
-
-        Returns:
-            ``(final_tokens (B, M + 1, D), intermediates)`` or the intermediates alone.
-        """
-        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-        return self.format_intermediates(
-            self._embed(x),
-            indices,
-            grid,
-            norm=norm,
-            stop_early=stop_early,
-            output_fmt=output_fmt,
-            intermediates_only=intermediates_only,
-            return_prefix_tokens=return_prefix_tokens,
-        )
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The (gh, gw) patch grid of (B, C, H, W) images: ``forward_intermediates`` gives "NCHW" maps on it."""
+        return self.patch_embed.dynamic_feat_size(x.shape[-2:])
 
 
 def checkpoint_filter_fn(state_dict: Mapping, model: VisionMamba) -> dict[str, torch.Tensor]:
