@@ -106,8 +106,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dnormed, dresidual_out):
     residual_out, weight, bias = ctx.saved_tensors
     eps, is_rms, has_residual, hidden_dtype = ctx.flags
-    if dnormed is None:
-        dnormed = torch.zeros_like(residual_out, dtype=weight.dtype)
+    if dnormed is None:  # only the stream was used: its gradient passes straight to hidden and residual
+        return dresidual_out.to(hidden_dtype), dresidual_out if has_residual else None, None, None, None, None
     # the stream's float32 gradient serves the residual, and a float32 hidden; another dtype gets its own copy
     store_sum = has_residual or hidden_dtype == torch.float32
     dsum, dhidden, dweight, dbias = _add_norm_bwd(
