@@ -32,7 +32,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def add_norm_ref(
-    hidden: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5, norm: str = "rms"
+    hidden: Tensor,
+    residual: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    eps: float | None = 1e-5,
+    norm: str = "rms",
 ) -> tuple[Tensor, Tensor]:
     """The definition in PyTorch ops: (normed in ``weight.dtype``, residual_out float32), both (B, L, D).
 
@@ -132,10 +137,12 @@ _add_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 
-def _validate(hidden: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, norm: str) -> None:
+def _validate(hidden: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor | None, eps: float | None, norm: str) -> None:
     """Raise ValueError naming the argument for bad input."""
     if norm not in NORMS:
         raise ValueError(f"add_norm: unknown norm {norm!r}; expected one of {NORMS}")
+    if eps is None and norm != "rms":
+        raise ValueError("add_norm: eps=None (the default of torch.nn.RMSNorm) is for norm='rms'; LayerNorm needs a number")
     if hidden.dim() != 3:
         raise ValueError(f"add_norm: hidden must be (batch, L, dim), got shape {tuple(hidden.shape)}")
     dim = hidden.shape[-1]
@@ -163,7 +170,7 @@ def add_norm(
     residual: Tensor | None,
     weight: Tensor,
     bias: Tensor | None = None,
-    eps: float = 1e-5,
+    eps: float | None = 1e-5,
     norm: str = "rms",
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -178,7 +185,8 @@ def add_norm(
         hidden: (B, L, D), any strides: the previous mixer's output (or the embedded tokens).
         residual: (B, L, D) float32, any strides: the residual stream; None for the first block.
         weight, bias: (D,) the norm's parameters; bias None for none.
-        eps: added to the variance (mean square for RMSNorm).
+        eps: added to the variance (mean square for RMSNorm). None is ``torch.nn.RMSNorm``'s default (the
+            machine epsilon of its float32 arithmetic, float64 for float64), so any RMSNorm's ``eps`` can be passed.
         norm: "rms" or "layer".
         backend: "triton" runs the fused kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``); "auto",
             "native", "torch" or "reference" the PyTorch ops on CPU (default: ``$VIM_SCAN_BACKEND`` or auto,
@@ -187,8 +195,9 @@ def add_norm(
     Returns:
         ``normed`` (B, L, D) in ``weight.dtype`` and ``residual_out`` (B, L, D) float32 (contiguous from the kernels).
     """
-    _validate(hidden, residual, weight, bias, norm)
+    _validate(hidden, residual, weight, bias, eps, norm)
     use_triton = resolve_backend(hidden.device, backend) == "triton" and hidden.shape[-1] <= MAX_DIM
     if not use_triton or torch.float64 in {hidden.dtype, weight.dtype}:
         return add_norm_ref(hidden, residual, weight, bias, eps, norm)
-    return _add_norm_fwd(hidden, residual, weight, bias, float(eps), norm == "rms")
+    eps = torch.finfo(torch.float32).eps if eps is None else float(eps)  # the kernels' arithmetic is float32
+    return _add_norm_fwd(hidden, residual, weight, bias, eps, norm == "rms")

@@ -155,6 +155,17 @@ def test_cpu_runs_the_pytorch_ops_unless_triton_is_asked(monkeypatch):
     assert "add_norm" not in type(add_norm(**wide, backend="triton")[0].grad_fn).__name__, "too wide: PyTorch ops"
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_eps_none_is_rmsnorms_default(backend):
+    inputs = make_inputs(dtype=torch.bfloat16)
+    inputs["hidden"], inputs["residual"] = inputs["hidden"] * 1e-3, inputs["residual"] * 1e-3  # eps matters at this scale
+    module = torch.nn.RMSNorm(48, device=DEVICE, dtype=torch.bfloat16)  # eps None: finfo(bfloat16).eps
+    with torch.no_grad():
+        module.weight.copy_(inputs["weight"])
+        normed, stream = add_norm(**inputs, eps=module.eps, backend=backend)
+        assert_close_scaled(normed, module(stream.to(torch.bfloat16)), torch.bfloat16, "normed")
+
+
 def test_custom_ops_trace_under_torch_compile():
     inputs = make_inputs(dtype=torch.bfloat16, bias=True)
     leaves = [v.detach().requires_grad_() for v in inputs.values()]
@@ -176,6 +187,7 @@ def test_custom_ops_trace_under_torch_compile():
         (dict(residual=torch.zeros(2, 5, 48, dtype=torch.bfloat16)), r"residual must be the float32 residual stream.*bfloat16"),
         (dict(weight=torch.ones(47)), r"weight has shape \(47,\), expected \(48,\)"),
         (dict(bias=torch.ones(49)), r"bias has shape \(49,\), expected \(48,\)"),
+        (dict(eps=None, norm="layer"), r"eps=None .* is for norm='rms'"),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(change, message):
