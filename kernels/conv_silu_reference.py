@@ -34,9 +34,13 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, anti_causal: bool) -> 
 
 
 def _directions(weight: Tensor, bias: Tensor | None, weight_b: Tensor | None, bias_b: Tensor | None) -> list:
-    """(taps (C, W), bias, anti-causal) of each direction present."""
-    taps = [(weight, bias, False)] + ([] if weight_b is None else [(weight_b, bias_b, True)])
-    return [(w.reshape(w.shape[0], -1), b, anti) for w, b, anti in taps]
+    """(weight, bias, anti-causal) of each direction present."""
+    return [(weight, bias, False)] + ([] if weight_b is None else [(weight_b, bias_b, True)])
+
+
+def _taps(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """(C, W) or (C, 1, W) taps as (C, W) in ``dtype``."""
+    return weight.reshape(weight.shape[0], -1).to(dtype)
 
 
 def causal_conv1d_silu_ref(
@@ -55,7 +59,7 @@ def causal_conv1d_silu_ref(
     """
     compute = torch.promote_types(x.dtype, weight.dtype)
     outputs = [
-        F.silu(_conv(x.to(compute), w.to(compute), None if b is None else b.to(compute), anti))
+        F.silu(_conv(x.to(compute), _taps(w, compute), None if b is None else b.to(compute), anti))
         for w, b, anti in _directions(weight, bias, weight_b, bias_b)
     ]
     return torch.stack(outputs).to(x.dtype)
@@ -78,15 +82,15 @@ def reference_backward(
     dx = torch.zeros_like(xc)
     grads: list[Tensor | None] = [None] * 4
     for k, (w, b, anti) in enumerate(_directions(weight, bias, weight_b, bias_b)):
-        pre = _conv(xc, w.to(compute), None if b is None else b.to(compute), anti)
+        taps = _taps(w, compute)
+        pre = _conv(xc, taps, None if b is None else b.to(compute), anti)
         sig = torch.sigmoid(pre)
         dpre = dout[k].to(compute) * sig * (1 + pre * (1 - sig))
-        dx += _conv(dpre, w.to(compute), None, not anti)
+        dx += _conv(dpre, taps, None, not anti)
         first_rows = [2 * (width - 1) - i if anti else i for i in range(width)]  # where tap i's rows of x start in `padded`
         dw = torch.stack([(dpre * padded[:, s : s + length]).sum((0, 1)) for s in first_rows], dim=-1)
-        original_w, original_b = (weight_b, bias_b) if anti else (weight, bias)
-        grads[2 * k] = dw.to(original_w.dtype).reshape(original_w.shape)
-        grads[2 * k + 1] = None if b is None else dpre.sum((0, 1)).to(original_b.dtype)
+        grads[2 * k] = dw.to(w.dtype).reshape(w.shape)
+        grads[2 * k + 1] = None if b is None else dpre.sum((0, 1)).to(b.dtype)
     return (dx.to(x.dtype), *grads)
 
 

@@ -25,6 +25,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def norm_inputs(batch: int, length: int, dim: int, dtype: torch.dtype, device: t
     )
 
 
-def cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str, object, dict]]:
+def cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str, Callable, dict]]:
     """(operation, implementation, function, inputs) of every row."""
     d_inner = 2 * args.dim
     conv = conv_inputs(args.batch, args.length, d_inner, args.d_conv, dtype, device)
