@@ -15,7 +15,8 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_block.py"
 @pytest.mark.slow
 def test_bench_block_writes_results_and_table(tmp_path):
     command = [sys.executable, str(TOOL), "--batch", "1", "--length", "6", "--dim", "8", "--depth", "3"]
-    subprocess.run([*command, "--min-seconds", "0", "--threads", "1", "--out", str(tmp_path)], check=True, capture_output=True)
+    command += ["--min-seconds", "0", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True)
     saved = json.loads((tmp_path / "block_cpu.json").read_text())
     assert {"date", "device", "torch", "triton", "dtype", "batch", "length", "dim", "d_inner", "depth"} <= saved["meta"].keys()
     assert saved["meta"]["d_inner"] == 16 and "1 threads" in saved["meta"]["device"]

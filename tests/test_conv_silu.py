@@ -60,7 +60,16 @@ def loop_definition(x, weight, bias=None, weight_b=None, bias_b=None) -> torch.T
 
 
 def make_inputs(
-    batch=2, length=11, channels=20, width=4, directions=2, bias=True, dtype=torch.float32, weight_dtype=None, seed=0
+    batch=2,
+    length=11,
+    channels=20,
+    width=4,
+    directions=2,
+    bias=True,
+    dtype=torch.float32,
+    weight_dtype=None,
+    seed=0,
+    device="cpu",
 ):
     """x as a mixer makes it: the first half of a (B, L, 2C) buffer whose other half is NaN; taps (C, 1, W) like nn.Conv1d."""
     gen = torch.Generator().manual_seed(seed)
@@ -75,7 +84,12 @@ def make_inputs(
     inputs = dict(x=wide.to(dtype)[..., :channels], weight=param(channels, 1, width), bias=param(channels) if bias else None)
     if directions == 2:
         inputs |= dict(weight_b=param(channels, 1, width), bias_b=param(channels) if bias else None)
-    return inputs
+    return {k: None if v is None else v.to(device) for k, v in inputs.items()}
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's tensors live: Triton's on the GPU if there is one (else in the interpreter on CPU)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def run_with_grads(fn, inputs: dict, dout: torch.Tensor):
@@ -95,7 +109,7 @@ def expected_with_grads(inputs: dict, dout: torch.Tensor):
 def assert_matches_definition(fn, inputs: dict, seed: int = 1):
     x = inputs["x"]
     directions = 1 if inputs.get("weight_b") is None else 2
-    dout = torch.randn(directions, *x.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
+    dout = torch.randn(directions, *x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
     out, grads = run_with_grads(fn, inputs, dout)
     expected, expected_grads = expected_with_grads(inputs, dout)
     assert out.shape == expected.shape and out.dtype == x.dtype and out.is_contiguous()
@@ -182,10 +196,9 @@ def test_cpu_backends_match_definition(backend, directions, length, dtype):
 @pytest.mark.parametrize("length, directions", [(1, 2), (3, 1), (4, 2), (197, 2)])
 def test_triton_matches_definition(length, directions, dtype):
     skip_unless_available("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = 1 if length > 100 else 2  # the interpreter is slow
-    inputs = make_inputs(batch=batch, length=length, channels=20, directions=directions, dtype=dtype, seed=length)
-    inputs = {k: None if v is None else v.to(device) for k, v in inputs.items()}
+    inputs = make_inputs(batch=batch, length=length, channels=20, directions=directions, dtype=dtype, seed=length,
+                         device=device_of("triton"))  # fmt: skip
     assert_matches_definition(backend_fn("triton"), inputs)
 
 
@@ -194,9 +207,8 @@ def test_triton_matches_definition(length, directions, dtype):
 def test_any_width_up_to_eight(backend, width):
     """The C kernel's general path (W != 4) and the Triton kernels, unbiased, with weights in another dtype."""
     skip_unless_available(backend)
-    inputs = make_inputs(
-        batch=1, length=13, channels=17, width=width, bias=False, dtype=torch.bfloat16, weight_dtype=torch.float32
-    )
+    inputs = make_inputs(batch=1, length=13, channels=17, width=width, bias=False, dtype=torch.bfloat16,
+                         weight_dtype=torch.float32, device=device_of(backend))  # fmt: skip
     assert_matches_definition(backend_fn(backend), inputs)
 
 
@@ -204,7 +216,7 @@ def test_any_width_up_to_eight(backend, width):
 def test_every_layout_of_x_and_dout(backend):
     """Contiguous x, x strided in time, x with channels 3 apart, and a dout that is not contiguous."""
     skip_unless_available(backend)
-    base = make_inputs(batch=2, length=10, channels=20)
+    base = make_inputs(batch=2, length=10, channels=20, device=device_of(backend))
     x = base["x"].contiguous()
     layouts = {
         "contiguous": x,
@@ -212,7 +224,7 @@ def test_every_layout_of_x_and_dout(backend):
         "channels apart": torch.stack([x, x.neg(), x], dim=-1).flatten(-2)[..., ::3],
         "channels first": x.transpose(1, 2).contiguous().transpose(1, 2),
     }
-    dout = torch.randn(2, 20, 10, 2, generator=torch.Generator().manual_seed(3)).permute(3, 0, 2, 1)  # (K, B, L, C), strided
+    dout = torch.randn(2, 20, 10, 2, generator=torch.Generator().manual_seed(3)).to(x.device).permute(3, 0, 2, 1)  # strided
     expected, expected_grads = expected_with_grads(base, dout)
     for name, strided in layouts.items():
         torch.testing.assert_close(strided, x, equal_nan=False, msg=name)
@@ -265,12 +277,12 @@ def test_auto_picks_the_c_kernel_on_cpu_and_pytorch_without_a_compiler(monkeypat
 def test_custom_ops_trace_under_torch_compile(backend):
     """opcheck (schema, fake, autograd registration) and a fullgraph compile, forward and backward."""
     skip_unless_available(backend)
-    inputs = make_inputs(batch=1, length=5, channels=20)
+    inputs = make_inputs(batch=1, length=5, channels=20, device=device_of(backend))
     taps = {k: v.squeeze(1) if k.startswith("weight") else v for k, v in inputs.items()}
     leaves = {k: v.detach().requires_grad_() for k, v in taps.items()}
     torch.library.opcheck(torch.ops.vim.conv1d_silu_fwd.default, (*leaves.values(), backend))
     compiled = torch.compile(backend_fn(backend), fullgraph=True, backend="aot_eager")
-    dout = torch.randn(2, 1, 5, 20)
+    dout = torch.randn(2, 1, 5, 20, device=device_of(backend))
     out, grads = run_with_grads(compiled, inputs, dout)
     expected, expected_grads = run_with_grads(backend_fn(backend), inputs, dout)
     torch.testing.assert_close(out, expected)

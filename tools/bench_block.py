@@ -169,12 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=24, help="blocks per model, for the time a model saves")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="timing budget per measurement")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.batch = args.batch or (64 if device.type == "cuda" else 8)
     rows = []
