@@ -362,3 +362,255 @@ static int run(const ScanArgs *args, int backward) {
 int vim_scan_forward(const ScanArgs *args) { return run(args, 0); }
 
 int vim_scan_backward(const ScanArgs *args) { return run(args, 1); }
+
+/* ================================================================================================
+ * Fused depthwise causal conv + SiLU of both scan directions, forward and backward, for CPU tensors.
+ * The contract is in vim/kernels/conv_silu_native.py, the definition in conv_silu_reference.py:
+ *
+ *     y0[t] = silu(b0 + sum_i w0[i] x[t - (W-1) + i])     direction 0, causal
+ *     y1[t] = silu(b1 + sum_i w1[i] x[t + (W-1) - i])     direction 1: the backward scan's causal conv
+ *                                                          seen from the original order (anti-causal)
+ * with x zero outside the sequence.
+ *
+ * A job is a block of LANES adjacent channels of one batch element over one segment of the sequence.
+ * For each direction it holds the taps in registers (one Lanes value per tap) and walks its rows in
+ * order: the rows of x it reads lie within W - 1 of each other, so they come from L1 (and the second
+ * direction finds the job's rows of x in cache), and every operation is a vertical SIMD operation across
+ * channels (the SiLU uses the polynomial exp2 above, so it vectorises too). Both directions are written
+ * straight into their slots of the (K, batch, L, C) output: nothing is stacked or copied afterwards.
+ *
+ * The backward pass recomputes the pre-activations from x (W multiply-adds are cheaper than a round
+ * trip through memory), forms dpre = dy silu'(pre) over the segment and W - 1 rows either side in a
+ * per-thread buffer, and gathers dx[t] = sum_i w0[i] dpre0[t + (W-1) - i] + w1[i] dpre1[t - (W-1) + i]
+ * from it. The gradients of the taps and biases are summed over the job's rows in registers and
+ * written per (batch element, segment), for the caller to sum: deterministic, no atomics.
+ */
+#define CONV_MAX_WIDTH 8
+
+/* Float32, strides in elements. Keep in step with ConvArgs in conv_silu_native.py. */
+typedef struct {
+    int64_t batch, length, channels, width, directions, segments, threads;
+    const float *x;                   /* (batch, L, C), strided */
+    const float *weight[2], *bias[2]; /* per direction: taps (C, W) dense; bias (C) dense or NULL */
+    float *out;                       /* forward: (K, batch, L, C) dense */
+    const float *dout;                /* backward: (K, batch, L, C), strided */
+    float *dx;                        /* backward: (batch, L, C) dense */
+    float *dparams;                   /* backward: (batch * segments, K, W + 1, C) dense: the W taps, then the bias */
+    int64_t x_stride[3], dout_stride[4];
+} ConvArgs;
+
+/* One job: channels [c0, c0 + LANES) (fewer at the end) of batch element b, rows [first, last). */
+typedef struct {
+    const float *x;                  /* at (b, 0, c0) */
+    int64_t x_step, x_lane;          /* strides between rows and between channels */
+    int64_t b, c0, first, last, row; /* row: (batch element, segment), the job's row of dparams */
+} ConvJob;
+
+/* The LANES channels of a job as one SIMD value (a GCC and clang vector extension): the conv is written on
+ * whole rows, so it vectorises whatever the compiler's loop vectoriser makes of the short loops. */
+typedef float Lanes __attribute__((vector_size(sizeof(float) * LANES)));
+
+/* `width` channels `lane_stride` apart from x, 0 on idle lanes. */
+INLINE Lanes load_lanes(const float *x, const int64_t lane_stride, const int width) {
+    float row[LANES];
+    if (lane_stride == 1 && width == LANES) memcpy(row, x, sizeof row);
+    else
+        for (int j = 0; j < LANES; j++) row[j] = j < width ? x[j * lane_stride] : 0.0f;
+    Lanes v;
+    memcpy(&v, row, sizeof v);
+    return v;
+}
+
+INLINE void store_lanes(float *out, const Lanes v, const int width) {
+    float row[LANES];
+    memcpy(row, &v, sizeof row);
+    for (int j = 0; j < width; j++) out[j] = row[j];
+}
+
+INLINE float silu(float p) { return p * sigmoid(p); }
+
+INLINE float silu_grad(float p) {
+    const float s = sigmoid(p);
+    return s * (1.0f + p * (1.0f - s));
+}
+
+/* silu (grad = 0) or its derivative (grad = 1) of every lane. */
+INLINE Lanes silu_lanes(const Lanes p, const int grad) {
+    float in[LANES], out[LANES];
+    memcpy(in, &p, sizeof in);
+    for (int j = 0; j < LANES; j++) out[j] = grad ? silu_grad(in[j]) : silu(in[j]);
+    Lanes v;
+    memcpy(&v, out, sizeof v);
+    return v;
+}
+
+/* Direction k's taps w[i] and bias (idle lanes of a partial block copy channel c0). */
+INLINE void load_taps(const ConvArgs *a, const ConvJob *v, int64_t k, const int W, const int width, Lanes *w, Lanes *bias) {
+    float taps[CONV_MAX_WIDTH][LANES], shift[LANES];
+    for (int j = 0; j < LANES; j++) {
+        const int64_t c = v->c0 + (j < width ? j : 0);
+        for (int i = 0; i < W; i++) taps[i][j] = a->weight[k][c * W + i];
+        shift[j] = a->bias[k] ? a->bias[k][c] : 0.0f;
+    }
+    memcpy(w, taps, sizeof(Lanes) * W);
+    memcpy(bias, shift, sizeof *bias);
+}
+
+/* Source row of tap i for output row t: t - (W-1) + i (causal), t + (W-1) - i (anti-causal). */
+INLINE int64_t tap_row(int64_t t, int i, const int W, const int anti) { return anti ? t + (W - 1) - i : t - (W - 1) + i; }
+
+/* The pre-activation of one direction at row t. */
+INLINE Lanes conv_row(const ConvJob *v, int64_t length, int64_t t, const int anti, const int W, const int width,
+                      const int64_t x_lane, const Lanes *w, const Lanes bias) {
+    Lanes pre = bias;
+    for (int i = 0; i < W; i++) {
+        const int64_t s = tap_row(t, i, W, anti);
+        if (s >= 0 && s < length) pre += w[i] * load_lanes(v->x + s * v->x_step, x_lane, width);
+    }
+    return pre;
+}
+
+INLINE void conv_forward_job(const ConvArgs *a, const ConvJob *v, const int W, const int width, const int unit) {
+    const int64_t x_lane = unit ? 1 : v->x_lane;
+    for (int64_t k = 0; k < a->directions; k++) {
+        Lanes w[CONV_MAX_WIDTH], bias;
+        load_taps(a, v, k, W, width, w, &bias);
+        float *out = a->out + (k * a->batch + v->b) * a->length * a->channels + v->c0;
+        for (int64_t t = v->first; t < v->last; t++)
+            store_lanes(out + t * a->channels, silu_lanes(conv_row(v, a->length, t, k == 1, W, width, x_lane, w, bias), 0), width);
+    }
+}
+
+/* Direction k of a job's backward pass: dpre = dy silu'(pre) over rows [lo, hi) into `dpre`, and the gradients of
+ * its taps and bias over the job's own rows (the halo belongs to the neighbouring segments) into its row of dparams. */
+INLINE void conv_backward_direction(const ConvArgs *a, const ConvJob *v, const int64_t k, const int W, const int width,
+                                    const int64_t x_lane, const int64_t dout_lane, int64_t lo, int64_t hi, const Lanes *w,
+                                    const Lanes bias, Lanes *restrict dpre) {
+    const int64_t length = a->length, *ds = a->dout_stride;
+    const float *dy = a->dout + k * ds[0] + v->b * ds[1] + v->c0 * ds[3];
+    Lanes dw[CONV_MAX_WIDTH] = {0}, dbias = {0};
+    for (int64_t t = lo; t < hi; t++) {
+        const Lanes pre = conv_row(v, length, t, k == 1, W, width, x_lane, w, bias);
+        const Lanes grad = load_lanes(dy + t * ds[2], dout_lane, width) * silu_lanes(pre, 1);
+        dpre[t - lo] = grad;
+        if (t < v->first || t >= v->last) continue;
+        dbias += grad;
+        for (int i = 0; i < W; i++) {
+            const int64_t s = tap_row(t, i, W, k == 1);
+            if (s >= 0 && s < length) dw[i] += grad * load_lanes(v->x + s * v->x_step, x_lane, width);
+        }
+    }
+    float *dparams = a->dparams + (v->row * a->directions + k) * (W + 1) * a->channels + v->c0;
+    for (int i = 0; i < W; i++) store_lanes(dparams + i * a->channels, dw[i], width);
+    store_lanes(dparams + W * a->channels, dbias, width);
+}
+
+/* `scratch` holds 2 (rows of the longest segment + 2 (W - 1)) Lanes. */
+INLINE void conv_backward_job(const ConvArgs *a, const ConvJob *v, const int W, const int width, const int unit,
+                              Lanes *restrict scratch) {
+    const int64_t length = a->length, x_lane = unit ? 1 : v->x_lane, dout_lane = unit ? 1 : a->dout_stride[3];
+    const int64_t lo = v->first - (W - 1) > 0 ? v->first - (W - 1) : 0;
+    const int64_t hi = v->last + (W - 1) < length ? v->last + (W - 1) : length;
+    Lanes w[2][CONV_MAX_WIDTH], bias[2];
+    for (int64_t k = 0; k < a->directions; k++) {
+        load_taps(a, v, k, W, width, w[k], &bias[k]);
+        conv_backward_direction(a, v, k, W, width, x_lane, dout_lane, lo, hi, w[k], bias[k], scratch + k * (hi - lo));
+    }
+    for (int64_t t = v->first; t < v->last; t++) { /* through tap i, x[t] fed pre0[t + (W-1) - i] and pre1[t - (W-1) + i] */
+        Lanes grad = {0};
+        for (int64_t k = 0; k < a->directions; k++)
+            for (int i = 0; i < W; i++) {
+                const int64_t s = tap_row(t, i, W, k == 0);
+                if (s >= 0 && s < length) grad += w[k][i] * scratch[k * (hi - lo) + s - lo];
+            }
+        store_lanes(a->dx + (v->b * length + t) * a->channels + v->c0, grad, width);
+    }
+}
+
+INLINE int64_t conv_blocks(const ConvArgs *a) { return (a->channels + LANES - 1) / LANES; }
+
+/* Job `job` of (batch element, segment, block of channels), in that order. */
+static void conv_job(const ConvArgs *a, int64_t job, int backward, Lanes *dpre) {
+    const int64_t blocks = conv_blocks(a), row = job / blocks, c0 = job % blocks * LANES;
+    const int64_t b = row / a->segments, segment = row % a->segments, *xs = a->x_stride;
+    const ConvJob v = {
+        .x = a->x + b * xs[0] + c0 * xs[2], .x_step = xs[1], .x_lane = xs[2], .b = b, .c0 = c0,
+        .first = a->length * segment / a->segments, .last = a->length * (segment + 1) / a->segments, .row = row,
+    };
+    const int width = (int)(a->channels - c0 < LANES ? a->channels - c0 : LANES);
+    const int unit = xs[2] == 1 && (!backward || a->dout_stride[3] == 1);
+    if (unit && width == LANES && a->width == 4) { /* compiled with the width, the block and the strides known */
+        if (backward) conv_backward_job(a, &v, 4, LANES, 1, dpre);
+        else conv_forward_job(a, &v, 4, LANES, 1);
+    } else {
+        if (backward) conv_backward_job(a, &v, (int)a->width, width, 0, dpre);
+        else conv_forward_job(a, &v, (int)a->width, width, 0);
+    }
+}
+
+static void conv_forward_range(const void *args, int64_t first, int64_t last, int *status) {
+    (void)status;
+    for (int64_t job = first; job < last; job++) conv_job(args, job, 0, NULL);
+}
+
+static void conv_backward_range(const void *args, int64_t first, int64_t last, int *status) {
+    const ConvArgs *a = args;
+    const int64_t rows = (a->length + a->segments - 1) / a->segments + 2 * (CONV_MAX_WIDTH - 1);
+    Lanes *dpre = aligned_alloc(sizeof(Lanes), sizeof(Lanes) * rows * 2); /* malloc may align less than a Lanes needs */
+    if (!dpre) {
+        *status = -2;
+        return;
+    }
+    for (int64_t job = first; job < last; job++) conv_job(a, job, 1, dpre);
+    free(dpre);
+}
+
+/* A range [first, last) of a parallel loop's jobs, for one thread. */
+typedef struct {
+    void (*run)(const void *args, int64_t first, int64_t last, int *status);
+    const void *args;
+    int64_t first, last;
+    int status;
+} JobRange;
+
+static void *run_range(void *arg) {
+    JobRange *r = arg;
+    r->run(r->args, r->first, r->last, &r->status);
+    return NULL;
+}
+
+/* Jobs [0, jobs) split evenly over up to `threads` threads, as the scan's workers are: torch's OpenMP pool
+ * in an OpenMP build, else threads of our own. Returns the first nonzero status of a range, or 0. */
+static int parallel_jobs(void (*run)(const void *, int64_t, int64_t, int *), const void *args, int64_t jobs, int64_t threads) {
+    threads = threads < jobs ? threads : jobs;
+    threads = threads > MAX_THREADS ? MAX_THREADS : threads < 1 ? 1 : threads;
+    JobRange ranges[MAX_THREADS];
+    for (int64_t i = 0; i < threads; i++) ranges[i] = (JobRange){run, args, jobs * i / threads, jobs * (i + 1) / threads, 0};
+#ifdef _OPENMP
+#pragma omp parallel for num_threads((int)threads) schedule(static, 1)
+    for (int64_t i = 0; i < threads; i++) run_range(&ranges[i]);
+#else
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int64_t i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, run_range, &ranges[i]) == 0;
+    run_range(&ranges[0]);
+    for (int64_t i = 1; i < threads; i++) {
+        if (started[i]) pthread_join(ids[i], NULL);
+        else run_range(&ranges[i]);
+    }
+#endif
+    int status = 0;
+    for (int64_t i = 0; i < threads; i++) status = status ? status : ranges[i].status;
+    return status;
+}
+
+/* Returns 0; -1 if the width is outside 1..CONV_MAX_WIDTH; -2 if memory ran out. */
+static int run_conv(const ConvArgs *args, int backward) {
+    if (args->width < 1 || args->width > CONV_MAX_WIDTH) return -1;
+    const int64_t jobs = args->batch * args->segments * conv_blocks(args);
+    return parallel_jobs(backward ? conv_backward_range : conv_forward_range, args, jobs, args->threads);
+}
+
+int vim_conv_silu_forward(const ConvArgs *args) { return run_conv(args, 0); }
+
+int vim_conv_silu_backward(const ConvArgs *args) { return run_conv(args, 1); }
