@@ -81,6 +81,13 @@ def test_config_with_unknown_model_lists_close_names(tmp_path, monkeypatch):
         run_lightning(["--config", str(REPO / "configs/quickstart.yaml"), "--model.init_args.model=test_vimm"], run=False)
 
 
+@pytest.mark.parametrize("config", ["quickstart", "video_quickstart", "points_quickstart"])
+def test_zero_batch_size_is_refused_by_name(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIM_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="data.batch_size must be at least 1"):
+        run_lightning(["fit", "--config", str(REPO / f"configs/{config}.yaml"), "--data.batch_size=0"])
+
+
 def test_cli_trainer_saves_checkpoints_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("VIM_CACHE", str(tmp_path))
     cli = run_lightning(["--config", str(REPO / "configs/quickstart.yaml")], run=False)

@@ -221,6 +221,10 @@ class ImageDataModule(LightningDataModule):
         min_image_size: int = 16,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1 (samples per device and step), got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 (load in the main process) or more, got {num_workers}")
         self.save_hyperparameters()
         # Read settings from attributes, not self.hparams: under LightningCLI hparams hold what the config gave.
         self.roots = {"train_root": train_root, "val_root": val_root, "test_root": test_root, "predict_root": predict_root}
