@@ -102,9 +102,9 @@ def test_quickstart_shortened_then_predict_and_export(tmp_path, monkeypatch, cap
     fit = run_lightning(["fit", "--config", config, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
     accuracy = max(float(fit.trainer.callback_metrics[k]) for k in ("val/acc1", "val_ema/acc1"))
     assert accuracy > 0.3, f"val accuracy {accuracy:.3f} after the shortened quickstart (chance is 0.1)"
-    assert "Final validation accuracy: val top-1" in capsys.readouterr().out
-    last = tmp_path / "runs/quickstart/checkpoints/last.ckpt"
-    assert last.is_file() and (tmp_path / "runs/quickstart/csv/version_0/metrics.csv").is_file()
+    assert "Final validation accuracy of the EMA weights (what vim export and vim predict use): top-1" in capsys.readouterr().out
+    last = tmp_path / "runs/quickstart/latest/checkpoints/last.ckpt"
+    assert last.is_file() and (tmp_path / "runs/quickstart/latest/metrics.csv").is_file()
 
     images = tmp_path / "to_classify"
     images.mkdir()

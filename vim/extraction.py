@@ -3,7 +3,7 @@
 Command line::
 
     vim extract --model vim_small_patch16_224 --input photos/ --out feats/
-    vim extract --checkpoint runs/points_quickstart/checkpoints/last.ckpt --input clouds.h5 --out feats/ --tokens
+    vim extract --checkpoint runs/points_quickstart/latest/checkpoints/last.ckpt --input clouds.h5 --out feats/ --tokens
     vim extract --model videomamba_tiny --checkpoint vm_t.pth --input clips.txt --out feats/ --layers 5 11 --format safetensors
 
 Python::

@@ -1,6 +1,6 @@
 """Export trained weights from a Lightning checkpoint as a ``.safetensors`` file that timm loads.
 
-``vim export --ckpt runs/quickstart/checkpoints/last.ckpt --out digits_vim.safetensors`` writes the EMA
+``vim export --ckpt runs/quickstart/latest/checkpoints/last.ckpt --out digits_vim.safetensors`` writes the EMA
 weights (the trained weights with ``--no-ema`` or when the run had no EMA) under timm's own key names,
 so the file loads with::
 
@@ -59,7 +59,7 @@ def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema:
 def main(argv: list[str] | None = None) -> None:
     """``vim export --ckpt CKPT --out FILE.safetensors [--no-ema]``."""
     parser = argparse.ArgumentParser(prog="vim export", description="Export trained (EMA) weights as .safetensors for timm.")
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint, e.g. runs/quickstart/checkpoints/last.ckpt")
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint, e.g. runs/quickstart/latest/checkpoints/last.ckpt")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA weights")
     args = parser.parse_args(argv)
