@@ -6,24 +6,12 @@ import csv
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback
-from PIL import Image
+from test_training import write_tree
 
 from vim.cli import run_lightning
-
-
-def write_tree(root: Path, classes: int = 3, per_class: int = 6, size: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 80, (size, size, 3)) + 60 * c  # class-dependent brightness
-            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
 
 
 def tiny_config(tmp_path: Path, logger: str = "vim.training.run_folder.RunCSVLogger", every_n_train_steps: int = 4) -> str:
@@ -86,17 +74,6 @@ def test_fit_ends_with_its_final_state_and_reports_the_accuracy_export_uses(tmp_
     assert (tmp_path / "runs/tiny/version_0/validate_0/metrics.csv").is_file()  # inside the run it evaluated
 
 
-class CrashAt(Callback):
-    """Kills the run (an exception) before the first batch of step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash at step {self.step}")
-
-
 def metric_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as file:
         return list(csv.DictReader(file))
@@ -136,7 +113,7 @@ def test_each_fit_has_its_own_folder_and_a_resumed_run_continues_in_it(tmp_path,
                 config,
                 "--trainer.max_steps=7",
                 "--ckpt_path=last",
-                "--trainer.callbacks+=test_run_folder.CrashAt",
+                "--trainer.callbacks+=test_training.CrashAt",
                 "--trainer.callbacks.step=5",
             ]
         )

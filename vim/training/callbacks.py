@@ -95,10 +95,13 @@ def final_report(trainer: Trainer, module: LightningModule, checkpoint: str | No
 
 
 class CsvPredictionWriter(BasePredictionWriter):
-    """Writes ``predict`` results as CSV: path, then class and probability for each of the top-5 classes.
+    """Writes ``predict`` results as CSV: path, class and probability for each of the top-5 classes, and ``error``.
+
+    Every input gets a row: one that could not be read (corrupt, empty, ...) has empty class columns and the reason
+    in ``error``.
 
     Args:
-        output: CSV path; None writes ``predictions.csv`` in the trainer's log directory.
+        output: CSV path; None writes ``predictions.csv`` in the trainer's log directory (the run folder).
     """
 
     def __init__(self, output: str | None = None) -> None:
@@ -115,10 +118,15 @@ class CsvPredictionWriter(BasePredictionWriter):
         path = self.csv_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         top_k = predictions[0]["indices"].shape[-1] if predictions else 5
+        failed = [failure for batch in predictions for failure in batch.get("failed", [])]
         with open(path, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["path"] + [f"{field}{k}" for k in range(1, top_k + 1) for field in ("class", "prob")])
+            writer.writerow(["path"] + [f"{field}{k}" for k in range(1, top_k + 1) for field in ("class", "prob")] + ["error"])
             for batch in predictions:
                 for sample_path, indices, probs in zip(batch["paths"], batch["indices"].tolist(), batch["probs"].tolist()):
-                    writer.writerow([sample_path] + [v for i, p in zip(indices, probs) for v in (names[i], f"{p:.4f}")])
-        print(f"Predictions for {sum(len(b['paths']) for b in predictions)} files: {path}")
+                    writer.writerow([sample_path] + [v for i, p in zip(indices, probs) for v in (names[i], f"{p:.4f}")] + [""])
+                for sample_path, reason in batch.get("failed", []):
+                    writer.writerow([sample_path] + [""] * (2 * top_k) + [reason])
+        predicted = sum(len(batch["paths"]) for batch in predictions)
+        unreadable = f" and {len(failed)} unreadable files (the reason in the 'error' column)" if failed else ""
+        print(f"Predictions for {predicted} files{unreadable}: {path}")
