@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
+from vim.data.workers import available_cores
 from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
 from vim.training.classifier import Classifier
@@ -40,8 +41,7 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
     """
     if "OMP_NUM_THREADS" in os.environ or not isinstance(trainer.accelerator, CPUAccelerator):
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_process = cores // max(1, trainer.num_devices)
+    per_process = available_cores() // max(1, trainer.num_devices)
     torch.set_num_threads(max(1, per_process - getattr(datamodule, "num_workers", 0)))
 
 
