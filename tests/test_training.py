@@ -156,6 +156,26 @@ def test_layer_decay_scales_each_layers_learning_rate(tmp_path):
         ImageClassifier("test_vim", num_classes=3, layer_decay=1.5)
 
 
+def test_missing_or_empty_weights_files_are_named(tmp_path):
+    """A zero-byte .pth (or .ckpt) as weights: a message naming the setting and the file, not torch.load's EOFError."""
+    from vim.extraction import extract
+    from vim.training.export import export_safetensors
+
+    empty = tmp_path / "weights.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"model.pretrained_file: '{empty}' is empty \(0 bytes\)"):
+        tiny_classifier(pretrained_file=str(empty))
+    with pytest.raises(ValueError, match=rf"model.pretrained_file: '{tmp_path / 'nowhere.pth'}' does not exist"):
+        tiny_classifier(pretrained_file=str(tmp_path / "nowhere.pth"))
+    image = write_tree(tmp_path / "images", classes=1, per_class=1)
+    for suffix in (".pth", ".ckpt"):
+        (tmp_path / f"empty{suffix}").write_bytes(b"")
+        with pytest.raises(ValueError, match=rf"checkpoint: '{tmp_path / f'empty{suffix}'}' is empty \(0 bytes\)"):
+            extract("test_vim", image, tmp_path / "features", checkpoint=str(tmp_path / f"empty{suffix}"), progress=False)
+    with pytest.raises(ValueError, match=r"--ckpt: '.*empty.ckpt' is empty \(0 bytes\)"):
+        export_safetensors(tmp_path / "empty.ckpt", tmp_path / "out.safetensors")
+
+
 def test_atomic_save_keeps_the_previous_file_when_saving_fails(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, path)

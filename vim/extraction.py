@@ -67,7 +67,7 @@ from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule
 from vim.data.workers import default_num_workers
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
-from vim.training.checkpoint_io import atomic_write
+from vim.training.checkpoint_io import atomic_write, check_weights_file
 
 __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
@@ -230,11 +230,9 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str], modality: str | No
 # ---------------------------------------------------------------------------------------------- model
 def _checkpoint_settings(checkpoint: str) -> tuple[dict[str, torch.Tensor], str | None, dict[str, Any]]:
     """(weights, model name or None, model kwargs) of a weights file or a Lightning ``.ckpt`` of a vim Classifier."""
-    path = Path(checkpoint)
+    path = check_weights_file(checkpoint, "checkpoint")
     if path.suffix != ".ckpt":
         return load_official_checkpoint(path), None, {}
-    if not path.is_file():
-        raise ValueError(f"checkpoint '{path}' does not exist")
     from vim.training.export import checkpoint_weights
 
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -42,6 +42,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.sampling import mix_seed, seed_everything_from
+from vim.training.checkpoint_io import check_weights_file
 from vim.training.schedule import WarmupCosine
 
 
@@ -157,6 +158,7 @@ class Classifier(LightningModule):
         kwargs = {**self.model_kwargs(), **self.extra_model_kwargs}
         kwargs.update(num_classes=self.num_classes, drop_path_rate=self.drop_path_rate)
         if self.pretrained_file is not None:
+            check_weights_file(self.pretrained_file, "model.pretrained_file")
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": self.pretrained_file})
         return create_model(self.model_name, **kwargs)
 

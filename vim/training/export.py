@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vim.training.checkpoint_io import atomic_write
+from vim.training.checkpoint_io import atomic_write, check_weights_file
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
@@ -41,9 +41,7 @@ def checkpoint_weights(checkpoint: dict, use_ema: bool = True) -> dict[str, torc
 
 def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True) -> Path:
     """Write the (EMA) weights of checkpoint ``ckpt`` to ``out`` (``.safetensors``), atomically. Returns ``out``."""
-    ckpt, out = Path(ckpt), Path(out)
-    if not ckpt.is_file():
-        raise ValueError(f"--ckpt: checkpoint '{ckpt}' does not exist")
+    ckpt, out = check_weights_file(ckpt, "--ckpt"), Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: '{out}' must end in .safetensors (timm picks the loader by extension)")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
