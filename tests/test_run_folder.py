@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,12 @@ def test_fit_ends_with_its_final_state_and_reports_the_accuracy_export_uses(tmp_
     reported = printed(
         r"Final validation accuracy of the EMA weights \(what vim export and vim predict use\): top-1 ([\d.]+)%", out
     )
-    validate = run_lightning(["validate", "--config", config, f"--ckpt_path={last}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validate = run_lightning(["validate", "--config", config, "--ckpt_path=runs/tiny/latest/checkpoints/last.ckpt"])
     assert f"{100 * float(validate.trainer.callback_metrics['val_ema/acc1']):.1f}" == reported
     assert (tmp_path / "runs/tiny/version_0/validate_0/metrics.csv").is_file()  # inside the run it evaluated
+    assert not [str(w.message) for w in caught if "dirpath" in str(w.message)]
 
 
 def metric_rows(path: Path) -> list[dict[str, str]]:

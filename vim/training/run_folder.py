@@ -124,6 +124,10 @@ class RunFolder(Callback):
             continues = False
             parent = root / run if run is not None else root
             version = str(Path(run, next_folder(parent, subcommand)) if run is not None else next_folder(parent, subcommand))
+            for callback in trainer.checkpoint_callbacks if run is not None else ():
+                if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                    # An evaluation saves nothing; the run's own folder lets ModelCheckpoint restore its state quietly.
+                    callback.dirpath = str(root / run / LAST_CHECKPOINT.parent)
         for other in trainer.loggers:
             if hasattr(other, "_version") and other.root_dir is not None and Path(other.root_dir) == root:
                 other._version = version  # what their `version` argument sets; read when they first write
