@@ -234,6 +234,8 @@ def test_without_released_weights_random_ones_need_the_flag_and_are_seeded(tmp_p
     with pytest.raises(ValueError, match=r"model 'test_vim' has no released weights .*--checkpoint.*--random-weights"):
         extract("test_vim", folder, tmp_path / "none", progress=False)
     assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match=r"random_weights \(--random-weights\) and a checkpoint exclude each other"):
+        extract("test_vim", folder, tmp_path / "none", checkpoint=saved_model(tmp_path, "test_vim")[1], random_weights=True)
     features = {}
     for run, seed in (("a", 3), ("b", 3), ("c", 4)):
         manifest = extract("test_vim", folder, tmp_path / run, random_weights=True, seed=seed, progress=False)

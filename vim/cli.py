@@ -73,14 +73,14 @@ class VimCLI(LightningCLI):
     def fit(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """Train (unless the checkpoint to resume already finished), validate the final weights if the last validation
         saw earlier ones, and print the report."""
-        if ckpt_path == "last" and self.checkpoint_to_load(ckpt_path) is None and self.run_folder is not None:
+        resume = self.checkpoint_to_load(ckpt_path)
+        if ckpt_path == "last" and resume is None and self.run_folder is not None:
             rank_zero_warn(f"--ckpt_path last: no run under {self.run_folder.root} has a last checkpoint; starting a new run")
-        ckpt_path = self.checkpoint_to_load(ckpt_path)
-        if ckpt_path is not None and Path(ckpt_path).is_file() and (reason := finished(Path(ckpt_path), self.trainer)):
+        if resume is not None and Path(resume).is_file() and (reason := finished(Path(resume), self.trainer)):
             if rank_zero_only.rank == 0:  # the trainer's own rank is known only once fit has set up its processes
                 print(reason)
             return
-        self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
+        self.trainer.fit(model, ckpt_path=resume, **kwargs)
         final = next(callback for callback in self.trainer.callbacks if isinstance(callback, FinalState))
         if not final.final_weights_validated(self.trainer) and sum(self.trainer.num_val_batches) > 0:
             self.trainer.validate(model, datamodule=kwargs.get("datamodule"), verbose=False)

@@ -305,6 +305,8 @@ def build_model(
     name = model or name
     if name is None:
         raise ValueError("no model: pass model= (a timm name), or a Lightning .ckpt that records one")
+    if random_weights and checkpoint is not None:
+        raise ValueError("random_weights (--random-weights) and a checkpoint exclude each other: pass one")
     from vim.training.classifier import create_model
 
     kwargs.update(model_kwargs or {})
@@ -392,7 +394,8 @@ def _extract_shard(
 
 def _differences(old: list[str], new: list[str]) -> str:
     """What differs between two input lists, naming an input of each kind."""
-    added, removed = [n for n in new if n not in set(old)], [n for n in old if n not in set(new)]
+    old_set, new_set = set(old), set(new)
+    added, removed = [n for n in new if n not in old_set], [n for n in old if n not in new_set]
     parts = [f"{len(added)} new, e.g. '{added[0]}'"] if added else []
     parts += [f"{len(removed)} no longer given, e.g. '{removed[0]}'"] if removed else []
     return "; ".join(parts) or "the same inputs in another order"

@@ -33,12 +33,14 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from vim.training.checkpoint_io import atomic_write
 
+FOLDER_LOGGERS = (CSVLogger, TensorBoardLogger)
+"""Loggers that write into ``save_dir/name/<version>``: the run folder is their version."""
 LATEST = "latest"
 LAST_CHECKPOINT = Path("checkpoints", f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}")
 """A run folder's final (or newest) state, relative to the folder."""
@@ -109,12 +111,11 @@ class RunFolder(Callback):
     def choose(cls, trainer: Trainer, subcommand: str, ckpt_path: str | None) -> RunFolder | None:
         """The folder for ``vim <subcommand> --ckpt_path <ckpt_path>``, with the trainer's loggers pointed at it.
 
-        None when the first logger has no versioned folder (no logger, or one that keeps its files elsewhere).
+        None when the first logger is not a CSV or TensorBoard logger (whose folders are ``save_dir/name/version``).
         """
-        logger = trainer.loggers[0] if trainer.loggers else None
-        if logger is None or not hasattr(logger, "_version") or logger.root_dir is None:
+        if not trainer.loggers or not isinstance(trainer.loggers[0], FOLDER_LOGGERS):
             return None
-        root = Path(logger.root_dir)
+        root = Path(trainer.loggers[0].root_dir)
         checkpoint = resolve_checkpoint(root, ckpt_path)
         run = run_of(root, checkpoint) if checkpoint is not None else None
         if subcommand == "fit":
@@ -128,9 +129,9 @@ class RunFolder(Callback):
                 if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                     # An evaluation saves nothing; the run's own folder lets ModelCheckpoint restore its state quietly.
                     callback.dirpath = str(root / run / LAST_CHECKPOINT.parent)
-        for other in trainer.loggers:
-            if hasattr(other, "_version") and other.root_dir is not None and Path(other.root_dir) == root:
-                other._version = version  # what their `version` argument sets; read when they first write
+        for logger in trainer.loggers:
+            if isinstance(logger, FOLDER_LOGGERS) and Path(logger.root_dir) == root:
+                logger._version = version  # what their `version` argument sets; read when they first write
         return cls(root, version, checkpoint, continues)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
