@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import yaml
+from test_run_folder import tiny_config
 
 from vim.cli import main, run_lightning
 from vim.data.images import ImageDataModule
@@ -81,6 +82,13 @@ def test_config_with_unknown_model_lists_close_names(tmp_path, monkeypatch):
         run_lightning(["--config", str(REPO / "configs/quickstart.yaml"), "--model.init_args.model=test_vimm"], run=False)
 
 
+@pytest.mark.parametrize("config", ["quickstart", "video_quickstart", "points_quickstart"])
+def test_zero_batch_size_is_refused_by_name(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIM_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="data.batch_size must be at least 1"):
+        run_lightning(["fit", "--config", str(REPO / f"configs/{config}.yaml"), "--data.batch_size=0"])
+
+
 def test_cli_trainer_saves_checkpoints_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("VIM_CACHE", str(tmp_path))
     cli = run_lightning(["--config", str(REPO / "configs/quickstart.yaml")], run=False)
@@ -95,9 +103,9 @@ def test_quickstart_shortened_then_predict_and_export(tmp_path, monkeypatch, cap
     fit = run_lightning(["fit", "--config", config, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
     accuracy = max(float(fit.trainer.callback_metrics[k]) for k in ("val/acc1", "val_ema/acc1"))
     assert accuracy > 0.3, f"val accuracy {accuracy:.3f} after the shortened quickstart (chance is 0.1)"
-    assert "Final validation accuracy: val top-1" in capsys.readouterr().out
-    last = tmp_path / "runs/quickstart/checkpoints/last.ckpt"
-    assert last.is_file() and (tmp_path / "runs/quickstart/csv/version_0/metrics.csv").is_file()
+    assert "Final validation accuracy of the EMA weights (what vim export and vim predict use): top-1" in capsys.readouterr().out
+    last = tmp_path / "runs/quickstart/latest/checkpoints/last.ckpt"
+    assert last.is_file() and (tmp_path / "runs/quickstart/latest/metrics.csv").is_file()
 
     images = tmp_path / "to_classify"
     images.mkdir()
@@ -132,6 +140,33 @@ def test_quickstart_shortened_then_predict_and_export(tmp_path, monkeypatch, cap
         assert [float(row[f"prob{k}"]) for k in range(1, 6)] == pytest.approx(values, abs=2e-4)
     correct = sum(by_path[p]["class1"] == Path(p).name[5] for p in batch.paths)
     assert correct / len(val) > 0.3
+
+
+def test_predict_lists_every_input_with_the_reason_for_the_unreadable_ones(tmp_path, monkeypatch, capsys):
+    """5 inputs in batches of 2: the first batch entirely unreadable (it used to stop predict, no CSV), a truncated file in
+    the second (it used to be missing from the CSV)."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path)
+    good = sorted((tmp_path / "images").glob("*/*.png"))
+    inputs = tmp_path / "to_classify"
+    inputs.mkdir()
+    contents = {"a.png": b"not a png", "b.png": b"", "c.png": good[0].read_bytes(), "d.png": good[1].read_bytes()[:40]}
+    contents["e.png"] = good[2].read_bytes()
+    for name, content in contents.items():
+        (inputs / name).write_bytes(content)
+    run_lightning(["predict", "--config", config, f"--data.predict_root={inputs}", "--data.batch_size=2"])
+    out = capsys.readouterr().out
+    assert "Predictions for 2 files and 3 unreadable files (the reason in the 'error' column): " in out
+    path = out.split("'error' column): ")[1].split()[0]
+    assert path == "runs/tiny/predict_0/predictions.csv"  # the command's own run folder
+    with open(path, newline="") as file:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(file)}
+    assert sorted(rows) == sorted(contents)
+    for name in ("a.png", "b.png", "d.png"):
+        assert rows[name]["class1"] == "" and rows[name]["error"], rows[name]
+    assert "cannot identify image file" in rows["a.png"]["error"]
+    for name in ("c.png", "e.png"):
+        assert rows[name]["error"] == "" and rows[name]["class1"] in ("0", "1", "2") and float(rows[name]["prob1"]) > 0
 
 
 def test_plot_metrics_writes_a_png(tmp_path):

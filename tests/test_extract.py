@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -14,7 +16,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 import vim.models  # noqa: F401
 from vim.cli import main as cli_main
@@ -178,9 +180,100 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"inputs mix modalities: images \(e.g. '.*photo.png'\), points \(e.g. '.*cloud.npy'\)"):
         extract("test_pointmamba", mixed, tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match=r"model 'test_vim' takes images but the inputs are points \(e.g. '.*cloud.npy'\)"):
-        extract("test_vim", [str(mixed / "cloud.npy")], tmp_path / "o", progress=False)
+        extract("test_vim", [str(mixed / "cloud.npy")], tmp_path / "o", random_weights=True, progress=False)
     with pytest.raises(ValueError, match=r"modality='video' was asked for"):
         extract("test_videomamba", [str(mixed / "photo.png")], tmp_path / "o", modality="video", progress=False)
     with pytest.raises(ValueError, match="checkpoint does not fit PointMamba: missing"):
         _, weights = saved_model(tmp_path, "test_vim")
         extract("test_pointmamba", [str(mixed / "cloud.npy")], tmp_path / "o", checkpoint=weights, progress=False)
+
+
+def image_folder(root: Path, count: int = 3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(RNG.integers(0, 256, size=(count, 32, 32, 3), dtype=np.uint8)):
+        Image.fromarray(image).save(root / f"{i}.png")
+    return root
+
+
+def test_a_tagged_name_loads_its_released_weights_through_timm(tmp_path, monkeypatch):
+    """vim_tiny_patch16_224.in1k's weights are hustvl/Vim-tiny-midclstok/vim_t_midclstok_76p1acc.pth on the Hugging Face
+    Hub. Offline and not cached: an error naming the file and where to put it. With a file in the cache (made here):
+    the features are those of the model the file holds."""
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    folder = image_folder(tmp_path / "images")
+    options = dict(model_kwargs={"img_size": 32}, progress=False)
+    with pytest.raises(ValueError, match=r"released weights 'vim_t_midclstok_76p1acc.pth' are not available here") as error:
+        extract("vim_tiny_patch16_224.in1k", folder, tmp_path / "none", **options)
+    assert f"put the file in the Hugging Face cache {hub}" in str(error.value) and "--checkpoint" in str(error.value)
+
+    torch.manual_seed(0)
+    released = timm.create_model("vim_tiny_patch16_224", img_size=32).eval()
+    snapshot = hub / "models--hustvl--Vim-tiny-midclstok" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (hub / "models--hustvl--Vim-tiny-midclstok" / "refs").mkdir()
+    (hub / "models--hustvl--Vim-tiny-midclstok" / "refs" / "main").write_text("0" * 40)
+    torch.save({"model": released.state_dict()}, snapshot / "vim_t_midclstok_76p1acc.pth")  # the released layout
+    manifest = extract("vim_tiny_patch16_224.in1k", folder, tmp_path / "out", **options)
+    assert manifest["settings"]["weights"] == {
+        "released": {"tag": "vim_tiny_patch16_224.in1k", "source": "hf-hub:hustvl/Vim-tiny-midclstok/vim_t_midclstok_76p1acc.pth"}
+    }
+    transform = create_transform(32, crop_pct=0.875, interpolation="bicubic")  # Vim's evaluation transform at 32 px
+    batch = torch.stack([transform(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(3)])
+    with torch.no_grad():
+        expected = released.forward_head(released.forward_features(batch), pre_logits=True)
+    np.testing.assert_allclose(read_features(tmp_path / "out")[0], expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_without_released_weights_random_ones_need_the_flag_and_are_seeded(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    with pytest.raises(ValueError, match=r"model 'test_vim' has no released weights .*--checkpoint.*--random-weights"):
+        extract("test_vim", folder, tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match=r"random_weights \(--random-weights\) and a checkpoint exclude each other"):
+        extract("test_vim", folder, tmp_path / "none", checkpoint=saved_model(tmp_path, "test_vim")[1], random_weights=True)
+    features = {}
+    for run, seed in (("a", 3), ("b", 3), ("c", 4)):
+        manifest = extract("test_vim", folder, tmp_path / run, random_weights=True, seed=seed, progress=False)
+        assert manifest["settings"]["weights"] == {"random": {"seed": seed}}
+        features[run] = read_features(tmp_path / run)[0]
+    np.testing.assert_array_equal(features["a"], features["b"])
+    assert not np.allclose(features["a"], features["c"])
+
+
+def test_a_rerun_resumes_its_own_output_and_a_refusal_names_what_differs(tmp_path, monkeypatch):
+    """Settings as given (a tuple img_size) and as stored (a JSON list) are the same settings; so are a relative and an
+    absolute --input for the same files."""
+    _, weights = saved_model(tmp_path, "test_vim", img_size=32)
+    folder = image_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    options = dict(checkpoint=weights, model_kwargs={"img_size": (32, 32)}, progress=False)
+    manifest = extract("test_vim", "images", tmp_path / "out", **options)
+    shard = tmp_path / "out" / "shard-00000.pooled.npy"
+    stamp = shard.stat().st_mtime_ns
+    assert extract("test_vim", str(folder), tmp_path / "out", **options) == manifest  # absolute now: the same run
+    assert shard.stat().st_mtime_ns == stamp and manifest["entries"][0]["input"] == str(folder / "0.png")
+    (folder / "3.png").write_bytes((folder / "0.png").read_bytes())
+    with pytest.raises(ValueError, match=rf"holds features of other inputs \(1 new, e.g. '{folder / '3.png'}'\)"):
+        extract("test_vim", "images", tmp_path / "out", **options)
+
+
+def test_extract_loader_workers_default_to_the_free_cores(tmp_path, monkeypatch):
+    """On a 2-core machine: one loader worker (torch warns above 2), not 4."""
+    from vim.data.workers import default_num_workers
+
+    _, weights = saved_model(tmp_path, "test_vim")
+    folder = image_folder(tmp_path / "images")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_num_workers() == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli_main(
+            ["extract", "--model", "test_vim", "--checkpoint", weights, "--input", str(folder), "--out", str(tmp_path / "o")]
+        )
+    assert not [w for w in caught if "worker processes" in str(w.message)], [str(w.message) for w in caught]
+    assert read_features(tmp_path / "o")[0].shape == (3, 32)

@@ -42,6 +42,13 @@ def test_missing_and_empty_roots_are_named(tmp_path):
         data_module(tmp_path / "no_images", None).setup("fit")
 
 
+def test_batch_size_and_workers_are_checked_by_name(tmp_path):
+    with pytest.raises(ValueError, match=r"data.batch_size must be at least 1 .*got 0"):
+        data_module(tmp_path, None, batch_size=0)
+    with pytest.raises(ValueError, match=r"data.num_workers must be 0 .* or more, got -1"):
+        data_module(tmp_path, None, num_workers=-1)
+
+
 def test_train_and_val_class_folders_must_match(tmp_path):
     train = write_tree(tmp_path / "train", {"cat": 1, "dog": 1, "emu": 1})
     val = write_tree(tmp_path / "val", {"cat": 1, "dog": 1, "fox": 1})

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
 from vim.data.images import ImageDataModule
+from vim.data.sampling import ResumableSampler
 from vim.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from vim.training.classifier import classification_loss, create_model
 from vim.training.image_classifier import ImageClassifier
@@ -44,7 +45,8 @@ def tiny_classifier(**recipe) -> ImageClassifier:
 
 
 def tiny_data(root: Path, **kwargs) -> ImageDataModule:
-    return ImageDataModule(train_root=str(root), img_size=16, batch_size=4, num_workers=0, min_image_size=4, **kwargs)
+    options = dict(train_root=str(root), img_size=16, batch_size=4, num_workers=0, min_image_size=4)
+    return ImageDataModule(**{**options, **kwargs})
 
 
 def tiny_trainer(tmp_path: Path, callbacks=(), **kwargs) -> Trainer:
@@ -154,6 +156,26 @@ def test_layer_decay_scales_each_layers_learning_rate(tmp_path):
         ImageClassifier("test_vim", num_classes=3, layer_decay=1.5)
 
 
+def test_missing_or_empty_weights_files_are_named(tmp_path):
+    """A zero-byte .pth (or .ckpt) as weights: a message naming the setting and the file, not torch.load's EOFError."""
+    from vim.extraction import extract
+    from vim.training.export import export_safetensors
+
+    empty = tmp_path / "weights.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"model.pretrained_file: '{empty}' is empty \(0 bytes\)"):
+        tiny_classifier(pretrained_file=str(empty))
+    with pytest.raises(ValueError, match=rf"model.pretrained_file: '{tmp_path / 'nowhere.pth'}' does not exist"):
+        tiny_classifier(pretrained_file=str(tmp_path / "nowhere.pth"))
+    image = write_tree(tmp_path / "images", classes=1, per_class=1)
+    for suffix in (".pth", ".ckpt"):
+        (tmp_path / f"empty{suffix}").write_bytes(b"")
+        with pytest.raises(ValueError, match=rf"checkpoint: '{tmp_path / f'empty{suffix}'}' is empty \(0 bytes\)"):
+            extract("test_vim", image, tmp_path / "features", checkpoint=str(tmp_path / f"empty{suffix}"), progress=False)
+    with pytest.raises(ValueError, match=r"--ckpt: '.*empty.ckpt' is empty \(0 bytes\)"):
+        export_safetensors(tmp_path / "empty.ckpt", tmp_path / "out.safetensors")
+
+
 def test_atomic_save_keeps_the_previous_file_when_saving_fails(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1}, path)
@@ -189,6 +211,14 @@ def resume_run(tmp_path: Path, train_root: Path, callbacks=(), ckpt_path=None) -
     return module
 
 
+def assert_same_weights(reference: ImageClassifier, resumed: ImageClassifier, exact: bool = False) -> None:
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    for name, module in (("model", "model"), ("EMA", "ema")):
+        expected, actual = getattr(reference, module).state_dict(), getattr(resumed, module).state_dict()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], **tolerance, msg=f"{name} {key}")
+
+
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     train_root = write_tree(tmp_path / "train")
     reference = resume_run(tmp_path / "full", train_root)
@@ -196,10 +226,48 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
         resume_run(tmp_path / "split", train_root, [CrashAt(5)])
     assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
     resumed = resume_run(tmp_path / "split", train_root, ckpt_path="last")
-    for name, module in (("model", "model"), ("EMA", "ema")):
-        expected, actual = getattr(reference, module).state_dict(), getattr(resumed, module).state_dict()
-        for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+    assert_same_weights(reference, resumed)
+
+
+def unreadable_batch(train_root: Path, batch: int, batch_size: int) -> list[str]:
+    """Overwrite with garbage every image of the ``batch``-th training batch of epoch 0 (seed 0); returns their paths."""
+    data = tiny_data(train_root, batch_size=batch_size)
+    data.setup("fit")
+    sampler = ResumableSampler(data.datasets["train"], seed=0, drop_last=True)
+    keys = list(sampler)[batch * batch_size : (batch + 1) * batch_size]
+    paths = [data.datasets["train"].samples[key.index][0] for key in keys]
+    for path in paths:
+        Path(path).write_bytes(b"not an image")
+    return paths
+
+
+def accumulating_run(run_dir: Path, train_root: Path, callbacks=(), ckpt_path=None) -> ImageClassifier:
+    """2 epochs of 10 batches of 2 images, 4 batches accumulated per step: steps after batches 4, 8, 10 of each epoch."""
+    seed_everything(0)
+    module = tiny_classifier(ema_decay=0.9)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=1)
+    trainer = tiny_trainer(run_dir, [checkpoints, *callbacks], accumulate_grad_batches=4)
+    trainer.fit(module, tiny_data(train_root, batch_size=2), ckpt_path=ckpt_path)
+    assert trainer.global_step == 6
+    return module
+
+
+@pytest.mark.parametrize("with_unreadable_batch", [False, True], ids=["accumulate", "accumulate-with-unreadable-batch"])
+def test_resume_under_gradient_accumulation_starts_at_the_next_batch(tmp_path, with_unreadable_batch):
+    """Killed after step 4 (batch 14 of 20: the 4th of epoch 1), resumed: bit-exact with the uninterrupted run.
+
+    The resume position counts batches taken, not steps x 4 (= 16, two batches too far: the epoch's last step
+    took 2 batches). An all-unreadable batch (the 2nd) is taken like any other and counts too.
+    """
+    train_root = write_tree(tmp_path / "train", per_class=7)  # 21 images: 10 batches of 2
+    if with_unreadable_batch:
+        unreadable_batch(train_root, batch=1, batch_size=2)
+    reference = accumulating_run(tmp_path / "full", train_root)
+    with pytest.raises(RuntimeError, match="simulated crash at step 4"):
+        accumulating_run(tmp_path / "split", train_root, [CrashAt(4)])
+    assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    resumed = accumulating_run(tmp_path / "split", train_root, ckpt_path="last")
+    assert_same_weights(reference, resumed, exact=True)
 
 
 DDP_SCRIPT = """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -199,3 +200,89 @@ def test_repeated_augmentation_gives_views_of_one_segment_sample(tmp_path):
         VideoClipDataModule(train_root=str(tmp_path), repeated_aug=0)
     with pytest.raises(ValueError, match="train=True"):
         VideoClips([], num_frames=4, transform=ToClip(), repeats=2)
+
+
+def write_gop_video(path: Path, frames: np.ndarray, codec: str, gop: int = 8, b_frames: int = 0, options=None) -> Path:
+    """Encode (T, H, W, 3) frames with a keyframe every ``gop`` frames and up to ``b_frames`` B-frames between others."""
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p" if codec != "ffv1" else "yuv444p"
+        stream.codec_context.gop_size, stream.codec_context.max_b_frames = gop, b_frames
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def decode_all(path: Path) -> np.ndarray:
+    """Every frame of the file, decoded in order from the start: the reference for seeking decodes."""
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+CONTAINERS = [("mp4", "libx264", 2), ("mkv", "libx264", 2), ("mkv", "ffv1", 0), ("avi", "mpeg4", 0), ("ts", "mpeg2video", 0)]
+CONTAINERS += [("webm", "libvpx-vp9", 0)]
+
+
+@pytest.mark.parametrize(("extension", "codec", "b_frames"), CONTAINERS, ids=[f"{e}-{c}" for e, c, _ in CONTAINERS])
+def test_taken_frames_equal_a_full_decode(tmp_path, extension, codec, b_frames):
+    """Seeking to keyframes (every 8 frames; B-frames where the codec has them) gives exactly the frames that decoding
+    the whole file in order gives, for clip index lists in any order, with repeats, at the start and the end."""
+    frames = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    path = write_gop_video(tmp_path / f"v.{extension}", frames, codec, b_frames=b_frames)
+    reference = decode_all(path)
+    video = open_frames(str(path))
+    assert len(video) == len(reference) == 48 and video.notes == [] and video.frame_size == (32, 32)
+    rng = random.Random(0)
+    index_lists = [[0], [47], [5, 17, 33, 46], [40, 3, 3, 41], segment_indices(48, 8, rng), segment_indices(48, 8, None, 1, 2)]
+    for indices in index_lists:
+        taken = video.take(indices).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(taken, reference[indices], err_msg=f"{indices}")
+
+
+def test_decoding_stops_after_the_last_frame_a_clip_needs(tmp_path):
+    """The second half of the file is garbage (header intact): a clip from the first half decodes cleanly, because
+    nothing past its last frame is decoded; a clip reaching into the garbage is told that the stream breaks off."""
+    frames = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "v.mp4"
+    write_video(path, frames, codec="libx264")
+    reference = decode_all(path)
+    data = bytearray(path.read_bytes())
+    half, end = len(data) // 2, len(data) * 9 // 10
+    data[half:end] = np.random.default_rng(1).integers(0, 256, end - half, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    video = open_frames(str(path))
+    assert len(video) == 60 and video.notes == []  # the header's 60 frames; nothing decoded yet
+    np.testing.assert_array_equal(video.take([0, 4, 9]).permute(0, 2, 3, 1).numpy(), reference[[0, 4, 9]])
+    assert video.notes == []
+    video.take([0, 59])
+    assert any("breaks off" in note for note in video.notes)
+
+
+def truncate(path: Path, fraction: float, multiple_of: int = 1) -> Path:
+    data = path.read_bytes()
+    size = int(len(data) * fraction)
+    path.write_bytes(data[: size - (size % multiple_of == 0)])  # cut inside a block of `multiple_of` bytes
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extension", "codec", "options", "expected"),
+    [
+        ("mkv", "ffv1", None, r"holds [\d.]+ s of video where its header states 5.00 s \(truncated\?\)"),
+        ("mkv", "libx264", None, r"holds [\d.]+ s of video where its header states 5.00 s \(truncated\?\)"),
+        ("ts", "mpeg2video", None, r"ends inside a transport-stream packet \(truncated\?\)"),
+        ("mp4", "libx264", {"movflags": "faststart"}, r"holds \d+ of the 40 frames its header states \(truncated\?\)"),
+    ],
+    ids=["mkv-ffv1", "mkv-h264", "ts", "mp4-faststart"],
+)
+def test_truncated_files_are_reported(tmp_path, extension, codec, options, expected):
+    """A file cut at 60% still opens; the clip is made from the frames it holds, with a note (a warning in training)."""
+    frames = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    path = truncate(write_gop_video(tmp_path / f"v.{extension}", frames, codec, options=options), 0.6, multiple_of=188)
+    item = VideoClips([(str(path), 0)], num_frames=4, transform=ToClip())[0]
+    assert not isinstance(item, UnreadableClip), item
+    assert any(re.search(expected, note) for note in item.notes), item.notes
+    intact = write_gop_video(tmp_path / f"intact.{extension}", frames, codec, options=options)
+    assert VideoClips([(str(intact), 0)], num_frames=4, transform=ToClip())[0].notes == ()

@@ -46,7 +46,7 @@ def test_video_quickstart_end_to_end(tmp_path, monkeypatch):
         "--trainer.enable_progress_bar=false",
     ]
     run_lightning(["fit", *common, "--trainer.max_epochs=2"])
-    last = tmp_path / "runs" / "video_quickstart" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "runs" / "video_quickstart" / "latest" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     cli = run_lightning(["test", *common, f"--ckpt_path={last}"])
     metrics = cli.trainer.callback_metrics

@@ -1,6 +1,6 @@
 """Plot a run's loss and accuracy curves from its Lightning ``metrics.csv`` into a PNG.
 
-    python tools/plot_metrics.py runs/quickstart/csv/version_0/metrics.csv [--out curves.png]
+    python tools/plot_metrics.py runs/quickstart/latest/metrics.csv [--out curves.png]
 
 Left panel: every ``*loss`` column against the step; right panel: every ``*acc1`` / ``*acc5`` column
 against the epoch (in percent). The PNG goes next to the CSV unless ``--out`` is given.
@@ -63,7 +63,7 @@ def plot_metrics(csv_path: str | Path, out: str | Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Plot loss and accuracy curves from a Lightning metrics.csv.")
-    parser.add_argument("metrics_csv", help="e.g. runs/quickstart/csv/version_0/metrics.csv")
+    parser.add_argument("metrics_csv", help="e.g. runs/quickstart/latest/metrics.csv")
     parser.add_argument("--out", help="PNG path (default: next to the CSV)")
     args = parser.parse_args(argv)
     print(f"Wrote {plot_metrics(args.metrics_csv, args.out)}")

@@ -2,9 +2,11 @@
 
 - ``vim fit|validate|test|predict --config configs/<name>.yaml [--section.key value ...]``: LightningCLI
   over any :class:`~vim.training.classifier.Classifier` and datamodule named in the config
-  (``class_path``), with checkpoints written atomically, a final accuracy line after ``fit``, and
-  ``predict`` writing top-5 classes to CSV (``--predict_writer.output``; default ``<log_dir>/predictions.csv``).
-  Resume an interrupted run with ``--ckpt_path last``.
+  (``class_path``). Each command writes into its own run folder (:mod:`vim.training.run_folder`:
+  ``runs/<name>/version_N``, ``runs/<name>/latest``); checkpoints are written atomically, ``fit`` ends with
+  a checkpoint of its final state and prints the validation accuracy of the weights ``export`` and
+  ``predict`` use, and ``predict`` writes top-5 classes to CSV (``--predict_writer.output``; default
+  ``<run folder>/predictions.csv``). Resume an interrupted run with ``--ckpt_path last``.
 - ``vim export --ckpt CKPT --out FILE.safetensors``: the trained (EMA) weights for ``timm.create_model``.
 - ``vim extract ...``: forwarded to ``vim.extraction.main``.
 """
@@ -13,16 +15,21 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
-from vim.training.callbacks import CsvPredictionWriter, FinalReport
+from vim.data.workers import available_cores
+from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
 from vim.training.classifier import Classifier
+from vim.training.run_folder import RunFolder, finished
 
 
 def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataModule) -> None:
@@ -34,13 +41,14 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
     """
     if "OMP_NUM_THREADS" in os.environ or not isinstance(trainer.accelerator, CPUAccelerator):
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_process = cores // max(1, trainer.num_devices)
+    per_process = available_cores() // max(1, trainer.num_devices)
     torch.set_num_threads(max(1, per_process - getattr(datamodule, "num_workers", 0)))
 
 
 class VimCLI(LightningCLI):
-    """LightningCLI with the predictions CSV writer and atomic checkpoint files."""
+    """LightningCLI with run folders, atomic checkpoint files, a final checkpoint and report, and the predictions CSV."""
+
+    run_folder: RunFolder | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CsvPredictionWriter, "predict_writer")
@@ -50,7 +58,44 @@ class VimCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not replaced by the config
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         share_cores_with_data_workers(trainer, self.datamodule)
+        if self.subcommand is not None:
+            self.run_folder = RunFolder.choose(trainer, self.subcommand, self.config[self.subcommand].get("ckpt_path"))
+            if self.run_folder is not None:
+                trainer.callbacks.append(self.run_folder)
         return trainer
+
+    def checkpoint_to_load(self, ckpt_path: str | None) -> str | None:
+        """``ckpt_path`` with ``"last"`` resolved to the latest run's last checkpoint (:mod:`vim.training.run_folder`)."""
+        if ckpt_path == "last" and self.run_folder is not None:
+            return None if self.run_folder.checkpoint is None else str(self.run_folder.checkpoint)
+        return ckpt_path
+
+    def fit(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """Train (unless the checkpoint to resume already finished), validate the final weights if the last validation
+        saw earlier ones, and print the report."""
+        resume = self.checkpoint_to_load(ckpt_path)
+        if ckpt_path == "last" and resume is None and self.run_folder is not None:
+            rank_zero_warn(f"--ckpt_path last: no run under {self.run_folder.root} has a last checkpoint; starting a new run")
+        if resume is not None and Path(resume).is_file() and (reason := finished(Path(resume), self.trainer)):
+            if rank_zero_only.rank == 0:  # the trainer's own rank is known only once fit has set up its processes
+                print(reason)
+            return
+        self.trainer.fit(model, ckpt_path=resume, **kwargs)
+        final = next(callback for callback in self.trainer.callbacks if isinstance(callback, FinalState))
+        if not final.final_weights_validated(self.trainer) and sum(self.trainer.num_val_batches) > 0:
+            self.trainer.validate(model, datamodule=kwargs.get("datamodule"), verbose=False)
+        if self.trainer.is_global_zero:
+            folder = self.run_folder.path if self.run_folder is not None else None
+            print("\n" + final_report(self.trainer, model, final.checkpoint, folder))
+
+    def validate(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        return self.trainer.validate(model, ckpt_path=self.checkpoint_to_load(ckpt_path), **kwargs)
+
+    def test(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        return self.trainer.test(model, ckpt_path=self.checkpoint_to_load(ckpt_path), **kwargs)
+
+    def predict(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> Any:
+        return self.trainer.predict(model, ckpt_path=self.checkpoint_to_load(ckpt_path), **kwargs)
 
 
 def run_lightning(argv: list[str], run: bool = True) -> VimCLI:
@@ -60,7 +105,7 @@ def run_lightning(argv: list[str], run: bool = True) -> VimCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={"callbacks": [FinalReport()]},
+        trainer_defaults={"callbacks": [FinalState()]},
         save_config_kwargs={"overwrite": True},
         args=argv,
         run=run,

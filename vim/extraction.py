@@ -2,14 +2,20 @@
 
 Command line::
 
-    vim extract --model vim_small_patch16_224 --input photos/ --out feats/
-    vim extract --checkpoint runs/points_quickstart/checkpoints/last.ckpt --input clouds.h5 --out feats/ --tokens
+    vim extract --model vim_small_patch16_224.in1k --input photos/ --out feats/       # released weights (timm tag)
+    vim extract --checkpoint runs/points_quickstart/latest/checkpoints/last.ckpt --input clouds.h5 --out feats/ --tokens
     vim extract --model videomamba_tiny --checkpoint vm_t.pth --input clips.txt --out feats/ --layers 5 11 --format safetensors
 
 Python::
 
     manifest = vim.extract("pointmamba_small", "clouds/", "feats/", checkpoint="pm.safetensors")
     pooled, names = vim.read_features("feats/")          # (rows, D) and the input of each row
+
+Weights: a ``checkpoint`` file; else the released weights of the model name's timm tag (``vim_small_patch16_224.in1k``,
+or the name's default tag), loaded by ``timm.create_model(name, pretrained=True)``, which downloads them once into its
+cache (Hugging Face Hub or torch hub); a name without released weights, or no network and no cached file, is an
+error naming the file looked for. Random weights only with ``random_weights=True`` (``--random-weights``), seeded
+by ``seed``. The manifest records which.
 
 Inputs: a folder (searched recursively), a list file (``.txt`` / ``.lst`` / ``.csv``: the first field of
 each line is a path, relative to the list's folder; blank lines and ``#`` comments skipped), an HDF5
@@ -22,15 +28,15 @@ Outputs in ``out``: shards of ``shard_size`` inputs, ``shard-00000.<key>.npy`` (
 key) or ``shard-00000.safetensors`` (all keys), with keys ``pooled`` (rows, F): the model's pre-logits
 feature; ``tokens`` (rows, L, D): the final tokens (``tokens=True``); ``layer<i>`` (rows, L', D): the
 residual stream after block ``i`` (``layers=[i, ...]``). ``manifest.json`` records the settings, the
-shards, and for each input its shard and row, or the reason it failed (unreadable or invalid inputs
-are listed, not fatal). Every file is written to a temporary name and moved into place, a shard's
-``shard-00000.json`` last: a rerun with the same settings skips the finished shards and does the rest.
+shards, and for each input (by absolute path) its shard and row, or the reason it failed (unreadable or invalid
+inputs are listed, not fatal). Every file is written to a temporary name and moved into place, a shard's
+``shard-00000.json`` last: a rerun with the same settings and inputs skips the finished shards and does the rest;
+other settings or inputs are refused, naming what differs.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -58,9 +64,10 @@ from vim.data.points import (
     open_point_hdf5,
 )
 from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule, VideoClips
+from vim.data.workers import default_num_workers
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
-from vim.training.checkpoint_io import atomic_write
+from vim.training.checkpoint_io import atomic_write, check_weights_file
 
 __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
@@ -181,7 +188,7 @@ def _expand_hdf5(paths: list[str]) -> list[str]:
 
 
 def resolve_inputs(inputs: str | os.PathLike | Sequence[str], modality: str | None = None) -> tuple[list[str], str]:
-    """The input names, in order, and their modality.
+    """The input names (absolute paths), in order, and their modality.
 
     Args:
         inputs: a folder, a list file, an HDF5 file, a single file, or a sequence of files.
@@ -206,6 +213,7 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str], modality: str | No
         paths = [str(p) for p in inputs]
         if not paths:
             raise ValueError("inputs: the list of files is empty")
+    paths = [os.path.abspath(path) for path in paths]  # one name per input, whatever the working directory
     by_modality: dict[str | None, str] = {}
     for path in paths:
         by_modality.setdefault(modality_of(path), path)
@@ -222,11 +230,9 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str], modality: str | No
 # ---------------------------------------------------------------------------------------------- model
 def _checkpoint_settings(checkpoint: str) -> tuple[dict[str, torch.Tensor], str | None, dict[str, Any]]:
     """(weights, model name or None, model kwargs) of a weights file or a Lightning ``.ckpt`` of a vim Classifier."""
-    path = Path(checkpoint)
+    path = check_weights_file(checkpoint, "checkpoint")
     if path.suffix != ".ckpt":
         return load_official_checkpoint(path), None, {}
-    if not path.is_file():
-        raise ValueError(f"checkpoint '{path}' does not exist")
     from vim.training.export import checkpoint_weights
 
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -255,19 +261,75 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         )
 
 
-def build_model(model: str | None, checkpoint: str | None, model_kwargs: dict[str, Any] | None) -> tuple[nn.Module, str, dict]:
-    """The headless model in eval mode with the checkpoint's weights, its name and the kwargs it was created with."""
+def released_weights(name: str, model_kwargs: dict[str, Any]) -> str | None:
+    """Where ``timm.create_model(name, pretrained=True)`` reads the weights of ``name``'s tag (the default tag for an
+    untagged name): ``hf-hub:<id>/<file>``, a URL or a file; None when the tag names no source."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    source = {**(cfg.to_dict() if cfg is not None else {}), **model_kwargs.get("pretrained_cfg_overlay", {})}
+    if source.get("file"):
+        return str(source["file"])
+    if source.get("hf_hub_id"):
+        return f"hf-hub:{source['hf_hub_id']}/{source.get('hf_hub_filename') or 'pytorch_model.bin'}"
+    return source.get("url") or None
+
+
+def missing_weights_message(name: str, location: str) -> str:
+    """Which file was looked for, where ``timm`` caches it, and the ways to provide it."""
+    if location.startswith("hf-hub:"):
+        from huggingface_hub import constants
+
+        repo, _, file = location.removeprefix("hf-hub:").rpartition("/")
+        where = f"the Hugging Face cache {constants.HF_HUB_CACHE} (huggingface-cli download {repo} {file})"
+    elif "://" in location:
+        file = location.rsplit("/", 1)[-1]
+        where = f"{Path(torch.hub.get_dir(), 'checkpoints', file)} (downloaded from {location})"
+    else:
+        file, where = Path(location).name, location
+    return (
+        f"model '{name}': its released weights '{file}' are not available here (no network, or not downloaded yet); "
+        f"put the file in {where}, or pass it with --checkpoint {file}"
+    )
+
+
+def build_model(
+    model: str | None, checkpoint: str | None, model_kwargs: dict[str, Any] | None, random_weights: bool = False, seed: int = 0
+) -> tuple[nn.Module, str, dict, dict[str, Any]]:
+    """The headless model in eval mode, its name, the kwargs it was created with, and where its weights came from.
+
+    Weights: ``checkpoint``; else, with ``random_weights``, a random initialisation seeded by ``seed``; else the
+    released weights of the name's timm tag. ValueError when the name has none or they cannot be had.
+    """
     weights, name, kwargs = _checkpoint_settings(checkpoint) if checkpoint is not None else (None, None, {})
     name = model or name
     if name is None:
         raise ValueError("no model: pass model= (a timm name), or a Lightning .ckpt that records one")
+    if random_weights and checkpoint is not None:
+        raise ValueError("random_weights (--random-weights) and a checkpoint exclude each other: pass one")
     from vim.training.classifier import create_model
 
     kwargs.update(model_kwargs or {})
-    network = create_model(name, **{**kwargs, "num_classes": 0})
     if weights is not None:
+        network = create_model(name, **{**kwargs, "num_classes": 0})
         load_weights(network, weights)
-    return network.eval(), name, kwargs
+        return network.eval(), name, kwargs, {"checkpoint": str(Path(checkpoint).resolve())}
+    if random_weights:
+        torch.manual_seed(seed)
+        return create_model(name, **{**kwargs, "num_classes": 0}).eval(), name, kwargs, {"random": {"seed": seed}}
+    location = released_weights(name, kwargs)
+    if location is None:
+        raise ValueError(
+            f"model '{name}' has no released weights (its timm tag names no file, URL or Hugging Face Hub id): "
+            "pass a weights file with --checkpoint (checkpoint=), or ask for seeded random weights with --random-weights "
+            "(random_weights=True)"
+        )
+    try:
+        network = create_model(name, **{**kwargs, "num_classes": 0, "pretrained": True})
+    except OSError as error:  # offline, not cached, or the download failed (huggingface_hub's errors are OSErrors)
+        raise ValueError(f"{missing_weights_message(name, location)} ({type(error).__name__}: {error})") from error
+    tag = f"{network.pretrained_cfg.get('architecture', name)}.{network.pretrained_cfg.get('tag', '')}".rstrip(".")
+    return network.eval(), name, kwargs, {"released": {"tag": tag, "source": location}}
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -330,17 +392,32 @@ def _extract_shard(
     return {key: np.concatenate(value) for key, value in arrays.items()}, rows, failed
 
 
-def _check_resumable(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing manifest when ``out`` holds a run with the same settings; ValueError when the settings differ."""
+def _differences(old: list[str], new: list[str]) -> str:
+    """What differs between two input lists, naming an input of each kind."""
+    old_set, new_set = set(old), set(new)
+    added, removed = [n for n in new if n not in old_set], [n for n in old if n not in new_set]
+    parts = [f"{len(added)} new, e.g. '{added[0]}'"] if added else []
+    parts += [f"{len(removed)} no longer given, e.g. '{removed[0]}'"] if removed else []
+    return "; ".join(parts) or "the same inputs in another order"
+
+
+def _check_resumable(out: Path, settings: dict[str, Any], inputs: list[str]) -> dict[str, Any] | None:
+    """The existing manifest when ``out`` holds a run with the same settings and inputs; ValueError naming what differs."""
     path = out / MANIFEST
     if not path.is_file():
         return None
     previous = json.loads(path.read_text())
     old = previous.get("settings", {})
     changed = [f"{key}: {old.get(key)!r} -> {settings[key]!r}" for key in settings if old.get(key) != settings[key]]
+    changed += [f"{key}: {old[key]!r} -> not set" for key in old if key not in settings]
     if changed:
         raise ValueError(
             f"'{out}' holds features extracted with other settings ({'; '.join(changed)}); use another output folder"
+        )
+    if previous.get("inputs") != inputs:
+        raise ValueError(
+            f"'{out}' holds features of other inputs ({_differences(previous.get('inputs') or [], inputs)}); "
+            "use another output folder"
         )
     return previous
 
@@ -361,6 +438,8 @@ def extract(
     device: str | None = None,
     num_points: int | None = None,
     progress: bool = True,
+    random_weights: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Extract features of every input with ``model`` into ``out``; see the module docstring.
 
@@ -368,7 +447,8 @@ def extract(
         model: timm model name (may be None with a Lightning ``.ckpt`` checkpoint, which records it).
         inputs: folder, list file, HDF5 file, single file, or sequence of files.
         out: output folder (created; a rerun resumes it).
-        checkpoint: weights: ``.safetensors`` / ``.pth`` (e.g. from ``vim export``, or official) or a Lightning ``.ckpt``.
+        checkpoint: weights: ``.safetensors`` / ``.pth`` (e.g. from ``vim export``, or official) or a Lightning ``.ckpt``;
+            None: the released weights of the model name's timm tag.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``embed_dim``, ``num_frames``, ...).
         modality: "images", "video" or "points"; None detects it from the file extensions.
         tokens: also write the final tokens (rows, L, D).
@@ -380,6 +460,8 @@ def extract(
         device: "cuda", "cpu", ...; None picks CUDA when available.
         num_points: points per cloud (None: the model's ``input_size``).
         progress: show a progress bar.
+        random_weights: without a checkpoint, use random weights (seeded by ``seed``) instead of the released ones.
+        seed: seed of the random weights.
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
@@ -389,7 +471,7 @@ def extract(
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be positive")
     names, found = resolve_inputs(inputs, modality)
-    network, name, kwargs = build_model(model, checkpoint, model_kwargs)
+    network, name, kwargs, weights = build_model(model, checkpoint, model_kwargs, random_weights, seed)
     expected = model_modality(network)
     if found != expected:
         raise ValueError(f"model '{name}' takes {expected} but the inputs are {found} (e.g. '{names[0]}')")
@@ -401,17 +483,17 @@ def extract(
     num_points = (num_points or network.pretrained_cfg["input_size"][-1]) if found == "points" else None
     keys = ["pooled"] + (["tokens"] if tokens else []) + [f"layer{i}" for i in layers]
     settings = {
-        "model": name, "model_kwargs": kwargs, "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-        "modality": found, "keys": keys, "format": format, "shard_size": shard_size, "num_points": num_points,
-        "num_inputs": len(names), "inputs_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "model": name, "model_kwargs": kwargs, "weights": weights, "modality": found, "keys": keys, "format": format,
+        "shard_size": shard_size, "num_points": num_points,
     }  # fmt: skip
+    settings = json.loads(json.dumps(settings))  # as the manifest stores them (tuples as lists), to compare with it
 
     out = Path(out)
-    previous = _check_resumable(out, settings)
+    previous = _check_resumable(out, settings, names)
     if previous is not None and previous.get("complete"):
         return previous
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / MANIFEST, {"settings": settings, "complete": False})
+    _write_json(out / MANIFEST, {"settings": settings, "complete": False, "inputs": names})
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network.to(device)
@@ -432,12 +514,14 @@ def extract(
             _write_shard(out, shard, arrays, format)
         _write_json(out / f"{shard}.json", {"inputs": rows, "failed": failed})
     bar.close()
-    manifest = _final_manifest(out, settings, shard_names, keys, format)
+    manifest = _final_manifest(out, settings, names, shard_names, keys, format)
     _write_json(out / MANIFEST, manifest)
     return manifest
 
 
-def _final_manifest(out: Path, settings: dict, shard_names: list[str], keys: list[str], fmt: str) -> dict[str, Any]:
+def _final_manifest(
+    out: Path, settings: dict, inputs: list[str], shard_names: list[str], keys: list[str], fmt: str
+) -> dict[str, Any]:
     shards, entries, failed = [], [], []
     for shard in shard_names:
         record = json.loads((out / f"{shard}.json").read_text())
@@ -449,6 +533,7 @@ def _final_manifest(out: Path, settings: dict, shard_names: list[str], keys: lis
     return {
         "settings": settings,
         "complete": True,
+        "inputs": inputs,
         "num_rows": len(entries),
         "shards": shards,
         "entries": entries,
@@ -482,7 +567,12 @@ def main(argv: list[str] | None = None) -> None:
     """``vim extract --model NAME [--checkpoint FILE] --input PATH --out DIR [options]``."""
     parser = argparse.ArgumentParser(prog="vim extract", description="Extract features of images, video clips or point clouds.")
     parser.add_argument("--model", help="timm model name (optional with a Lightning .ckpt, which records it)")
-    parser.add_argument("--checkpoint", help="weights: .safetensors / .pth, or a Lightning .ckpt from vim fit")
+    parser.add_argument(
+        "--checkpoint",
+        help="weights: .safetensors / .pth, or a Lightning .ckpt from vim fit (default: the model tag's released weights)",
+    )
+    parser.add_argument("--random-weights", action="store_true", help="without --checkpoint: seeded random weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     parser.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON timm arguments, e.g. '{\"img_size\": 32}'")
     parser.add_argument(
         "--input", required=True, help="folder, list file (.txt/.lst/.csv), HDF5 file of point clouds, or one file"
@@ -496,14 +586,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=FORMATS, default="npy")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--num-workers", type=int, default=None, help="loader processes (default: one per free core, at most 8)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--num-points", type=int, default=None, help="points per cloud (default: the model's)")
     args = parser.parse_args(argv)
     manifest = extract(
         args.model, args.input, args.out, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, modality=args.modality,
         tokens=args.tokens, layers=args.layers, format=args.format, shard_size=args.shard_size, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device, num_points=args.num_points,
+        num_workers=default_num_workers() if args.num_workers is None else args.num_workers, device=args.device,
+        num_points=args.num_points, random_weights=args.random_weights, seed=args.seed,
     )  # fmt: skip
     failed = manifest["failed"]
     print(f"Features of {manifest['num_rows']} inputs in {args.out} ({len(manifest['shards'])} shards, manifest {MANIFEST})")

@@ -160,6 +160,16 @@ def train_batches_per_epoch(trainer: Trainer, loader_batches: int) -> int:
     return max(min(loader_batches, int(limit)), 1) if limit is not None else loader_batches
 
 
+def train_batches_run(trainer: Trainer) -> int:
+    """Training batches the fit loop has run so far, over all epochs: every batch taken from the loader, including
+    those inside a gradient-accumulation window and those whose samples were all unreadable.
+
+    Where a resumed run's sampler starts. Optimizer steps times ``accumulate_grad_batches`` is not this count:
+    an epoch ends with a step over the batches left, however few.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+
 class ImageDataModule(LightningDataModule):
     """ImageFolder-layout image classification data with timm's training and evaluation transforms.
 
@@ -211,6 +221,10 @@ class ImageDataModule(LightningDataModule):
         min_image_size: int = 16,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1 (samples per device and step), got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 (load in the main process) or more, got {num_workers}")
         self.save_hyperparameters()
         # Read settings from attributes, not self.hparams: under LightningCLI hparams hold what the config gave.
         self.roots = {"train_root": train_root, "val_root": val_root, "test_root": test_root, "predict_root": predict_root}
@@ -222,7 +236,7 @@ class ImageDataModule(LightningDataModule):
         self.interpolation, self.crop_pct, self.mean, self.std = interpolation, crop_pct, tuple(mean), tuple(std)
         self.datasets: dict[str, ImageFiles] = {}
         self.num_skipped = 0
-        self._restored_batches_seen: int | None = None
+        self._restored_batches_run: int | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -308,26 +322,27 @@ class ImageDataModule(LightningDataModule):
         sampler = ResumableSampler(
             dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=self.seed, drop_last=True
         )
-        epoch, batches_done = divmod(self.train_batches_seen(), train_batches_per_epoch(trainer, len(sampler) // batch_size))
+        epoch, batches_done = divmod(self.train_batches_run(), train_batches_per_epoch(trainer, len(sampler) // batch_size))
         sampler.set_epoch(epoch)
         sampler.skip_once(batches_done * batch_size)
         # The sampler resumes mid-epoch itself, which Lightning cannot see: silence its warning about that.
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before", PossibleUserWarning)
         return self.loader(dataset, sampler)
 
-    def train_batches_seen(self) -> int:
-        """Training batches consumed so far: from the checkpoint being resumed, else from the trainer."""
-        if self._restored_batches_seen is not None:
-            seen, self._restored_batches_seen = self._restored_batches_seen, None
+    def train_batches_run(self) -> int:
+        """Training batches run so far: from the checkpoint being resumed (once), else from the trainer."""
+        if self._restored_batches_run is not None:
+            seen, self._restored_batches_run = self._restored_batches_run, None
             return seen
-        return self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return train_batches_run(self.trainer)
 
     def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints; Lightning restores it before it builds the loaders (the trainer's step comes later)."""
-        return {"train_batches_seen": self.trainer.global_step * self.trainer.accumulate_grad_batches} if self.trainer else {}
+        """Saved in checkpoints. Lightning restores it before it builds the loaders; the fit loop's own progress
+        (:func:`train_batches_run`) comes back only later, after ``configure_optimizers`` has built them."""
+        return {"train_batches_seen": train_batches_run(self.trainer)} if self.trainer else {}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._restored_batches_seen = state_dict.get("train_batches_seen")
+        self._restored_batches_run = state_dict.get("train_batches_seen")
 
     def val_dataloader(self) -> DataLoader | list:
         return self.loader(self.datasets["val"]) if "val" in self.datasets else []

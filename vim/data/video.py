@@ -12,7 +12,8 @@ averages (VideoMamba's 4 clips x 3 crops on Kinetics). Where the samples come fr
   ``<youtube_id>_<start:06d>_<end:06d>.mp4``), or the official Something-Something v2 JSON
   (``[{"id", "template", ...}]``, files ``<id>.webm``, class indices from ``labels.json`` given as ``classes_file``).
 
-Videos are decoded with PyAV, frame folders with PIL. Training draws ``num_frames`` frames by
+Videos are decoded with PyAV (only the frames a clip needs: :class:`VideoFile`), frame folders read with PIL
+(only the frames a clip needs as well). Training draws ``num_frames`` frames by
 segment-based sampling (the video is cut into ``num_frames`` equal segments, one frame at a random
 offset in each: TSN / VideoMamba's "sparse" sampling); evaluation takes the frame at a fixed offset of
 each segment, clip ``k`` of ``n`` at ``(k + 1) / (n + 1)`` of the segment. Transforms are torchvision
@@ -21,9 +22,10 @@ transforms v2 applied to the whole clip at once (every frame gets the same crop,
 Bad input never stops an epoch: an empty, truncated-before-the-first-frame or corrupt file, or a stream
 without frames, is skipped with a warning and a running count. Other problems are warned about and
 handled: a clip shorter than ``num_frames`` is stretched by repeating frames (segment sampling picks
-frames more than once, never past the end), a stream that breaks off mid-way is used up to the last
-decoded frame, frames smaller than ``min_image_size`` are upsampled by the resize, odd frame sizes are
-resized like any other, and variable-frame-rate videos are sampled by frame index, not by time.
+frames more than once, never past the end), a file holding less than its header states (truncated) is used up
+to its last frame, a frame past the point where a stream breaks off is replaced by the last decoded one,
+frames smaller than ``min_image_size`` are upsampled by the resize, odd frame sizes are resized like any
+other, and variable-frame-rate videos are sampled by frame index, not by time.
 """
 
 from __future__ import annotations
@@ -93,40 +95,26 @@ class ClipBatch(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------- decoding
-class Frames:
-    """The frames of one video file or frame folder; :meth:`take` converts only the frames asked for.
+class FrameFolder:
+    """The frames of a folder of extracted frame images (display order); :meth:`take` reads only the frames asked for."""
 
-    Args:
-        frames: decoded ``av.VideoFrame`` objects, or frame image paths in display order.
-        notes: problems met while opening (truncated stream, variable frame rate).
-    """
-
-    def __init__(self, frames: Sequence[av.VideoFrame | str], notes: Sequence[str] = ()) -> None:
-        self.frames = list(frames)
-        self.notes = list(notes)
+    def __init__(self, files: Sequence[str]) -> None:
+        self.files = list(files)
+        self.notes: list[str] = []
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return len(self.files)
 
     @property
     def frame_size(self) -> tuple[int, int]:
         """(H, W) of the first frame."""
-        first = self.frames[0]
-        if isinstance(first, str):
-            with Image.open(first) as image:
-                return image.height, image.width
-        return first.height, first.width
+        with Image.open(self.files[0]) as image:
+            return image.height, image.width
 
     def take(self, indices: Sequence[int]) -> torch.Tensor:
-        """(T, 3, H, W) uint8 RGB frames at ``indices`` (each distinct frame converted once)."""
-        converted = {i: self._rgb(self.frames[i]) for i in sorted(set(indices))}
-        return torch.from_numpy(np.stack([converted[i] for i in indices])).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def _rgb(frame: av.VideoFrame | str) -> np.ndarray:
-        if isinstance(frame, str):
-            return np.asarray(read_rgb(frame))
-        return frame.to_ndarray(format="rgb24")
+        """(T, 3, H, W) uint8 RGB frames at ``indices`` (each distinct frame read once)."""
+        read = {i: np.asarray(read_rgb(self.files[i])) for i in sorted(set(indices))}
+        return torch.from_numpy(np.stack([read[i] for i in indices])).permute(0, 3, 1, 2)
 
 
 def is_variable_frame_rate(timestamps: Sequence[int | None]) -> bool:
@@ -160,36 +148,164 @@ def read_errors() -> tuple[type[Exception], ...]:
     return (OSError, ValueError, av.FFmpegError)
 
 
-def decode_video(path: str) -> Frames:
-    """Decode every frame of the first video stream of ``path`` with PyAV.
-
-    Raises:
-        VideoReadError: the file cannot be opened, has no video stream, or gives no frame.
-        ImportError: PyAV is not installed.
-    """
+def _open_video(path: str) -> av.container.InputContainer:
     av = _pyav()
     try:
         container = av.open(path)
     except read_errors() as error:
         raise VideoReadError(f"cannot open: {type(error).__name__}: {error}") from error
-    with container:
-        if not container.streams.video:
-            raise VideoReadError("the file has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        frames, notes = [], []
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError("the file has no video stream")
+    return container
+
+
+def _header_seconds(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
+    """The video stream's length as the file's header states it (seconds), or None when it does not."""
+    if stream.duration is not None:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION")  # Matroska / WebM track statistics, "HH:MM:SS.nnnnnnnnn"
+    if tag:
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    if container.duration is not None and len(container.streams) == 1:  # the container's length is the video's
+        return container.duration / 1e6
+    return None
+
+
+TRANSPORT_PACKET = 188
+"""Bytes per MPEG transport-stream packet: a .ts file cut in the middle of one was truncated."""
+
+
+def truncation_note(container: av.container.InputContainer, stream: av.VideoStream, timestamps: Sequence[int]) -> str | None:
+    """A note when the file holds fewer frames, or a shorter video stream, than its header states (a truncated
+    download or copy), or ends inside a transport-stream packet; None otherwise."""
+    count = len(timestamps)
+    if stream.frames > 0:  # MP4 / MOV / AVI headers count the frames
+        short = count < stream.frames
+        return (
+            f"the file holds {count} of the {stream.frames} frames its header states (truncated?); using those" if short else None
+        )
+    if container.format.name == "mpegts" and container.size % TRANSPORT_PACKET:
+        return f"the file ends inside a transport-stream packet (truncated?); using the {count} frames before it"
+    declared = _header_seconds(container, stream)
+    if declared is None or count < 2:
+        return None
+    ordered = np.sort(np.asarray(timestamps, dtype=np.float64))
+    period = float(np.median(np.diff(ordered)) * stream.time_base)
+    held = float((ordered[-1] - ordered[0]) * stream.time_base) + period
+    if held < declared - 2 * period:  # more than rounding: whole frames are missing at the end
+        return f"the file holds {held:.2f} s of video where its header states {declared:.2f} s (truncated?); using those"
+    return None
+
+
+class VideoFile:
+    """The frames of one video file's first video stream, decoded only where a clip needs them.
+
+    Opening reads the packets (no decoding) for the frame count, presentation timestamps and keyframes. :meth:`take`
+    then seeks to the keyframe before each needed frame that lies ahead, decodes forward to it, converts only the
+    frames asked for and stops after the last one: memory holds the clip, not the file. Where timestamps are missing
+    or repeated it decodes from the start instead, counting frames (still stopping after the last one needed).
+
+    Raises:
+        VideoReadError: the file cannot be opened, has no video stream, or holds no frame.
+        ImportError: PyAV is not installed.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.notes: list[str] = []
+        with _open_video(path) as container:
+            stream = container.streams.video[0]
+            timestamps, keyframes = [], []
+            try:
+                for packet in container.demux(stream):
+                    if packet.size == 0:  # the demuxer's end-of-stream packet
+                        continue
+                    timestamps.append(packet.pts)
+                    if packet.is_keyframe:
+                        keyframes.append(packet.pts)
+            except read_errors() as error:
+                if not timestamps:
+                    raise VideoReadError(f"no frame could be read: {type(error).__name__}: {error}") from error
+                self.notes.append(f"the stream breaks off after {len(timestamps)} frames ({type(error).__name__}); using those")
+            if not timestamps:
+                raise VideoReadError("the video stream has no frames (zero-length or truncated file)")
+            self.frame_size = (stream.codec_context.height, stream.codec_context.width)
+            """(H, W) of the frames, from the stream's header."""
+            known = [t for t in timestamps if t is not None]
+            self.seekable = len(known) == len(timestamps) and len(set(known)) == len(known)
+            if self.seekable and (note := truncation_note(container, stream, known)):
+                self.notes.append(note)
+        self.timestamps = sorted(known) if self.seekable else []
+        """Presentation timestamp of each frame, in display order (empty when not seekable)."""
+        self.keyframes = sorted(t for t in keyframes if t is not None) or self.timestamps[:1]
+        self.num_frames = len(timestamps)
+        if is_variable_frame_rate(known):
+            self.notes.append("variable frame rate: frames are sampled by index, not by time")
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def take(self, indices: Sequence[int]) -> torch.Tensor:
+        """(T, 3, H, W) uint8 RGB frames at ``indices`` (display order; each distinct frame decoded and converted once).
+
+        A frame that cannot be decoded (a stream that breaks off early) is replaced by the last one before it, with a
+        note; VideoReadError when not a single one decodes.
+        """
+        wanted = sorted(set(indices))
+        decoded: dict[int, np.ndarray] = {}
         try:
-            for frame in container.decode(stream):
-                frames.append(frame)
+            if not (self.seekable and self._decode_seeking(wanted, decoded)):
+                decoded.clear()  # timestamps unusable after all: count frames from the start
+                self._decode_in_order(wanted, decoded)
         except read_errors() as error:
-            if not frames:
+            if not decoded:
                 raise VideoReadError(f"no frame could be decoded: {type(error).__name__}: {error}") from error
-            notes.append(f"the stream breaks off after {len(frames)} frames ({type(error).__name__}); using those frames")
-    if not frames:
-        raise VideoReadError("the video stream has no frames (zero-length or truncated file)")
-    if is_variable_frame_rate([frame.pts for frame in frames]):
-        notes.append("variable frame rate: frames are sampled by index, not by time")
-    return Frames(frames, notes)
+        missing = [i for i in wanted if i not in decoded]
+        if len(missing) == len(wanted):
+            raise VideoReadError("no frame could be decoded")
+        if missing:
+            self.notes.append(f"the stream breaks off before frame {missing[0]}; the last decoded frame stands in")
+            for i in missing:
+                decoded[i] = decoded[max((k for k in decoded if k < i), default=min(decoded))]
+        return torch.from_numpy(np.stack([decoded[i] for i in indices])).permute(0, 3, 1, 2)
+
+    def _decode_in_order(self, wanted: list[int], out: dict[int, np.ndarray]) -> None:
+        """Decode from the first frame, keeping the ``wanted`` (sorted) frame indices, up to the last of them."""
+        with _open_video(self.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for index, frame in enumerate(container.decode(stream)):
+                if index in wanted:
+                    out[index] = frame.to_ndarray(format="rgb24")
+                if index >= wanted[-1]:
+                    return
+
+    def _decode_seeking(self, wanted: list[int], out: dict[int, np.ndarray]) -> bool:
+        """Decode the ``wanted`` (sorted) frames by timestamp, seeking to the keyframe before each one that lies past
+        the next keyframe. False when the decoded frames carry no timestamps or a seek lands after its target."""
+        with _open_video(self.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            frames, position = None, None  # the decoder's frames, and the timestamp of the last one taken from them
+            for index in wanted:
+                target = self.timestamps[index]
+                keyframe = max((k for k in self.keyframes if k <= target), default=self.timestamps[0])
+                seeking = frames is None or position is None or position < keyframe
+                if seeking:
+                    container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+                    frames = container.decode(stream)
+                for frame in frames:
+                    if frame.pts is None or (seeking and frame.pts > target):
+                        return False
+                    seeking, position = False, frame.pts
+                    if position >= target:  # the target, or the next frame where the decoder dropped it
+                        out[index] = frame.to_ndarray(format="rgb24")
+                        break
+                else:
+                    return True  # the stream ends before the target
+        return True
 
 
 def list_frame_files(folder: str | os.PathLike) -> list[str]:
@@ -202,18 +318,18 @@ def list_frame_files(folder: str | os.PathLike) -> list[str]:
     return [os.path.join(folder, f) for f in sorted(names, key=natural)]
 
 
-def open_frames(path: str) -> Frames:
+def open_frames(path: str) -> FrameFolder | VideoFile:
     """The frames of a video file or of a folder of extracted frames; VideoReadError when there are none."""
     if os.path.isdir(path):
         files = list_frame_files(path)
         if not files:
             raise VideoReadError(f"frame folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        return Frames(files)
+        return FrameFolder(files)
     if not os.path.isfile(path):
         raise VideoReadError("no such file")
     if os.path.getsize(path) == 0:
         raise VideoReadError("empty file (0 bytes)")
-    return decode_video(path)
+    return VideoFile(path)
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -419,9 +535,13 @@ class VideoClips(Dataset):
                 video = frames.take(segment_indices(len(frames), self.num_frames, random))
                 views = [self._transformed(video) for _ in range(self.repeats)]
                 clip = views[0] if self.repeats == 1 else torch.stack(views)  # repeats: (R, 3, T, S, S)
-            else:
-                indices = (segment_indices(len(frames), self.num_frames, None, i, self.num_clips) for i in range(self.num_clips))
-                views = [self._transformed(frames.take(clip_indices)) for clip_indices in indices]
+            else:  # every clip's frames decoded in one pass over the file
+                indices = [
+                    i
+                    for c in range(self.num_clips)
+                    for i in segment_indices(len(frames), self.num_frames, None, c, self.num_clips)
+                ]
+                views = [self._transformed(video) for video in frames.take(indices).split(self.num_frames)]
                 clip = views[0] if len(views) == 1 else torch.cat(views)  # test: (clips x crops, 3, T, S, S)
         except read_errors() as error:
             return UnreadableClip(path, f"{type(error).__name__}: {error}")
@@ -432,7 +552,7 @@ class VideoClips(Dataset):
         out = self.transform(tv_tensors.Video(video))
         return torch.cat(out) if isinstance(out, list) else out
 
-    def _size_notes(self, frames: Frames) -> tuple[str, ...]:
+    def _size_notes(self, frames: FrameFolder | VideoFile) -> tuple[str, ...]:
         notes = []
         if len(frames) < self.num_frames:
             notes.append(f"only {len(frames)} frames for num_frames={self.num_frames}: frames are repeated to fill the clip")
@@ -655,18 +775,19 @@ def _list_name(argument: str) -> str:
 
 __all__ = [
     "ClipBatch",
-    "Frames",
+    "FrameFolder",
     "LoadedClip",
     "UnreadableClip",
     "VideoClipDataModule",
     "VideoClips",
     "VideoReadError",
+    "VideoFile",
     "collate_clips",
-    "decode_video",
     "is_variable_frame_rate",
     "list_videos",
     "open_frames",
     "read_annotations",
     "segment_indices",
     "spatial_crops",
+    "truncation_note",
 ]

@@ -1,4 +1,5 @@
-"""Files written atomically: a crash while saving never leaves a truncated ``last.ckpt``, export or feature shard."""
+"""Checkpoint files: written atomically (a crash while saving never leaves a truncated ``last.ckpt``, export or feature
+shard), and checked before reading (a missing or empty file is named)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_weights_file(path: str | os.PathLike, argument: str) -> Path:
+    """``path`` once it names a file with content; ValueError naming ``argument`` and the file otherwise (a missing or
+    zero-byte file would otherwise end in torch.load's FileNotFoundError or bare ``EOFError: Ran out of input``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{argument}: '{path}' does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{argument}: '{path}' is empty (0 bytes), e.g. an interrupted download or copy")
+    return path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

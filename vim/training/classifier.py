@@ -42,6 +42,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.sampling import mix_seed, seed_everything_from
+from vim.training.checkpoint_io import check_weights_file
 from vim.training.schedule import WarmupCosine
 
 
@@ -157,6 +158,7 @@ class Classifier(LightningModule):
         kwargs = {**self.model_kwargs(), **self.extra_model_kwargs}
         kwargs.update(num_classes=self.num_classes, drop_path_rate=self.drop_path_rate)
         if self.pretrained_file is not None:
+            check_weights_file(self.pretrained_file, "model.pretrained_file")
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": self.pretrained_file})
         return create_model(self.model_name, **kwargs)
 
@@ -259,7 +261,13 @@ class Classifier(LightningModule):
         self.evaluate(batch, "test", self.test_metrics, self.test_ema_metrics)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        """Top-5 classes of each sample with the :attr:`eval_model`: ``paths``, ``indices`` (B, 5), ``probs`` (B, 5)."""
-        probs = self.classify(self.eval_model, batch[0]).float().softmax(dim=-1)
-        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        return {"paths": list(getattr(batch, "paths", [])), "indices": top.indices.cpu(), "probs": top.values.cpu()}
+        """Top-5 classes of each readable sample with the :attr:`eval_model`: ``paths``, ``indices`` (B, 5), ``probs``
+        (B, 5); and ``failed``, ``(path, reason)`` of each sample that could not be read (the batch's ``skipped``)."""
+        failed = [(item.path, item.reason) for item in getattr(batch, "skipped", [])]
+        top_k = min(5, self.num_classes)
+        if len(batch[0]) == 0:  # every sample of the batch was unreadable: nothing to run the model on
+            indices, probs = torch.empty(0, top_k, dtype=torch.long), torch.empty(0, top_k)
+        else:
+            top = self.classify(self.eval_model, batch[0]).float().softmax(dim=-1).topk(top_k, dim=-1)
+            indices, probs = top.indices.cpu(), top.values.cpu()
+        return {"paths": list(getattr(batch, "paths", [])), "indices": indices, "probs": probs, "failed": failed}

@@ -1,6 +1,6 @@
 """Export trained weights from a Lightning checkpoint as a ``.safetensors`` file that timm loads.
 
-``vim export --ckpt runs/quickstart/checkpoints/last.ckpt --out digits_vim.safetensors`` writes the EMA
+``vim export --ckpt runs/quickstart/latest/checkpoints/last.ckpt --out digits_vim.safetensors`` writes the EMA
 weights (the trained weights with ``--no-ema`` or when the run had no EMA) under timm's own key names,
 so the file loads with::
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vim.training.checkpoint_io import atomic_write
+from vim.training.checkpoint_io import atomic_write, check_weights_file
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
@@ -41,9 +41,7 @@ def checkpoint_weights(checkpoint: dict, use_ema: bool = True) -> dict[str, torc
 
 def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True) -> Path:
     """Write the (EMA) weights of checkpoint ``ckpt`` to ``out`` (``.safetensors``), atomically. Returns ``out``."""
-    ckpt, out = Path(ckpt), Path(out)
-    if not ckpt.is_file():
-        raise ValueError(f"--ckpt: checkpoint '{ckpt}' does not exist")
+    ckpt, out = check_weights_file(ckpt, "--ckpt"), Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: '{out}' must end in .safetensors (timm picks the loader by extension)")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -59,7 +57,7 @@ def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema:
 def main(argv: list[str] | None = None) -> None:
     """``vim export --ckpt CKPT --out FILE.safetensors [--no-ema]``."""
     parser = argparse.ArgumentParser(prog="vim export", description="Export trained (EMA) weights as .safetensors for timm.")
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint, e.g. runs/quickstart/checkpoints/last.ckpt")
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint, e.g. runs/quickstart/latest/checkpoints/last.ckpt")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA weights")
     args = parser.parse_args(argv)

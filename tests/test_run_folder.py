@@ -1,0 +1,134 @@
+"""What a ``vim fit`` leaves behind: its final state, a folder per run, ``latest``, and resuming into the same folder."""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_training import write_tree
+
+from vim.cli import run_lightning
+
+
+def tiny_config(tmp_path: Path, logger: str = "vim.training.run_folder.RunCSVLogger", every_n_train_steps: int = 4) -> str:
+    """A 2-block test_vim on 18 images: 4 batches of 4 per epoch, checkpoints every 4 steps, logs in runs/tiny."""
+    images = write_tree(tmp_path / "images")
+    trainer = dict(accelerator="cpu", devices=1, max_epochs=3, log_every_n_steps=1, enable_progress_bar=False)
+    trainer.update(
+        enable_model_summary=False,
+        logger=[{"class_path": logger, "init_args": {"save_dir": "runs", "name": "tiny"}}],
+        callbacks=[
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True, "every_n_train_steps": every_n_train_steps},
+            }
+        ],
+    )
+    model = dict(model="test_vim", num_classes=3, img_size=16, model_kwargs={"patch_size": 4, "stride": 4, "depth": 2})
+    model.update(ema_decay=0.9, warmup_epochs=0.5, lr=1e-2)
+    data = dict(train_root=str(images), val_root=str(images), img_size=16, batch_size=4, num_workers=0, min_image_size=4)
+    config = {
+        "seed_everything": 0,
+        "trainer": trainer,
+        "model": {"class_path": "vim.training.image_classifier.ImageClassifier", "init_args": model},
+        "data": {"class_path": "vim.data.images.ImageDataModule", "init_args": data},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def printed(pattern: str, out: str) -> str:
+    match = re.search(pattern, out)
+    assert match is not None, f"{pattern!r} not in:\n{out}"
+    return match.group(1)
+
+
+def test_fit_ends_with_its_final_state_and_reports_the_accuracy_export_uses(tmp_path, monkeypatch, capsys):
+    """6 steps, checkpoints every 4, validation at the end of epoch 0 (step 4): last.ckpt holds step 6, and the printed
+    accuracy is that of step 6's EMA weights, which validating last.ckpt reproduces."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path, logger="lightning.pytorch.loggers.CSVLogger")
+    fit = run_lightning(["fit", "--config", config, "--trainer.max_steps=6"])
+    out = capsys.readouterr().out
+    last = tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6 and state["ImageDataModule"] == {"train_batches_seen": 6}
+    final = fit.model.state_dict()
+    assert state["state_dict"].keys() == final.keys() and any(key.startswith("ema.") for key in final)
+    for key, value in final.items():
+        torch.testing.assert_close(state["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    optimizer = fit.trainer.optimizers[0].state_dict()["state"]
+    for index, moments in optimizer.items():
+        torch.testing.assert_close(state["optimizer_states"][0]["state"][index]["exp_avg"], moments["exp_avg"], rtol=0, atol=0)
+
+    reported = printed(
+        r"Final validation accuracy of the EMA weights \(what vim export and vim predict use\): top-1 ([\d.]+)%", out
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validate = run_lightning(["validate", "--config", config, "--ckpt_path=runs/tiny/latest/checkpoints/last.ckpt"])
+    assert f"{100 * float(validate.trainer.callback_metrics['val_ema/acc1']):.1f}" == reported
+    assert (tmp_path / "runs/tiny/version_0/validate_0/metrics.csv").is_file()  # inside the run it evaluated
+    assert not [str(w.message) for w in caught if "dirpath" in str(w.message)]
+
+
+def metric_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_each_fit_has_its_own_folder_and_a_resumed_run_continues_in_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path, every_n_train_steps=2)
+    runs = tmp_path / "runs/tiny"
+
+    run_lightning(["fit", "--config", config, "--trainer.max_steps=3"])
+    run_lightning(["fit", "--config", config, "--trainer.max_steps=2"])
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "version_0", "version_1"]
+    assert (runs / "latest").resolve() == (runs / "version_1").resolve()
+    assert printed(r"Run folder: (\S+)", out.split("Finished")[-1]) == "runs/tiny/version_1"
+    checkpoint = printed(r"Final checkpoint: (\S+)", out.split("Finished")[-1])
+    assert checkpoint == "runs/tiny/version_1/checkpoints/last.ckpt"
+    for version, steps in (("version_0", 3), ("version_1", 2)):
+        assert sorted(p.name for p in (runs / version).iterdir()) == ["checkpoints", "config.yaml", "hparams.yaml", "metrics.csv"]
+        assert torch.load(runs / version / "checkpoints/last.ckpt", weights_only=True)["global_step"] == steps
+    assert not list(runs.glob("**/*-v1.ckpt"))
+
+    # --ckpt_path last on the finished latest run: nothing trained, nothing written, no new folder
+    finished = {p: p.read_bytes() for p in (runs / "version_1").rglob("*") if p.is_file() and p.name != "config.yaml"}
+    run_lightning(["fit", "--config", config, "--trainer.max_steps=2", "--ckpt_path=last"])
+    assert "Nothing left to do: " in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in finished} == finished
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "version_0", "version_1"]
+
+    # killed at step 5 (last checkpoint: step 4), resumed with --ckpt_path last: the same folder, one history
+    with pytest.raises(RuntimeError, match="simulated crash at step 5"):
+        run_lightning(
+            [
+                "fit",
+                "--config",
+                config,
+                "--trainer.max_steps=7",
+                "--ckpt_path=last",
+                "--trainer.callbacks+=test_training.CrashAt",
+                "--trainer.callbacks.step=5",
+            ]
+        )
+    assert torch.load(runs / "version_1/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
+    before = metric_rows(runs / "version_1/metrics.csv")
+    assert max(int(row["step"]) for row in before if row["train/loss"]) == 4  # the batch of step 5: after the checkpoint
+    run_lightning(["fit", "--config", config, "--trainer.max_steps=7", "--ckpt_path=last"])
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "version_0", "version_1"]
+    assert torch.load(runs / "version_1/checkpoints/last.ckpt", weights_only=True)["global_step"] == 7
+    rows = metric_rows(runs / "version_1/metrics.csv")
+    kept = [row for row in before if int(row["step"]) < 4]  # a training row at step s is the batch of step s + 1
+    assert rows[: len(kept)] == kept
+    train_steps = [int(row["step"]) for row in rows if row["train/loss"]]
+    assert train_steps == list(range(7)), train_steps  # runs of 2, then 2 + 1 (killed) + 2 steps: one row per batch
