@@ -136,6 +136,26 @@ def test_forward_and_gradients_match_reference(case: Case):
     run_against_reference(case)
 
 
+@pytest.mark.parametrize(
+    "case, block_d",
+    [
+        (Case(length=33, batch=1, dim=40, n_state=4, has_z=False), 32),  # a full block of 32 channels and a partial one
+        (Case(length=20, batch=1, dim=24, n_state=32, reverse=True, softplus=False), 16),
+    ],
+    ids=["32-channels", "16-channels-N32"],
+)
+def test_wide_tiles_of_a_gpu_with_few_multiprocessors(case: Case, block_d: int, monkeypatch):
+    """A grid that fills the GPU gets the widest programs; on CPU tensors (an H100's limits) tiny grids never do."""
+    from vim.kernels import scan_triton
+
+    few_multiprocessors = scan_triton.GpuLimits(capability=90, multiprocessors=1, smem_per_block=227 * 1024)
+    monkeypatch.setattr(scan_triton, "device_limits", lambda device: few_multiprocessors)
+    for backward in (False, True):
+        chosen = scan_triton._choose_tiles(case.dim, case.n_state, backward, 2 * case.batch, few_multiprocessors)
+        assert chosen.block_d == block_d
+    run_against_reference(case)
+
+
 def test_bidirectional_matches_two_reference_scans():
     """K = 2 in one launch: separate parameters per direction, the second reversed, z shared."""
     case = Case(length=130, batch=1, dim=8, n_state=3, groups=2)
