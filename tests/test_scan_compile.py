@@ -12,6 +12,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 import vim  # noqa: F401  (registers the models with timm)
+from vim.kernels import scan_native
 
 
 def _forward_backward(model: torch.nn.Module, run, x: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -23,12 +24,13 @@ def _forward_backward(model: torch.nn.Module, run, x: torch.Tensor, dout: torch.
 
 
 def _assert_compiled_matches_eager(name: str, x: torch.Tensor, rtol: float, atol: float) -> None:
+    """Compiled first (nothing chosen or loaded yet, as in a fresh process), then eager."""
     torch.manual_seed(0)
     model = timm.create_model(name).to(x.device)
     dout = torch.randn(x.shape[0], model.num_classes, device=x.device)
-    expected, expected_grads = _forward_backward(model, model, x, dout)
     torch._dynamo.reset()
     out, grads = _forward_backward(model, torch.compile(model, fullgraph=True), x, dout)
+    expected, expected_grads = _forward_backward(model, model, x, dout)
     torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
     for param, grad in expected_grads.items():
         torch.testing.assert_close(grads[param], grad, rtol=rtol, atol=atol, msg=lambda m, p=param: f"grad of {p}: {m}")
@@ -38,6 +40,9 @@ def _assert_compiled_matches_eager(name: str, x: torch.Tensor, rtol: float, atol
 def test_fullgraph_compile_of_test_vim_with_default_settings(monkeypatch):
     """The default compiler (Inductor) and the default scan backend, as a user calls them."""
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
+    monkeypatch.setattr(scan_native, "_library", None)  # as in a fresh process: the C kernel not loaded yet
+    monkeypatch.setattr(scan_native, "_unavailable", None)
+    scan_native._find_compiler.cache_clear()
     # only to keep the test fast: Inductor's generated C++ is built at -O0 without vector code; the traced graph,
     # its partition and the custom ops are those of the default settings
     with inductor_config.patch({"aot_inductor.debug_compile": True, "cpp.vec_isa_ok": False}):

@@ -248,18 +248,24 @@ def test_native_backend_refuses_tensors_off_the_cpu(monkeypatch):
         selective_scan(**_meta_inputs())
 
 
-def test_auto_is_resolved_when_the_op_runs_not_when_it_is_traced(monkeypatch):
-    """Tracing a call with the default backend looks up no compiler (torch.compile cannot trace a file-system
-    lookup); the op makes the choice when it runs, by the tensors' device."""
+def _forget_the_c_kernel(monkeypatch) -> None:
+    """As in a fresh process: the C kernel not loaded, the compiler not yet looked up."""
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
-    lookups = []
-    monkeypatch.setattr(scan_native, "_compiler", lambda: lookups.append(1) or None)
     monkeypatch.setattr(scan_native, "_library", None)
-    out = selective_scan(**_meta_inputs())  # meta tensors: only the fake implementation runs
-    assert out.shape == (2, 4, 16) and lookups == []
+    monkeypatch.setattr(scan_native, "_unavailable", None)
+    scan_native._find_compiler.cache_clear()
+
+
+def test_auto_is_resolved_when_the_op_runs_not_when_it_is_traced(monkeypatch):
+    """A fullgraph trace with the default backend looks up no compiler (a file-system lookup Dynamo cannot trace);
+    the op chooses when it runs, by the tensors' device: the C kernel here."""
+    _forget_the_c_kernel(monkeypatch)
     inputs = _mamba_test_inputs(True, True, 1)
-    torch.testing.assert_close(selective_scan(**inputs), _reference_scan(**inputs), rtol=6e-4, atol=2e-3)
-    assert lookups, "the CPU call chose its backend when it ran"
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda **x: selective_scan(**x, delta_softplus=True), fullgraph=True, backend="eager")
+    expected = _reference_scan(**inputs, delta_softplus=True)
+    torch.testing.assert_close(compiled(**inputs), expected, rtol=6e-4, atol=2e-3)
+    assert (scan_native._library is not None) == scan_native.native_available(), "the C kernel ran where it can be built"
 
 
 def test_float64_takes_the_chunked_path_with_every_backend():
