@@ -368,7 +368,7 @@ def _selective_scan_bwd_kernel(
 
 @dataclass(frozen=True)
 class GpuLimits:
-    """What the tile choice knows of a GPU: compute capability, streaming multiprocessors, shared memory per block."""
+    """A GPU as the tile choice (multiprocessors) and its compile check (shared memory per block) see it."""
 
     capability: int
     multiprocessors: int
@@ -446,7 +446,7 @@ def _choose_tiles(dim_per_group: int, n_state: int, backward: bool, programs_per
     not fill the GPU's multiprocessors twice gets narrower programs, more of them. The tile's steps
     follow from the register budget, the same on every target (64K registers per multiprocessor);
     every tile is compiled for sm_80 and sm_90 in CI (tools/triton_resources.py): no spills, shared
-    memory (a few KiB) far within any target's limit, registers per thread and occupancy printed.
+    memory (at most 33 KiB) within any target's limit, registers per thread and occupancy printed.
     """
     for tiles in tile_choices(n_state, backward):
         if programs_per_block * triton.cdiv(dim_per_group, tiles.block_d) >= 2 * limits.multiprocessors:
@@ -487,7 +487,9 @@ def _flags(D, z, delta_bias, delta_softplus: bool, reverse: bool, tiles: Tiles) 
     )  # fmt: skip
 
 
-def forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, limits: GpuLimits, tiles=None):
+def forward_launch(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, limits: GpuLimits, tiles: Tiles | None = None
+):
     """The forward launch for the canonical inputs (see :func:`triton_forward`), with its outputs allocated.
 
     ``tiles`` (one of :func:`tile_choices`) overrides the choice for ``limits``' GPU.
@@ -513,8 +515,9 @@ def forward_launch(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
 
 
 def backward_launch(
-    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints, limits: GpuLimits, tiles=None
-):
+    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints,
+    limits: GpuLimits, tiles: Tiles | None = None,
+):  # fmt: skip
     """The backward launch for the canonical inputs (see :func:`triton_backward`), with its buffers allocated.
 
     ``tiles`` (one of :func:`tile_choices`) overrides the choice for ``limits``' GPU.
