@@ -385,7 +385,8 @@ GPU_LIMITS = {
 @functools.cache
 def _cuda_limits(index: int) -> GpuLimits:
     props = torch.cuda.get_device_properties(index)
-    return GpuLimits(props.major * 10 + props.minor, props.multi_processor_count, props.shared_memory_per_block_optin)
+    smem = getattr(props, "shared_memory_per_block_optin", 48 * 1024)  # not reported by older PyTorch: CUDA's default
+    return GpuLimits(props.major * 10 + props.minor, props.multi_processor_count, smem)
 
 
 def device_limits(device: torch.device) -> GpuLimits:
