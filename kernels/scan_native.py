@@ -6,9 +6,15 @@ with the state in registers and never stores anything of size ``(L, dim, N)``.
 
 Building: the first call compiles the plain C source (no Python or PyTorch headers, about a
 second) with ``$CC`` or the first of ``cc``, ``gcc``, ``clang`` on PATH, tuned for this CPU, and caches
-the library under ``$VIM_KERNEL_CACHE`` (default ``~/.cache/vim-toolkit``), keyed by the source,
-the flags and the machine. Nothing is compiled at install time. Without a working compiler both
-passes fall back to the chunked path, with one warning.
+the library under ``$VIM_KERNEL_CACHE`` (default ``~/.cache/vim-toolkit``). Nothing is compiled at
+install time. Without a working compiler both passes fall back to the chunked path, with one warning.
+
+The cache may be shared (a home directory on several machines, a container image), so its key holds
+the source, the flags, the compiler and the instruction sets that ``-march=native`` enables on this
+CPU (the compiler's predefined macros under the same flags): another CPU gets its own build instead
+of an illegal instruction. Beside each library a ``.sha256`` file records its size and checksum at
+build time; a library that does not match (a truncated copy would kill the process with a bus error
+when loaded) is rebuilt instead of loaded.
 
 Calling: the kernel reads the canonical tensors (:mod:`vim.kernels.scan_layout`) through their
 strides, so nothing is copied or transposed on the way in, and it writes the channels-last output,
@@ -16,9 +22,9 @@ the checkpoints and the gradients in place. It splits its work over ``torch.get_
 threads (ctypes releases the GIL): those of torch's own OpenMP pool where torch runs on libgomp (the
 kernel is linked against that very library, so no second runtime is loaded), else threads of its own.
 
-Float64 input takes the chunked path (its arithmetic stays in float64); float16 and bfloat16 are
-widened to float32 first. The backward pass recomputes the states chunk by chunk from the
-forward's checkpoints, as the Triton kernels do.
+Float16 and bfloat16 are widened to float32 first (float64 never gets here: the public API sends it
+to the chunked path, whose arithmetic stays in float64). The backward pass recomputes the states
+chunk by chunk from the forward's checkpoints, as the Triton kernels do.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -120,12 +125,42 @@ def _variants() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     return [*openmp, ((*tuned, "-pthread"), ("-pthread",)), (("-O3", "-ffast-math", "-fPIC", "-pthread"), ("-pthread",))]
 
 
+def _instruction_sets(compiler: str, compile_flags: tuple[str, ...]) -> str:
+    """The compiler's predefined macros under ``compile_flags``: its version and, for ``-march=native``,
+    the instruction sets of this CPU (``__AVX2__``, ``__AVX512F__``, ...). RuntimeError if the compiler fails."""
+    command = [compiler, *compile_flags, "-dM", "-E", "-x", "c", os.devnull]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip()[-500:]}")
+    return "\n".join(sorted(result.stdout.splitlines()))
+
+
+def _cache_key(compiler: str, compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> str:
+    """Hex key of a build: the source, the flags, the compiler and the instruction sets the flags enable here."""
+    identity = repr((compile_flags, link_flags, compiler)) + _instruction_sets(compiler, compile_flags)
+    return hashlib.sha256(SOURCE.read_bytes() + identity.encode()).hexdigest()[:20]
+
+
+def _fingerprint(library: Path) -> str:
+    """Size and sha256 of a file, as "<size> <sha256>": what a cached library must still match to be loaded."""
+    data = library.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _checksum_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` exists and matches the size and checksum recorded when it was built."""
+    record = _checksum_file(library)
+    return library.exists() and record.exists() and record.read_text().strip() == _fingerprint(library)
+
+
 def _build(compiler: str, compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> Path:
-    """Compile and link the kernel (or find it in the cache); the library's path. RuntimeError if the compiler fails."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + repr((compile_flags, link_flags, compiler, platform.machine(), platform.processor())).encode())
-    target = _cache_dir() / f"scan_native-{key.hexdigest()[:20]}.so"
-    if target.exists():
+    """Compile and link the kernel (or find it intact in the cache); the library's path. RuntimeError if the compiler fails."""
+    target = _cache_dir() / f"scan_native-{_cache_key(compiler, compile_flags, link_flags)}.so"
+    if _intact(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -137,7 +172,12 @@ def _build(compiler: str, compile_flags: tuple[str, ...], link_flags: tuple[str,
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode:
                 raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
+        record = _checksum_file(built)
+        record.write_text(_fingerprint(built) + "\n")
+        # atomic renames: a concurrent build of the same key is harmless, and a reader that finds the record
+        # of one build beside the library of another rebuilds
+        os.replace(record, _checksum_file(target))
+        os.replace(built, target)
     return target
 
 
@@ -214,7 +254,7 @@ def _launch(entry, threads: int, inputs: tuple, **buffers: Tensor | None) -> Non
 def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
     """Forward pass in the canonical form (see scan_layout): ``out`` (K, batch, dim, L), ``checkpoints``."""
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    library = None if u.dtype == torch.float64 else _load()
+    library = _load()
     if library is None:
         return chunked_forward(*inputs)
     K, batch, dim, length = u.shape
@@ -232,7 +272,7 @@ def native_backward(
     The states are recomputed chunk by chunk from the forward's float32 ``checkpoints``.
     """
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    library = None if u.dtype == torch.float64 else _load()
+    library = _load()
     if library is None:
         return chunked_backward(dout, *inputs, checkpoints)
     K, batch, dim, length = u.shape

@@ -55,17 +55,20 @@ def selective_scan_ref(
     if delta_softplus:
         delta = F.softplus(delta)
     dim, length = u.shape[1], u.shape[2]
-    B = _expand_groups(B.to(compute), dim)
-    C = _expand_groups(C.to(compute), dim)
+    B = _expand_groups(B.to(compute), dim).transpose(-1, -2)  # (batch, dim, L, N)
+    C = _expand_groups(C.to(compute), dim).transpose(-1, -2)
 
+    # every step's h -> a h + b at once; the loop is the recurrence alone. unbind (not indexing) keeps the
+    # backward linear in L: one stack of the per-step gradients instead of a full-size tensor per step
+    decays = torch.exp(delta.unsqueeze(-1) * A[:, None, :]).unbind(2)
+    drives = ((delta * u).unsqueeze(-1) * B).unbind(2)
     h = u.new_zeros(u.shape[0], dim, A.shape[1])
-    ys: list[torch.Tensor | None] = [None] * length
     states: list[torch.Tensor | None] = [None] * length
     for t in range(length - 1, -1, -1) if reverse else range(length):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
-        ys[t] = (h * C[..., t]).sum(-1)
+        h = decays[t] * h + drives[t]
         states[t] = h
-    y = torch.stack(ys, dim=-1)
+    all_states = torch.stack(states, dim=2)  # (batch, dim, L, N)
+    y = (all_states * C).sum(-1)
     if D is not None:
         y = y + D.to(compute)[:, None] * u
     if z is not None:
@@ -75,5 +78,5 @@ def selective_scan_ref(
     if return_last_state:
         extra.append(h)
     if return_all_states:
-        extra.append(torch.stack(states, dim=2))
+        extra.append(all_states)
     return (out, *extra) if extra else out

@@ -37,6 +37,7 @@ channels; dz per direction) to fp32 buffers that torch sums afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,9 @@ import triton.language as tl
 
 from .scan_layout import CHUNK_SIZE, empty_channels_last, empty_checkpoints
 
-__all__ = ["triton_forward", "triton_backward"]
+__all__ = [
+    "GPU_LIMITS", "GpuLimits", "Tiles", "backward_launch", "forward_launch", "tile_choices", "triton_backward", "triton_forward",
+]  # fmt: skip
 
 LOG2E = tl.constexpr(1.4426950408889634)
 """log2(e): the kernels compute exp(delta A) as exp2(delta A log2 e)."""
@@ -54,6 +57,11 @@ _FORWARD_TILE_ELEMENTS = 8192
 _BACKWARD_TILE_ELEMENTS = 4096
 """The backward kernel keeps about twice as many tiles live; the budget halves again for N > 16."""
 _MAX_BLOCK_T = 32
+_MAX_BACKWARD_BLOCK_T = 8
+"""The backward's registers grow fastest with the steps of a tile (its scans over time run twice): at 16 or 32
+steps some tiles spill on sm_80 (tools/triton_resources.py)."""
+_BACKWARD_MAX_REGISTERS = 255
+"""``maxnreg`` of the backward kernel: left to itself, ptxas caps some variants at 128 registers and spills."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,33 +367,111 @@ def _selective_scan_bwd_kernel(
 
 
 @dataclass(frozen=True)
-class _Tiles:
+class GpuLimits:
+    """A GPU as the tile choice (multiprocessors) and its compile check (shared memory per block) see it."""
+
+    capability: int
+    multiprocessors: int
+    smem_per_block: int
+
+
+GPU_LIMITS = {
+    80: GpuLimits(80, 108, 163 * 1024),  # A100
+    90: GpuLimits(90, 132, 227 * 1024),  # H100, H200
+}
+"""The targets every tile choice is compiled for without a GPU on each CI run (tools/triton_resources.py)."""
+
+
+@functools.cache
+def _cuda_limits(index: int) -> GpuLimits:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 48 * 1024)  # not reported by older PyTorch: CUDA's default
+    return GpuLimits(props.major * 10 + props.minor, props.multi_processor_count, smem)
+
+
+def device_limits(device: torch.device) -> GpuLimits:
+    """The limits of ``device``'s GPU; for CPU tensors (Triton's interpreter) those of an H100."""
+    if device.type != "cuda":
+        return GPU_LIMITS[90]
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class Tiles:
     """Block sizes of one launch: BLOCK_T steps x BLOCK_D channels x BLOCK_N states per program."""
 
     block_t: int
     block_d: int
     block_n: int
-    dim_blocks: int
     num_warps: int
 
 
-def _choose_tiles(length: int, dim_per_group: int, n_state: int, backward: bool) -> _Tiles:
-    """Tile sizes that keep the kernels within the register file of an H100 without spilling.
+_NARROWEST_BLOCK_D = 8
+
+
+def _widest_block_d(block_n: int) -> int:
+    """Channels per program when the grid fills the GPU: 32, fewer for large states (registers)."""
+    return min(32, max(_NARROWEST_BLOCK_D, 512 // block_n))
+
+
+def tiles_for(block_d: int, block_n: int, backward: bool) -> Tiles:
+    """The tile of ``block_d`` channels and ``block_n`` states: as many steps as the kernel's register budget allows.
 
     BLOCK_T is a power of two dividing :data:`CHUNK_SIZE`, so checkpoints fall on tile ends.
-    (Checked with ptxas for sm_90: at most ~250 registers per thread and no spills for N = 16.)
     """
-    block_n = triton.next_power_of_2(n_state)
-    block_d = min(triton.next_power_of_2(dim_per_group), 32, max(8, 512 // block_n))
     if backward:
         tile_elements = _BACKWARD_TILE_ELEMENTS if block_n <= 16 else _BACKWARD_TILE_ELEMENTS // 2
+        most_steps = _MAX_BACKWARD_BLOCK_T
     else:
-        tile_elements = _FORWARD_TILE_ELEMENTS
+        tile_elements, most_steps = _FORWARD_TILE_ELEMENTS, _MAX_BLOCK_T
     largest_divisor = CHUNK_SIZE & -CHUNK_SIZE
-    block_t = min(tile_elements // (block_d * block_n), _MAX_BLOCK_T, largest_divisor, triton.next_power_of_2(length))
-    block_t = max(block_t, 2)
+    block_t = max(2, min(tile_elements // (block_d * block_n), most_steps, largest_divisor))
     num_warps = 8 if block_t * block_d * block_n >= 2048 else 4
-    return _Tiles(block_t, block_d, block_n, triton.cdiv(dim_per_group, block_d), num_warps)
+    return Tiles(block_t, block_d, block_n, num_warps)
+
+
+def tile_choices(n_state: int, backward: bool) -> list[Tiles]:
+    """Every tile :func:`_choose_tiles` can pick for a state size: those compiled for each GPU target in CI."""
+    block_n = triton.next_power_of_2(n_state)
+    widths = [_widest_block_d(block_n)]
+    while widths[-1] > _NARROWEST_BLOCK_D:
+        widths.append(widths[-1] // 2)
+    return [tiles_for(block_d, block_n, backward) for block_d in widths]
+
+
+def _choose_tiles(dim_per_group: int, n_state: int, backward: bool, programs_per_block: int, limits: GpuLimits) -> Tiles:
+    """The tile of one launch on the GPU of ``limits``, one of :func:`tile_choices`.
+
+    The widest programs (32 channels) make the fewest partial sums of dB and dC, the kernels' extra
+    memory traffic; a grid of ``programs_per_block * cdiv(dim_per_group, BLOCK_D)`` programs that would
+    not fill the GPU's multiprocessors twice gets narrower programs, more of them. The tile's steps
+    follow from the register budget, the same on every target (64K registers per multiprocessor);
+    every tile is compiled for sm_80 and sm_90 in CI (tools/triton_resources.py): no spills, shared
+    memory (at most 33 KiB) within any target's limit, registers per thread and occupancy printed.
+    """
+    for tiles in tile_choices(n_state, backward):
+        if programs_per_block * triton.cdiv(dim_per_group, tiles.block_d) >= 2 * limits.multiprocessors:
+            return tiles
+    return tiles
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One launch as the launchers issue it: the kernel, its grid, arguments and compile-time options.
+
+    Built apart from running it, so that the exact variant a call picks can also be compiled for a GPU
+    target without a GPU (tests/test_scan_triton_targets.py).
+    """
+
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, int]
+    args: tuple
+    options: dict
+
+    def __call__(self, device: torch.device) -> None:
+        # make the tensors' GPU the current one while launching (a no-op for CPU tensors)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            self.kernel[self.grid](*self.args, **self.options)
 
 
 def _strides(x: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
@@ -393,7 +479,7 @@ def _strides(x: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     return (0,) * ndim if x is None else x.stride()
 
 
-def _flags(D, z, delta_bias, delta_softplus: bool, reverse: bool, tiles: _Tiles) -> dict:
+def _flags(D, z, delta_bias, delta_softplus: bool, reverse: bool, tiles: Tiles) -> dict:
     """Compile-time switches and block sizes shared by the two kernels."""
     return dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
@@ -402,9 +488,75 @@ def _flags(D, z, delta_bias, delta_softplus: bool, reverse: bool, tiles: _Tiles)
     )  # fmt: skip
 
 
-def _on_device(x: torch.Tensor):
-    """Make ``x``'s GPU the current one while launching (a no-op for CPU tensors)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+def forward_launch(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, limits: GpuLimits, tiles: Tiles | None = None
+):
+    """The forward launch for the canonical inputs (see :func:`triton_forward`), with its outputs allocated.
+
+    ``tiles`` (one of :func:`tile_choices`) overrides the choice for ``limits``' GPU.
+
+    Returns:
+        ``(launch, out, checkpoints)``.
+    """
+    n_dir, batch, dim, length = u.shape
+    n_groups, n_state = B.shape[2], A.shape[-1]
+    tiles = tiles or _choose_tiles(dim // n_groups, n_state, False, n_dir * batch * n_groups, limits)
+    dim_blocks = triton.cdiv(dim // n_groups, tiles.block_d)
+    out = empty_channels_last(n_dir, batch, dim, length, like=u)
+    checkpoints = empty_checkpoints(u, n_dir, batch, length, dim, n_state)
+    args = (
+        u, delta, A, B, C, D, z, delta_bias, out, checkpoints,
+        length, n_state, dim // n_groups, n_groups, dim_blocks,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *_strides(D, 2), *_strides(z, 3), *_strides(delta_bias, 2), *out.stride(), *checkpoints.stride(),
+    )  # fmt: skip
+    grid = (batch * n_groups * dim_blocks, n_dir)
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse, tiles)
+    return KernelLaunch(_selective_scan_fwd_kernel, grid, args, flags), out, checkpoints
+
+
+def backward_launch(
+    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints,
+    limits: GpuLimits, tiles: Tiles | None = None,
+):  # fmt: skip
+    """The backward launch for the canonical inputs (see :func:`triton_backward`), with its buffers allocated.
+
+    ``tiles`` (one of :func:`tile_choices`) overrides the choice for ``limits``' GPU.
+
+    Returns:
+        ``(launch, buffers)``: ``buffers`` holds du, ddelta (complete) and the per-program partial sums
+        dA, dB, dC, dD, dbias, dz (per direction), each None where the input is absent.
+    """
+    n_dir, batch, dim, length = u.shape
+    n_groups, n_state = B.shape[2], A.shape[-1]
+    tiles = tiles or _choose_tiles(dim // n_groups, n_state, True, n_dir * batch * n_groups, limits)
+    dim_blocks = triton.cdiv(dim // n_groups, tiles.block_d)
+    n_programs = batch * n_groups * dim_blocks
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dD_part, dbias_part = torch.empty(2, n_dir, batch, dim, **f32)
+    buffers = dict(
+        du=empty_channels_last(n_dir, batch, dim, length, like=u),
+        ddelta=empty_channels_last(n_dir, batch, dim, length, like=delta),
+        dz=empty_channels_last(n_dir, batch, dim, length, like=u, dtype=torch.float32) if z is not None else None,
+        dB=torch.empty(n_dir, batch, n_groups, dim_blocks, n_state, length, **f32),
+        dC=torch.empty(n_dir, batch, n_groups, dim_blocks, n_state, length, **f32),
+        dA=torch.empty(n_dir, batch, dim, n_state, **f32),
+        dD=dD_part if D is not None else None,
+        dbias=dbias_part if delta_bias is not None else None,
+    )
+    scratch = torch.empty(n_dir * n_programs, CHUNK_SIZE // tiles.block_t, tiles.block_d, tiles.block_n, **f32)
+    b = buffers
+    args = (
+        dout, u, delta, A, B, C, D, z, delta_bias, checkpoints, scratch,
+        b["du"], b["ddelta"], b["dA"], b["dB"], b["dC"], dD_part, b["dz"], dbias_part,
+        length, n_state, dim // n_groups, n_groups, dim_blocks,
+        *dout.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *_strides(D, 2), *_strides(z, 3), *_strides(delta_bias, 2), *checkpoints.stride(),
+        *b["du"].stride(), *b["ddelta"].stride(), *_strides(b["dz"], 4), *b["dB"].stride(), *b["dA"].stride(),
+        *dD_part.stride(),
+    )  # fmt: skip
+    flags = _flags(D, z, delta_bias, delta_softplus, reverse, tiles) | dict(maxnreg=_BACKWARD_MAX_REGISTERS)
+    return KernelLaunch(_selective_scan_bwd_kernel, (n_programs, n_dir), args, flags), buffers
 
 
 def triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool):
@@ -418,20 +570,9 @@ def triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
         ``out`` (K, batch, dim, L) in ``u.dtype``, channels-last, and ``checkpoints``
         (K, batch, num_chunks(L), dim, N) float32: the state after each chunk of CHUNK_SIZE steps.
     """
-    n_dir, batch, dim, length = u.shape
-    n_groups, n_state = B.shape[2], A.shape[-1]
-    tiles = _choose_tiles(length, dim // n_groups, n_state, backward=False)
-    out = empty_channels_last(n_dir, batch, dim, length, like=u)
-    checkpoints = empty_checkpoints(u, n_dir, batch, length, dim, n_state)
-    grid = (batch * n_groups * tiles.dim_blocks, n_dir)
-    with _on_device(u):
-        _selective_scan_fwd_kernel[grid](
-            u, delta, A, B, C, D, z, delta_bias, out, checkpoints,
-            length, n_state, dim // n_groups, n_groups, tiles.dim_blocks,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-            *_strides(D, 2), *_strides(z, 3), *_strides(delta_bias, 2), *out.stride(), *checkpoints.stride(),
-            **_flags(D, z, delta_bias, delta_softplus, reverse, tiles),
-        )  # fmt: skip
+    inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    launch, out, checkpoints = forward_launch(*inputs, limits=device_limits(u.device))
+    launch(u.device)
     return out, checkpoints
 
 
@@ -439,42 +580,25 @@ def triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: b
     """Gradients of :func:`triton_forward` for every input, recomputing states from ``checkpoints``.
 
     Args:
-        dout: (K, batch, dim, L), the gradient of ``out``; the other inputs as in :func:`triton_forward`.
+        dout: (K, batch, dim, L), the gradient of ``out``, any strides; the other inputs as in :func:`triton_forward`.
 
     Returns:
         ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` as documented in :mod:`.scan_layout`.
     """
-    n_dir, batch, dim, length = u.shape
-    n_groups, n_state = B.shape[2], A.shape[-1]
-    tiles = _choose_tiles(length, dim // n_groups, n_state, backward=True)
-    n_programs = batch * n_groups * tiles.dim_blocks
-    f32 = dict(device=u.device, dtype=torch.float32)
-    du = empty_channels_last(n_dir, batch, dim, length, like=u)
-    ddelta = empty_channels_last(n_dir, batch, dim, length, like=delta)
-    dz_per_dir = empty_channels_last(n_dir, batch, dim, length, like=u, dtype=torch.float32) if z is not None else None
-    dB_part = torch.empty(n_dir, batch, n_groups, tiles.dim_blocks, n_state, length, **f32)
-    dC_part = torch.empty_like(dB_part)
-    dA_part = torch.empty(n_dir, batch, dim, n_state, **f32)
-    dD_part, dbias_part = torch.empty(2, n_dir, batch, dim, **f32)
-    scratch = torch.empty(n_dir * n_programs, CHUNK_SIZE // tiles.block_t, tiles.block_d, tiles.block_n, **f32)
-    with _on_device(u):
-        _selective_scan_bwd_kernel[(n_programs, n_dir)](
-            dout, u, delta, A, B, C, D, z, delta_bias, checkpoints, scratch,
-            du, ddelta, dA_part, dB_part, dC_part, dD_part, dz_per_dir, dbias_part,
-            length, n_state, dim // n_groups, n_groups, tiles.dim_blocks,
-            *dout.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-            *_strides(D, 2), *_strides(z, 3), *_strides(delta_bias, 2), *checkpoints.stride(),
-            *du.stride(), *ddelta.stride(), *_strides(dz_per_dir, 4), *dB_part.stride(), *dA_part.stride(),
-            *dD_part.stride(),
-            **_flags(D, z, delta_bias, delta_softplus, reverse, tiles),
-        )  # fmt: skip
+    inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    launch, grads = backward_launch(dout, *inputs, checkpoints, limits=device_limits(u.device))
+    launch(u.device)
+
+    def summed(name: str, axis: int) -> torch.Tensor:
+        return u.new_empty(0, dtype=torch.float32) if grads[name] is None else grads[name].sum(axis)
+
     return (
-        du,
-        ddelta,
-        dA_part.sum(1),
-        dB_part.sum(3).to(B.dtype),
-        dC_part.sum(3).to(C.dtype),
-        dD_part.sum(1) if D is not None else u.new_empty(0, dtype=torch.float32),
-        dz_per_dir.sum(0).to(z.dtype) if z is not None else u.new_empty(0, dtype=torch.float32),
-        dbias_part.sum(1) if delta_bias is not None else u.new_empty(0, dtype=torch.float32),
+        grads["du"],
+        grads["ddelta"],
+        grads["dA"].sum(1),
+        grads["dB"].sum(3).to(B.dtype),
+        grads["dC"].sum(3).to(C.dtype),
+        summed("dD", 1),
+        u.new_empty(0, dtype=torch.float32) if z is None else grads["dz"].sum(0).to(z.dtype),
+        summed("dbias", 1),
     )

@@ -19,11 +19,17 @@ Backends: ``"triton"`` (CUDA; also runs on CPU tensors under ``TRITON_INTERPRET=
 ``"reference"`` (the sequential definition, differentiated by autograd; slow, for debugging).
 ``"auto"`` picks Triton for CUDA tensors, "native" for CPU tensors where a C compiler is found, and
 the chunked path otherwise. Pass ``backend=`` or set the
-environment variable ``VIM_SCAN_BACKEND`` to force one.
+environment variable ``VIM_SCAN_BACKEND`` to force one. Float64 input always takes the chunked
+path (its arithmetic stays in float64), whichever backend is named.
+
+``"auto"`` is resolved inside the custom ops, at run time: looking for a C compiler touches the file
+system, which ``torch.compile`` cannot trace, so a compiled graph holds the op with ``"auto"`` and
+the choice is made (once, then cached) when the op runs.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -38,13 +44,16 @@ BACKENDS = ("auto", "triton", "native", "torch", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _implementation(backend: str):
-    """(forward, backward) functions of the "triton", "native" or "torch" backend, imported on first use."""
-    if backend == "triton":
+def _implementation(backend: str, dtype: torch.dtype):
+    """(forward, backward) functions of the "triton", "native" or "torch" backend, imported on first use.
+
+    Float64 input takes the chunked path whatever the backend: the Triton and C kernels compute in float32.
+    """
+    if backend == "triton" and dtype != torch.float64:
         from .scan_triton import triton_backward, triton_forward
 
         return triton_forward, triton_backward
-    if backend == "native":
+    if backend == "native" and dtype != torch.float64:
         from .scan_native import native_backward, native_forward
 
         return native_forward, native_backward
@@ -53,23 +62,37 @@ def _implementation(backend: str):
     return chunked_forward, chunked_backward
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """The concrete backend for tensors on ``device``: ``backend``, else ``$VIM_SCAN_BACKEND``, else auto."""
+def _requested_backend(device: torch.device, backend: str | None) -> str:
+    """``backend``, else ``$VIM_SCAN_BACKEND``, else "auto"; a named backend is checked against ``device``.
+
+    Traceable by torch.compile: "auto" is returned as is, its choice is left to :func:`resolve_backend`.
+    """
     name = backend or os.environ.get("VIM_SCAN_BACKEND", "auto")
     if name not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {name!r}; expected one of {BACKENDS}")
-    if name == "auto":
-        if device.type == "cuda":
-            return "triton"
-        from .scan_native import native_available
-
-        return "native" if device.type == "cpu" and native_available() else "torch"
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"selective-scan backend 'triton' needs CUDA tensors, got tensors on {device}; "
             "set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter on CPU"
         )
+    if name == "native" and device.type != "cpu":
+        raise ValueError(
+            f"selective-scan backend 'native' (the fused C kernel) needs CPU tensors, got tensors on {device}; "
+            "use 'triton' or 'auto' for CUDA tensors"
+        )
     return name
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The concrete backend for tensors on ``device``: ``backend``, else ``$VIM_SCAN_BACKEND``, else auto."""
+    name = _requested_backend(device, backend)
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "triton"
+    from .scan_native import native_available
+
+    return "native" if device.type == "cpu" and native_available() else "torch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +114,7 @@ def _scan_fwd(
     reverse: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    forward, _ = _implementation(backend)
+    forward, _ = _implementation(resolve_backend(u.device, backend), u.dtype)
     out, checkpoints = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     return as_channels_last(out), checkpoints.contiguous()
 
@@ -120,7 +143,7 @@ def _scan_bwd(
     backend: str,
     checkpoints: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _, backward = _implementation(backend)
+    _, backward = _implementation(resolve_backend(u.device, backend), u.dtype)
     du, ddelta, dA, dB, dC, dD, dz, dbias = backward(
         dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, checkpoints
     )
@@ -161,8 +184,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dcheckpoints):
     u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
     delta_softplus, reverse, backend = ctx.flags
+    # every backend reads dout through its strides: no copy into channels-last
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
-        as_channels_last(dout), u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints
+        dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints
     )
     return (
         du,
@@ -203,6 +227,13 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
     batch, dim, length = u.shape[k:]
     if length < 1:
         raise ValueError(f"selective_scan: the sequence is empty (u has shape {tuple(u.shape)})")
+    if dim < 1:
+        raise ValueError(f"selective_scan: u has no channels (dim = 0 in shape {tuple(u.shape)})")
+    if A.is_complex():
+        raise ValueError(
+            f"selective_scan: complex A (dtype {A.dtype}, shape {tuple(A.shape)}) is not supported; "
+            "the kernels implement the real-valued A of Mamba and Vision Mamba"
+        )
     for name, x in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
         if x is not None and x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"selective_scan: {name} must be a floating tensor, got dtype {x.dtype}")
@@ -220,12 +251,16 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
     for name, x in (("B", B), ("C", C)):
         grouped = x.dim() == 4 + k
         groups = x.shape[k + 1] if grouped else 1
-        if x.dim() not in (3 + k, 4 + k) or groups < 1 or dim % groups:
+        if x.dim() not in (2 + k, 3 + k, 4 + k) or groups < 1 or dim % groups:
             raise ValueError(
-                f"selective_scan: {name} has shape {tuple(x.shape)}, expected {(*lead, batch, n_state, length)} "
-                f"or grouped {(*lead, batch, 'G', n_state, length)} with dim {dim} divisible by G, {hint}"
+                f"selective_scan: {name} has shape {tuple(x.shape)}, expected {(*lead, batch, n_state, length)}, "
+                f"grouped {(*lead, batch, 'G', n_state, length)} with dim {dim} divisible by G, "
+                f"or time-invariant {(*lead, dim, n_state)}, {hint}"
             )
-        expected = (*lead, batch, groups, n_state, length) if grouped else (*lead, batch, n_state, length)
+        if x.dim() == 2 + k:
+            expected = (*lead, dim, n_state)
+        else:
+            expected = (*lead, batch, groups, n_state, length) if grouped else (*lead, batch, n_state, length)
         _check_shape(name, x, expected, hint)
     _check_shape("D", D, (*lead, dim), hint)
     _check_shape("delta_bias", delta_bias, (*lead, dim), hint)
@@ -235,9 +270,35 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
         raise ValueError(f"selective_scan: inputs are on different devices: {sorted(map(str, devices))}")
 
 
-def _with_groups(x: Tensor, lead: int) -> Tensor:
-    """Give B or C its group axis: (.., batch, N, L) -> (.., batch, 1, N, L); grouped input as is."""
+def _with_groups(x: Tensor, lead: int, batch: int, length: int) -> Tensor:
+    """B or C as a (.., batch, G, N, L) view, without copying.
+
+    (.., batch, N, L) gets one group; grouped input stays as is; time-invariant (.., dim, N) becomes a
+    stride-0 view with one group per channel, which the kernels read through its strides.
+    """
+    if x.dim() == 2 + lead:
+        return x.unsqueeze(lead).unsqueeze(-1).expand(*x.shape[:lead], batch, *x.shape[lead:], length)
     return x.unsqueeze(lead + 1) if x.dim() == 3 + lead else x
+
+
+def _regroup(x: Tensor, lead: int, groups: int) -> Tensor:
+    """(.., batch, G, N, L) -> (.., batch, groups, N, L), group g of G serving groups g * groups / G onwards.
+
+    A single group is broadcast as a stride-0 view; other counts are repeated (a copy).
+    """
+    axis = lead + 1
+    if x.shape[axis] == groups:
+        return x
+    if x.shape[axis] == 1:
+        return x.expand(*x.shape[:axis], groups, *x.shape[axis + 1 :])
+    return x.repeat_interleave(groups // x.shape[axis], dim=axis)
+
+
+def _canonical_B_C(B: Tensor, C: Tensor, lead: int, batch: int, length: int) -> tuple[Tensor, Tensor]:
+    """B and C with one group axis and the same number of groups (the kernels read both with one group index)."""
+    B, C = (_with_groups(x, lead, batch, length) for x in (B, C))
+    groups = math.lcm(B.shape[lead + 1], C.shape[lead + 1])
+    return _regroup(B, lead, groups), _regroup(C, lead, groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +316,9 @@ def selective_scan(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
-    reverse: bool = False,
     return_last_state: bool = False,
+    *,
+    reverse: bool = False,
     backend: str | None = None,
 ):
     """Selective scan (Mamba S6), forward and backward, on any device.
@@ -265,21 +327,25 @@ def selective_scan(
     ``out_t = y_t * silu(z_t)``. With ``reverse=True`` the scan runs from the last token to the
     first (reading memory backwards; no flipped copy is made).
 
+    The positional order is that of mamba_ssm's ``selective_scan_fn``; ``reverse`` and ``backend``
+    are keyword-only.
+
     Args:
         u, delta, z: (batch, dim, L); any strides, channels-last is native.
-        A: (dim, N) float32, N <= 64.
-        B, C: (batch, N, L), or grouped (batch, G, N, L) with dim divisible by G.
+        A: (dim, N) float32 (float64 for float64 input), N <= 64; complex A is refused.
+        B, C: (batch, N, L), grouped (batch, G, N, L) with dim divisible by G, or time-invariant (dim, N).
         D, delta_bias: (dim,).
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state (batch, dim, N) float32 (not differentiable).
+        reverse: scan from the last token to the first.
         backend: "auto", "triton", "native", "torch" or "reference" (default: ``$VIM_SCAN_BACKEND`` or auto).
 
     Returns:
         ``out`` (batch, dim, L) in ``u.dtype``, and the last state if asked for.
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, lead=())
-    B, C = _with_groups(B, 0), _with_groups(C, 0)
-    backend = resolve_backend(u.device, backend)
+    B, C = _canonical_B_C(B, C, 0, u.shape[0], u.shape[-1])
+    backend = _requested_backend(u.device, backend)
     if backend == "reference":
         out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return_last_state=True)
         return (out, last.float().detach()) if return_last_state else out
@@ -321,7 +387,7 @@ def bidirectional_selective_scan(
     Args:
         u, delta: (2, batch, dim, L).
         A: (2, dim, N) float32.
-        B, C: (2, batch, N, L) or grouped (2, batch, G, N, L).
+        B, C: (2, batch, N, L), grouped (2, batch, G, N, L) or time-invariant (2, dim, N).
         D, delta_bias: (2, dim).
         z: (batch, dim, L), shared by both directions.
 
@@ -329,8 +395,8 @@ def bidirectional_selective_scan(
         (2, batch, dim, L): each direction's gated output, in ``u.dtype``; sum or average them.
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, lead=(2,))
-    B, C = _with_groups(B, 1), _with_groups(C, 1)
-    backend = resolve_backend(u.device, backend)
+    B, C = _canonical_B_C(B, C, 1, u.shape[1], u.shape[-1])
+    backend = _requested_backend(u.device, backend)
     if backend == "reference":
         return torch.stack(
             [

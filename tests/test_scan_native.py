@@ -6,6 +6,10 @@ backends); here are the cases particular to the kernel: blocking of channels, me
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -169,7 +173,62 @@ def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
     first = scan_native._build(scan_native._compiler(), *flags)
     assert first.parent == tmp_path and first.suffix == ".so"
     assert scan_native._build(scan_native._compiler(), *flags) == first
-    assert [p.name for p in tmp_path.iterdir()] == [first.name], "no scratch files are left behind"
+    # the library and the record of its size and checksum; no scratch files are left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]
+
+
+def _wrapped_compiler(tmp_path: Path) -> Path:
+    """A compiler that adds $EXTRA_CFLAGS to every call: the same flags then enable other instruction sets,
+    as ``-march=native`` does on another CPU."""
+    wrapper = tmp_path / "cc-wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec {scan_native._compiler()} "$@" $EXTRA_CFLAGS\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_cache_key_follows_the_instruction_sets_the_flags_enable(monkeypatch, tmp_path):
+    """A cache shared by two CPUs: ``-march=native`` without AVX must not find the library built with it."""
+    if "__AVX__" not in scan_native._instruction_sets(scan_native._compiler(), ("-march=native",)):
+        pytest.skip("this CPU has no AVX to switch off")
+    monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path / "cache"))
+    compiler = str(_wrapped_compiler(tmp_path))
+    flags = (("-O1", "-march=native", "-fPIC", "-pthread"), ("-pthread",))
+    monkeypatch.setenv("EXTRA_CFLAGS", "")
+    with_avx = scan_native._build(compiler, *flags)
+    monkeypatch.setenv("EXTRA_CFLAGS", "-mno-avx")
+    without_avx = scan_native._build(compiler, *flags)
+    assert without_avx != with_avx
+    monkeypatch.setenv("EXTRA_CFLAGS", "")
+    assert scan_native._build(compiler, *flags) == with_avx, "the key is stable on one CPU"
+
+
+_SCAN_IN_A_FRESH_PROCESS = """
+import torch
+from vim.kernels import scan_native, selective_scan, selective_scan_ref
+g = torch.Generator().manual_seed(0)
+u, delta, B, C = (torch.randn(1, 16, 12, generator=g) for _ in range(4))
+A = -torch.rand(16, 12, generator=g)[:, :4] - 0.5
+out = selective_scan(u, delta.abs(), A, B[:, :4], C[:, :4], backend="native")
+torch.testing.assert_close(out, selective_scan_ref(u, delta.abs(), A, B[:, :4], C[:, :4]), rtol=6e-4, atol=2e-3)
+assert scan_native._library is not None
+print("scan ok")
+"""
+
+
+def test_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
+    """A cached library cut short (a full disk, a killed copy) would kill the process with a bus error when
+    loaded; it is checked against its recorded size and checksum and rebuilt."""
+    built = Path(scan_native._load()._name)  # this process's library, and the record written beside it
+    library = tmp_path / built.name
+    intact = built.read_bytes()
+    library.write_bytes(intact[: len(intact) // 2])
+    shutil.copy(built.with_name(built.name + ".sha256"), tmp_path)
+
+    env = {**os.environ, "VIM_KERNEL_CACHE": str(tmp_path)}
+    fresh = subprocess.run([sys.executable, "-c", _SCAN_IN_A_FRESH_PROCESS], env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0, f"exit status {fresh.returncode}: {fresh.stderr[-2000:]}"
+    assert "scan ok" in fresh.stdout
+    assert len(library.read_bytes()) == len(intact), "the truncated library was rebuilt in place"
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to list the loaded libraries")

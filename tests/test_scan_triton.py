@@ -7,6 +7,7 @@ uninitialised memory filled with NaN, so an output element the kernels forget to
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -136,6 +137,26 @@ def test_forward_and_gradients_match_reference(case: Case):
     run_against_reference(case)
 
 
+@pytest.mark.parametrize(
+    "case, block_d",
+    [
+        (Case(length=33, batch=1, dim=40, n_state=4, has_z=False), 32),  # a full block of 32 channels and a partial one
+        (Case(length=20, batch=1, dim=24, n_state=32, reverse=True, softplus=False), 16),
+    ],
+    ids=["32-channels", "16-channels-N32"],
+)
+def test_wide_tiles_of_a_gpu_with_few_multiprocessors(case: Case, block_d: int, monkeypatch):
+    """A grid that fills the GPU gets the widest programs; on CPU tensors (an H100's limits) tiny grids never do."""
+    from vim.kernels import scan_triton
+
+    few_multiprocessors = scan_triton.GpuLimits(capability=90, multiprocessors=1, smem_per_block=227 * 1024)
+    monkeypatch.setattr(scan_triton, "device_limits", lambda device: few_multiprocessors)
+    for backward in (False, True):
+        chosen = scan_triton._choose_tiles(case.dim, case.n_state, backward, 2 * case.batch, few_multiprocessors)
+        assert chosen.block_d == block_d
+    run_against_reference(case)
+
+
 def test_bidirectional_matches_two_reference_scans():
     """K = 2 in one launch: separate parameters per direction, the second reversed, z shared."""
     case = Case(length=130, batch=1, dim=8, n_state=3, groups=2)
@@ -230,10 +251,55 @@ def test_long_sequence_with_largest_state_on_gpu():
     run_against_reference(Case(length=65_536, batch=1, dim=8, n_state=64, reverse=True, groups=2))
 
 
+GPU_LENGTHS = (1, 7, 197, 4096, 16384)
+GPU_GRID = [
+    pytest.param(length, n_state, groups, reverse, id=f"L{length}-N{n_state}-G{groups}-{'reverse' if reverse else 'forward'}")
+    for length in GPU_LENGTHS
+    for n_state in (16, 64)
+    for groups in (1, 2)
+    for reverse in (False, True)
+]
+
+
+@functools.cache
+def _gpu_reference(length: int, n_state: int, groups: int, reverse: bool) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
+    """Inputs (float64 values that bf16 and fp16 hold exactly), dout, and the float64 reference's output and gradients.
+
+    Computed once per shape and shared by the three dtypes: the sequential reference takes L steps.
+    """
+    case = Case(length=length, batch=2, dim=64, n_state=n_state, groups=groups, reverse=reverse)
+    inputs = {k: None if x is None else x.to(torch.bfloat16).double() for k, x in make_inputs(case, seed=length).items()}
+    ref_inputs = leaves(inputs)
+    expected = selective_scan_ref(**ref_inputs, delta_softplus=True, reverse=reverse)
+    dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16).double()
+    expected.backward(dout)
+    return inputs, dout, expected.detach(), grads(ref_inputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("length, n_state, groups, reverse", GPU_GRID)
+def test_forward_and_every_gradient_match_reference_on_gpu(length, n_state, groups, reverse, dtype):
+    """The Triton forward and all eight gradients against the sequential float64 reference, on the GPU."""
+    inputs, dout, expected, expected_grads = _gpu_reference(length, n_state, groups, reverse)
+    ours = {k: None if x is None else x.to(torch.float32 if k in ("A", "D", "delta_bias") else dtype) for k, x in inputs.items()}
+    ours = leaves(ours)
+    out = selective_scan(**ours, delta_softplus=True, reverse=reverse, backend="triton")
+    assert out.dtype == dtype
+    assert_matches(out, expected, dtype, "out")
+    out.backward(dout.to(dtype))
+    for name, grad in grads(ours).items():
+        assert grad.dtype == ours[name].dtype, name
+        assert_matches(grad, expected_grads[name], dtype, f"d{name}")
+
+
 @pytest.mark.gpu
 def test_bidirectional_bf16_at_vim_small_width_on_gpu():
-    """Vim-S: d_inner 768, N 16, 197 tokens; bf16 activations against the reference on the same bf16 values."""
-    case = Case(length=197, batch=2, dim=768, n_state=16, dtype=torch.bfloat16)
+    """Vim-S: d_inner 768, N 16, 197 tokens; bf16 activations against the reference on the same bf16 values.
+
+    Batch 8 makes a grid that fills an A100 or H100, so the widest tiles (32 channels) run.
+    """
+    case = Case(length=197, batch=8, dim=768, n_state=16, dtype=torch.bfloat16)
     per_direction = [make_inputs(case, seed) for seed in (0, 1)]
     stacked = {
         name: torch.stack([inputs[name] for inputs in per_direction]) for name in ("u", "delta", "A", "B", "C", "D", "delta_bias")

@@ -13,6 +13,12 @@ the process's peak resident set while the model runs). On CUDA the models run un
 (``--dtype``, bfloat16 by default); DeiT uses timm's fused SDPA attention. A configuration that
 runs out of memory is recorded as OOM.
 
+GPU options: ``--scale-batch`` gives images larger than 224 px proportionally fewer images per step
+(``--batch`` is then the batch at 224 px); ``--fit-batch`` halves the batch after an out-of-memory error until it
+fits; ``--same-process`` measures every configuration in this process (CUDA peaks come from
+``max_memory_allocated`` after a reset, unaffected by earlier configurations; CPU peaks are then
+not measured). Each result records the batch it ran with.
+
 Writes ``benchmarks/models_<device>.{json,md,png}`` (``--out-dir``, ``--tag``) with the device,
 the torch / triton / timm versions and the date; the PNG plots images/s and peak memory against
 resolution on log scales.
@@ -56,9 +62,31 @@ def _peak_rss_bytes() -> int:
 
 
 def measure(
-    model_name: str, size: int, mode: str, batch: int, warmup: int, iters: int, device: str, dtype: str, threads: int | None
+    model_name: str,
+    size: int,
+    mode: str,
+    batch: int,
+    warmup: int,
+    iters: int,
+    device: str,
+    dtype: str,
+    threads: int | None,
+    fit_batch: bool = False,
+    isolated: bool = True,
 ) -> dict:
-    """Images/s and peak memory of one configuration; runs in its own process."""
+    """Images/s and peak memory of one configuration (``isolated``: in a process of its own).
+
+    With ``fit_batch`` an out-of-memory error on CUDA halves the batch and tries again, down to one image.
+    """
+    result = _measure(model_name, size, mode, batch, warmup, iters, device, dtype, threads, isolated)
+    while fit_batch and result["status"] == "OOM" and batch > 1:
+        torch.cuda.empty_cache()
+        batch //= 2
+        result = _measure(model_name, size, mode, batch, warmup, iters, device, dtype, threads, isolated)
+    return result
+
+
+def _measure(model_name, size, mode, batch, warmup, iters, device, dtype, threads, isolated) -> dict:
     import timm
 
     import vim.models  # noqa: F401  (registers the Vim models)
@@ -102,20 +130,31 @@ def measure(
             _sync(dev)
             step_seconds.append(time.perf_counter() - start)
     except torch.cuda.OutOfMemoryError:
-        return dict(model=model_name, size=size, mode=mode, status="OOM")
+        return dict(model=model_name, size=size, mode=mode, batch=batch, status="OOM")
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        peak = _peak_rss_bytes() - baseline_rss
+        peak = _peak_rss_bytes() - baseline_rss if isolated else None
     return dict(
         model=model_name,
         size=size,
         mode=mode,
+        batch=batch,
         status="ok",
         images_per_s=batch / statistics.median(step_seconds),
-        peak_memory_mib=peak / 2**20,
+        peak_memory_mib=None if peak is None else peak / 2**20,
         step_seconds=step_seconds,
     )
+
+
+def _in_own_process(context, job: tuple) -> dict:
+    """:func:`measure` of ``job`` in a fresh process, so that its peak memory is its own."""
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(measure, *job).result()
+        except concurrent.futures.process.BrokenProcessPool:  # killed, e.g. out of host memory
+            model_name, size, mode, batch = job[:4]
+            return dict(model=model_name, size=size, mode=mode, batch=batch, status="crashed")
 
 
 def environment(device: str, args: argparse.Namespace) -> dict:
@@ -156,14 +195,16 @@ def write_markdown(path: Path, env: dict, results: list[dict]) -> None:
         f"timm {env['timm']} · scan backend `{env['scan_backend']}` · {env['dtype']} · batch {env['batch']} · "
         f"median of {env['iters']} timed steps after {env['warmup']} warm-up · {env['date']}",
         "",
-        "| model | size | mode | images/s | peak memory (MiB) |",
-        "|---|---:|---|---:|---:|",
+        "| model | size | mode | batch | images/s | peak memory (MiB) |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     for r in results:
+        first = f"| {r['model']} | {r['size']} | {r['mode']} | {r.get('batch', env['batch'])} |"
         if r["status"] == "ok":
-            lines.append(f"| {r['model']} | {r['size']} | {r['mode']} | {r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} |")
+            peak = "not measured" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
+            lines.append(f"{first} {r['images_per_s']:.2f} | {peak} |")
         else:
-            lines.append(f"| {r['model']} | {r['size']} | {r['mode']} | {r['status']} | {r['status']} |")
+            lines.append(f"{first} {r['status']} | {r['status']} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -180,7 +221,7 @@ def plot(path: Path, env: dict, results: list[dict]) -> None:
         for row, (key, label) in enumerate((("images_per_s", "images / s"), ("peak_memory_mib", "peak memory (MiB)"))):
             ax = axes[row, col]
             for model in models:
-                runs = [r for r in results if r["model"] == model and r["mode"] == mode and r["status"] == "ok"]
+                runs = [r for r in results if r["model"] == model and r["mode"] == mode and r["status"] == "ok" and r[key]]
                 points = sorted((r["size"], r[key]) for r in runs)
                 if points:
                     ax.plot(*zip(*points), marker="o", linestyle="--" if model.startswith("deit") else "-", label=model)
@@ -209,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="CUDA autocast dtype")
+    parser.add_argument("--scale-batch", action="store_true", help="--batch is for 224 px; larger images get fewer per step")
+    parser.add_argument("--fit-batch", action="store_true", help="halve the batch after a CUDA out-of-memory error")
+    parser.add_argument("--same-process", action="store_true", help="no process per configuration (CPU peaks unmeasured)")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
     parser.add_argument("--tag", help="output file suffix (default: the device type)")
     args = parser.parse_args(argv)
@@ -230,13 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(configs, desc="benchmark", unit="config") as progress:
         for model_name, size, mode in progress:
             progress.set_postfix_str(f"{model_name} {size}px {mode}")
-            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                job = (model_name, size, mode, args.batch, args.warmup, args.iters, args.device, args.dtype, args.threads)
-                future = pool.submit(measure, *job)
-                try:
-                    results.append(future.result())
-                except concurrent.futures.process.BrokenProcessPool:  # killed, e.g. out of host memory
-                    results.append(dict(model=model_name, size=size, mode=mode, status="crashed"))
+            batch = max(1, args.batch * 224**2 // max(size, 224) ** 2) if args.scale_batch else args.batch
+            job = (model_name, size, mode, batch, args.warmup, args.iters, args.device, args.dtype, args.threads, args.fit_batch)
+            results.append(measure(*job, isolated=False) if args.same_process else _in_own_process(context, job))
             # rewritten after every configuration, so an interrupted run keeps what it measured
             stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, results=results), indent=2) + "\n")
             write_markdown(stem.with_suffix(".md"), env, results)

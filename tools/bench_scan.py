@@ -7,6 +7,7 @@ as a fraction of that roofline; if mamba_ssm is importable its CUDA ``selective_
 
     python tools/bench_scan.py                      # GPU: triton (+ mamba_ssm); CPU: native, torch, reference
     python tools/bench_scan.py --lengths 197 1024 --batch 2 --backends torch reference
+    python tools/bench_scan.py --tokens 262144      # GPU default: each length's batch holds this many tokens
     python tools/bench_scan.py --replot benchmarks/scan_cpu.json   # redraw the plot of an earlier run
 """
 
@@ -107,7 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[197, 1024, 4096, 16384])
     parser.add_argument("--dim", type=int, default=768, help="d_inner of Vim-S")
     parser.add_argument("--state", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=None, help="default: 8 on GPU, 1 on CPU")
+    parser.add_argument("--batch", type=int, default=None, help="one batch for every length (default on CPU: 1)")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="batch = ceil(tokens / L) at each length L (default on GPU: 2^18, fills an H100)"
+    )
     parser.add_argument("--backends", nargs="+", default=None)
     parser.add_argument("--max-reference-length", type=int, default=1024, help="the sequential reference is slow")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
@@ -120,7 +124,13 @@ def main(argv: list[str] | None = None) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    batch = args.batch or (8 if device == "cuda" else 1)
+    if args.batch and args.tokens:
+        parser.error("give --batch or --tokens, not both")
+    tokens = args.tokens or (1 << 18 if device == "cuda" and not args.batch else None)
+
+    def batch_for(length: int) -> int:
+        return -(-tokens // length) if tokens else args.batch or 1
+
     default = ["triton", "triton-bidirectional", "mamba_ssm"] if device == "cuda" else ["native", "torch", "reference"]
     backends = args.backends or default
     if "mamba_ssm" in backends:
@@ -133,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     cases = [(b, L) for L in args.lengths for b in backends if not (b == "reference" and L > args.max_reference_length)]
     for backend, length in tqdm(cases, desc="selective scan"):
+        batch = batch_for(length)
         bidirectional = backend.endswith("-bidirectional")
         inputs = make_inputs(batch, args.dim, length, args.state, dtype, device, directions=2 if bidirectional else 1)
         if backend == "mamba_ssm":
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         fwd, fwd_bwd = run_case(backend.removesuffix("-bidirectional"), inputs, device, bidirectional)
         scans = 2 if bidirectional else 1
         itemsize = torch.finfo(dtype).bits // 8
-        row = dict(backend=backend, length=length, forward_ms=fwd * 1e3, forward_backward_ms=fwd_bwd * 1e3)
+        row = dict(backend=backend, length=length, batch=batch, forward_ms=fwd * 1e3, forward_backward_ms=fwd_bwd * 1e3)
         row["forward_GBps"] = scans * scan_bytes(batch, args.dim, length, args.state, itemsize, False) / fwd / 1e9
         row["forward_backward_GBps"] = scans * scan_bytes(batch, args.dim, length, args.state, itemsize, True) / fwd_bwd / 1e9
         if roofline:
@@ -157,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         torch=torch.__version__,
         triton=_version("triton"),
         dtype=str(dtype),
-        batch=batch,
+        batch=f"ceil({tokens} / L)" if tokens else batch_for(1),
         dim=args.dim,
         state=args.state,
         copy_bandwidth_GBps=roofline,
