@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .add_norm import MAX_DIM
-from .scan_triton import _on_device
+from .scan_triton import on_device
 
 __all__ = ["triton_add_norm_backward", "triton_add_norm_forward"]
 
@@ -165,7 +165,7 @@ def triton_add_norm_forward(hidden, residual, weight, bias, eps: float, is_rms: 
     block_rows, block_d, num_warps = _tile(dim)
     normed = hidden.new_empty(hidden.shape, dtype=weight.dtype)
     residual_out = hidden.new_empty(hidden.shape, dtype=torch.float32)
-    with _on_device(hidden):
+    with on_device(hidden.device):
         _add_norm_fwd_kernel[(triton.cdiv(rows, block_rows),)](
             hidden, residual, weight, bias, normed, residual_out,
             rows, length, dim, eps,
@@ -219,7 +219,7 @@ def triton_add_norm_backward(
     dhidden = residual_out.new_empty(residual_out.shape, dtype=hidden_dtype) if hidden_dtype is not None else empty()
     dweight = residual_out.new_empty(programs, dim)
     dbias = residual_out.new_empty(programs, dim) if bias is not None else empty()
-    with _on_device(residual_out):
+    with on_device(residual_out.device):
         _add_norm_bwd_kernel[(programs,)](
             dnormed, dresidual_out, residual_out, weight, dsum, dhidden, dweight, dbias,
             rows, length, dim, eps, rows_per_program,

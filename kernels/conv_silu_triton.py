@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .conv_silu_reference import split_param_sums
-from .scan_triton import _on_device
+from .scan_triton import on_device
 
 __all__ = ["triton_conv_backward", "triton_conv_forward"]
 
@@ -255,7 +255,7 @@ def triton_conv_forward(x: torch.Tensor, weight, bias, weight_b, bias_b) -> torc
     bias, bias_b = _dense(bias), _dense(bias_b)
     out = x.new_empty(1 if weight_b is None else 2, batch, length, channels)
     block_l, block_c, _, l_blocks = _blocks(length, channels, backward=False)
-    with _on_device(x):
+    with on_device(x.device):
         _conv_silu_fwd_kernel[(batch * l_blocks, triton.cdiv(channels, block_c))](
             x, weight, bias, weight_b, bias_b, out,
             length, channels, l_blocks,
@@ -277,7 +277,7 @@ def triton_conv_backward(dout: torch.Tensor, x: torch.Tensor, weight, bias, weig
     block_l, block_c, tiles, l_blocks = _blocks(length, channels, backward=True)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dparams = x.new_empty(batch * l_blocks, directions, width + 1, channels, dtype=torch.float32)
-    with _on_device(x):
+    with on_device(x.device):
         _conv_silu_bwd_kernel[(batch * l_blocks, triton.cdiv(channels, block_c))](
             x, weight, bias, weight_b, bias_b, dout, dx, dparams,
             length, channels, l_blocks,

@@ -469,9 +469,13 @@ class KernelLaunch:
     options: dict
 
     def __call__(self, device: torch.device) -> None:
-        # make the tensors' GPU the current one while launching (a no-op for CPU tensors)
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with on_device(device):
             self.kernel[self.grid](*self.args, **self.options)
+
+
+def on_device(device: torch.device):
+    """Make ``device`` the current GPU while launching (a no-op for a CPU device): Triton launches on the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _strides(x: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
