@@ -167,6 +167,7 @@ def _load() -> ctypes.CDLL | None:
         return library
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the answer at trace time: its PATH lookup would break the graph
 def native_available() -> bool:
     """Whether the fused kernel is built or can be built here (a C compiler is on PATH)."""
     return _library is not None or (_unavailable is None and _compiler() is not None)
