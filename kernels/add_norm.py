@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selective_scan import resolve_backend
+from .selective_scan import requested_backend
 
 MAX_DIM = 2048
 """Widest rows the Triton kernels take: a row is held in one tile, and wider ones would spill registers."""
@@ -196,7 +196,8 @@ def add_norm(
         ``normed`` (B, L, D) in ``weight.dtype`` and ``residual_out`` (B, L, D) float32 (contiguous from the kernels).
     """
     _validate(hidden, residual, weight, bias, eps, norm)
-    use_triton = resolve_backend(hidden.device, backend) == "triton" and hidden.shape[-1] <= MAX_DIM
+    backend = requested_backend(hidden.device, backend)
+    use_triton = (backend == "triton" or (backend == "auto" and hidden.is_cuda)) and hidden.shape[-1] <= MAX_DIM
     if not use_triton or torch.float64 in {hidden.dtype, weight.dtype}:
         return add_norm_ref(hidden, residual, weight, bias, eps, norm)
     eps = torch.finfo(torch.float32).eps if eps is None else float(eps)  # the kernels' arithmetic is float32

@@ -24,15 +24,16 @@ import torch
 from torch import Tensor
 
 from .conv_silu_reference import MAX_WIDTH, causal_conv1d_silu_ref, reference_backward
-from .selective_scan import resolve_backend
+from .selective_scan import requested_backend, resolve_backend
 
 __all__ = ["causal_conv1d_silu"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _implementation(backend: str):
-    """(forward, backward) of the "triton", "native" or "torch" backend, imported on first use."""
+def _implementation(backend: str, device: torch.device):
+    """(forward, backward) of the "triton", "native" or "torch" backend ("auto" resolved for ``device``), imported on use."""
+    backend = resolve_backend(device, backend)
     if backend == "triton":
         from .conv_silu_triton import triton_conv_backward, triton_conv_forward
 
@@ -53,7 +54,7 @@ def _implementation(backend: str):
 def _conv_fwd(
     x: Tensor, weight: Tensor, bias: Tensor | None, weight_b: Tensor | None, bias_b: Tensor | None, backend: str
 ) -> Tensor:
-    forward, _ = _implementation(backend)
+    forward, _ = _implementation(backend, x.device)
     return forward(x, weight, bias, weight_b, bias_b).contiguous()
 
 
@@ -66,7 +67,7 @@ def _(x, weight, bias, weight_b, bias_b, backend):
 def _conv_bwd(
     dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, weight_b: Tensor | None, bias_b: Tensor | None, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _, backward = _implementation(backend)
+    _, backward = _implementation(backend, x.device)
     grads = backward(dout, x, weight, bias, weight_b, bias_b)
     # a custom op returns tensors only, none aliasing another: each absent parameter gets an empty gradient
     return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
@@ -166,7 +167,7 @@ def causal_conv1d_silu(
         float32 whatever the weights' dtype; the PyTorch paths in the promoted dtype of ``x`` and the weights.
     """
     weight, weight_b = _validate(x, weight, bias, weight_b, bias_b)
-    backend = resolve_backend(x.device, backend)
+    backend = requested_backend(x.device, backend)  # "auto" is resolved inside the op: see selective_scan
     if backend == "reference":
         return causal_conv1d_silu_ref(x, weight, bias, weight_b, bias_b)
     if x.dtype == torch.float64:

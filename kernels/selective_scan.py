@@ -62,7 +62,7 @@ def _implementation(backend: str, dtype: torch.dtype):
     return chunked_forward, chunked_backward
 
 
-def _requested_backend(device: torch.device, backend: str | None) -> str:
+def requested_backend(device: torch.device, backend: str | None) -> str:
     """``backend``, else ``$VIM_SCAN_BACKEND``, else "auto"; a named backend is checked against ``device``.
 
     Traceable by torch.compile: "auto" is returned as is, its choice is left to :func:`resolve_backend`.
@@ -85,7 +85,7 @@ def _requested_backend(device: torch.device, backend: str | None) -> str:
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """The concrete backend for tensors on ``device``: ``backend``, else ``$VIM_SCAN_BACKEND``, else auto."""
-    name = _requested_backend(device, backend)
+    name = requested_backend(device, backend)
     if name != "auto":
         return name
     if device.type == "cuda":
@@ -345,7 +345,7 @@ def selective_scan(
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, lead=())
     B, C = _canonical_B_C(B, C, 0, u.shape[0], u.shape[-1])
-    backend = _requested_backend(u.device, backend)
+    backend = requested_backend(u.device, backend)
     if backend == "reference":
         out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, return_last_state=True)
         return (out, last.float().detach()) if return_last_state else out
@@ -396,7 +396,7 @@ def bidirectional_selective_scan(
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, lead=(2,))
     B, C = _canonical_B_C(B, C, 1, u.shape[1], u.shape[-1])
-    backend = _requested_backend(u.device, backend)
+    backend = requested_backend(u.device, backend)
     if backend == "reference":
         return torch.stack(
             [

@@ -15,10 +15,19 @@ class TokenBackbone(MambaBackbone):
     pool_types = ("avg", "max", "catavgmax", "")
     num_prefix_tokens = 0
 
-    def __init__(self, norm_layer: str = "rmsnorm", directions: int = 2, global_pool: str = "avg") -> None:
+    def __init__(
+        self,
+        norm_layer: str = "rmsnorm",
+        directions: int = 2,
+        global_pool: str = "avg",
+        scan_backend: str = "torch",
+        drop_path_rate: float = 0.0,
+    ) -> None:
         super().__init__()
         self.init_head_attributes(3, global_pool, 16)
-        self.build_trunk(16, 3, norm_layer=norm_layer, directions=directions, d_state=4, scan_backend="torch")
+        self.build_trunk(
+            16, 3, drop_path_rate, norm_layer=norm_layer, directions=directions, d_state=4, scan_backend=scan_backend
+        )
         self.head_drop = nn.Identity()
         self.head = self.linear_head(3)
         self.init_trunk_weights()
@@ -59,6 +68,37 @@ def test_trunk_is_the_pre_norm_residual_chain(norm_layer: str, norm_type: type, 
     expected = norm(expected, model.norm_f)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_layer", ["rmsnorm", "layernorm"])
+def test_fused_kernels_give_the_pytorch_trunk(norm_layer: str) -> None:
+    """backend="triton" (the add + norm, conv and scan kernels; the interpreter without CUDA) gives the "torch" trunk's
+    output and every gradient, in training mode with stochastic depth (the same draws) and random norm weights.
+
+    One direction keeps the interpreter's time down; the mixer's tests cover both.
+    """
+    torch.manual_seed(0)
+    reference = TokenBackbone(norm_layer, directions=1, drop_path_rate=0.5).train()
+    _randomize_norms(reference)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fused = TokenBackbone(norm_layer, directions=1, scan_backend="triton", drop_path_rate=0.5).to(device).train()
+    fused.load_state_dict(reference.state_dict())
+    x, grad_out = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+
+    def run(model: TokenBackbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = next(model.parameters()).device
+        tokens = x.to(device).requires_grad_()
+        torch.manual_seed(1)  # the same stochastic-depth draws
+        out = model.forward_features(tokens)
+        (out * grad_out.to(device)).sum().backward()
+        grads = {"tokens": tokens.grad} | {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return out.cpu(), {name: grad.cpu() for name, grad in grads.items()}
+
+    (expected, expected_grads), (out, grads) = run(reference), run(fused)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_reset_classifier_without_a_class_token() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vim.kernels import selective_scan_ref
+from vim.kernels import scan_native, selective_scan_ref
 from vim.models import BiMambaMixer, MambaBlock
 
 
@@ -57,7 +57,7 @@ def assert_matches_reference(mixer: BiMambaMixer, reference, hidden: torch.Tenso
     """The mixer's output and the gradients of its input and parameters equal ``reference(mixer, hidden)``'s."""
     x_ours, x_ref = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     out = mixer(x_ours)
-    grad_out = torch.randn(out.shape, generator=generator)
+    grad_out = torch.randn(out.shape, generator=generator).to(out.device)
     (out * grad_out).sum().backward()
     ours = {name: p.grad.clone() for name, p in mixer.named_parameters()}
     mixer.zero_grad()
@@ -158,3 +158,69 @@ def test_block_keeps_an_fp32_residual_and_matches_its_definition() -> None:
     torch.testing.assert_close(hidden, block.mixer(normed), atol=2e-2, rtol=2e-2)
     _, first_residual = block(x)  # the first block starts the stream from its input
     torch.testing.assert_close(first_residual, x.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused conv + SiLU against the mixer's grouped-conv computation it replaced
+# ---------------------------------------------------------------------------------------------
+
+
+def grouped_conv_silu(mixer: BiMambaMixer, x: torch.Tensor) -> torch.Tensor:
+    """Every direction's conv + SiLU as one grouped F.conv1d, the mixer's computation before fusion.
+
+    x (B, d_inner, L) -> (K, B, L, d_inner): group g maps channel g to output channels K g ... K g + K - 1,
+    one per direction; the backward direction uses its flipped taps, read from the end of the padded output.
+    """
+    convs = [mixer.conv1d] + ([] if mixer.conv1d_b is None else [mixer.conv1d_b])
+    length, pad, directions = x.shape[-1], mixer.d_conv - 1, len(convs)
+    weight = torch.stack([convs[0].weight, *(c.weight.flip(-1) for c in convs[1:])], dim=1).flatten(0, 1)
+    bias = torch.stack([c.bias for c in convs], dim=1).flatten()
+    y = F.conv1d(x, weight, bias, padding=pad, groups=mixer.d_inner).unflatten(1, (mixer.d_inner, directions))
+    windows = [y[:, :, 0, :length], *(y[:, :, k, pad:] for k in range(1, directions))]
+    return F.silu(torch.stack([w.transpose(1, 2) for w in windows]))
+
+
+def grouped_conv_mixer(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
+    """The unfused mixer: grouped conv + SiLU, per-direction projections, and the sequential scan (the backward
+    direction on flipped inputs, its output flipped back)."""
+    x, z = (hidden @ mixer.in_proj.weight.T).chunk(2, dim=-1)
+    u = grouped_conv_silu(mixer, x.transpose(1, 2))
+    suffixes = ["", "_b"][: mixer.directions]
+    y = 0
+    for k, suffix in enumerate(suffixes):
+        x_dbl = u[k] @ getattr(mixer, f"x_proj{suffix}").weight.T
+        dt, B, C = x_dbl.split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+        dt_proj = getattr(mixer, f"dt_proj{suffix}")
+        channels_first = [u[k], dt @ dt_proj.weight.T, B, C, z]
+        if suffix:  # the backward direction scans the reversed sequence
+            channels_first = [t.flip(1) for t in channels_first]
+        uk, delta, B, C, zk = (t.transpose(1, 2) for t in channels_first)
+        A = -torch.exp(getattr(mixer, f"A{suffix}_log").float())
+        yk = selective_scan_ref(
+            uk, delta, A, B, C, getattr(mixer, f"D{suffix}").float(), z=zk, delta_bias=dt_proj.bias.float(), delta_softplus=True
+        )
+        y = y + (yk.flip(-1) if suffix else yk)
+    if mixer.directions == 2 and mixer.divide_out:
+        y = y / 2
+    return y.transpose(1, 2) @ mixer.out_proj.weight.T
+
+
+def _device_of(backend: str) -> str:
+    """Triton's tensors live on the GPU if there is one (the interpreter runs only without CUDA)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_fused_conv_matches_the_grouped_conv_mixer(backend: str, directions: int) -> None:
+    """The mixer on the fused conv + SiLU gives the grouped-conv mixer's output and every gradient."""
+    if backend == "native" and not scan_native.native_available():
+        pytest.skip("no C compiler to build the fused CPU kernels")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    generator = torch.Generator().manual_seed(directions)
+    mixer = BiMambaMixer(8, d_state=4, directions=directions, scan_backend=backend)
+    _randomize(mixer, generator)
+    hidden = torch.randn(2, 6, 8, generator=generator)
+    device = _device_of(backend)
+    assert_matches_reference(mixer.to(device), grouped_conv_mixer, hidden.to(device), generator)

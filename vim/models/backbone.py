@@ -55,7 +55,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .block import MambaBlock, NormLayer, create_norm
+from .block import MambaBlock, NormLayer, add_and_norm, create_norm
 from .checkpoint import load_checkpoint_into, unwrap_state_dict
 
 __all__ = ["MambaBackbone", "PoolType", "drop_path_schedule"]
@@ -133,6 +133,7 @@ class MambaBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: NormLayer = "rmsnorm",
         norm_eps: float = 1e-5,
+        scan_backend: str | None = None,
         device=None,
         dtype=None,
         **mixer_kwargs,
@@ -145,12 +146,22 @@ class MambaBackbone(nn.Module):
             drop_path_rate: stochastic-depth rate of the last block and of the final norm.
             norm_layer: "rmsnorm" (Vim, VideoMamba) or "layernorm" (PointMamba), in every block and ``norm_f``.
             norm_eps: the norms' epsilon.
+            scan_backend: backend of every kernel (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
             mixer_kwargs: forwarded to every :class:`BiMambaMixer` (d_state, expand, directions, divide_out, ...).
         """
         dd = {"device": device, "dtype": dtype}
         self.depth = depth
+        self.scan_backend = scan_backend
         self.layers = nn.ModuleList(
-            MambaBlock(embed_dim, drop_path=rate, norm_layer=norm_layer, norm_eps=norm_eps, **mixer_kwargs, **dd)
+            MambaBlock(
+                embed_dim,
+                drop_path=rate,
+                norm_layer=norm_layer,
+                norm_eps=norm_eps,
+                scan_backend=scan_backend,
+                **mixer_kwargs,
+                **dd,
+            )
             for rate in drop_path_schedule(drop_path_rate, depth)
         )
         self.norm_f = create_norm(norm_layer, embed_dim, eps=norm_eps, **dd)
@@ -178,14 +189,15 @@ class MambaBackbone(nn.Module):
             return checkpoint(layer, hidden, residual, use_reentrant=False)
         return layer(hidden, residual)
 
-    def _norm_f(self, stream: torch.Tensor) -> torch.Tensor:
-        """``norm_f`` of the float32 residual stream, computed in the norm's dtype."""
-        weight = getattr(self.norm_f, "weight", None)  # None once pruned to nn.Identity
-        return self.norm_f(stream if weight is None else stream.to(weight.dtype))
+    def _norm_f(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``norm_f`` of the float32 residual stream ``residual + hidden``, computed in the norm's dtype."""
+        if isinstance(self.norm_f, nn.Identity):  # pruned away
+            return residual + hidden
+        return add_and_norm(self.norm_f, hidden, residual, self.scan_backend)[0]
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``norm_f(residual + drop_path(hidden))``."""
-        return self._norm_f(residual + self.drop_path(hidden))
+        return self._norm_f(self.drop_path(hidden), residual)
 
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Run every block and the final norm.
@@ -228,8 +240,7 @@ class MambaBackbone(nn.Module):
         for i, layer in enumerate(self.layers[:num_blocks]):
             hidden, residual = self._run_block(layer, hidden, residual)
             if i in take_indices:
-                stream = residual + hidden
-                intermediates.append(self._norm_f(stream) if norm else stream.to(hidden.dtype))
+                intermediates.append(self._norm_f(hidden, residual) if norm else (residual + hidden).to(hidden.dtype))
         return self._final_norm(hidden, residual), intermediates
 
     def class_token_index(self, num_tokens: int) -> int:

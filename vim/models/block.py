@@ -10,7 +10,8 @@ The block first adds the previous block's mixer output to the residual stream (t
 stochastic depth), keeps that stream in float32, then mixes the normalised stream:
 ``residual = residual + drop_path(hidden)``; ``hidden = mixer(norm(residual))``. A chain of these
 blocks computes the pre-norm residual ``x + mixer(norm(x))`` of each block, as PointMamba writes it:
-the addition is only deferred to the next block (or the trunk's final norm).
+the addition is only deferred to the next block (or the trunk's final norm). The add and the norm run
+as one :func:`vim.kernels.add_norm` (a fused kernel on CUDA, the PyTorch ops on CPU).
 Parameter names (``norm.weight``, ``norm.bias`` for LayerNorm, ``mixer.*``) follow the official checkpoints.
 """
 
@@ -22,9 +23,14 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from vim.kernels import add_norm
+
 from .mixer import BiMambaMixer
 
-__all__ = ["NORM_LAYERS", "MambaBlock", "NormLayer", "create_norm"]
+__all__ = ["NORM_LAYERS", "MambaBlock", "NormLayer", "add_and_norm", "create_norm"]
+
+# a leaf for torch.fx (timm's feature extraction): its argument checks cannot run on symbolic tensors
+torch.fx.wrap("add_norm")
 
 NormLayer = Literal["rmsnorm", "layernorm"]
 NORM_LAYERS: tuple[str, ...] = get_args(NormLayer)
@@ -37,6 +43,24 @@ def create_norm(norm_layer: str, dim: int, eps: float = 1e-5, device=None, dtype
     if norm_layer == "layernorm":
         return nn.LayerNorm(dim, eps=eps, device=device, dtype=dtype)
     raise ValueError(f"norm_layer must be one of {NORM_LAYERS}, got {norm_layer!r}")
+
+
+def add_and_norm(
+    norm: nn.RMSNorm | nn.LayerNorm, hidden: torch.Tensor, residual: torch.Tensor | None, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``norm`` of the float32 stream ``residual + hidden`` (``hidden`` alone for None), in the norm's dtype.
+
+    Args:
+        norm: the block's or the trunk's norm (its weight, bias and eps are used; RMSNorm has no bias).
+        hidden: (B, L, D) a mixer's output (after stochastic depth) or the embedded tokens.
+        residual: (B, L, D) float32 residual stream, or None.
+        backend: :func:`vim.kernels.add_norm`'s backend.
+
+    Returns:
+        The normalised stream (B, L, D) in ``norm.weight.dtype`` and the float32 stream (B, L, D).
+    """
+    kind = "rms" if isinstance(norm, nn.RMSNorm) else "layer"
+    return add_norm(hidden, residual, norm.weight, getattr(norm, "bias", None), norm.eps, norm=kind, backend=backend)
 
 
 class MambaBlock(nn.Module):
@@ -77,7 +101,7 @@ class MambaBlock(nn.Module):
         Returns:
             This block's mixer output (B, L, D) and the float32 residual stream (B, L, D).
         """
-        residual = hidden_states if residual is None else residual + self.drop_path(hidden_states)
-        residual = residual.float()
-        hidden_states = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
-        return hidden_states, residual
+        if residual is not None:
+            hidden_states = self.drop_path(hidden_states)
+        normed, residual = add_and_norm(self.norm, hidden_states, residual, self.mixer.scan_backend)
+        return self.mixer(normed), residual

@@ -15,10 +15,11 @@ back to ``d_model``. With ``directions=1`` there are no ``_b`` parameters and th
 unidirectional Mamba block of mamba_ssm (``mamba_simple.Mamba``), as PointMamba uses it.
 
 The backward direction is the forward computation applied to the reversed sequence, output
-reversed back. No reversed copy is ever made: its causal conv runs as an anti-causal conv with the
-flipped 4-tap kernel, and both scans run in one :func:`vim.kernels.bidirectional_selective_scan`
-launch, whose second direction reads the sequence from the last token to the first. One direction
-runs :func:`vim.kernels.selective_scan`, the K = 1 case of the same kernels.
+reversed back. No reversed copy is ever made: both directions' depthwise conv + SiLU run in one
+:func:`vim.kernels.causal_conv1d_silu` pass (the backward one as an anti-causal conv with the flipped
+taps), and both scans in one :func:`vim.kernels.bidirectional_selective_scan` launch, whose second
+direction reads the sequence from the last token to the first. One direction runs the K = 1 case of
+the same kernels (:func:`vim.kernels.selective_scan` for the scan).
 """
 
 from __future__ import annotations
@@ -27,20 +28,17 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from vim.kernels import bidirectional_selective_scan, selective_scan
+from vim.kernels import bidirectional_selective_scan, causal_conv1d_silu, selective_scan
 
 __all__ = ["BiMambaMixer"]
 
 
-class DirectionWeights(NamedTuple):
-    """Each direction's parameters stacked along a leading axis K (1 or 2; index 1 is the backward direction)."""
+class ScanWeights(NamedTuple):
+    """The scan-side parameters of each direction stacked along a leading axis K (1 or 2; index 1 is the backward one)."""
 
-    conv_weight: torch.Tensor  # (K, d_inner, 1, d_conv)
-    conv_bias: torch.Tensor  # (K, d_inner)
     x_proj: torch.Tensor  # (K, R + 2N, d_inner)
     dt_proj: torch.Tensor  # (K, d_inner, R)
     dt_bias: torch.Tensor  # (K, d_inner) float32
@@ -61,7 +59,7 @@ class BiMambaMixer(nn.Module):
         directions: 2 (forward and backward, Vim / VideoMamba) or 1 (forward only, Mamba / PointMamba).
         divide_out: average the two directions (Vim) instead of summing them (VideoMamba).
         dt_min, dt_max, dt_init_floor: range of the initial step sizes.
-        scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
+        scan_backend: backend of the selective scan and the conv + SiLU, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     conv1d_b: nn.Conv1d | None
@@ -156,11 +154,11 @@ class BiMambaMixer(nn.Module):
             A_log.copy_(torch.log(state_index).expand(self.d_inner, -1))
             D.fill_(1.0)
 
-    def _stacked_weights(self) -> DirectionWeights:
-        conv1d, x_proj, dt_proj, A_log, D = zip(*self._per_direction())
-        return DirectionWeights(
-            conv_weight=torch.stack([conv.weight for conv in conv1d]),
-            conv_bias=torch.stack([conv.bias for conv in conv1d]),
+    def _scan_weights(self) -> ScanWeights:
+        # a few KiB per block, stacked on each call: about 50 us a block on one CPU thread, 1% of a Vim-Ti forward
+        # at batch 1, so no cached copy that the optimizer or load_state_dict could leave stale
+        _, x_proj, dt_proj, A_log, D = zip(*self._per_direction())
+        return ScanWeights(
             x_proj=torch.stack([proj.weight for proj in x_proj]),
             dt_proj=torch.stack([proj.weight for proj in dt_proj]),
             dt_bias=torch.stack([proj.bias for proj in dt_proj]).float(),
@@ -168,27 +166,27 @@ class BiMambaMixer(nn.Module):
             D=torch.stack(D).float(),
         )
 
-    def _conv(self, x: torch.Tensor, weights: DirectionWeights) -> torch.Tensor:
-        """Depthwise conv + SiLU of every direction in one grouped conv.
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Depthwise causal conv + SiLU of every direction in one fused pass.
 
         Args:
-            x: (B, d_inner, L), any strides.
+            x: (B, L, d_inner), any strides (the first half of ``in_proj``'s output, not copied).
 
         Returns:
-            (K, B, L, d_inner) contiguous: index 0 the causal conv, index 1 (two directions) the anti-causal conv
-            with the flipped kernel (the backward direction's causal conv, seen from the original order).
+            (K, B, L, d_inner) contiguous: index 0 the causal conv, index 1 (two directions) the backward
+            direction's causal conv seen from the original order (an anti-causal conv with the flipped taps).
         """
-        length, pad, num_directions = x.shape[-1], self.d_conv - 1, weights.conv_weight.shape[0]
-        kernels = [weights.conv_weight[0], *(w.flip(-1) for w in weights.conv_weight[1:])]
-        # group g maps input channel g to output channels (K g, ..., K g + K - 1): one tap set per direction
-        weight = torch.stack(kernels, dim=1).flatten(0, 1)
-        bias = weights.conv_bias.transpose(0, 1).flatten()
-        y = F.conv1d(x, weight, bias, padding=pad, groups=self.d_inner)  # (B, K * d_inner, L + pad)
-        y = y.unflatten(1, (self.d_inner, num_directions))
-        windows = [y[:, :, 0, :length], *(y[:, :, k, pad:] for k in range(1, num_directions))]
-        return F.silu(torch.stack([w.transpose(1, 2) for w in windows]))  # one copy
+        backward = self.conv1d_b
+        return causal_conv1d_silu(
+            x,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            None if backward is None else backward.weight,
+            None if backward is None else backward.bias,
+            backend=self.scan_backend,
+        )
 
-    def _project(self, u: torch.Tensor, weights: DirectionWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(self, u: torch.Tensor, weights: ScanWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input-dependent step sizes and B, C of every direction, each from one batched matmul.
 
         Args:
@@ -209,9 +207,9 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
-        weights = self._stacked_weights()
+        weights = self._scan_weights()
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, d_inner) each
-        u = self._conv(x.transpose(1, 2), weights)  # (K, B, L, d_inner)
+        u = self._conv(x)  # (K, B, L, d_inner)
         delta, B, C = self._project(u, weights)
         scan_args = dict(z=z.transpose(1, 2), delta_softplus=True, backend=self.scan_backend)
         if self.directions == 1:

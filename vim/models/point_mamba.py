@@ -153,7 +153,7 @@ class PointMamba(MambaBackbone):
         drop_rate: dropout inside the MLP head.
         drop_path_rate: stochastic depth of the last block and of the final norm.
         norm_eps: the norms' epsilon.
-        scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
+        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     pool_types = get_args(PoolType)

@@ -178,7 +178,7 @@ class VideoMamba(MambaBackbone):
         norm_eps: RMSNorm epsilon.
         dynamic_img_size: accept any frame count (multiple of the tubelet) and frame size, resampling the
             position embeddings to the clip's token grid.
-        scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
+        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     stem_no_weight_decay = ("pos_embed", "cls_token", "temporal_pos_embedding")

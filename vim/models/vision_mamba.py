@@ -65,7 +65,7 @@ class VisionMamba(MambaBackbone):
         drop_path_rate: stochastic depth of the last block and of the final norm.
         norm_eps: RMSNorm epsilon.
         dynamic_img_size: accept any image size, resampling the position embedding to its grid.
-        scan_backend: selective-scan backend, None for ``$VIM_SCAN_BACKEND`` or "auto".
+        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     stem_no_weight_decay = ("pos_embed", "cls_token")
