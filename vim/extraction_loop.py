@@ -5,9 +5,9 @@ shard_size``), so the shards are the same whatever the number of processes. At t
 (the manifest, marked incomplete) and lists the shards without their ``shard-<i>.json``; the unfinished shards are
 dealt round-robin over the ranks. Each rank loads, runs and writes its own shards: arrays first, the shard's json
 last, every file through a temporary name, so a finished shard is one whose json exists, and a rerun on any number
-of processes does only the others. When every rank is done (a barrier), rank 0 merges the shards' jsons into the
-manifest. Runs on Lightning's strategies: one device, or DDP over ``devices`` x ``num_nodes`` processes (the output
-folder must then be one that every node sees).
+of processes does only the others. When every rank is done (a barrier that waits as long as the slowest rank takes),
+rank 0 merges the shards' jsons into the manifest. Runs on Lightning's strategies: one device, or DDP over
+``devices`` x ``num_nodes`` processes (the output folder must then be one that every node sees).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -335,6 +336,17 @@ def _quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def _wait_for_every_rank() -> None:
+    """A barrier without the process group's timeout (30 minutes by default), for ranks that finish their shards long
+    before the others (one shard left for two ranks): a gloo group whose timeout never comes, as Lightning's own
+    waits of unknown length use. Outside a process group (one process, or the launcher of spawned ones) it returns."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=10000))
+    torch.distributed.barrier(group)
+    torch.distributed.destroy_process_group(group)
+
+
 def extract_shards(
     network: nn.Module,
     dataset: Dataset,
@@ -379,7 +391,7 @@ def extract_shards(
         )  # fmt: skip
         data = ExtractionShards(dataset, failure, shards, out, started, batch_size, num_workers)
         trainer.predict(FeatureExtractor(network, tokens, layers), datamodule=data, return_predictions=False)
-        trainer.strategy.barrier("every shard written")
+        _wait_for_every_rank()
         if trainer.is_global_zero:
             _write_json(out / MANIFEST, final_manifest(out, settings, inputs, shards))
         trainer.strategy.barrier("manifest written")
