@@ -269,7 +269,7 @@ def test_extract_loader_workers_default_to_the_free_cores(tmp_path, monkeypatch)
     _, weights = saved_model(tmp_path, "test_vim")
     folder = image_folder(tmp_path / "images")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert default_num_workers() == 1
+    assert default_num_workers() == 1 and default_num_workers(processes=2) == 0  # two processes run models on the 2 cores
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli_main(
@@ -277,3 +277,91 @@ def test_extract_loader_workers_default_to_the_free_cores(tmp_path, monkeypatch)
         )
     assert not [w for w in caught if "worker processes" in str(w.message)], [str(w.message) for w in caught]
     assert read_features(tmp_path / "o")[0].shape == (3, 32)
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+IMAGES_SETTINGS = ["--model", "test_vim", "--random-weights", "--shard-size", "3", "--batch-size", "2"]
+
+
+def extract_with_two_processes(folder: Path, out: Path) -> subprocess.CompletedProcess:
+    """``vim extract --devices 2`` on CPU, as a user runs it: Lightning launches the second process (DDP over gloo)."""
+    command = [sys.executable, "-m", "vim.cli", "extract", *IMAGES_SETTINGS, "--input", str(folder), "--out", str(out)]
+    result = subprocess.run(
+        [*command, "--devices", "2", "--device", "cpu", "--num-workers", "0"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def interrupt(out: Path, unfinished: list[int]) -> dict[str, int]:
+    """Leave ``out`` as a run stopped before ``unfinished`` shards wrote their json (the last file of a shard), with
+    the manifest as it is while a run goes on; the modification times of the other shards' files."""
+    for shard in unfinished:
+        (out / f"shard-{shard:05d}.json").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({key: manifest[key] for key in ("settings", "inputs")} | {"complete": False}))
+    return {f.name: f.stat().st_mtime_ns for f in out.glob("shard-*") if int(f.name[6:11]) not in unfinished}
+
+
+def assert_same_extraction(out: Path, reference: Path) -> None:
+    """The same manifest, and row for row the same features."""
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+    features, names = read_features(out)
+    expected, expected_names = read_features(reference)
+    assert names == expected_names
+    np.testing.assert_array_equal(features, expected)
+
+
+def ten_images(root: Path) -> Path:
+    """9 images and a corrupt one, last in walk order: shards of 3 are [0 1 2] [3 4 5] [6 7 8] [broken]."""
+    folder = image_folder(root, count=9)
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_shards_of_one_and_one_process_resumes_them(tmp_path):
+    folder = ten_images(tmp_path / "images")
+    options = dict(random_weights=True, shard_size=3, batch_size=2, progress=False)
+    manifest = extract("test_vim", folder, tmp_path / "one", **options)
+    assert [s["rows"] for s in manifest["shards"]] == [3, 3, 3, 0] and len(manifest["failed"]) == 1
+
+    result = extract_with_two_processes(folder, tmp_path / "two")
+    assert "vim extract (rank 0 of 2)" in result.stderr and "| 6/6 " in result.stderr  # rank 0: shards 0 and 2
+    assert result.stdout.count("Features of 9 inputs") == 1, result.stdout  # printed by rank 0 alone
+    assert_same_extraction(tmp_path / "two", tmp_path / "one")
+
+    # rank 1 (shards 1 and 3) stopped before finishing; one process does what it left, and nothing else
+    kept = interrupt(tmp_path / "two", unfinished=[1, 3])
+    assert extract("test_vim", folder, tmp_path / "two", **options) == manifest
+    assert kept == {name: (tmp_path / "two" / name).stat().st_mtime_ns for name in kept}
+    assert_same_extraction(tmp_path / "two", tmp_path / "one")
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_run_of_one(tmp_path):
+    """One unfinished shard for two processes: rank 0 does it, rank 1 has nothing to do and still takes part."""
+    folder = ten_images(tmp_path / "images")
+    options = dict(random_weights=True, shard_size=3, batch_size=2, progress=False)
+    extract("test_vim", folder, tmp_path / "one", **options)
+    extract("test_vim", folder, tmp_path / "resumed", **options)
+    kept = interrupt(tmp_path / "resumed", unfinished=[2])
+    np.save(tmp_path / "resumed" / "shard-00002.pooled.npy", np.zeros((3, 32), np.float32))  # written before the stop
+    extract_with_two_processes(folder, tmp_path / "resumed")
+    assert kept == {name: (tmp_path / "resumed" / name).stat().st_mtime_ns for name in kept}
+    assert_same_extraction(tmp_path / "resumed", tmp_path / "one")
+
+
+def test_bad_device_settings_are_named_before_anything_is_written(tmp_path):
+    folder = image_folder(tmp_path / "images", count=1)
+    for settings, message in (
+        ({"devices": 0}, r"devices=0 and num_nodes=1 must be at least 1"),
+        ({"strategy": "fsdp"}, r"strategy must be one of \('auto', 'ddp', .*\) \(every process runs the whole model\)"),
+        ({"device": "cuda:1", "devices": 2}, r"device='cuda:1' names one device; with devices=2 give its type \('cuda'\)"),
+        ({"device": "gpu0"}, r"device='gpu0' is not a torch device"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            extract("test_vim", folder, tmp_path / "out", random_weights=True, progress=False, **settings)
+    with pytest.raises(ValueError, match=r"devices=1 and num_nodes=0 must be at least 1"):
+        cli_main(["extract", *IMAGES_SETTINGS, "--input", str(folder), "--out", str(tmp_path / "out"), "--num_nodes", "0"])
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ Command line::
     vim extract --model vim_small_patch16_224.in1k --input photos/ --out feats/       # released weights (timm tag)
     vim extract --checkpoint runs/points_quickstart/latest/checkpoints/last.ckpt --input clouds.h5 --out feats/ --tokens
     vim extract --model videomamba_tiny --checkpoint vm_t.pth --input clips.txt --out feats/ --layers 5 11 --format safetensors
+    vim extract --model videomamba_small.k400_f8 --input k400.txt --out /shared/feats/ --devices 8 --num-nodes 4   # DDP
 
 Python::
 
@@ -32,13 +33,16 @@ shards, and for each input (by absolute path) its shard and row, or the reason i
 inputs are listed, not fatal). Every file is written to a temporary name and moved into place, a shard's
 ``shard-00000.json`` last: a rerun with the same settings and inputs skips the finished shards and does the rest;
 other settings or inputs are refused, naming what differs.
+
+Processes: the shards go through Lightning's predict loop (:mod:`vim.extraction_loop`) on one device, or over
+``devices`` x ``num_nodes`` DDP processes, each writing its own shards; rank 0 merges the manifest at the end. Shards
+are fixed by input index, so the output is the same on any number of processes, and a run resumes on another number.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -48,9 +52,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageFiles, UnreadableImage, walk_files
@@ -65,15 +69,15 @@ from vim.data.points import (
 )
 from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule, VideoClips
 from vim.data.workers import default_num_workers
+from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_devices
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
-from vim.training.checkpoint_io import atomic_write, check_weights_file
+from vim.training.checkpoint_io import check_weights_file
 
 __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
 LIST_EXTENSIONS = (".txt", ".lst", ".csv")
 FORMATS = ("npy", "safetensors")
-MANIFEST = "manifest.json"
 UNITS = {"images": "image", "video": "clip", "points": "cloud"}
 CHECKPOINT_MODEL_KWARGS = ("img_size", "num_frames", "num_groups", "group_size")
 """Classifier hyperparameters of a Lightning checkpoint that are model arguments (besides ``model_kwargs``)."""
@@ -332,66 +336,7 @@ def build_model(
     return network.eval(), name, kwargs, {"released": {"tag": tag, "source": location}}
 
 
-# ---------------------------------------------------------------------------------------------- features
-def compute_features(model: nn.Module, batch: torch.Tensor, tokens: bool, layers: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The feature arrays of one batch: ``pooled`` (B, F), optionally ``tokens`` and ``layer<i>``."""
-    if layers:
-        final, intermediates = model.forward_intermediates(batch, indices=list(layers), output_fmt="NLC")
-    else:
-        final, intermediates = model.forward_features(batch), []
-    out = {"pooled": model.forward_head(final, pre_logits=True)}
-    if tokens:
-        out["tokens"] = final
-    out.update({f"layer{i}": y for i, y in zip(layers, intermediates)})
-    return out
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
-
-
-def _shard_files(name: str, keys: Sequence[str], fmt: str) -> list[str]:
-    return [f"{name}.safetensors"] if fmt == "safetensors" else [f"{name}.{key}.npy" for key in keys]
-
-
-def _write_shard(out: Path, name: str, arrays: dict[str, np.ndarray], fmt: str) -> None:
-    if fmt == "safetensors":
-        from safetensors.numpy import save_file
-
-        atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(arrays, str(tmp)))
-        return
-    for key, array in arrays.items():
-
-        def write(tmp: Path, array: np.ndarray = array) -> None:
-            with open(tmp, "wb") as file:
-                np.save(file, array)
-
-        atomic_write(out / f"{name}.{key}.npy", write)
-
-
-def _keep(samples: list) -> list:
-    return samples
-
-
-@torch.inference_mode()
-def _extract_shard(
-    model: nn.Module, loader: DataLoader, failure: type, tokens: bool, layers: list[int], device: torch.device, bar: tqdm
-) -> tuple[dict[str, np.ndarray], list[str], list[dict[str, str]]]:
-    """Features of one shard's readable inputs (arrays keyed like :func:`compute_features`), their names, and the failures."""
-    arrays: dict[str, list[np.ndarray]] = {}
-    rows, failed = [], []
-    for samples in loader:
-        loaded = [s for s in samples if not isinstance(s, failure)]
-        failed += [{"input": s.path, "reason": s.reason} for s in samples if isinstance(s, failure)]
-        if loaded:
-            batch = torch.stack([s[0] for s in loaded]).to(device)
-            for key, value in compute_features(model, batch, tokens, layers).items():
-                arrays.setdefault(key, []).append(value.float().cpu().numpy())
-            rows += [s.path for s in loaded]
-        bar.update(len(samples))
-    return {key: np.concatenate(value) for key, value in arrays.items()}, rows, failed
-
-
+# ---------------------------------------------------------------------------------------------- running
 def _differences(old: list[str], new: list[str]) -> str:
     """What differs between two input lists, naming an input of each kind."""
     old_set, new_set = set(old), set(new)
@@ -440,6 +385,9 @@ def extract(
     progress: bool = True,
     random_weights: bool = False,
     seed: int = 0,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
 ) -> dict[str, Any]:
     """Extract features of every input with ``model`` into ``out``; see the module docstring.
 
@@ -456,20 +404,24 @@ def extract(
         format: "npy" or "safetensors".
         shard_size: inputs per shard.
         batch_size: inputs per forward pass.
-        num_workers: loader processes.
-        device: "cuda", "cpu", ...; None picks CUDA when available.
+        num_workers: loader processes (of each process, with several).
+        device: "cuda", "cpu", "cuda:1", "mps", ...; None: Lightning's choice of accelerator (a GPU where there is one).
         num_points: points per cloud (None: the model's ``input_size``).
-        progress: show a progress bar.
+        progress: show a progress bar (with several processes: rank 0's shards).
         random_weights: without a checkpoint, use random weights (seeded by ``seed``) instead of the released ones.
         seed: seed of the random weights.
+        devices: processes per node, one device each (Lightning's ``devices``).
+        num_nodes: nodes (Lightning's ``num_nodes``); ``out`` must be a folder that every node sees.
+        strategy: "auto" (one device, or DDP with launched processes), "ddp", "ddp_spawn", "ddp_fork" or "ddp_notebook".
 
     Returns:
-        The manifest (also written to ``out/manifest.json``).
+        The manifest (also written to ``out/manifest.json``), on every process.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be positive")
+    launch = trainer_devices(device, devices, num_nodes, strategy)
     names, found = resolve_inputs(inputs, modality)
     network, name, kwargs, weights = build_model(model, checkpoint, model_kwargs, random_weights, seed)
     expected = model_modality(network)
@@ -493,52 +445,23 @@ def extract(
     if previous is not None and previous.get("complete"):
         return previous
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / MANIFEST, {"settings": settings, "complete": False, "inputs": names})
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network.to(device)
     spec = MODALITIES[found]
     dataset = spec.dataset(network, names, {"num_points": num_points})
-    num_shards = math.ceil(len(names) / shard_size)
-    shard_names = [f"shard-{i:05d}" for i in range(num_shards)]
-    done = [(out / f"{shard}.json").is_file() for shard in shard_names]
-    finished = sum(min(shard_size, len(names) - i * shard_size) for i, d in enumerate(done) if d)
-    bar = tqdm(total=len(names), initial=finished, desc="vim extract", unit=UNITS[found], disable=not progress)
-    for index, shard in enumerate(shard_names):
-        if done[index]:
-            continue
-        shard_inputs = Subset(dataset, range(index * shard_size, min((index + 1) * shard_size, len(names))))
-        loader = DataLoader(shard_inputs, batch_size=batch_size, num_workers=num_workers, collate_fn=_keep)
-        arrays, rows, failed = _extract_shard(network, loader, spec.failure, tokens, layers, device, bar)
-        if rows:
-            _write_shard(out, shard, arrays, format)
-        _write_json(out / f"{shard}.json", {"inputs": rows, "failed": failed})
-    bar.close()
-    manifest = _final_manifest(out, settings, names, shard_names, keys, format)
-    _write_json(out / MANIFEST, manifest)
-    return manifest
-
-
-def _final_manifest(
-    out: Path, settings: dict, inputs: list[str], shard_names: list[str], keys: list[str], fmt: str
-) -> dict[str, Any]:
-    shards, entries, failed = [], [], []
-    for shard in shard_names:
-        record = json.loads((out / f"{shard}.json").read_text())
-        shards.append(
-            {"name": shard, "files": _shard_files(shard, keys, fmt) if record["inputs"] else [], "rows": len(record["inputs"])}
-        )
-        entries += [{"input": name, "shard": shard, "row": row} for row, name in enumerate(record["inputs"])]
-        failed += record["failed"]
-    return {
-        "settings": settings,
-        "complete": True,
-        "inputs": inputs,
-        "num_rows": len(entries),
-        "shards": shards,
-        "entries": entries,
-        "failed": failed,
-    }
+    return extract_shards(
+        network,
+        dataset,
+        spec.failure,
+        out,
+        settings,
+        names,
+        tokens,
+        layers,
+        batch_size,
+        num_workers,
+        UNITS[found],
+        progress,
+        launch,
+    )
 
 
 def read_features(out: str | os.PathLike, key: str = "pooled") -> tuple[np.ndarray, list[str]]:
@@ -586,17 +509,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=FORMATS, default="npy")
     parser.add_argument("--shard-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=None, help="loader processes (default: one per free core, at most 8)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--num-workers", type=int, default=None,
+        help="loader processes of each device's process (default: one per core they leave free, at most 8)",
+    )  # fmt: skip
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: a GPU if there is one)")
+    parser.add_argument("--devices", type=int, default=1, help="processes per node, one device each (DDP when more than 1)")
+    parser.add_argument("--num-nodes", "--num_nodes", type=int, default=1, help="nodes (each runs this command; see README)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto", help="Lightning strategy (default: DDP for several)")
     parser.add_argument("--num-points", type=int, default=None, help="points per cloud (default: the model's)")
     args = parser.parse_args(argv)
+    num_workers = default_num_workers(processes=args.devices) if args.num_workers is None else args.num_workers
     manifest = extract(
         args.model, args.input, args.out, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, modality=args.modality,
         tokens=args.tokens, layers=args.layers, format=args.format, shard_size=args.shard_size, batch_size=args.batch_size,
-        num_workers=default_num_workers() if args.num_workers is None else args.num_workers, device=args.device,
-        num_points=args.num_points, random_weights=args.random_weights, seed=args.seed,
+        num_workers=num_workers, device=args.device, num_points=args.num_points, random_weights=args.random_weights,
+        seed=args.seed, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
     )  # fmt: skip
+    _report(manifest, args.out)
+
+
+@rank_zero_only
+def _report(manifest: dict[str, Any], out: str) -> None:
+    """What ``vim extract`` prints (once, by rank 0)."""
     failed = manifest["failed"]
-    print(f"Features of {manifest['num_rows']} inputs in {args.out} ({len(manifest['shards'])} shards, manifest {MANIFEST})")
+    print(f"Features of {manifest['num_rows']} inputs in {out} ({len(manifest['shards'])} shards, manifest {MANIFEST})")
     if failed:
         print(f"{len(failed)} inputs failed (listed in the manifest), e.g. {failed[0]['input']}: {failed[0]['reason']}")

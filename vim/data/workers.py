@@ -10,7 +10,8 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_num_workers(limit: int = 8) -> int:
-    """Loader processes to start by default: one per core that the main process (running the model) leaves free, at
-    most ``limit``; 0 on a single core (load in the main process)."""
-    return min(limit, available_cores() - 1)
+def default_num_workers(limit: int = 8, processes: int = 1) -> int:
+    """Loader processes to start by default for each of ``processes`` model processes on this machine: one per core that
+    the model processes leave free, shared out evenly, at most ``limit``; 0 when no core is left (load in the model's
+    process)."""
+    return max(0, min(limit, available_cores() // processes - 1))
