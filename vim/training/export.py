@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +27,8 @@ from vim.training.checkpoint_io import atomic_write
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
+CHECKPOINT_MODEL_KWARGS = ("img_size", "num_frames", "num_groups", "group_size")
+"""Classifier hyperparameters of a Lightning checkpoint that are model arguments (besides ``model_kwargs``)."""
 
 
 def checkpoint_weights(checkpoint: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -37,6 +40,17 @@ def checkpoint_weights(checkpoint: dict, use_ema: bool = True) -> dict[str, torc
     if not weights:
         raise ValueError(f"checkpoint has no '{MODEL_PREFIX}*' weights: not a vim Classifier checkpoint")
     return weights
+
+
+def checkpoint_model_settings(checkpoint: dict) -> tuple[str | None, dict[str, Any]]:
+    """The timm model name (None if not recorded) and the ``create_model`` arguments a Classifier checkpoint was trained with.
+
+    The arguments are ``model_kwargs`` and the modality's size arguments (:data:`CHECKPOINT_MODEL_KWARGS`); not the class count.
+    """
+    hparams = checkpoint.get("hyper_parameters", {})
+    kwargs = dict(hparams.get("model_kwargs") or {})
+    kwargs.update({key: hparams[key] for key in CHECKPOINT_MODEL_KWARGS if hparams.get(key) is not None})
+    return hparams.get("model"), kwargs
 
 
 def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True) -> Path:
