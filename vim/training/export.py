@@ -1,4 +1,4 @@
-"""Export trained weights from a Lightning checkpoint as a ``.safetensors`` file that timm loads.
+"""``vim export``: trained weights from a Lightning checkpoint as a ``.safetensors`` file that timm loads, or a whole model.
 
 ``vim export --ckpt runs/quickstart/checkpoints/last.ckpt --out digits_vim.safetensors`` writes the EMA
 weights (the trained weights with ``--no-ema`` or when the run had no EMA) under timm's own key names,
@@ -10,6 +10,11 @@ so the file loads with::
 (plus the ``model_kwargs`` / ``img_size`` the run used; give ``num_classes`` in the overlay too, else timm
 drops a classifier head whose size differs from the model's default). The model name and class names are kept in the
 file's metadata.
+
+``--format onnx|torch_export|aoti`` exports the whole model instead (:mod:`vim.deploy`)::
+
+    vim export --ckpt runs/quickstart/checkpoints/last.ckpt --out digits_vim.onnx
+    vim export --format aoti --model vim_tiny_patch16_224 --ckpt vim_t_midclstok_76p1acc.pth --out vim_t.pt2
 """
 
 from __future__ import annotations
@@ -70,12 +75,35 @@ def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema:
     return out
 
 
+FORMATS = ("safetensors", "onnx", "torch_export", "aoti")
+FORMAT_OF_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx"}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``vim export --ckpt CKPT --out FILE.safetensors [--no-ema]``."""
-    parser = argparse.ArgumentParser(prog="vim export", description="Export trained (EMA) weights as .safetensors for timm.")
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint, e.g. runs/quickstart/checkpoints/last.ckpt")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
+    """``vim export [--format F] --ckpt CKPT --out FILE [--no-ema]``; the model formats take ``--model`` and more."""
+    parser = argparse.ArgumentParser(
+        prog="vim export",
+        description="Export trained (EMA) weights as .safetensors for timm, or a whole model (see vim.deploy) as ONNX, "
+        "a torch.export program or an AOTInductor package.",
+    )
+    parser.add_argument("--format", choices=FORMATS, help="default: from --out (.safetensors, .onnx)")
+    parser.add_argument(
+        "--ckpt", "--checkpoint", dest="ckpt",
+        help="Lightning checkpoint, e.g. runs/quickstart/checkpoints/last.ckpt; model formats also take a weights file",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, help="output file: .safetensors, .onnx or .pt2")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA weights")
+    from vim import deploy
+
+    deploy.add_export_arguments(parser)
     args = parser.parse_args(argv)
-    path = export_safetensors(args.ckpt, args.out, use_ema=not args.no_ema)
+    format = args.format or FORMAT_OF_SUFFIX.get(Path(args.out).suffix)
+    if format is None:
+        parser.error(f"--format: give one of {', '.join(FORMATS)} for --out '{args.out}'")
+    if format == "safetensors":
+        if args.ckpt is None:
+            parser.error("--ckpt: the safetensors format exports a Lightning checkpoint's weights")
+        path = export_safetensors(args.ckpt, args.out, use_ema=not args.no_ema)
+    else:
+        path = deploy.export_from_arguments(format, args)
     print(f"Wrote {path}")
