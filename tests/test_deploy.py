@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,3 +328,23 @@ def test_load_model_sets_the_export_size_and_the_head():
     assert nominal_input_size(clips) == (3, 2, 16, 16)
     assert clips(torch.randn(2, 3, 2, 16, 16)).shape == (2, 32)
     assert nominal_input_size(load_model("test_pointmamba")) == (128, 3)
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark tool
+@pytest.mark.slow
+def test_bench_deploy_writes_json_and_markdown_on_tiny_shapes(tmp_path):
+    """tools/bench_deploy.py end to end on a tiny video model: its files, not its timings."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_deploy.py"
+    command = [sys.executable, str(tool), "--configs", "test_videomamba:2x32", "--runtimes", "onnxruntime", "eager"]
+    command += ["--iters", "1", "--warmup", "0", "--threads", "1", "--out-dir", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    saved = json.loads((tmp_path / "deploy_cpu.json").read_text())
+    assert {"machine", "date", "torch", "onnx", "onnxruntime", "threads", "batch"} <= saved["environment"].keys()
+    rows = {row["runtime"]: row for row in saved["results"]}
+    assert rows.keys() == {"onnxruntime", "eager"} and all(row["status"] == "ok" for row in rows.values())
+    assert rows["onnxruntime"]["input"] == [3, 2, 32, 32] and rows["onnxruntime"]["unit"] == "clips/s"
+    assert rows["onnxruntime"]["max_abs_diff_vs_eager"] <= PARITY and rows["eager"]["x_eager"] == 1
+    assert rows["onnxruntime"]["export_s"] > 0 and rows["onnxruntime"]["onnx_mib"] > 0
+    assert rows["onnxruntime"]["rate"] == pytest.approx(1e3 / rows["onnxruntime"]["median_ms"])
+    table = (tmp_path / "deploy_cpu.md").read_text()
+    assert "| test_videomamba | 3x2x32x32 | onnxruntime |" in table and "| test_videomamba | 3x2x32x32 | eager |" in table

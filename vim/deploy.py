@@ -76,6 +76,7 @@ __all__ = [
     "load_model",
     "nominal_input_size",
     "save_program",
+    "set_input_size",
 ]
 
 ONNX_OPSETS = range(18, 24)
@@ -194,11 +195,12 @@ def load_model(
         model.load_state_dict(weights)
         if not head:
             model.reset_classifier(0)
-    _set_input_size(model, img_size, num_frames)
+    set_input_size(model, img_size, num_frames)
     return model.eval()
 
 
-def _set_input_size(model: nn.Module, img_size: int | tuple[int, int] | None, num_frames: int | None) -> None:
+def set_input_size(model: nn.Module, img_size: int | tuple[int, int] | None = None, num_frames: int | None = None) -> None:
+    """Change the nominal frame size (images, video) and clip length (video), resampling the position embeddings."""
     family = family_of(model)
     if num_frames is not None and family.name != "video":
         raise ValueError(f"num_frames={num_frames}: a {type(model).__name__} takes no clips")
