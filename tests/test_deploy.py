@@ -305,6 +305,15 @@ def test_a_model_of_another_family_is_refused_with_the_reason(tmp_path):
         export_program(torch.nn.Linear(3, 3))
 
 
+def test_onnx_export_without_the_export_extra_names_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"ONNX export needs onnxscript: pip install 'vim-toolkit\[export\]'"):
+        export_onnx(timm.create_model("test_vim"), tmp_path / "m.onnx", progress=False)
+
+
 def test_cli_refuses_unclear_requests(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--model", "test_vim", "--out", str(tmp_path / "m.pt2")])
@@ -318,6 +327,12 @@ def test_cli_refuses_unclear_requests(tmp_path, capsys):
         export_onnx(timm.create_model("test_vim"), tmp_path / "m.bin", progress=False)
     with pytest.raises(ValueError, match="checkpoint .*missing.ckpt' does not exist"):
         load_model(checkpoint=tmp_path / "missing.ckpt")
+    weights = tmp_path / "ten_classes.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_vim", num_classes=10).state_dict().items()}, str(weights))
+    with pytest.raises(
+        ValueError, match=r"(?s)ten_classes.safetensors' does not fit test_vim \(num_classes=default\).*head.weight"
+    ):
+        load_model("test_vim", checkpoint=weights)
 
 
 def test_load_model_sets_the_export_size_and_the_head():

@@ -190,7 +190,12 @@ def load_model(
         kwargs["num_classes"] = num_classes
     if not head and weights is None:
         kwargs["num_classes"] = 0  # timm then leaves a pretrained classifier out
-    model = create_model(name, **kwargs)
+    try:
+        model = create_model(name, **kwargs)
+    except RuntimeError as error:  # timm's loading of a weights file that does not fit
+        raise ValueError(
+            f"checkpoint '{checkpoint}' does not fit {name} (num_classes={kwargs.get('num_classes', 'default')}): {error}"
+        ) from error
     if weights is not None:
         model.load_state_dict(weights)
         if not head:
@@ -306,6 +311,7 @@ def export_onnx(
         progress: show a progress bar over the export's stages.
     """
     path = _checked_path(path, ".onnx")
+    _require_onnx_exporter()
     if opset not in ONNX_OPSETS:
         raise ValueError(
             f"opset={opset} is not supported: the exporter writes opsets {ONNX_OPSETS.start}..{ONNX_OPSETS.stop - 1}"
@@ -334,6 +340,15 @@ def export_onnx(
         atomic_write(path, lambda tmp: onnx_program.save(tmp, external_data=False))
         bar.update()
     return path
+
+
+def _require_onnx_exporter() -> None:
+    """ImportError naming the extra to install when torch's ONNX exporter lacks its packages."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {' and '.join(missing)}: pip install 'vim-toolkit[export]'")
 
 
 def _onnx_metadata(model: nn.Module) -> dict[str, str]:
