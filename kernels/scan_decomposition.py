@@ -17,9 +17,12 @@ Nothing of size ``(L, dim, N)`` is stored, and the graph has the same few nodes 
 and batch.
 
 Why a loop and not the chunked parallel scan of :mod:`vim.kernels.scan_cpu` unrolled into the graph:
-on a two-block Vim-Ti at 224 px (197 tokens), onnxruntime (CPU, one thread) ran the chunked graph
-(549 nodes) in 72 ms per image and this one (237 nodes) in 23 ms, the files being the same size;
-the chunked form also materialises several ``(L, dim, N)`` buffers and took twice as long to export.
+on a two-block Vim-Ti at 224 px (197 tokens), onnxruntime 1.32 (CPU, one thread) ran the chunked
+graph (549 nodes, 4.4 MB) in 72 ms per image (625 ms per batch of 8) and this one (237 nodes,
+4.1 MB) in 23 ms (237 ms); the chunked form also materialises several ``(L, dim, N)`` buffers and
+its graph grows with ``sqrt(L)``. AOTInductor lowers the same loop to a ``while_loop`` in C++.
+PyTorch's ``scan`` is a prototype feature (``torch._higher_order_ops``); run eagerly it is a Python
+loop, slow but exact, which is what the tests compare with the sequential reference.
 
 The checkpoints output (the state at the end of every chunk of ``CHUNK_SIZE`` steps) comes from a
 second loop that keeps every state. Inference graphs never read it, so exporters drop it as dead code;
