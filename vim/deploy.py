@@ -266,7 +266,12 @@ def save_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[in
     """Write :func:`export_program` of ``model`` to ``path`` (``.pt2``), atomically. Returns ``path``."""
     path = _checked_path(path, ".pt2")
     program = export_program(model, input_size)
-    atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+
+    def save_into(tmp: Path) -> None:
+        with open(tmp, "wb") as file:  # a file object: torch.export.save expects a path to end in .pt2
+            torch.export.save(program, file)
+
+    atomic_write(path, save_into)
     return path
 
 
