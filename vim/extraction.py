@@ -79,8 +79,6 @@ __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 LIST_EXTENSIONS = (".txt", ".lst", ".csv")
 FORMATS = ("npy", "safetensors")
 UNITS = {"images": "image", "video": "clip", "points": "cloud"}
-CHECKPOINT_MODEL_KWARGS = ("img_size", "num_frames", "num_groups", "group_size")
-"""Classifier hyperparameters of a Lightning checkpoint that are model arguments (besides ``model_kwargs``)."""
 
 
 # ---------------------------------------------------------------------------------------------- modalities
@@ -237,13 +235,11 @@ def _checkpoint_settings(checkpoint: str) -> tuple[dict[str, torch.Tensor], str 
     path = check_weights_file(checkpoint, "checkpoint")
     if path.suffix != ".ckpt":
         return load_official_checkpoint(path), None, {}
-    from vim.training.export import checkpoint_weights
+    from vim.training.export import checkpoint_model_settings, checkpoint_weights
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = state.get("hyper_parameters", {})
-    kwargs = dict(hparams.get("model_kwargs") or {})
-    kwargs.update({key: hparams[key] for key in CHECKPOINT_MODEL_KWARGS if hparams.get(key) is not None})
-    return checkpoint_weights(state), hparams.get("model"), kwargs
+    name, kwargs = checkpoint_model_settings(state)
+    return checkpoint_weights(state), name, kwargs
 
 
 def _is_classifier_key(model: nn.Module, key: str) -> bool:

@@ -160,8 +160,9 @@ def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool =
 
     The file is read by :func:`load_official_checkpoint`, mapped by ``model.checkpoint_filter`` (the family's
     ``checkpoint_filter_fn``: renames, resampled position embeddings, inflation), the input channels of a 2-D
-    patch kernel are adapted, and a classifier that does not fit the model (another ``num_classes``, or none)
-    is dropped: the model's classifier keeps its initialisation.
+    patch kernel are adapted, and the file's classifier is dropped when the model was asked for another class
+    count than its ``pretrained_cfg`` states (or none), as timm does: the model's classifier keeps its
+    initialisation. A classifier of the wrong shape is refused otherwise.
 
     Args:
         model: one of our backbones (anything with ``checkpoint_filter`` and timm's ``pretrained_cfg``).
@@ -180,9 +181,19 @@ def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool =
     expected = model.state_dict()
     _adapt_input_conv(model, state_dict, expected)
     classifier = classifier_keys(model, set(state_dict) | set(expected))
-    replace_classifier = not all(
-        key in state_dict and key in expected and state_dict[key].shape == expected[key].shape for key in classifier
-    )  # another class count, a headless model, or a file without a classifier (a pre-training checkpoint)
+    # as timm: the file's classifier is dropped when the model asks for another class count than the weights'
+    # (or none), and absent from a pre-training checkpoint; otherwise it must fit, or the model would predict
+    # with a silently re-initialised head
+    other_classes = model.num_classes != getattr(model, "pretrained_cfg", {}).get("num_classes", model.num_classes)
+    replace_classifier = other_classes or not any(key in state_dict for key in classifier)
+    if not replace_classifier:
+        for key in classifier:
+            if key in state_dict and key in expected and state_dict[key].shape != expected[key].shape:
+                raise ValueError(
+                    f"checkpoint {str(path)!r}: classifier key {key!r} has shape {tuple(state_dict[key].shape)}, the model "
+                    f"expects {tuple(expected[key].shape)}; pass num_classes={state_dict[key].shape[0]} (and the same "
+                    "num_classes in pretrained_cfg_overlay) to keep it, or another num_classes for a new classifier"
+                )
     dropped = [key for key in classifier if key in state_dict] if replace_classifier else []
     for key in dropped:
         del state_dict[key]

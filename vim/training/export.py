@@ -1,4 +1,4 @@
-"""Export trained weights from a Lightning checkpoint as a ``.safetensors`` file that timm loads.
+"""``vim export``: trained weights from a Lightning checkpoint as a ``.safetensors`` file that timm loads, or a whole model.
 
 ``vim export --ckpt runs/quickstart/latest/checkpoints/last.ckpt --out digits_vim.safetensors`` writes the EMA
 weights (the trained weights with ``--no-ema`` or when the run had no EMA) under timm's own key names,
@@ -10,6 +10,11 @@ so the file loads with::
 (plus the ``model_kwargs`` / ``img_size`` the run used; give ``num_classes`` in the overlay too, else timm
 drops a classifier head whose size differs from the model's default). The model name and class names are kept in the
 file's metadata.
+
+``--format onnx|torch_export|aoti`` exports the whole model instead (:mod:`vim.deploy`)::
+
+    vim export --ckpt runs/quickstart/checkpoints/last.ckpt --out digits_vim.onnx
+    vim export --format aoti --model vim_tiny_patch16_224 --ckpt vim_t_midclstok_76p1acc.pth --out vim_t.pt2
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +32,8 @@ from vim.training.checkpoint_io import atomic_write, check_weights_file
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
+CHECKPOINT_MODEL_KWARGS = ("img_size", "num_frames", "num_groups", "group_size")
+"""Classifier hyperparameters of a Lightning checkpoint that are model arguments (besides ``model_kwargs``)."""
 
 
 def checkpoint_weights(checkpoint: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -37,6 +45,17 @@ def checkpoint_weights(checkpoint: dict, use_ema: bool = True) -> dict[str, torc
     if not weights:
         raise ValueError(f"checkpoint has no '{MODEL_PREFIX}*' weights: not a vim Classifier checkpoint")
     return weights
+
+
+def checkpoint_model_settings(checkpoint: dict) -> tuple[str | None, dict[str, Any]]:
+    """The timm model name (None if not recorded) and the ``create_model`` arguments a Classifier checkpoint was trained with.
+
+    The arguments are ``model_kwargs`` and the modality's size arguments (:data:`CHECKPOINT_MODEL_KWARGS`); not the class count.
+    """
+    hparams = checkpoint.get("hyper_parameters", {})
+    kwargs = dict(hparams.get("model_kwargs") or {})
+    kwargs.update({key: hparams[key] for key in CHECKPOINT_MODEL_KWARGS if hparams.get(key) is not None})
+    return hparams.get("model"), kwargs
 
 
 def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True) -> Path:
@@ -54,12 +73,35 @@ def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema:
     return out
 
 
+FORMATS = ("safetensors", "onnx", "torch_export", "aoti")
+FORMAT_OF_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx"}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``vim export --ckpt CKPT --out FILE.safetensors [--no-ema]``."""
-    parser = argparse.ArgumentParser(prog="vim export", description="Export trained (EMA) weights as .safetensors for timm.")
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint, e.g. runs/quickstart/latest/checkpoints/last.ckpt")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
+    """``vim export [--format F] --ckpt CKPT --out FILE [--no-ema]``; the model formats take ``--model`` and more."""
+    parser = argparse.ArgumentParser(
+        prog="vim export",
+        description="Export trained (EMA) weights as .safetensors for timm, or a whole model (see vim.deploy) as ONNX, "
+        "a torch.export program or an AOTInductor package.",
+    )
+    parser.add_argument("--format", choices=FORMATS, help="default: from --out (.safetensors, .onnx)")
+    parser.add_argument(
+        "--ckpt", "--checkpoint", dest="ckpt",
+        help="Lightning checkpoint, e.g. runs/quickstart/latest/checkpoints/last.ckpt; model formats also take a weights file",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, help="output file: .safetensors, .onnx or .pt2")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA weights")
+    from vim import deploy
+
+    deploy.add_export_arguments(parser)
     args = parser.parse_args(argv)
-    path = export_safetensors(args.ckpt, args.out, use_ema=not args.no_ema)
+    format = args.format or FORMAT_OF_SUFFIX.get(Path(args.out).suffix)
+    if format is None:
+        parser.error(f"--format: give one of {', '.join(FORMATS)} for --out '{args.out}'")
+    if format == "safetensors":
+        if args.ckpt is None:
+            parser.error("--ckpt: the safetensors format exports a Lightning checkpoint's weights")
+        path = export_safetensors(args.ckpt, args.out, use_ema=not args.no_ema)
+    else:
+        path = deploy.export_from_arguments(format, args)
     print(f"Wrote {path}")
