@@ -67,7 +67,7 @@ from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule
 from vim.data.workers import default_num_workers
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
-from vim.training.checkpoint_io import atomic_write, check_weights_file
+from vim.files import atomic_write, check_weights_file
 
 __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 

@@ -42,7 +42,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.sampling import mix_seed, seed_everything_from
-from vim.training.checkpoint_io import check_weights_file
+from vim.files import check_weights_file
 from vim.training.schedule import WarmupCosine
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vim.training.checkpoint_io import atomic_write, check_weights_file
+from vim.files import atomic_write, check_weights_file
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
