@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vim.data.digits import write_digits_tree
+from vim.data.generated import write_digits_tree
 from vim.data.images import ImageDataModule, read_rgb
 from vim.data.sampling import ResumableSampler, SampleKey, mix_seed
 

@@ -53,21 +53,19 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
-from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageFiles, UnreadableImage, walk_files
-from vim.data.points import (
-    HDF5_EXTENSIONS,
-    POINT_EXTENSIONS,
-    HDF5Clouds,
-    PointClouds,
-    PointFiles,
-    UnreadableCloud,
-    open_point_hdf5,
-)
-from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule, VideoClips
+from vim.data.folders import walk_files
+from vim.data.images.dataset import IMAGE_EXTENSIONS, ImageFiles
+from vim.data.points.dataset import PointClouds
+from vim.data.points.readers import POINT_EXTENSIONS
+from vim.data.points.sources import HDF5_EXTENSIONS, HDF5Clouds, PointFiles, open_point_hdf5
+from vim.data.samples import UNLABELLED, Unreadable
+from vim.data.video.datamodule import VideoClipDataModule
+from vim.data.video.dataset import VideoClips
+from vim.data.video.decoding import VIDEO_EXTENSIONS
 from vim.data.workers import default_num_workers
+from vim.files import atomic_write, check_weights_file
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
-from vim.files import atomic_write, check_weights_file
 
 __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
@@ -132,9 +130,9 @@ def _point_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]
 
 
 MODALITIES: dict[str, Modality] = {
-    "images": Modality("images", IMAGE_EXTENSIONS, _image_dataset, UnreadableImage),
-    "points": Modality("points", POINT_EXTENSIONS + HDF5_EXTENSIONS, _point_dataset, UnreadableCloud),
-    "video": Modality("video", VIDEO_EXTENSIONS, _video_dataset, UnreadableClip),
+    "images": Modality("images", IMAGE_EXTENSIONS, _image_dataset, Unreadable),
+    "points": Modality("points", POINT_EXTENSIONS + HDF5_EXTENSIONS, _point_dataset, Unreadable),
+    "video": Modality("video", VIDEO_EXTENSIONS, _video_dataset, Unreadable),
 }
 
 
