@@ -160,21 +160,27 @@ class ClassificationDataModule(LightningDataModule):
             collate_fn=self.collate_fn,
         )
 
+    def train_sampler(self) -> ResumableSampler:
+        """This rank's seeded sampler of the training set (the whole set without a trainer)."""
+        trainer = self.trainer
+        ranks = dict(num_replicas=trainer.world_size, rank=trainer.global_rank) if trainer is not None else {}
+        return ResumableSampler(self.datasets["train"], seed=self.seed, drop_last=True, **ranks)
+
+    def train_batches_per_epoch(self) -> int:
+        """Training batches of one epoch (``limit_train_batches`` applied), known before the loader is built: what
+        a schedule given in epochs needs when the trainer has not loaded the data (a run bounded by ``max_steps``)."""
+        return train_batches_per_epoch(self.trainer, len(self.train_sampler()) // self.batch_size)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch from ``seed``; after a resume it starts where the interrupted run stopped."""
-        dataset, batch_size = self.datasets["train"], self.batch_size
-        trainer = self.trainer
-        if trainer is None:
-            return self.loader(dataset, ResumableSampler(dataset, seed=self.seed, drop_last=True))
-        sampler = ResumableSampler(
-            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, seed=self.seed, drop_last=True
-        )
-        epoch, batches_done = divmod(self.train_batches_run(), train_batches_per_epoch(trainer, len(sampler) // batch_size))
-        sampler.set_epoch(epoch)
-        sampler.skip_once(batches_done * batch_size)
-        # The sampler resumes mid-epoch itself, which Lightning cannot see: silence its warning about that.
-        warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before", PossibleUserWarning)
-        return self.loader(dataset, sampler)
+        sampler = self.train_sampler()
+        if self.trainer is not None:
+            epoch, batches_done = divmod(self.train_batches_run(), self.train_batches_per_epoch())
+            sampler.set_epoch(epoch)
+            sampler.skip_once(batches_done * self.batch_size)
+            # The sampler resumes mid-epoch itself, which Lightning cannot see: silence its warning about that.
+            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before", PossibleUserWarning)
+        return self.loader(self.datasets["train"], sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         return self.loader(self.datasets["val"]) if "val" in self.datasets else []
