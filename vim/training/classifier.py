@@ -261,7 +261,8 @@ class Classifier(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the class names; mark the weights as restored from here (see the class docstring)."""
         checkpoint["class_names"] = self.class_names
-        checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY].update(pretrained=False, pretrained_file=None)
+        if self.CHECKPOINT_HYPER_PARAMS_KEY in checkpoint:
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY].update(pretrained=False, pretrained_file=None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = checkpoint.get("class_names", self.class_names)

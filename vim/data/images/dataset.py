@@ -10,11 +10,9 @@ from typing import NamedTuple
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from vim.data.folders import walk_files
-from vim.data.samples import Unreadable
-from vim.data.sampling import SampleKey, seed_everything_from
+from vim.data.samples import SampleFiles, Unreadable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
@@ -50,33 +48,25 @@ def read_rgb(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
-class ImageFiles(Dataset):
+class ImageFiles(SampleFiles):
     """Image files with class indices, read as RGB and transformed.
 
-    Indexed by an int or a :class:`~vim.data.sampling.SampleKey`; with a key, the global random generators are seeded
-    from ``key.seed`` first, so the random augmentation of a sample does not depend on worker scheduling. Unreadable
-    files come back as :class:`~vim.data.samples.Unreadable` (left out by :func:`collate_images`); images with a
-    shorter side below ``min_image_size`` are marked ``was_small``.
+    Indexed by an int or a :class:`~vim.data.sampling.SampleKey` (whose seed fixes the sample's augmentation).
+    Unreadable files come back as :class:`~vim.data.samples.Unreadable` (left out by :func:`collate_images`); images
+    with a shorter side below ``min_image_size`` are marked ``was_small``.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, min_image_size: int = 0) -> None:
-        self.samples = list(samples)
+        super().__init__(samples)
         self.transform = transform
         self.min_image_size = min_image_size
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: int | SampleKey) -> LoadedImage | Unreadable:
-        index = key.index if isinstance(key, SampleKey) else key
-        path, target = self.samples[index]
-        try:
-            image = read_rgb(path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL raises all of these
-            return Unreadable(path, f"{type(err).__name__}: {err}")
-        if isinstance(key, SampleKey):
-            seed_everything_from(key.seed)
+    def load(self, path: str, target: int) -> LoadedImage:
+        image = read_rgb(path)
         return LoadedImage(self.transform(image), target, path, min(image.size) < self.min_image_size)
+
+    def read_errors(self) -> tuple[type[Exception], ...]:
+        return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL raises all of these
 
 
 def collate_images(samples: Sequence[LoadedImage | Unreadable]) -> ImageBatch:

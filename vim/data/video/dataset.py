@@ -13,11 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from vim.data.samples import Unreadable
-from vim.data.sampling import SampleKey, seed_everything_from
+from vim.data.samples import SampleFiles, Unreadable
 from vim.data.video.decoding import FrameFolder, VideoFile, open_frames, read_errors
 from vim.data.video.sampling import segment_indices
 
@@ -44,7 +42,7 @@ class ClipBatch(NamedTuple):
     notes: list[tuple[str, str]]
 
 
-class VideoClips(Dataset):
+class VideoClips(SampleFiles):
     """Videos with class indices, sampled into clips and transformed.
 
     Args:
@@ -74,35 +72,26 @@ class VideoClips(Dataset):
     ) -> None:
         if repeats < 1 or (repeats > 1 and not train):
             raise ValueError(f"repeats={repeats}: repeated augmentation needs repeats >= 1, and train=True when above 1")
-        self.samples = list(samples)
+        super().__init__(samples)
         self.num_frames, self.transform, self.train, self.num_clips = num_frames, transform, train, num_clips
         self.min_image_size, self.repeats = min_image_size, repeats
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: int | SampleKey) -> LoadedClip | Unreadable:
-        index = key.index if isinstance(key, SampleKey) else key
-        path, target = self.samples[index]
-        try:
-            frames = open_frames(path)
-            if isinstance(key, SampleKey):
-                seed_everything_from(key.seed)
-            if self.train:  # one segment sample, augmented `repeats` times
-                video = frames.take(segment_indices(len(frames), self.num_frames, random))
-                views = [self._transformed(video) for _ in range(self.repeats)]
-                clip = views[0] if self.repeats == 1 else torch.stack(views)  # repeats: (R, 3, T, S, S)
-            else:  # every clip's frames decoded in one pass over the file
-                indices = [
-                    i
-                    for c in range(self.num_clips)
-                    for i in segment_indices(len(frames), self.num_frames, None, c, self.num_clips)
-                ]
-                views = [self._transformed(video) for video in frames.take(indices).split(self.num_frames)]
-                clip = views[0] if len(views) == 1 else torch.cat(views)  # test: (clips x crops, 3, T, S, S)
-        except read_errors() as error:
-            return Unreadable(path, f"{type(error).__name__}: {error}")
+    def load(self, path: str, target: int) -> LoadedClip:
+        frames = open_frames(path)
+        if self.train:  # one segment sample, augmented `repeats` times
+            video = frames.take(segment_indices(len(frames), self.num_frames, random))
+            views = [self._transformed(video) for _ in range(self.repeats)]
+            clip = views[0] if self.repeats == 1 else torch.stack(views)  # repeats: (R, 3, T, S, S)
+        else:  # every clip's frames decoded in one pass over the file
+            indices = [
+                i for c in range(self.num_clips) for i in segment_indices(len(frames), self.num_frames, None, c, self.num_clips)
+            ]
+            views = [self._transformed(video) for video in frames.take(indices).split(self.num_frames)]
+            clip = views[0] if len(views) == 1 else torch.cat(views)  # test: (clips x crops, 3, T, S, S)
         return LoadedClip(clip, target, path, tuple(frames.notes) + self._size_notes(frames), self.repeats)
+
+    def read_errors(self) -> tuple[type[Exception], ...]:
+        return read_errors()
 
     def _transformed(self, video: torch.Tensor) -> torch.Tensor:
         """(T, 3, H, W) uint8 frames through the transform: (3, T, S, S), or (V, 3, T, S, S) for test crops."""
