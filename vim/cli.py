@@ -127,11 +127,14 @@ class VimCLI(LightningCLI):
 
     @staticmethod
     def predict_with_released_weights(model: Any) -> None:
-        """``predict`` without a checkpoint: the released weights of the model name (random ones are no prediction)."""
+        """``predict`` without a checkpoint: the model's ``pretrained_file``, else the released weights of its name
+        (random weights predict nothing)."""
         name = model.init_args.model
+        if model.init_args.get("pretrained_file"):
+            return
         if has_released_weights(name):
             model.init_args.pretrained = True
-        elif not model.init_args.get("pretrained_file"):
+        else:
             warnings.warn(
                 f"vim predict without --ckpt_path: model '{name}' has no released weights, so the predictions come from "
                 "randomly initialised weights",

@@ -183,6 +183,7 @@ class Classifier(LightningModule):
 
     @property
     def num_classes(self) -> int:
+        """Outputs of the classifier head."""
         return self.hparams.num_classes
 
     # ----------------------------------------------------------------------------------------- model
