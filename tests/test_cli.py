@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import os
 import subprocess
 import sys
 import types
@@ -181,3 +183,93 @@ def test_plot_metrics_writes_a_png(tmp_path):
         [sys.executable, str(REPO / "tools/plot_metrics.py"), str(tmp_path / "bad.csv")], capture_output=True, text=True
     )
     assert bad.returncode != 0 and "no '*loss' or '*acc1'/'*acc5' columns" in bad.stderr
+
+
+def test_top_level_help_lists_every_command_with_what_it_does(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for command in ("fit", "validate", "test", "predict", "export", "extract"):
+        (line,) = [line for line in lines if line.split()[:1] == [command]]
+        assert len(line.split()) > 3, line  # the command, then a sentence
+
+
+def run_command(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``vim <args>`` in a fresh process (nothing imported beforehand), as a user runs it."""
+    code = "import sys; from vim.cli import main; sys.argv = ['vim', *sys.argv[1:]]; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True
+    )
+
+
+def test_help_of_a_class_takes_its_short_name(tmp_path):
+    """``--model.help ImageClassifier`` and ``--data.help DigitsDataModule``, as ``--model ImageClassifier`` works."""
+    for option, name, expected in (
+        ("--model.help", "ImageClassifier", "--model.img_size"),
+        ("--data.help", "DigitsDataModule", "--data.root"),
+    ):
+        done = run_command(["fit", option, name], tmp_path)
+        assert done.returncode == 0 and expected in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_quickstart_prints_no_warning(tmp_path):
+    """The quickstart command, shortened: nothing on stderr is a warning (Lightning's about `args`, torch's LeafSpec
+    deprecation, ...); the training output is there."""
+    args = ["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
+    done = run_command(args, tmp_path, env={"VIM_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Final checkpoint: runs/quickstart/version_0/checkpoints/last.ckpt (step 2" in done.stdout
+    warned = [line for line in done.stderr.splitlines() if "Warning" in line or "warn" in line.lower()]
+    assert not warned, "\n".join(warned)
+
+
+def tiny_linked_config(tmp_path: Path, data: dict) -> str:
+    """The tiny run's config without the model's img_size and num_classes: the data section sets them."""
+    config = yaml.safe_load(Path(tiny_config(tmp_path)).read_text())
+    for key in ("img_size", "num_classes"):
+        del config["model"]["init_args"][key]
+    config["data"]["init_args"].update(data)
+    path = tmp_path / "linked.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_data_settings_set_the_model(tmp_path):
+    """img_size and the class count are set once, in the data section; the model gets them. num_frames alike for clips."""
+    config = tiny_linked_config(tmp_path, {"img_size": 24})
+    (tmp_path / "images" / "class3").mkdir()  # a fourth class folder (empty: the model is only built here)
+    cli = run_lightning(["--config", config], run=False)
+    assert cli.model.num_classes == 4 and cli.model.model.num_classes == 4
+    assert cli.model.hparams.img_size == 24 and cli.model.model.patch_embed.img_size == (24, 24)
+    video = ["--config", str(REPO / "configs/video_quickstart.yaml"), "--data.num_frames=4", "--data.img_size=16"]
+    cli = run_lightning([*video, f"--data.root={tmp_path / 'clips'}"], run=False)
+    assert cli.model.model.patch_embed.num_frames == 4 and cli.model.model.patch_embed.img_size == (16, 16)
+    assert cli.model.num_classes == 4  # left, right, up, down
+
+
+def test_video_recipes_start_from_videomamba_image_weights(capsys):
+    """The Kinetics / SSv2 recipes take VideoMamba's own ImageNet image model by its tag (inflated by VideoMamba's
+    filter), not its file through pretrained_file (which reads it as a Vim layout)."""
+    from vim.models.weights import released_weights
+
+    for config in sorted((REPO / "configs").glob("videomamba_*.yaml")):
+        model = printed_config(config, capsys)["model"]["init_args"]
+        architecture = config.stem.split("_")[1]  # videomamba_<size>_<dataset>_f<T>
+        assert (model["model"], model["pretrained"], model["pretrained_file"]) == (f"videomamba_{architecture}.in1k", True, None)
+        assert released_weights(model["model"]).filename == f"videomamba_{architecture[0]}16_in1k_res224.pth"
+
+
+def test_plot_metrics_draws_the_learning_rate(tmp_path):
+    """The LearningRateMonitor's columns get a panel of their own, against the step."""
+    spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "tools/plot_metrics.py")
+    plot_metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_metrics)
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,lr-AdamW,train/loss,val/acc1\n0,0,0.001,2.3,\n0,5,0.002,1.9,\n0,9,,,0.5\n1,10,0.0015,1.5,\n")
+    figure = plot_metrics.draw(plot_metrics.read_series(metrics))
+    (panel,) = [axes for axes in figure.axes if axes.get_title() == "learning rate"]
+    (line,) = panel.lines
+    assert line.get_label() == "lr-AdamW"
+    assert line.get_xdata().tolist() == [0, 5, 10] and line.get_ydata().tolist() == [0.001, 0.002, 0.0015]

@@ -62,7 +62,7 @@ def moving_digit_clips(count: int, num_frames: int = 4, size: int = 32) -> torch
     """Clips of a tinted handwritten digit gliding across a canvas (the video quickstart's frames): (count, 3, T, size, size)."""
     from sklearn.datasets import load_digits
 
-    from vim.data.moving_digits import DIRECTIONS, render_clip
+    from vim.data.generated.moving_digits import DIRECTIONS, render_clip
 
     rng = np.random.default_rng(0)
     digits = load_digits().images / 16
@@ -73,7 +73,7 @@ def moving_digit_clips(count: int, num_frames: int = 4, size: int = 32) -> torch
 
 def solid_clouds(count: int, num_points: int = 128) -> torch.Tensor:
     """Surfaces of geometric solids (the point quickstart's generator), centred and scaled into the unit sphere: (count, N, 3)."""
-    from vim.data.shapes import SHAPE_CLASSES, make_shape
+    from vim.data.generated.shapes import SHAPE_CLASSES, make_shape
 
     rng = np.random.default_rng(0)
     clouds = torch.from_numpy(np.stack([make_shape(SHAPE_CLASSES[i % 6], rng, num_points) for i in range(count)])).float()

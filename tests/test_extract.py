@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 
 import vim.models  # noqa: F401
 from vim.cli import main as cli_main
-from vim.data.moving_digits import write_video
+from vim.data.generated import write_video
 from vim.data.points import prepare_points
 from vim.extraction import extract, read_features
 

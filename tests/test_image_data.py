@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vim.data.digits import write_digits_tree
+from vim.data.generated import write_digits_tree
 from vim.data.images import ImageDataModule, read_rgb
 from vim.data.sampling import ResumableSampler, SampleKey, mix_seed
 
@@ -146,3 +146,38 @@ def test_digits_tree_matches_scikit_learn(tmp_path):
     stamp = path.stat().st_mtime_ns
     write_digits_tree(tmp_path / "digits", image_size=8)
     assert path.stat().st_mtime_ns == stamp  # written once
+
+
+def test_skip_warnings_name_the_file_and_come_from_vims_data_code(tmp_path):
+    """Raised where vim handles the batch (not at the Lightning hook that calls it), as DataWarning."""
+    import vim.data.classification
+    from vim.data.samples import DataWarning
+
+    train = write_tree(tmp_path / "train", {"a": 2, "b": 2})
+    (train / "a" / "broken.png").write_bytes(b"not a png")
+    dm = data_module(train, train)
+    dm.setup("validate")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in dm.val_dataloader():
+            dm.on_before_batch_transfer(batch, 0)
+    (warning,) = caught
+    assert warning.category is DataWarning and f"'{train / 'a' / 'broken.png'}'" in str(warning.message)
+    assert Path(warning.filename) == Path(vim.data.classification.__file__)
+
+
+def test_an_empty_class_folder_is_reported(tmp_path):
+    """In the training data an error naming the folder; in validation data a warning naming it (the class exists,
+    it is just not evaluated)."""
+    from vim.data.samples import DataWarning
+
+    train = write_tree(tmp_path / "train", {"a": 2, "b": 2})
+    (train / "c").mkdir()
+    (train / "c" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=rf"train_root: class folders without image files .*\['{train / 'c'}'\]"):
+        data_module(train, None).setup("fit")
+    val = write_tree(tmp_path / "val", {"a": 1, "b": 1})
+    (val / "c").mkdir()
+    (train / "c" / "0.png").write_bytes((train / "a" / "0.png").read_bytes())
+    with pytest.warns(DataWarning, match=rf"val_root: class folders without image files .*\['{val / 'c'}'\]"):
+        data_module(train, val).setup("fit")

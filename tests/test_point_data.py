@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vim.cli import run_lightning
+from vim.data.generated import SHAPE_CLASSES, make_shape
 from vim.data.points import (
     PointAugment,
     PointCloudDataModule,
@@ -23,7 +24,6 @@ from vim.data.points import (
     resample_points,
 )
 from vim.data.sampling import SampleKey
-from vim.data.shapes import SHAPE_CLASSES, make_shape
 from vim.training.points import PointCloudClassifier
 
 REPO = Path(__file__).resolve().parents[1]

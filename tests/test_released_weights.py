@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,7 +142,7 @@ REPO = Path(__file__).resolve().parents[1]
 )
 def test_finetune_configs_start_from_the_released_weights(caches, config, hub_file, classes):
     """Each fine-tuning config builds its model from the tag's released file (here a fabricated one in the cache,
-    shrunk through model_kwargs), with a new head for the data's classes."""
+    shrunk through model_kwargs), with a new head for the data's classes (their number set by the data's folders)."""
     from pointmamba_reference import official_shapes, official_state_dict, released_file
 
     from vim.cli import run_lightning
@@ -157,16 +159,21 @@ def test_finetune_configs_start_from_the_released_weights(caches, config, hub_fi
         caches["urls"].mkdir(parents=True)
         torch.save(released_file(base_model), caches["urls"] / "pointmamba_pretrain.pth")
         trunk = base_model["MAE_encoder.blocks.layers.1.mixer.A_log"]
-    kwargs = json.dumps({"pretrained": True, **small})
+    classes_root = caches["hub"].parent / "data"  # the data's class folders: the head's size comes from them
+    for c in range(classes):
+        (classes_root / f"class{c}").mkdir(parents=True)
+    data_root = "train_path" if config == "finetune_points" else "train_root"
     cli = run_lightning(
-        ["--config", str(REPO / "configs" / f"{config}.yaml"), f"--model.init_args.model_kwargs={kwargs}"], run=False
+        ["--config", str(REPO / "configs" / f"{config}.yaml"), f"--model.init_args.model_kwargs={json.dumps(small)}"]
+        + [f"--data.init_args.{data_root}={classes_root}"],
+        run=False,
     )
     model = cli.model.model
     torch.testing.assert_close(model.layers[1].mixer.state_dict()["A_b_log" if hub_file else "A_log"], trunk)
     assert model.num_classes == cli.model.num_classes == classes
     classifier = model.get_classifier() if hub_file else model.get_classifier()[-1]  # PointMambaScan: the MLP head
     assert classifier.out_features == classes
-    assert cli.model.layer_decay == {"finetune_images": 0.92, "finetune_video": 0.75, "finetune_points": None}[config]
+    assert cli.model.hparams.layer_decay == {"finetune_images": 0.92, "finetune_video": 0.75, "finetune_points": None}[config]
 
 
 def test_url_file_missing_offline_names_the_torch_hub_path(caches) -> None:
@@ -176,3 +183,99 @@ def test_url_file_missing_offline_names_the_torch_hub_path(caches) -> None:
         resolve_pretrained(info.name)
     assert str(caches["urls"] / "pointmamba_finetune_scan_hardest.pth") in str(error.value)
     assert "no network in tests" in str(error.value)  # the download's own reason
+
+
+def finetune_images_args(images: Path) -> list[str]:
+    """configs/finetune_images.yaml shrunk to a tiny model, 32 px images and one CPU process; lr ~0, so that a short
+    run keeps the initial weights (to within 1e-6)."""
+    return [
+        "--config",
+        str(REPO / "configs" / "finetune_images.yaml"),
+        f"--model.init_args.model_kwargs={json.dumps(SMALL)}",
+        "--model.init_args.lr=1e-12",
+        "--model.init_args.warmup_lr=1e-12",
+        f"--data.init_args.train_root={images}",
+        f"--data.init_args.val_root={images}",
+        "--data.init_args.img_size=32",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def test_a_checkpoint_restores_without_the_released_file(caches, tmp_path, monkeypatch):
+    """Fine-tune from released weights, then lose the released file (offline, not cached): resuming, validating,
+    loading and extracting from the run's checkpoint do not read it again. --ckpt_path last with no run yet starts
+    from it, as a new run does."""
+    from test_training import write_tree
+
+    import vim
+    from vim.cli import run_lightning
+    from vim.training.image_classifier import ImageClassifier
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    released = training_checkpoint(timm.create_model("vim_small_patch16_224", **SMALL))["model"]
+    put_in_hub_cache(caches["hub"], "hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth", {"model": released})
+    images = write_tree(tmp_path / "images", classes=2, per_class=4, size=32)
+    args = finetune_images_args(images)
+
+    first = run_lightning(["fit", *args, "--ckpt_path=last", "--trainer.max_steps=1"])  # no run to resume yet
+    key = "layers.1.mixer.A_b_log"
+    torch.testing.assert_close(first.model.model.state_dict()[key], released[key], rtol=0, atol=1e-6)
+
+    shutil.rmtree(caches["hub"])  # the released file is gone and cannot be downloaded
+    resumed = run_lightning(["fit", *args, "--ckpt_path=last", "--trainer.max_steps=2"])
+    assert resumed.trainer.global_step == 2
+    last = tmp_path / "runs/finetune_images/latest/checkpoints/last.ckpt"
+    run_lightning(["validate", *args, f"--ckpt_path={last}"])
+    restored = ImageClassifier.load_from_checkpoint(last, map_location="cpu")
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    torch.testing.assert_close(restored.model.state_dict()[key], saved[f"model.{key}"], rtol=0, atol=0)
+    manifest = vim.extract(None, images, tmp_path / "features", checkpoint=str(last), progress=False)
+    assert manifest["num_rows"] == 8
+
+
+def test_predict_without_a_checkpoint_uses_the_released_weights_and_classes(caches, tmp_path, monkeypatch):
+    """vim predict on a tagged name and a folder of images: the released weights, head and ImageNet class names."""
+    from PIL import Image
+    from timm.data import ImageNetInfo, create_transform
+
+    from vim.cli import run_lightning
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    weights = training_checkpoint(timm.create_model("vim_small_patch16_224", img_size=32, **SMALL))["model"]  # no resizing
+    put_in_hub_cache(caches["hub"], "hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth", {"model": weights})
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, pixels in enumerate(
+        torch.randint(0, 256, (3, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ):
+        Image.fromarray(pixels.numpy()).save(photos / f"{i}.png")
+    predictions = tmp_path / "predictions.csv"
+    run_lightning(
+        [
+            "predict",
+            "--model=ImageClassifier",
+            "--model.model=vim_small_patch16_224.in1k",
+            f"--model.model_kwargs={json.dumps(SMALL)}",
+        ]
+        + ["--data=ImageDataModule", f"--data.predict_root={photos}", "--data.img_size=32", "--data.num_workers=0"]
+        + ["--trainer.accelerator=cpu", "--trainer.logger=false", f"--predict_writer.output={predictions}"]
+    )
+    with open(predictions, newline="") as file:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(file)}
+
+    model = timm.create_model("vim_small_patch16_224", img_size=32, **SMALL).eval()
+    model.load_state_dict(weights)
+    transform = create_transform(32, crop_pct=0.875, interpolation="bicubic")  # Vim's evaluation transform at 32 px
+    names = ImageNetInfo("imagenet-1k").label_descriptions()
+    for i in range(3):
+        with torch.no_grad():
+            probs = model(transform(Image.open(photos / f"{i}.png").convert("RGB"))[None]).softmax(-1)[0]
+        assert rows[f"{i}.png"]["class1"] == names[int(probs.argmax())]
+        assert float(rows[f"{i}.png"]["prob1"]) == pytest.approx(float(probs.max()), abs=2e-4)

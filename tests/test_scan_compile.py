@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch._inductor.config as inductor_config
 
 import vim  # noqa: F401  (registers the models with timm)
 from vim.kernels import scan_native
@@ -36,17 +35,14 @@ def _assert_compiled_matches_eager(name: str, x: torch.Tensor, rtol: float, atol
         torch.testing.assert_close(grads[param], grad, rtol=rtol, atol=atol, msg=lambda m, p=param: f"grad of {p}: {m}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 30 s of CPU compiling C++ from a cold Inductor cache
 def test_fullgraph_compile_of_test_vim_with_default_settings(monkeypatch):
     """The default compiler (Inductor) and the default scan backend, as a user calls them."""
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
     monkeypatch.setattr(scan_native, "_library", None)  # as in a fresh process: the C kernel not loaded yet
     monkeypatch.setattr(scan_native, "_unavailable", None)
     scan_native._find_compiler.cache_clear()
-    # only to keep the test fast: Inductor's generated C++ is built at -O0 without vector code; the traced graph,
-    # its partition and the custom ops are those of the default settings
-    with inductor_config.patch({"aot_inductor.debug_compile": True, "cpp.vec_isa_ok": False}):
-        _assert_compiled_matches_eager("test_vim", torch.randn(2, 3, 32, 32), rtol=1e-4, atol=1e-5)
+    _assert_compiled_matches_eager("test_vim", torch.randn(2, 3, 32, 32), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu

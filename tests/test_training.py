@@ -89,6 +89,13 @@ def test_unknown_model_lists_close_names():
         ImageClassifier("vit_tiny_patch16_224", num_classes=3, img_size=8, model_kwargs=dict(depth=1))
 
 
+def test_the_class_count_comes_from_the_data_or_the_released_head():
+    with pytest.raises(ValueError, match=r"model.num_classes is not set \(model.pretrained is off\).*labelled split"):
+        ImageClassifier("test_vim", img_size=16)
+    with pytest.raises(ValueError, match="model.pretrained and model.pretrained_file both choose the initial weights"):
+        ImageClassifier("test_vim", num_classes=3, pretrained=True, pretrained_file="weights.pth")
+
+
 class Recorder(Callback):
     """Learning rate before each step and the model's weights after it."""
 
@@ -124,6 +131,28 @@ def test_optimizer_groups_schedule_and_ema(tmp_path):
         ema = {k: 0.6 * ema[k] + 0.4 * weights[k] for k in ema}
     for key, value in module.ema.module.state_dict().items():
         torch.testing.assert_close(value, ema[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("limits", "total", "warmup", "batches_per_step"),
+    [
+        (dict(max_steps=3, max_epochs=10), 3, 2, 1),
+        (dict(max_steps=3, max_epochs=-1), 3, 2, 1),
+        (dict(max_epochs=2, accumulate_grad_batches=2), 4, 1, 2),
+    ],
+    ids=["max_steps-inside-the-first-epoch", "max_steps-only", "accumulate-2"],
+)
+def test_schedule_lengths_are_the_steps_the_trainer_takes(tmp_path, limits, total, warmup, batches_per_step):
+    """4 batches per epoch: max_steps=3 ends the cosine at step 3 (warmup 0.5 epoch = 2 steps), with or without a bound
+    on epochs (without one, Lightning does not load the data to estimate the steps); accumulating 2 batches gives 2
+    steps per epoch, 4 in all (warmup 1 step), each step's rate seen by both of its batches."""
+    seed_everything(0)
+    recorder = Recorder()
+    trainer = tiny_trainer(tmp_path, [recorder], enable_checkpointing=False, **limits)
+    trainer.fit(tiny_classifier(), tiny_data(write_tree(tmp_path / "train")))
+    schedule = WarmupCosine(1e-2, total_steps=total, warmup_steps=warmup, warmup_lr=1e-4, min_lr=1e-4)
+    expected = [schedule.learning_rate(step) for step in range(total) for _ in range(batches_per_step)]
+    assert recorder.lrs == pytest.approx(expected)
 
 
 def test_layer_decay_scales_each_layers_learning_rate(tmp_path):

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vim.data.moving_digits import write_video
+from vim.data.generated import write_video
+from vim.data.samples import Unreadable
 from vim.data.video import (
     ToClip,
-    UnreadableClip,
     VideoClipDataModule,
     VideoClips,
     open_frames,
@@ -90,7 +90,7 @@ def test_annotation_lists_kinetics_csv_and_ssv2_json(tmp_path):
         train_list=str(tmp_path / "train.json"), data_root="/s", classes_file=str(tmp_path / "labels.json")
     )
     assert data.classes == ["Holding something", "Pushing something"]
-    assert data.labelled_samples("train_root") == [("/s/7.webm", 1)]
+    assert data.labelled_samples("train") == [("/s/7.webm", 1)]
     (tmp_path / "bad.txt").write_text("a.mp4 7\n")
     with pytest.raises(ValueError, match="train_list: labels span"):
         read_annotations(tmp_path / "bad.txt", classes=["x", "y"])
@@ -146,7 +146,7 @@ def test_bad_videos_are_skipped_or_reported_and_never_stop_an_epoch(tmp_path):
     data.setup("fit")
     dataset = data.datasets["train"]
     results = {Path(path).name: dataset[i] for i, (path, _) in enumerate(dataset.samples)}
-    unreadable = {name for name, item in results.items() if isinstance(item, UnreadableClip)}
+    unreadable = {name for name, item in results.items() if isinstance(item, Unreadable)}
     assert unreadable == {"empty.mp4", "corrupt.avi", "truncated.mp4", "no_frames.mkv"}
     assert "0 bytes" in results["empty.mp4"].reason and "VideoReadError" in results["no_frames.mkv"].reason
     notes = {name: " ".join(item.notes) for name, item in results.items() if name not in unreadable}
@@ -173,7 +173,8 @@ def test_test_views_are_clips_times_crops(tmp_path):
     data.setup("test")
     batch = next(iter(data.test_dataloader()))
     assert batch.clips.shape == (1, 6, 3, 4, 32, 32)
-    mean, std = torch.tensor(data.mean).view(3, 1), torch.tensor(data.std).view(3, 1)
+    settings = data.transform_settings
+    mean, std = torch.tensor(settings["mean"]).view(3, 1), torch.tensor(settings["std"]).view(3, 1)
     pixel = (batch.clips[0, :, :, :, 16, 16] * std + mean) * 255  # (views, 3, T)
     expected_frames = [segment_indices(9, 4, clip=0, num_clips=2)] * 3 + [segment_indices(9, 4, clip=1, num_clips=2)] * 3
     torch.testing.assert_close(pixel[:, 0].round(), 10 + 12 * torch.tensor(expected_frames, dtype=torch.float32), atol=4, rtol=0)
@@ -282,7 +283,7 @@ def test_truncated_files_are_reported(tmp_path, extension, codec, options, expec
     frames = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     path = truncate(write_gop_video(tmp_path / f"v.{extension}", frames, codec, options=options), 0.6, multiple_of=188)
     item = VideoClips([(str(path), 0)], num_frames=4, transform=ToClip())[0]
-    assert not isinstance(item, UnreadableClip), item
+    assert not isinstance(item, Unreadable), item
     assert any(re.search(expected, note) for note in item.notes), item.notes
     intact = write_gop_video(tmp_path / f"intact.{extension}", frames, codec, options=options)
     assert VideoClips([(str(intact), 0)], num_frames=4, transform=ToClip())[0].notes == ()

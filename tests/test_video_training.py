@@ -9,7 +9,7 @@ import timm
 import torch
 
 from vim.cli import run_lightning
-from vim.data.moving_digits import write_moving_digits
+from vim.data.generated import write_moving_digits
 from vim.training.export import export_safetensors
 from vim.training.video import VideoClassifier, average_view_logits
 

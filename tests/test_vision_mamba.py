@@ -341,28 +341,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _logits_and_grads(forward, model: VisionMamba, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``forward(images)`` (the model or its compiled wrapper) and the gradients it leaves on ``model``'s parameters."""
-    model.zero_grad()
-    logits = forward(images)
-    logits.square().mean().backward()
-    return logits, {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-@pytest.mark.slow  # about 30 s of CPU compiling C++ from a cold Inductor cache
-@needs_cxx
-def test_torch_compile_fullgraph_matches_eager_forward_and_backward(images: torch.Tensor, fresh_dynamo) -> None:
-    """Default settings (Inductor, the kernels' default backend): one graph, and eager's logits and gradients."""
-    torch.manual_seed(0)
-    model = timm.create_model("test_vim", num_classes=5).train()
-    compiled = torch.compile(model, fullgraph=True)
-    logits, grads = _logits_and_grads(compiled, model, images)
-    expected, expected_grads = _logits_and_grads(model, model, images)
-    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-
-
 @pytest.mark.slow  # Inductor benchmarks every matrix product's candidate kernels
 @needs_cxx
 def test_max_autotune_compiles_the_training_forward_without_a_graph_break(images: torch.Tensor, fresh_dynamo) -> None:

@@ -1,9 +1,10 @@
-"""Plot a run's loss and accuracy curves from its Lightning ``metrics.csv`` into a PNG.
+"""Plot a run's loss, accuracy and learning-rate curves from its Lightning ``metrics.csv`` into a PNG.
 
     python tools/plot_metrics.py runs/quickstart/latest/metrics.csv [--out curves.png]
 
-Left panel: every ``*loss`` column against the step; right panel: every ``*acc1`` / ``*acc5`` column
-against the epoch (in percent). The PNG goes next to the CSV unless ``--out`` is given.
+Panels: every ``*loss`` column against the step; every ``*acc1`` / ``*acc5`` column against the epoch (in
+percent); and, when the run logged it (``LearningRateMonitor``: ``lr-<optimizer>`` columns), the learning rate
+against the step. The PNG goes next to the CSV unless ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 
 def read_series(csv_path: Path) -> dict[str, list[tuple[float, float, float]]]:
@@ -33,36 +35,47 @@ def read_series(csv_path: Path) -> dict[str, list[tuple[float, float, float]]]:
     return dict(series)
 
 
+def draw(series: dict[str, list[tuple[float, float, float]]]) -> Figure:
+    """The figure of :func:`read_series`' columns: loss, accuracy and, when logged, learning-rate panels."""
+    losses = {k: v for k, v in series.items() if k.endswith("loss")}
+    accuracies = {k: v for k, v in series.items() if k.endswith(("acc1", "acc5"))}
+    rates = {k: v for k, v in series.items() if k.startswith("lr-")}
+    figure, panels = plt.subplots(1, 3 if rates else 2, figsize=(16 if rates else 11, 4))
+    for name, points in sorted(losses.items()):
+        panels[0].plot([p[0] for p in points], [p[2] for p in points], label=name)
+    panels[0].set(xlabel="step", ylabel="loss", title="loss")
+    for name, points in sorted(accuracies.items()):
+        panels[1].plot([p[1] + 1 for p in points], [100 * p[2] for p in points], marker="o", label=name)
+    panels[1].set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for name, points in sorted(rates.items()):
+        panels[2].plot([p[0] for p in points], [p[2] for p in points], label=name)
+    if rates:
+        panels[2].set(xlabel="step", ylabel="learning rate", title="learning rate")
+    for axes in panels:
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend()
+    figure.tight_layout()
+    return figure
+
+
 def plot_metrics(csv_path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the loss / accuracy PNG for ``csv_path`` and return its path."""
+    """Write the PNG of ``csv_path``'s curves and return its path."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ValueError(f"metrics file '{csv_path}' does not exist")
     series = read_series(csv_path)
-    losses = {k: v for k, v in series.items() if k.endswith("loss")}
-    accuracies = {k: v for k, v in series.items() if k.endswith(("acc1", "acc5"))}
-    if not losses and not accuracies:
+    if not any(k.endswith(("loss", "acc1", "acc5")) for k in series):
         raise ValueError(f"{csv_path}: no '*loss' or '*acc1'/'*acc5' columns; found {sorted(series)}")
-    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, points in sorted(losses.items()):
-        loss_axes.plot([p[0] for p in points], [p[2] for p in points], label=name)
-    loss_axes.set(xlabel="step", ylabel="loss", title="loss")
-    for name, points in sorted(accuracies.items()):
-        acc_axes.plot([p[1] + 1 for p in points], [100 * p[2] for p in points], marker="o", label=name)
-    acc_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for axes in (loss_axes, acc_axes):
-        axes.grid(alpha=0.3)
-        if axes.lines:
-            axes.legend()
+    figure = draw(series)
     out = Path(out) if out is not None else csv_path.with_suffix(".png")
-    figure.tight_layout()
     figure.savefig(out, dpi=120)
     plt.close(figure)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Plot loss and accuracy curves from a Lightning metrics.csv.")
+    parser = argparse.ArgumentParser(description="Plot loss, accuracy and learning-rate curves from a Lightning metrics.csv.")
     parser.add_argument("metrics_csv", help="e.g. runs/quickstart/latest/metrics.csv")
     parser.add_argument("--out", help="PNG path (default: next to the CSV)")
     args = parser.parse_args(argv)

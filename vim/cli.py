@@ -1,20 +1,26 @@
 """The ``vim`` command.
 
 - ``vim fit|validate|test|predict --config configs/<name>.yaml [--section.key value ...]``: LightningCLI
-  over any :class:`~vim.training.classifier.Classifier` and datamodule named in the config
-  (``class_path``). Each command writes into its own run folder (:mod:`vim.training.run_folder`:
-  ``runs/<name>/version_N``, ``runs/<name>/latest``); checkpoints are written atomically, ``fit`` ends with
-  a checkpoint of its final state and prints the validation accuracy of the weights ``export`` and
-  ``predict`` use, and ``predict`` writes top-5 classes to CSV (``--predict_writer.output``; default
-  ``<run folder>/predictions.csv``). Resume an interrupted run with ``--ckpt_path last``.
+  over any :class:`~vim.training.classifier.Classifier` and classification data module named in the config
+  (``class_path``, or a short class name: ``--model ImageClassifier``, ``--model.help ImageClassifier``). The data
+  section sets what model and data share (``img_size``, ``num_frames``; the number of classes comes from the data's
+  classes). Each command writes into its own run folder (:mod:`vim.training.run_folder`: ``runs/<name>/version_N``,
+  ``runs/<name>/latest``); checkpoints are written atomically, ``fit`` ends with a checkpoint of its final state and
+  prints the validation accuracy of the weights ``export`` and ``predict`` use, and ``predict`` writes top-5 classes
+  to CSV (``--predict_writer.output``; default ``<run folder>/predictions.csv``). Resume an interrupted run with
+  ``--ckpt_path last``. A command that loads a checkpoint does not read the model's released or initial weights file
+  (the checkpoint holds every weight); ``predict`` without a checkpoint uses the model name's released weights.
 - ``vim export --ckpt CKPT --out FILE.safetensors``: the trained (EMA) weights for ``timm.create_model``.
 - ``vim extract ...``: forwarded to ``vim.extraction.main``.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +31,61 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
+# The classes a config or `--model X` / `--data X` names by their short names: imported, so the parser knows them.
+from vim.data.classification import ClassificationDataModule
+from vim.data.generated import DigitsDataModule, MovingDigitsDataModule, ShapesDataModule  # noqa: F401
+from vim.data.images import ImageDataModule  # noqa: F401
+from vim.data.points import PointCloudDataModule  # noqa: F401
+from vim.data.video import VideoClipDataModule  # noqa: F401
 from vim.data.workers import available_cores
+from vim.models.weights import has_released_weights
 from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
-from vim.training.classifier import Classifier
+from vim.training.classifier import Classifier, weights_from_checkpoint
+from vim.training.image_classifier import ImageClassifier  # noqa: F401
+from vim.training.points import PointCloudClassifier  # noqa: F401
 from vim.training.run_folder import RunFolder, finished
+from vim.training.video import VideoClassifier  # noqa: F401
+
+PROG = "vim"
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (--ckpt_path last resumes the latest run)",
+    "validate": "evaluate a checkpoint on the validation data",
+    "test": "evaluate a checkpoint on the test data (several views per video)",
+    "predict": "write the top-5 classes of each input to a CSV",
+}
+COMMANDS = {
+    **LIGHTNING_COMMANDS,
+    "export": "write a checkpoint's (EMA) weights as .safetensors for timm",
+    "extract": "write features of images, video clips or point clouds",
+}
+
+
+def command_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``vim --help`` lists every command with a line saying what it does."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Vision Mamba for images, video and point clouds: training, evaluation, export, feature extraction.",
+        epilog=f"'{PROG} <command> --help' lists a command's options.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="<command>", required=True)
+    for name, description in COMMANDS.items():
+        commands.add_parser(name, help=description, add_help=False)
+    return parser
+
+
+def ignore_understood_dependency_warnings() -> None:
+    """Ignore the dependency warnings a plain command would print that neither the user nor vim can act on."""
+    # torch 2.9+ deprecates `isinstance(x, LeafSpec)`, which Lightning's own pytree helper still does every batch.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # jsonargparse 4.49 deprecates parser methods that LightningCLI calls (add_instantiator, instantiate_classes,
+    # skip_none); shown only where deprecation warnings are turned on, as under PYTHONWARNINGS=default.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
 
 
 def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataModule) -> None:
@@ -46,12 +102,44 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
 
 
 class VimCLI(LightningCLI):
-    """LightningCLI with run folders, atomic checkpoint files, a final checkpoint and report, and the predictions CSV."""
+    """LightningCLI with linked data and model settings, run folders, atomic checkpoint files, a final checkpoint and
+    report, the predictions CSV, and initial weights read only when no checkpoint replaces them."""
 
     run_folder: RunFolder | None = None
+    checkpoint_has_weights = False
+    """The command loads a checkpoint, so the model was built without reading its released or initial weights."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CsvPredictionWriter, "predict_writer")
+        # Set once, in the data section; a data module or model without the setting skips the link.
+        parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
+        parser.link_arguments("data.init_args.num_frames", "model.init_args.num_frames")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand is not None else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if self.subcommand == "predict" and ckpt_path is None:
+            self.predict_with_released_weights(config.model)
+        self.checkpoint_has_weights = ckpt_path is not None
+        with weights_from_checkpoint() if self.checkpoint_has_weights else contextlib.nullcontext():
+            super().instantiate_classes()
+
+    @staticmethod
+    def predict_with_released_weights(model: Any) -> None:
+        """``predict`` without a checkpoint: the model's ``pretrained_file``, else the released weights of its name
+        (random weights predict nothing)."""
+        name = model.init_args.model
+        if model.init_args.get("pretrained_file"):
+            return
+        if has_released_weights(name):
+            model.init_args.pretrained = True
+        else:
+            warnings.warn(
+                f"vim predict without --ckpt_path: model '{name}' has no released weights, so the predictions come from "
+                "randomly initialised weights",
+                stacklevel=1,
+            )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -64,16 +152,20 @@ class VimCLI(LightningCLI):
                 trainer.callbacks.append(self.run_folder)
         return trainer
 
-    def checkpoint_to_load(self, ckpt_path: str | None) -> str | None:
-        """``ckpt_path`` with ``"last"`` resolved to the latest run's last checkpoint (:mod:`vim.training.run_folder`)."""
+    def checkpoint_to_load(self, model: LightningModule, ckpt_path: str | None) -> str | None:
+        """``ckpt_path`` with ``"last"`` resolved to the latest run's last checkpoint (:mod:`vim.training.run_folder`).
+
+        When there is none, the model gets the initial weights it was built without."""
         if ckpt_path == "last" and self.run_folder is not None:
-            return None if self.run_folder.checkpoint is None else str(self.run_folder.checkpoint)
+            ckpt_path = None if self.run_folder.checkpoint is None else str(self.run_folder.checkpoint)
+        if ckpt_path is None and self.checkpoint_has_weights and isinstance(model, Classifier):
+            model.restore_initial_weights()
         return ckpt_path
 
     def fit(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """Train (unless the checkpoint to resume already finished), validate the final weights if the last validation
         saw earlier ones, and print the report."""
-        resume = self.checkpoint_to_load(ckpt_path)
+        resume = self.checkpoint_to_load(model, ckpt_path)
         if ckpt_path == "last" and resume is None and self.run_folder is not None:
             rank_zero_warn(f"--ckpt_path last: no run under {self.run_folder.root} has a last checkpoint; starting a new run")
         if resume is not None and Path(resume).is_file() and (reason := finished(Path(resume), self.trainer)):
@@ -89,20 +181,21 @@ class VimCLI(LightningCLI):
             print("\n" + final_report(self.trainer, model, final.checkpoint, folder))
 
     def validate(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> Any:
-        return self.trainer.validate(model, ckpt_path=self.checkpoint_to_load(ckpt_path), **kwargs)
+        return self.trainer.validate(model, ckpt_path=self.checkpoint_to_load(model, ckpt_path), **kwargs)
 
     def test(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> Any:
-        return self.trainer.test(model, ckpt_path=self.checkpoint_to_load(ckpt_path), **kwargs)
+        return self.trainer.test(model, ckpt_path=self.checkpoint_to_load(model, ckpt_path), **kwargs)
 
     def predict(self, model: LightningModule, ckpt_path: str | None = None, **kwargs: Any) -> Any:
-        return self.trainer.predict(model, ckpt_path=self.checkpoint_to_load(ckpt_path), **kwargs)
+        return self.trainer.predict(model, ckpt_path=self.checkpoint_to_load(model, ckpt_path), **kwargs)
 
 
-def run_lightning(argv: list[str], run: bool = True) -> VimCLI:
-    """Parse ``argv`` (``fit --config ...``) and run it; with ``run=False``, ``argv`` has no subcommand."""
+def run_lightning(argv: list[str] | None = None, run: bool = True) -> VimCLI:
+    """Parse ``argv`` (``fit --config ...``; None: the command line) and run it; with ``run=False``, ``argv`` has no
+    subcommand."""
     return VimCLI(
         Classifier,
-        LightningDataModule,
+        ClassificationDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [FinalState()]},
@@ -113,17 +206,22 @@ def run_lightning(argv: list[str], run: bool = True) -> VimCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["extract"]:
+    """``vim <command> ...``: ``argv`` (default: the command line) names the command; ``vim --help`` lists them."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = args[0] if args else None
+    ignore_understood_dependency_warnings()
+    if command == "extract":
         from vim.extraction import main as extract_main  # imported only when asked for
 
-        extract_main(argv[1:])
-    elif argv[:1] == ["export"]:
+        extract_main(args[1:])
+    elif command == "export":
         from vim.training import export
 
-        export.main(argv[1:])
+        export.main(args[1:])
+    elif command in LIGHTNING_COMMANDS:
+        run_lightning(argv)  # None: LightningCLI reads the command line itself
     else:
-        run_lightning(argv)
+        command_parser().parse_args(args)  # prints the commands (--help), or names what is missing or unknown
 
 
 if __name__ == "__main__":

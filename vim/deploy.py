@@ -57,12 +57,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vim.files import atomic_write
 from vim.kernels import add_norm_ref, causal_conv1d_silu_ref
 from vim.kernels.scan_decomposition import decomposed_scan_forward
 from vim.models.point_mamba import PointMamba
 from vim.models.video_mamba import VideoMamba
 from vim.models.vision_mamba import VisionMamba
-from vim.training.checkpoint_io import atomic_write
 
 __all__ = [
     "FAMILIES",

@@ -57,22 +57,28 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
-from vim.data.images import IMAGE_EXTENSIONS, UNLABELLED, ImageFiles, UnreadableImage, walk_files
-from vim.data.points import (
-    HDF5_EXTENSIONS,
-    POINT_EXTENSIONS,
-    HDF5Clouds,
-    PointClouds,
-    PointFiles,
-    UnreadableCloud,
-    open_point_hdf5,
-)
-from vim.data.video import VIDEO_EXTENSIONS, UnreadableClip, VideoClipDataModule, VideoClips
+from vim.data.folders import walk_files
+from vim.data.images.dataset import IMAGE_EXTENSIONS, ImageFiles
+from vim.data.images.transforms import create_image_transform
+from vim.data.points.dataset import PointClouds
+from vim.data.points.readers import POINT_EXTENSIONS
+from vim.data.points.sources import HDF5_EXTENSIONS, HDF5Clouds, PointFiles, open_point_hdf5
+from vim.data.samples import UNLABELLED, Unreadable
+from vim.data.video.dataset import VideoClips
+from vim.data.video.decoding import VIDEO_EXTENSIONS
+from vim.data.video.transforms import create_video_transform
 from vim.data.workers import default_num_workers
 from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_devices
+from vim.files import check_weights_file
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
-from vim.training.checkpoint_io import check_weights_file
+from vim.models.weights import (
+    NoReleasedWeightsError,
+    ReleasedWeights,
+    WeightsUnavailableError,
+    create_released_model,
+    released_weights,
+)
 
 __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
@@ -100,28 +106,28 @@ class Modality:
     failure: type
 
 
-def _image_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
-    """Images through timm's evaluation transform for ``model`` (resize, centre crop, normalise)."""
-    from timm.data import create_transform, resolve_data_config
-
-    config = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:  # a model created with another img_size than its pretrained_cfg's
-        config["input_size"] = (config["input_size"][0], *img_size)
-    return ImageFiles([(path, UNLABELLED) for path in inputs], create_transform(**config, is_training=False))
-
-
-def _video_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
-    """Clips of ``num_frames`` evenly spaced frames through the video datamodule's evaluation transform."""
+def _eval_transform_settings(model: nn.Module) -> dict[str, Any]:
+    """The evaluation transform's settings of ``model``: its pretrained cfg's resize, crop and normalisation, at the
+    input size the model was created with (which may differ from the cfg's)."""
     from timm.data import resolve_data_config
 
     config = resolve_data_config({}, model=model)
-    patch_embed = model.patch_embed
-    data = VideoClipDataModule(
-        num_frames=patch_embed.num_frames, img_size=patch_embed.img_size[0], crop_pct=config["crop_pct"],
-        interpolation=config["interpolation"], mean=config["mean"], std=config["std"], num_workers=0,
-    )  # fmt: skip
-    return VideoClips([(path, UNLABELLED) for path in inputs], patch_embed.num_frames, data.eval_transform())
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
+    keys = ("interpolation", "crop_pct", "mean", "std")
+    return {"img_size": tuple(img_size), **{key: config[key] for key in keys}}
+
+
+def _image_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
+    """Images through the evaluation transform for ``model`` (resize, centre crop, normalise)."""
+    transform = create_image_transform(**_eval_transform_settings(model))
+    return ImageFiles([(path, UNLABELLED) for path in inputs], transform)
+
+
+def _video_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
+    """Clips of ``num_frames`` evenly spaced frames through the evaluation transform for ``model``."""
+    transform_settings = _eval_transform_settings(model)
+    transform = create_video_transform(**{**transform_settings, "img_size": transform_settings["img_size"][0]})
+    return VideoClips([(path, UNLABELLED) for path in inputs], model.patch_embed.num_frames, transform)
 
 
 def _point_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
@@ -134,9 +140,9 @@ def _point_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]
 
 
 MODALITIES: dict[str, Modality] = {
-    "images": Modality("images", IMAGE_EXTENSIONS, _image_dataset, UnreadableImage),
-    "points": Modality("points", POINT_EXTENSIONS + HDF5_EXTENSIONS, _point_dataset, UnreadableCloud),
-    "video": Modality("video", VIDEO_EXTENSIONS, _video_dataset, UnreadableClip),
+    "images": Modality("images", IMAGE_EXTENSIONS, _image_dataset, Unreadable),
+    "points": Modality("points", POINT_EXTENSIONS + HDF5_EXTENSIONS, _point_dataset, Unreadable),
+    "video": Modality("video", VIDEO_EXTENSIONS, _video_dataset, Unreadable),
 }
 
 
@@ -261,35 +267,17 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         )
 
 
-def released_weights(name: str, model_kwargs: dict[str, Any]) -> str | None:
-    """Where ``timm.create_model(name, pretrained=True)`` reads the weights of ``name``'s tag (the default tag for an
-    untagged name): ``hf-hub:<id>/<file>``, a URL or a file; None when the tag names no source."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    source = {**(cfg.to_dict() if cfg is not None else {}), **model_kwargs.get("pretrained_cfg_overlay", {})}
-    if source.get("file"):
-        return str(source["file"])
-    if source.get("hf_hub_id"):
-        return f"hf-hub:{source['hf_hub_id']}/{source.get('hf_hub_filename') or 'pytorch_model.bin'}"
-    return source.get("url") or None
-
-
-def missing_weights_message(name: str, location: str) -> str:
-    """Which file was looked for, where ``timm`` caches it, and the ways to provide it."""
-    if location.startswith("hf-hub:"):
+def unavailable_weights_message(info: ReleasedWeights) -> str:
+    """Which released file was looked for, where to put it, and the way around it (``--checkpoint``)."""
+    if info.hf_hub_id:
         from huggingface_hub import constants
 
-        repo, _, file = location.removeprefix("hf-hub:").rpartition("/")
-        where = f"the Hugging Face cache {constants.HF_HUB_CACHE} (huggingface-cli download {repo} {file})"
-    elif "://" in location:
-        file = location.rsplit("/", 1)[-1]
-        where = f"{Path(torch.hub.get_dir(), 'checkpoints', file)} (downloaded from {location})"
+        where = f"the Hugging Face cache {constants.HF_HUB_CACHE} (hf download {info.hf_hub_id} {info.filename})"
     else:
-        file, where = Path(location).name, location
+        where = f"{info.url_cache_file} (downloaded from {info.url})"
     return (
-        f"model '{name}': its released weights '{file}' are not available here (no network, or not downloaded yet); "
-        f"put the file in {where}, or pass it with --checkpoint {file}"
+        f"model '{info.name}': its released weights '{info.filename}' are not available here (no network, or not "
+        f"downloaded yet); put the file in {where}, or pass it with --checkpoint {info.filename}"
     )
 
 
@@ -317,19 +305,19 @@ def build_model(
     if random_weights:
         torch.manual_seed(seed)
         return create_model(name, **{**kwargs, "num_classes": 0}).eval(), name, kwargs, {"random": {"seed": seed}}
-    location = released_weights(name, kwargs)
-    if location is None:
-        raise ValueError(
+    info = released_weights(name)
+    if info is None:
+        raise NoReleasedWeightsError(
             f"model '{name}' has no released weights (its timm tag names no file, URL or Hugging Face Hub id): "
             "pass a weights file with --checkpoint (checkpoint=), or ask for seeded random weights with --random-weights "
             "(random_weights=True)"
         )
     try:
-        network = create_model(name, **{**kwargs, "num_classes": 0, "pretrained": True})
-    except OSError as error:  # offline, not cached, or the download failed (huggingface_hub's errors are OSErrors)
-        raise ValueError(f"{missing_weights_message(name, location)} ({type(error).__name__}: {error})") from error
-    tag = f"{network.pretrained_cfg.get('architecture', name)}.{network.pretrained_cfg.get('tag', '')}".rstrip(".")
-    return network.eval(), name, kwargs, {"released": {"tag": tag, "source": location}}
+        network = create_released_model(name, **{**kwargs, "num_classes": 0})
+    except WeightsUnavailableError as error:
+        raise ValueError(f"{unavailable_weights_message(info)}. {error}") from error
+    source = f"hf-hub:{info.hf_hub_id}/{info.filename}" if info.hf_hub_id else info.url
+    return network.eval(), name, kwargs, {"released": {"tag": info.name, "source": source}}
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vim.training.checkpoint_io import atomic_write
+from vim.files import atomic_write
 
 __all__ = ["MANIFEST", "STRATEGIES", "Shards", "compute_features", "extract_shards", "trainer_devices"]
 

@@ -1,0 +1,10 @@
+"""Classification data for images, video clips and point clouds.
+
+- :mod:`vim.data.classification`: the shared base of the three data modules (loaders, resumable shuffling, skip
+  reporting, class lists); :mod:`vim.data.images`, :mod:`vim.data.video` and :mod:`vim.data.points` are siblings on it,
+  each with its readers, transforms (functions every caller asks, as timm's ``create_transform``), dataset and data
+  module.
+- :mod:`vim.data.folders` (the class-folder layout), :mod:`vim.data.samples` (what datasets hand their loaders),
+  :mod:`vim.data.sampling` (seeded, resumable sampling), :mod:`vim.data.workers` (loader processes).
+- :mod:`vim.data.generated`: the quickstarts' generated datasets.
+"""

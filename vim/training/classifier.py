@@ -10,7 +10,7 @@ run draws the same random numbers as an uninterrupted one.
 How a new modality builds on it (e.g. ``VideoClassifier``)::
 
     class VideoClassifier(Classifier):
-        def __init__(self, model: str, num_classes: int, num_frames: int = 8, **kwargs) -> None:
+        def __init__(self, model: str, num_classes: int | None = None, num_frames: int = 8, **kwargs) -> None:
             super().__init__(model, num_classes, **kwargs)  # recipe arguments go through **kwargs
 
         def model_kwargs(self) -> dict:                 # extra timm kwargs, e.g. the clip length
@@ -24,15 +24,18 @@ for (B, C, H, W) images and (B, C, T, H, W) clips; leave them at 0 for point clo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from timm.data import Mixup
+from timm.data import ImageNetInfo, Mixup, infer_imagenet_subset
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -42,8 +45,23 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.sampling import mix_seed, seed_everything_from
-from vim.training.checkpoint_io import check_weights_file
+from vim.files import check_weights_file
+from vim.models.weights import create_released_model, released_weights
 from vim.training.schedule import WarmupCosine
+
+_WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Classifiers built inside this context leave ``pretrained`` / ``pretrained_file`` unread (random initial weights):
+    a checkpoint is about to restore every weight, so resuming or evaluating offline needs neither the hub nor the
+    file. :meth:`Classifier.restore_initial_weights` reads them after all."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -53,6 +71,20 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         hint = f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"
         raise ValueError(f"model '{name}' is not a registered timm model{hint}")
     return timm.create_model(name, **kwargs)
+
+
+def check_image_fits_patch(model: nn.Module, img_size: int | tuple[int, int] | None) -> None:
+    """ValueError when an image (or frame) side is smaller than one patch of the model's ``patch_embed`` (if it has
+    one): the image and video classifiers' check of ``img_size``."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch_size = getattr(patch_embed, "patch_size", None)
+    img_size = img_size if img_size is not None else getattr(patch_embed, "img_size", None)
+    if patch_size is None or img_size is None:
+        return
+    patch_size = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if any(i < p for i, p in zip(img_size, patch_size)):
+        raise ValueError(f"img_size={img_size} is smaller than one patch (patch_size={patch_size}); use a larger img_size")
 
 
 def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -78,10 +110,14 @@ class Classifier(LightningModule):
     """Train, evaluate and predict with a timm classifier; subclasses add their modality's model arguments.
 
     Args:
-        model: timm model name, e.g. ``vim_tiny_patch16_224`` (any ``timm.list_models()`` name works).
-        num_classes: number of classes (checked against the datamodule's class folders).
+        model: timm model name, e.g. ``vim_tiny_patch16_224`` (any ``timm.list_models()`` name works); a tag
+            (``vim_small_patch16_224.in1k``) selects the released weights that ``pretrained`` loads.
+        num_classes: number of classes. The ``vim`` command sets it from the data's classes; None (data without
+            labelled splits, e.g. ``predict`` on a folder of files) keeps the released head of a ``pretrained`` model.
         model_kwargs: extra ``timm.create_model`` arguments (``patch_size``, ``embed_dim``, ``depth``, ...).
-        pretrained_file: initialize from a weights file (``.safetensors``/``.pth``, e.g. from ``vim export``)
+        pretrained: start from the released weights of the model name's tag (``vim.models.weights``: downloaded once
+            into timm's cache); a head of another size than the released one is re-initialized for ``num_classes``.
+        pretrained_file: start from a weights file instead (``.safetensors``/``.pth``, e.g. from ``vim export``)
             through timm's pretrained loading (a classifier head of another size is re-initialized).
         drop_path_rate: stochastic depth rate.
         lr: peak learning rate (after any batch-size scaling).
@@ -97,13 +133,17 @@ class Classifier(LightningModule):
         mixup_alpha: Mixup beta-distribution alpha (0 disables).
         cutmix_alpha: CutMix alpha (0 disables).
         ema_decay: EMA decay per optimizer step (e.g. 0.99996); None disables EMA.
+
+    A checkpoint holds every weight: it is saved with ``pretrained`` off and no ``pretrained_file``, so restoring it
+    (resume, ``load_from_checkpoint``, ``vim extract --checkpoint``) reads neither the released nor the initial file.
     """
 
     def __init__(
         self,
         model: str,
-        num_classes: int,
+        num_classes: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
         pretrained_file: str | None = None,
         drop_path_rate: float = 0.0,
         lr: float = 1e-3,
@@ -119,20 +159,13 @@ class Classifier(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # Read settings from attributes, not self.hparams: under LightningCLI hparams hold what the config gave.
-        self.model_name, self.num_classes, self.extra_model_kwargs = model, num_classes, dict(model_kwargs or {})
-        self.pretrained_file, self.drop_path_rate = pretrained_file, drop_path_rate
-        self.lr, self.weight_decay, self.warmup_epochs, self.warmup_lr, self.min_lr = (
-            lr,
-            weight_decay,
-            warmup_epochs,
-            warmup_lr,
-            min_lr,
-        )
-        self.label_smoothing, self.layer_decay = label_smoothing, layer_decay
+        if pretrained and pretrained_file is not None:
+            raise ValueError("model.pretrained and model.pretrained_file both choose the initial weights: set one")
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
-        self.model = self.build_model()
+        self.class_names = self.released_class_names() if num_classes is None else [str(i) for i in range(num_classes)]
+        self.hparams.num_classes = num_classes = len(self.class_names)
+        self.model = self.build_model(initial_weights=not _WEIGHTS_FROM_CHECKPOINT.get())
         self.ema = ModelEmaV3(self.model, decay=ema_decay) if ema_decay is not None else None
         if self.ema is not None:
             self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
@@ -142,25 +175,56 @@ class Classifier(LightningModule):
             if mixup_alpha > 0 or cutmix_alpha > 0
             else None
         )
-        self.class_names = [str(i) for i in range(num_classes)]
         self.val_metrics = accuracy_metrics(num_classes, "val/")
         self.val_ema_metrics = accuracy_metrics(num_classes, "val_ema/")
         self.test_metrics = accuracy_metrics(num_classes, "test/")
         self.test_ema_metrics = accuracy_metrics(num_classes, "test_ema/")
         self._base_seed = 0
 
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the classifier head."""
+        return self.hparams.num_classes
+
     # ----------------------------------------------------------------------------------------- model
     def model_kwargs(self) -> dict[str, Any]:
         """Modality-specific ``timm.create_model`` arguments; subclasses extend this."""
         return {}
 
-    def build_model(self) -> nn.Module:
-        kwargs = {**self.model_kwargs(), **self.extra_model_kwargs}
-        kwargs.update(num_classes=self.num_classes, drop_path_rate=self.drop_path_rate)
-        if self.pretrained_file is not None:
-            check_weights_file(self.pretrained_file, "model.pretrained_file")
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": self.pretrained_file})
-        return create_model(self.model_name, **kwargs)
+    def build_model(self, initial_weights: bool = True) -> nn.Module:
+        """The timm model with released weights (``pretrained``), a weights file (``pretrained_file``) or, without
+        either or without ``initial_weights``, a random initialisation."""
+        hp = self.hparams
+        kwargs = {**self.model_kwargs(), **(hp.model_kwargs or {})}
+        kwargs.update(num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate)
+        if hp.pretrained and initial_weights:
+            return create_released_model(hp.model, **kwargs)
+        if hp.pretrained_file is not None and initial_weights:
+            check_weights_file(hp.pretrained_file, "model.pretrained_file")
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": hp.pretrained_file})
+        return create_model(hp.model, **kwargs)
+
+    def released_class_names(self) -> list[str]:
+        """The classes of the released head that ``pretrained`` loads (ImageNet's by name, others by number), for a
+        classifier given no ``num_classes``."""
+        info = released_weights(self.hparams.model) if self.hparams.pretrained else None
+        if info is None or info.num_classes == 0:
+            reason = "it has no released head" if info is not None else "model.pretrained is off"
+            raise ValueError(
+                f"model.num_classes is not set ({reason}); the vim command takes it from the data's classes: "
+                "give a labelled split (train / val / test) in the data section"
+            )
+        subset = infer_imagenet_subset({"num_classes": info.num_classes})
+        if subset is not None:
+            return ImageNetInfo(subset).label_descriptions()
+        return [str(i) for i in range(info.num_classes)]
+
+    def restore_initial_weights(self) -> None:
+        """Rebuild the model from ``pretrained`` / ``pretrained_file``, and the EMA from it: for a model built inside
+        :func:`weights_from_checkpoint` whose checkpoint turned out not to exist (``--ckpt_path last`` on a new run)."""
+        self.model = self.build_model()
+        if self.ema is not None:
+            self.ema.set(self.model)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) of the trained model."""
@@ -180,43 +244,54 @@ class Classifier(LightningModule):
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        """Take the class names from labelled data, which must have ``num_classes`` of them (the ``vim`` command sets
+        ``num_classes`` from the data; a model built by hand may disagree). ``predict`` names classes as the
+        checkpoint it loads does."""
         self._base_seed = torch.initial_seed()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage != "predict" and datamodule is not None and hasattr(datamodule, "classes"):
-            classes = list(datamodule.classes)
-            if len(classes) != self.num_classes:
-                raise ValueError(
-                    f"model.num_classes={self.num_classes} but the data has {len(classes)} classes "
-                    f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
-                )
-            self.class_names = classes
+        if stage == "predict" or getattr(datamodule, "num_classes", None) is None:
+            return
+        classes = list(datamodule.classes)
+        if len(classes) != self.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} but the data has {len(classes)} classes "
+                f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
+            )
+        self.class_names = classes
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the class names; mark the weights as restored from here (see the class docstring)."""
         checkpoint["class_names"] = self.class_names
+        if self.CHECKPOINT_HYPER_PARAMS_KEY in checkpoint:
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY].update(pretrained=False, pretrained_file=None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = checkpoint.get("class_names", self.class_names)
 
     # ----------------------------------------------------------------------------------------- training
     def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
         optimizer = create_optimizer_v2(
-            self.model, opt="adamw", lr=self.lr, weight_decay=self.weight_decay, layer_decay=self.layer_decay
+            self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
         )
         for group in optimizer.param_groups:  # timm leaves a layer's scale to its own schedulers; LambdaLR needs it in lr
-            group["lr"] = self.lr * group.get("lr_scale", 1.0)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = -(-self.train_batches_per_epoch() // self.trainer.accumulate_grad_batches)
-        warmup_steps = min(round(self.warmup_epochs * steps_per_epoch), total_steps)
-        schedule = WarmupCosine(self.lr, total_steps, warmup_steps, self.warmup_lr, self.min_lr)
+            group["lr"] = hp.lr * group.get("lr_scale", 1.0)
+        total_steps, steps_per_epoch = self.optimizer_steps()
+        warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps)
+        schedule = WarmupCosine(hp.lr, total_steps, warmup_steps, hp.warmup_lr, hp.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
 
-    def train_batches_per_epoch(self) -> int:
-        """Training batches per epoch (``estimated_stepping_batches`` skips loading the data when ``max_steps`` decides)."""
-        if math.isinf(self.trainer.num_training_batches):
-            self.trainer.fit_loop.setup_data()
-        if math.isinf(self.trainer.num_training_batches):
-            raise ValueError("warmup_epochs needs a training loader with a length; this one has none")
-        return int(self.trainer.num_training_batches)
+    def optimizer_steps(self) -> tuple[int, int]:
+        """Optimizer steps of the whole run (``trainer.estimated_stepping_batches``: ``max_epochs``, ``max_steps``,
+        ``limit_train_batches`` and accumulation applied) and of one epoch."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches  # loads the training data to count its batches, unless max_steps decides
+        batches = trainer.num_training_batches
+        if math.isinf(batches):  # max_steps alone bounds the run: the data module counts an epoch's batches
+            batches = getattr(trainer.datamodule, "train_batches_per_epoch", lambda: math.inf)()
+        if math.isinf(total) or math.isinf(batches):
+            raise ValueError("the schedule needs a training loader with a length, and max_epochs or max_steps")
+        return int(total), math.ceil(batches / trainer.accumulate_grad_batches)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Reseed from (seed, step, batch, rank): Mixup and drop path then draw the same numbers after a resume."""
@@ -230,7 +305,7 @@ class Classifier(LightningModule):
             return None  # every sample of the batch was unreadable: skip the step
         if self.mixup is not None:
             inputs, targets = self.mixup(inputs, targets)
-        loss = classification_loss(self.model(inputs), targets, self.label_smoothing)
+        loss = classification_loss(self.model(inputs), targets, self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(inputs))
         return loss
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vim.training.checkpoint_io import atomic_write, check_weights_file
+from vim.files import atomic_write, check_weights_file
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
@@ -54,6 +54,7 @@ def checkpoint_model_settings(checkpoint: dict) -> tuple[str | None, dict[str, A
     """
     hparams = checkpoint.get("hyper_parameters", {})
     kwargs = dict(hparams.get("model_kwargs") or {})
+    kwargs.pop("pretrained", None)  # the checkpoint's weights replace any released ones (older runs set it here)
     kwargs.update({key: hparams[key] for key in CHECKPOINT_MODEL_KWARGS if hparams.get(key) is not None})
     return hparams.get("model"), kwargs
 

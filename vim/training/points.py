@@ -15,20 +15,24 @@ class PointCloudClassifier(Classifier):
 
     Args:
         model: timm model name, e.g. ``pointmamba_small``.
-        num_classes: number of classes.
+        num_classes: number of classes (the ``vim`` command sets it from the data's classes).
         num_groups: patches per cloud (None keeps the model's default).
         group_size: points per patch (None keeps the model's default).
         **kwargs: the training recipe, see :class:`~vim.training.classifier.Classifier`.
     """
 
-    def __init__(self, model: str, num_classes: int, num_groups: int | None = None, group_size: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: str,
+        num_classes: int | None = None,
+        num_groups: int | None = None,
+        group_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         for name in ("mixup_alpha", "cutmix_alpha"):
             if kwargs.get(name, 0.0) > 0:
                 raise ValueError(f"{name}={kwargs[name]}: Mixup / CutMix work on images and clips, not point clouds; set it to 0")
-        self.tokenizer_kwargs = {
-            key: value for key, value in (("num_groups", num_groups), ("group_size", group_size)) if value is not None
-        }
         super().__init__(model, num_classes, **kwargs)
 
     def model_kwargs(self) -> dict[str, Any]:
-        return dict(self.tokenizer_kwargs)
+        return {key: self.hparams[key] for key in ("num_groups", "group_size") if self.hparams[key] is not None}

@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from vim.training.checkpoint_io import atomic_write
+from vim.files import atomic_write
 
 FOLDER_LOGGERS = (CSVLogger, TensorBoardLogger)
 """Loggers that write into ``save_dir/name/<version>``: the run folder is their version."""

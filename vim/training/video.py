@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vim.training.classifier import Classifier
-from vim.training.image_classifier import check_image_fits_patch
+from vim.training.classifier import Classifier, check_image_fits_patch
 
 
 def average_view_logits(model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
@@ -35,31 +34,28 @@ class VideoClassifier(Classifier):
     """Classifier of (B, 3, T, H, W) clips, e.g. Kinetics-400 or Something-Something v2 with a VideoMamba backbone.
 
     Args:
-        model: timm model name, e.g. ``videomamba_tiny``.
-        num_classes: number of classes.
-        num_frames: clip length passed to the model (set it equal to ``data.num_frames``).
-        img_size: frame side passed to the model (set it equal to ``data.img_size``); None keeps the model's default.
+        model: timm model name, e.g. ``videomamba_tiny`` (``videomamba_tiny.in1k`` with ``pretrained``: VideoMamba's
+            ImageNet image model, inflated to ``num_frames``).
+        num_classes: number of classes (the ``vim`` command sets it from the data's classes).
+        num_frames: clip length passed to the model (the ``vim`` command sets it from ``data.num_frames``).
+        img_size: frame side passed to the model (the ``vim`` command sets it from ``data.img_size``); None keeps the
+            model's default.
         **kwargs: the training recipe, see :class:`~vim.training.classifier.Classifier` (``pretrained_file`` may be an
             image checkpoint: VideoMamba inflates it).
     """
 
-    def __init__(self, model: str, num_classes: int, num_frames: int = 8, img_size: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: str, num_classes: int | None = None, num_frames: int = 8, img_size: int | None = None, **kwargs: Any
+    ) -> None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-        self.num_frames, self.img_size = num_frames, img_size
         super().__init__(model, num_classes, **kwargs)
         check_image_fits_patch(self.model, img_size)
 
     def model_kwargs(self) -> dict[str, Any]:
-        kwargs = {"num_frames": self.num_frames}
-        return kwargs if self.img_size is None else {**kwargs, "img_size": self.img_size}
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        data_frames = getattr(datamodule, "num_frames", self.num_frames)
-        if data_frames != self.num_frames:
-            raise ValueError(f"model.num_frames={self.num_frames} but data.num_frames={data_frames}; set them equal")
+        kwargs = {"num_frames": self.hparams.num_frames}
+        img_size = self.hparams.img_size
+        return kwargs if img_size is None else {**kwargs, "img_size": img_size}
 
     def classify(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return average_view_logits(model, inputs)

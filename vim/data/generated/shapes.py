@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vim.data.digits import cache_dir
+from vim.data.generated.cache import cache_dir, write_once
 from vim.data.points import PointCloudDataModule, sample_mesh_surface, up_axis_rotation
 
 SHAPE_CLASSES = ["cone", "cube", "cylinder", "pyramid", "sphere", "torus"]
@@ -100,20 +100,18 @@ def make_shape(name: str, rng: np.random.Generator, count: int = 1024, noise: fl
 def write_shapes_tree(
     root: str | os.PathLike, train_per_class: int = 120, val_per_class: int = 30, points_per_shape: int = 1024, seed: int = 0
 ) -> Path:
-    """Write ``root/{train,val}/<class>/<n>.npy`` once (marked by ``root/.complete``; an interrupted write is redone)."""
-    root = Path(root)
-    marker = root / ".complete"
-    if marker.exists():
-        return root
-    rng = np.random.default_rng(seed)
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for name in tqdm(SHAPE_CLASSES, desc=f"writing shapes/{split}", leave=False):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                np.save(folder / f"{i:04d}.npy", make_shape(name, rng, points_per_shape))
-    marker.touch()
-    return root
+    """Write ``root/{train,val}/<class>/<n>.npy`` once (:func:`~vim.data.generated.cache.write_once`). Returns ``root``."""
+
+    def write(root: Path) -> None:
+        rng = np.random.default_rng(seed)
+        for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+            for name in tqdm(SHAPE_CLASSES, desc=f"writing shapes/{split}", leave=False):
+                folder = root / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(per_class):
+                    np.save(folder / f"{i:04d}.npy", make_shape(name, rng, points_per_shape))
+
+    return write_once(root, write)
 
 
 class ShapesDataModule(PointCloudDataModule):
@@ -140,11 +138,10 @@ class ShapesDataModule(PointCloudDataModule):
 
     @property
     def root(self) -> Path:
-        return Path(self.paths["train_path"]).parent
+        return Path(self.paths["train"]).parent
 
     def prepare_data(self) -> None:
         write_shapes_tree(self.root, *self.per_class)
 
-    @property
-    def classes(self) -> list[str]:
+    def read_classes(self) -> list[str]:
         return SHAPE_CLASSES

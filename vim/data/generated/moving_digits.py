@@ -19,8 +19,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vim.data.digits import DIGIT_CLASSES, cache_dir
-from vim.data.video import VideoClipDataModule, _pyav
+from vim.data.generated.cache import cache_dir, write_once
+from vim.data.generated.digits import DIGIT_CLASSES
+from vim.data.video.datamodule import VideoClipDataModule
+from vim.data.video.decoding import _pyav
 
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 """Class name -> unit motion (rows, columns) per frame."""
@@ -82,7 +84,7 @@ def write_moving_digits(
     digit_size: int = 12,
     seed: int = 0,
 ) -> Path:
-    """Write ``root/{train,val}/<class>/<n>.mp4`` once (``root/.complete`` marks a finished tree). Returns ``root``.
+    """Write ``root/{train,val}/<class>/<n>.mp4`` once (:func:`~vim.data.generated.cache.write_once`). Returns ``root``.
 
     Args:
         root: output folder.
@@ -93,38 +95,37 @@ def write_moving_digits(
         digit_size: digit side in pixels after upscaling from 8 x 8.
         seed: seed of every random choice.
     """
-    from sklearn.datasets import load_digits
-
-    root = Path(root)
-    if (root / ".complete").exists():
-        return root
     if label not in ("direction", "digit"):
         raise ValueError(f"label must be 'direction' or 'digit', got {label!r}")
     if canvas % 2 or canvas <= digit_size:
         raise ValueError(f"canvas={canvas} must be even and larger than digit_size={digit_size}")
-    digits = load_digits()
-    images = [
-        np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((digit_size,) * 2, Image.Resampling.BICUBIC))
-        for im in digits.images
-    ]
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
-    pools = {"train": order[: len(order) * 3 // 4], "val": order[len(order) * 3 // 4 :]}
-    classes = list(DIRECTIONS) if label == "direction" else DIGIT_CLASSES
-    for split, count in (("train", num_train), ("val", num_val)):
-        for name in classes:
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-        for n in tqdm(range(count), desc=f"writing moving digits/{split}", leave=False):
-            if label == "direction":
-                image_index, direction = rng.choice(pools[split]), classes[n % len(classes)]
-            else:
-                candidates = pools[split][digits.target[pools[split]] == n % 10]
-                image_index, direction = rng.choice(candidates), list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-            name = direction if label == "direction" else str(digits.target[image_index])
-            clip = render_clip(images[image_index] / 255.0, direction, rng, num_frames, canvas)
-            write_video(root / split / name / f"{n:05d}.mp4", clip)
-    (root / ".complete").touch()
-    return root
+
+    def write(root: Path) -> None:
+        from sklearn.datasets import load_digits  # only when writing: scikit-learn is slow to import
+
+        digits = load_digits()
+        images = [
+            np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((digit_size,) * 2, Image.Resampling.BICUBIC))
+            for im in digits.images
+        ]
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(images))
+        pools = {"train": order[: len(order) * 3 // 4], "val": order[len(order) * 3 // 4 :]}
+        classes = list(DIRECTIONS) if label == "direction" else DIGIT_CLASSES
+        for split, count in (("train", num_train), ("val", num_val)):
+            for name in classes:
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+            for n in tqdm(range(count), desc=f"writing moving digits/{split}", leave=False):
+                if label == "direction":
+                    image_index, direction = rng.choice(pools[split]), classes[n % len(classes)]
+                else:
+                    candidates = pools[split][digits.target[pools[split]] == n % 10]
+                    image_index, direction = rng.choice(candidates), list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+                name = direction if label == "direction" else str(digits.target[image_index])
+                clip = render_clip(images[image_index] / 255.0, direction, rng, num_frames, canvas)
+                write_video(root / split / name / f"{n:05d}.mp4", clip)
+
+    return write_once(root, write)
 
 
 class MovingDigitsDataModule(VideoClipDataModule):
@@ -155,11 +156,10 @@ class MovingDigitsDataModule(VideoClipDataModule):
 
     @property
     def root(self) -> Path:
-        return Path(self.roots["train_root"]).parent
+        return Path(self.roots["train"]).parent
 
     def prepare_data(self) -> None:
         write_moving_digits(self.root, **self.generator)
 
-    @property
-    def classes(self) -> list[str]:
+    def read_classes(self) -> list[str]:
         return sorted(DIRECTIONS) if self.label == "direction" else DIGIT_CLASSES

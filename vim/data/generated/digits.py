@@ -15,41 +15,35 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vim.data.generated.cache import cache_dir, write_once
 from vim.data.images import ImageDataModule
 
 DIGIT_CLASSES = [str(d) for d in range(10)]
 
 
-def cache_dir() -> Path:
-    """``$VIM_CACHE`` or ``~/.cache/vim``."""
-    return Path(os.environ.get("VIM_CACHE", Path.home() / ".cache" / "vim"))
-
-
 def write_digits_tree(root: str | os.PathLike, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Path:
     """Write the digits as ``root/{train,val}/<digit>/<n>.png`` (grayscale, upscaled to ``image_size``) once.
 
-    The split is stratified and fixed by ``seed``. A finished tree is marked by ``root/.complete`` and
-    never rewritten; an interrupted write is redone. Returns ``root``.
+    The split is stratified and fixed by ``seed``. A finished tree is never rewritten; an interrupted write is redone
+    (:func:`~vim.data.generated.cache.write_once`). Returns ``root``.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    root = Path(root)
-    marker = root / ".complete"
-    if marker.exists():
-        return root
-    digits = load_digits()
-    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # (1797, 8, 8), values 0..16 in the source
-    indices = np.arange(len(pixels))
-    train, val = train_test_split(indices, test_size=val_fraction, random_state=seed, stratify=digits.target)
-    for split, split_indices in (("train", train), ("val", val)):
-        for label in DIGIT_CLASSES:
-            (root / split / label).mkdir(parents=True, exist_ok=True)
-        for i in tqdm(sorted(split_indices), desc=f"writing digits/{split}", leave=False):
-            image = Image.fromarray(pixels[i], mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
-            image.save(root / split / str(digits.target[i]) / f"{i:04d}.png")
-    marker.touch()
-    return root
+    def write(root: Path) -> None:
+        from sklearn.datasets import load_digits  # only when writing: scikit-learn is slow to import
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # (1797, 8, 8), values 0..16 in the source
+        indices = np.arange(len(pixels))
+        train, val = train_test_split(indices, test_size=val_fraction, random_state=seed, stratify=digits.target)
+        for split, split_indices in (("train", train), ("val", val)):
+            for label in DIGIT_CLASSES:
+                (root / split / label).mkdir(parents=True, exist_ok=True)
+            for i in tqdm(sorted(split_indices), desc=f"writing digits/{split}", leave=False):
+                image = Image.fromarray(pixels[i], mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC)
+                image.save(root / split / str(digits.target[i]) / f"{i:04d}.png")
+
+    return write_once(root, write)
 
 
 class DigitsDataModule(ImageDataModule):
@@ -66,11 +60,10 @@ class DigitsDataModule(ImageDataModule):
 
     @property
     def root(self) -> Path:
-        return Path(self.roots["train_root"]).parent
+        return Path(self.roots["train"]).parent
 
     def prepare_data(self) -> None:
         write_digits_tree(self.root)
 
-    @property
-    def classes(self) -> list[str]:
+    def read_classes(self) -> list[str]:
         return DIGIT_CLASSES

@@ -1,0 +1,76 @@
+"""The class-folder layout every modality reads: ``root/<class>/<sample>`` (ImageNet's ImageFolder layout).
+
+Class names are the sorted folder names; a sample is any file (or, for video, folder of frames) that the
+modality's lister finds under its class folder. An empty class folder is reported, not turned into a class without
+samples.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vim.data.samples import DataWarning
+
+
+def find_classes(root: str | os.PathLike, argument: str) -> list[str]:
+    """Sorted class folder names under ``root``; ``argument`` names the setting in error messages."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{argument}: data root '{root}' does not exist or is not a directory")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{argument}: '{root}' has no class folders; expected the ImageFolder layout {root}/<class>/<image>")
+    return classes
+
+
+def walk_files(root: str | os.PathLike, keep: Callable[[str], bool]) -> list[Path]:
+    """Files under ``root`` whose name passes ``keep``, recursively, in sorted order; hidden folders skipped."""
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [Path(folder, f) for f in sorted(files) if keep(f)]
+    return found
+
+
+def labelled_files(
+    root: str | os.PathLike,
+    classes: Sequence[str],
+    argument: str,
+    list_files: Callable[[Path], Sequence[str | os.PathLike]],
+    kind: str,
+    extensions: Sequence[str],
+    empty_is_error: bool = True,
+) -> list[tuple[str, int]]:
+    """``(path, class index)`` for every sample ``list_files`` finds under ``root/<class>/``, classes in the order given.
+
+    A class folder without samples is an error naming it (``empty_is_error``: a class the model would learn from no
+    example), else a :class:`DataWarning` (a validation or test split may lack a class). ValueError naming ``argument``,
+    what it looks for (``kind``, e.g. "image files", and their ``extensions``) when no folder has any.
+    """
+    found = {name: [str(path) for path in list_files(Path(root, name))] for name in classes}
+    if not any(found.values()):
+        raise ValueError(f"{argument}: no {kind} ({', '.join(extensions)}) in the class folders of '{root}'")
+    empty = [str(Path(root, name)) for name, paths in found.items() if not paths]
+    if empty:
+        message = f"{argument}: class folders without {kind} ({', '.join(extensions)}): {empty[:10]}" + (
+            " ..." if len(empty) > 10 else ""
+        )
+        if empty_is_error:
+            raise ValueError(f"{message}; add samples or remove the folders")
+        warnings.warn(f"{message}; these classes are not evaluated", DataWarning, stacklevel=2)
+    return [(path, target) for target, name in enumerate(classes) for path in found[name]]
+
+
+def check_same_classes(train_classes: Sequence[str], other_classes: Sequence[str], other: str = "val_root") -> None:
+    """ValueError naming the folders that only one of the train root and the ``other`` root has."""
+    if list(train_classes) == list(other_classes):
+        return
+    only_train = sorted(set(train_classes) - set(other_classes))
+    only_other = sorted(set(other_classes) - set(train_classes))
+    raise ValueError(
+        f"train_root and {other} have different class folders: only in train_root {only_train[:10]}"
+        f"{' ...' if len(only_train) > 10 else ''}, only in {other} {only_other[:10]}{' ...' if len(only_other) > 10 else ''}"
+    )

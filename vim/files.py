@@ -1,0 +1,44 @@
+"""Files that are never half written, and weights files checked before reading. No Lightning: extraction and export
+use them as well as training.
+
+:func:`atomic_write` replaces a file all at once, so a crash while saving never leaves a truncated ``last.ckpt``,
+export or feature shard; :func:`check_weights_file` names a missing or empty weights file and the setting that gave it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Replace ``path`` all at once: ``write(tmp)`` fills a temporary file beside it, which is fsynced and then
+    ``os.replace``-d into place.
+
+    ``os.replace`` is atomic on one filesystem, so ``path`` holds either its previous content or the complete
+    new one; the temporary file is removed if writing fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_weights_file(path: str | os.PathLike, argument: str) -> Path:
+    """``path`` once it names a file with content; ValueError naming ``argument`` and the file otherwise (a missing or
+    zero-byte file would otherwise end in torch.load's FileNotFoundError or bare ``EOFError: Ran out of input``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{argument}: '{path}' does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{argument}: '{path}' is empty (0 bytes), e.g. an interrupted download or copy")
+    return path
