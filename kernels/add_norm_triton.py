@@ -36,6 +36,10 @@ _MAX_BLOCK_ROWS = 16
 _MIN_BLOCK_D = 128
 """Narrower rows are masked in a tile of this width: few tiles in all (:func:`tile_choices`), each compiled in CI."""
 _NUM_WARPS = 8
+_BACKWARD_MAX_REGISTERS = 80
+"""``maxnreg`` of the backward kernel: left to itself, ptxas caps some variants at 64 registers and spills
+(LayerNorm with a residual and a bias in float32, rows of 257 to 512, on sm_90); under 80 none spills, and
+three blocks of 8 warps still fit on a multiprocessor (tools/triton_resources.py)."""
 _CPU_PROGRAMS = 4
 """Backward programs for CPU tensors under the interpreter: several, so the per-program sums are exercised."""
 
@@ -230,6 +234,7 @@ def backward_launch(
     flags = dict(
         HAS_DRESIDUAL=dresidual_out is not None, STORE_SUM=store_sum, STORE_HIDDEN=hidden_dtype is not None,
         HAS_BIAS=bias is not None, IS_RMS=is_rms, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
+        maxnreg=_BACKWARD_MAX_REGISTERS,
     )  # fmt: skip
     return KernelLaunch(_add_norm_bwd_kernel, (programs,), args, flags), (dsum, dhidden, dweight, dbias)
 

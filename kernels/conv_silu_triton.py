@@ -41,6 +41,9 @@ NUM_WARPS = 4
 """The one tile of every launch: BLOCK_L rows x BLOCK_C channels, NUM_WARPS warps."""
 BACKWARD_TILES = 4
 """Tiles of rows one backward program walks: fewer per-program sums of the parameters to add up."""
+_BACKWARD_MAX_REGISTERS = 255
+"""``maxnreg`` of the backward kernel: left to itself, ptxas caps some variants below what they need and spills
+(both directions at W 3 in float32 on sm_80: 168 registers and a stack frame)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +288,9 @@ def backward_launch(
         *x.stride(), *weight.stride(), *_weight_strides(weight_b), *dout.stride(), *dx.stride()[:2],
         *dparams.stride()[:3],
     )  # fmt: skip
-    flags = _flags(weight, bias, weight_b, bias_b) | dict(TILES=BACKWARD_TILES, BLOCK_W=triton.next_power_of_2(width + 1))
+    flags = _flags(weight, bias, weight_b, bias_b) | dict(
+        TILES=BACKWARD_TILES, BLOCK_W=triton.next_power_of_2(width + 1), maxnreg=_BACKWARD_MAX_REGISTERS
+    )
     return KernelLaunch(_conv_silu_bwd_kernel, grid, args, flags), dx, dparams
 
 
