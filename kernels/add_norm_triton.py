@@ -27,12 +27,19 @@ import triton
 import triton.language as tl
 
 from .add_norm import MAX_DIM
-from .scan_triton import on_device
+from .scan_triton import KernelLaunch
 
-__all__ = ["triton_add_norm_backward", "triton_add_norm_forward"]
+__all__ = ["backward_launch", "forward_launch", "triton_add_norm_backward", "triton_add_norm_forward"]
 
 _TILE_ELEMENTS = 2048
 _MAX_BLOCK_ROWS = 16
+_MIN_BLOCK_D = 128
+"""Narrower rows are masked in a tile of this width: few tiles in all (:func:`tile_choices`), each compiled in CI."""
+_NUM_WARPS = 8
+_BACKWARD_MAX_REGISTERS = 80
+"""``maxnreg`` of the backward kernel: left to itself, ptxas caps some variants at 64 registers and spills
+(LayerNorm with a residual and a bias in float32, rows of 257 to 512, on sm_90); under 80 none spills, and
+three blocks of 8 warps still fit on a multiprocessor (tools/triton_resources.py)."""
 _CPU_PROGRAMS = 4
 """Backward programs for CPU tensors under the interpreter: several, so the per-program sums are exercised."""
 
@@ -136,20 +143,45 @@ def _add_norm_bwd_kernel(
 
 
 def _tile(dim: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, num_warps) for rows of width ``dim``.
-
-    Checked with ptxas for sm_80 and sm_90 (bf16, both norms, D from 48 to 2048): no spills, at most about
-    150 registers per thread in the backward.
-    """
+    """(BLOCK_ROWS, BLOCK_D, num_warps) for rows of width ``dim``: one of :func:`tile_choices`."""
     if dim > MAX_DIM:
         raise ValueError(f"add_norm: the Triton kernels take rows of at most {MAX_DIM} values, got dim {dim}")
-    block_d = triton.next_power_of_2(dim)
-    block_rows = max(1, min(_MAX_BLOCK_ROWS, _TILE_ELEMENTS // block_d))
-    return block_rows, block_d, 8 if block_rows * block_d >= 2048 else 4
+    block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(dim))
+    return min(_MAX_BLOCK_ROWS, _TILE_ELEMENTS // block_d), block_d, _NUM_WARPS
+
+
+def tile_choices() -> list[tuple[int, int, int]]:
+    """Every tile the launchers can pick, (BLOCK_ROWS, BLOCK_D, num_warps): those compiled for each GPU target in CI.
+
+    Compiled for sm_80 and sm_90 on every test run (tools/triton_resources.py): no spills, registers per
+    thread and occupancy printed.
+    """
+    return list(dict.fromkeys(_tile(1 << k) for k in range(MAX_DIM.bit_length())))
 
 
 def _strides(x: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if x is None else x.stride()
+
+
+def forward_launch(hidden, residual, weight, bias, eps: float, is_rms: bool) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
+    """The forward launch for the inputs of :func:`triton_add_norm_forward`, with its outputs allocated:
+    ``(launch, normed, residual_out)``."""
+    batch, length, dim = hidden.shape
+    rows = batch * length
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()  # read with unit stride
+    block_rows, block_d, num_warps = _tile(dim)
+    normed = hidden.new_empty(hidden.shape, dtype=weight.dtype)
+    residual_out = hidden.new_empty(hidden.shape, dtype=torch.float32)
+    args = (
+        hidden, residual, weight, bias, normed, residual_out,
+        rows, length, dim, eps,
+        *hidden.stride(), *_strides(residual),
+    )  # fmt: skip
+    flags = dict(
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms,
+        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return KernelLaunch(_add_norm_fwd_kernel, (triton.cdiv(rows, block_rows),), args, flags), normed, residual_out
 
 
 def triton_add_norm_forward(hidden, residual, weight, bias, eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,20 +191,8 @@ def triton_add_norm_forward(hidden, residual, weight, bias, eps: float, is_rms: 
         hidden: (B, L, D), any strides; residual: (B, L, D) float32, any strides, or None;
         weight, bias: (D,), bias None for none.
     """
-    batch, length, dim = hidden.shape
-    rows = batch * length
-    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()  # read with unit stride
-    block_rows, block_d, num_warps = _tile(dim)
-    normed = hidden.new_empty(hidden.shape, dtype=weight.dtype)
-    residual_out = hidden.new_empty(hidden.shape, dtype=torch.float32)
-    with on_device(hidden.device):
-        _add_norm_fwd_kernel[(triton.cdiv(rows, block_rows),)](
-            hidden, residual, weight, bias, normed, residual_out,
-            rows, length, dim, eps,
-            *hidden.stride(), *_strides(residual),
-            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms,
-            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
-        )  # fmt: skip
+    launch, normed, residual_out = forward_launch(hidden, residual, weight, bias, eps, is_rms)
+    launch(hidden.device)
     return normed, residual_out
 
 
@@ -180,6 +200,43 @@ def _programs(x: torch.Tensor, tiles: int) -> int:
     """How many backward programs: a few per SM on a GPU."""
     target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else _CPU_PROGRAMS
     return max(1, min(tiles, target))
+
+
+def backward_launch(
+    dnormed, dresidual_out, residual_out, weight, bias, eps: float, is_rms: bool, store_sum: bool, hidden_dtype
+) -> tuple[KernelLaunch, tuple[torch.Tensor, ...]]:
+    """The backward launch for the inputs of :func:`triton_add_norm_backward`, with its outputs allocated.
+
+    Returns:
+        ``(launch, (dsum, dhidden, dweight, dbias))``: dsum and dhidden as :func:`triton_add_norm_backward` returns
+        them, dweight and dbias (programs, D) float32 per-program sums (dbias empty without a bias).
+    """
+    batch, length, dim = residual_out.shape
+    rows = batch * length
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()  # read with unit stride
+    block_rows, block_d, num_warps = _tile(dim)
+    programs = _programs(residual_out, triton.cdiv(rows, block_rows))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_rows) * block_rows
+    programs = triton.cdiv(rows, rows_per_program)
+
+    def empty() -> torch.Tensor:
+        return residual_out.new_empty(0)
+
+    dsum = torch.empty_like(residual_out) if store_sum else empty()
+    dhidden = residual_out.new_empty(residual_out.shape, dtype=hidden_dtype) if hidden_dtype is not None else empty()
+    dweight = residual_out.new_empty(programs, dim)
+    dbias = residual_out.new_empty(programs, dim) if bias is not None else empty()
+    args = (
+        dnormed, dresidual_out, residual_out, weight, dsum, dhidden, dweight, dbias,
+        rows, length, dim, eps, rows_per_program,
+        *dnormed.stride(), *_strides(dresidual_out),
+    )  # fmt: skip
+    flags = dict(
+        HAS_DRESIDUAL=dresidual_out is not None, STORE_SUM=store_sum, STORE_HIDDEN=hidden_dtype is not None,
+        HAS_BIAS=bias is not None, IS_RMS=is_rms, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
+        maxnreg=_BACKWARD_MAX_REGISTERS,
+    )  # fmt: skip
+    return KernelLaunch(_add_norm_bwd_kernel, (programs,), args, flags), (dsum, dhidden, dweight, dbias)
 
 
 def triton_add_norm_backward(
@@ -204,27 +261,8 @@ def triton_add_norm_backward(
         (dsum (B, L, D) float32 or empty, dhidden (B, L, D) in ``hidden_dtype`` or empty, dweight (D,), dbias (D,)
         or empty); dweight and dbias in their parameter's dtype.
     """
-    batch, length, dim = residual_out.shape
-    rows = batch * length
-    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()  # read with unit stride
-    block_rows, block_d, num_warps = _tile(dim)
-    programs = _programs(residual_out, triton.cdiv(rows, block_rows))
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_rows) * block_rows
-    programs = triton.cdiv(rows, rows_per_program)
-
-    def empty() -> torch.Tensor:
-        return residual_out.new_empty(0)
-
-    dsum = torch.empty_like(residual_out) if store_sum else empty()
-    dhidden = residual_out.new_empty(residual_out.shape, dtype=hidden_dtype) if hidden_dtype is not None else empty()
-    dweight = residual_out.new_empty(programs, dim)
-    dbias = residual_out.new_empty(programs, dim) if bias is not None else empty()
-    with on_device(residual_out.device):
-        _add_norm_bwd_kernel[(programs,)](
-            dnormed, dresidual_out, residual_out, weight, dsum, dhidden, dweight, dbias,
-            rows, length, dim, eps, rows_per_program,
-            *dnormed.stride(), *_strides(dresidual_out),
-            HAS_DRESIDUAL=dresidual_out is not None, STORE_SUM=store_sum, STORE_HIDDEN=hidden_dtype is not None,
-            HAS_BIAS=bias is not None, IS_RMS=is_rms, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
-        )  # fmt: skip
-    return dsum, dhidden, dweight.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype) if bias is not None else dbias
+    inputs = (dnormed, dresidual_out, residual_out, weight, bias, eps, is_rms, store_sum, hidden_dtype)
+    launch, (dsum, dhidden, dweight, dbias) = backward_launch(*inputs)
+    launch(residual_out.device)
+    dweight = dweight.sum(0).to(weight.dtype)
+    return dsum, dhidden, dweight, dbias.sum(0).to(bias.dtype) if bias is not None else dbias

@@ -9,15 +9,18 @@ anti-causal conv with the backward direction's taps (its causal conv seen from t
 Design
 ------
 Grid ``(batch * cdiv(L, BLOCK_L), cdiv(C, BLOCK_C))``: a program owns a ``(BLOCK_L, BLOCK_C)`` tile of
-rows and channels of one batch element. ``x`` is read through its strides (in a Mamba mixer it is the
+rows and channels of one batch element. The tile is the same for every call (16 rows x 64 channels, 4
+warps; a short sequence or few channels leave lanes masked), so the kernels a launch can pick differ only
+in W, the directions, the biases and the dtypes: each is compiled for sm_80 and sm_90 on every test run
+(tools/triton_resources.py). ``x`` is read through its strides (in a Mamba mixer it is the
 first half of the input projection, rows ``2C`` apart); with channel stride 1 each shifted tile is
 coalesced, and the W shifted loads of a tile hit the cache after the first. Both directions are
 written in one launch, so nothing is stacked afterwards.
 
 Backward: the pre-activations are recomputed from ``x`` (W multiply-adds, no stored activations).
 ``dx[t] = sum_i w0[i] dpre0[t + (W-1) - i] + w1[i] dpre1[t - (W-1) + i]`` needs ``dpre`` at W shifted
-rows, each recomputed from the shifted tiles of ``x`` and ``dout``. A backward program walks a few
-tiles down the sequence and sums the gradients of the taps and biases in registers; it writes them
+rows, each recomputed from the shifted tiles of ``x`` and ``dout``. A backward program walks up to
+``BACKWARD_TILES`` tiles down the sequence and sums the gradients of the taps and biases in registers; it writes them
 to a float32 buffer of per-program sums that torch adds up afterwards (deterministic, no atomics).
 """
 
@@ -28,14 +31,19 @@ import triton
 import triton.language as tl
 
 from .conv_silu_reference import split_param_sums
-from .scan_triton import on_device
+from .scan_triton import KernelLaunch
 
-__all__ = ["triton_conv_backward", "triton_conv_forward"]
+__all__ = ["backward_launch", "forward_launch", "triton_conv_backward", "triton_conv_forward"]
 
-_BLOCK_C = 64
-_BLOCK_L = 16
-_BACKWARD_TILES = 4
+BLOCK_L = 16
+BLOCK_C = 64
+NUM_WARPS = 4
+"""The one tile of every launch: BLOCK_L rows x BLOCK_C channels, NUM_WARPS warps."""
+BACKWARD_TILES = 4
 """Tiles of rows one backward program walks: fewer per-program sums of the parameters to add up."""
+_BACKWARD_MAX_REGISTERS = 255
+"""``maxnreg`` of the backward kernel: left to itself, ptxas caps some variants below what they need and spills
+(both directions at W 3 in float32 on sm_80: 168 registers and a stack frame)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,10 +188,11 @@ def _conv_silu_bwd_kernel(
     WIDTH: tl.constexpr, HAS_BIAS0: tl.constexpr, TWO_DIRECTIONS: tl.constexpr, HAS_BIAS1: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """A program walks TILES tiles of BLOCK_L rows, so that fewer programs write partial sums of the parameters;
+    """A program walks up to TILES tiles of BLOCK_L rows, so that fewer programs write partial sums of the parameters;
     those of a direction are held as (BLOCK_W, BLOCK_C), BLOCK_W >= W + 1: a row per tap, then the bias."""
     b = (tl.program_id(0) // l_blocks).to(tl.int64)
     first_row = (tl.program_id(0) % l_blocks) * (BLOCK_L * TILES)
+    last_row = tl.minimum(first_row + BLOCK_L * TILES, length)  # the last program's tiles stop at the sequence's end
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < channels
     x_ptr += b * stride_x_batch
@@ -192,8 +201,8 @@ def _conv_silu_bwd_kernel(
 
     sums0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     sums1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    for tile in range(TILES):
-        t = first_row + tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    for tile_row in range(first_row, last_row, BLOCK_L):
+        t = tile_row + tl.arange(0, BLOCK_L)
         dx, sums0 = _direction_backward(
             x_ptr, w0_ptr, b0_ptr, dout_ptr, t, c, c_mask, length, sums0,
             stride_x_len, stride_x_ch, stride_w0_ch, stride_w0_tap, stride_dout_len, stride_dout_ch,
@@ -222,15 +231,10 @@ def _conv_silu_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _blocks(length: int, channels: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_L, BLOCK_C, tiles of BLOCK_L rows per program, programs along the sequence).
-
-    Checked with ptxas for sm_80 and sm_90 (W = 4, both directions, bf16, 4 warps): no spills, the forward
-    at about 90 registers per thread, the backward at about 190.
-    """
-    block_l = min(triton.next_power_of_2(length), _BLOCK_L)
-    tiles = min(_BACKWARD_TILES, triton.cdiv(length, block_l)) if backward else 1
-    return block_l, min(triton.next_power_of_2(channels), _BLOCK_C), tiles, triton.cdiv(length, block_l * tiles)
+def _grid(batch: int, length: int, channels: int, backward: bool) -> tuple[tuple[int, int], int]:
+    """(grid, programs along the sequence of one batch element)."""
+    l_blocks = triton.cdiv(length, BLOCK_L * (BACKWARD_TILES if backward else 1))
+    return (batch * l_blocks, triton.cdiv(channels, BLOCK_C)), l_blocks
 
 
 def _dense(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -242,26 +246,58 @@ def _weight_strides(weight: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if weight is None else weight.stride()
 
 
-def _flags(weight: torch.Tensor, bias, weight_b, bias_b, block_l: int, block_c: int) -> dict:
+def _flags(weight: torch.Tensor, bias, weight_b, bias_b) -> dict:
     return dict(
         WIDTH=weight.shape[-1], HAS_BIAS0=bias is not None, TWO_DIRECTIONS=weight_b is not None,
-        HAS_BIAS1=bias_b is not None, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=4,
+        HAS_BIAS1=bias_b is not None, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )  # fmt: skip
+
+
+def forward_launch(x: torch.Tensor, weight, bias, weight_b, bias_b) -> tuple[KernelLaunch, torch.Tensor]:
+    """The forward launch for the inputs of :func:`triton_conv_forward`, with its output allocated: ``(launch, out)``."""
+    batch, length, channels = x.shape
+    bias, bias_b = _dense(bias), _dense(bias_b)
+    out = x.new_empty(1 if weight_b is None else 2, batch, length, channels)
+    grid, l_blocks = _grid(batch, length, channels, backward=False)
+    args = (
+        x, weight, bias, weight_b, bias_b, out,
+        length, channels, l_blocks,
+        *x.stride(), *weight.stride(), *_weight_strides(weight_b), *out.stride()[:3],
+    )  # fmt: skip
+    return KernelLaunch(_conv_silu_fwd_kernel, grid, args, _flags(weight, bias, weight_b, bias_b)), out
+
+
+def backward_launch(
+    dout: torch.Tensor, x: torch.Tensor, weight, bias, weight_b, bias_b
+) -> tuple[KernelLaunch, torch.Tensor, torch.Tensor]:
+    """The backward launch for the inputs of :func:`triton_conv_backward`, with its outputs allocated.
+
+    Returns:
+        ``(launch, dx, dparams)``: ``dx`` (B, L, C) contiguous in ``x.dtype``; ``dparams`` (programs, K, W + 1, C)
+        float32, each program's sums of the gradients of the taps and (row W) the bias.
+    """
+    batch, length, channels = x.shape
+    directions, width = dout.shape[0], weight.shape[-1]
+    bias, bias_b = _dense(bias), _dense(bias_b)
+    grid, l_blocks = _grid(batch, length, channels, backward=True)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dparams = x.new_empty(grid[0], directions, width + 1, channels, dtype=torch.float32)
+    args = (
+        x, weight, bias, weight_b, bias_b, dout, dx, dparams,
+        length, channels, l_blocks,
+        *x.stride(), *weight.stride(), *_weight_strides(weight_b), *dout.stride(), *dx.stride()[:2],
+        *dparams.stride()[:3],
+    )  # fmt: skip
+    flags = _flags(weight, bias, weight_b, bias_b) | dict(
+        TILES=BACKWARD_TILES, BLOCK_W=triton.next_power_of_2(width + 1), maxnreg=_BACKWARD_MAX_REGISTERS
+    )
+    return KernelLaunch(_conv_silu_bwd_kernel, grid, args, flags), dx, dparams
 
 
 def triton_conv_forward(x: torch.Tensor, weight, bias, weight_b, bias_b) -> torch.Tensor:
     """(K, B, L, C) contiguous in ``x.dtype``; x (B, L, C) any strides, weights (C, W), biases (C,) or None."""
-    batch, length, channels = x.shape
-    bias, bias_b = _dense(bias), _dense(bias_b)
-    out = x.new_empty(1 if weight_b is None else 2, batch, length, channels)
-    block_l, block_c, _, l_blocks = _blocks(length, channels, backward=False)
-    with on_device(x.device):
-        _conv_silu_fwd_kernel[(batch * l_blocks, triton.cdiv(channels, block_c))](
-            x, weight, bias, weight_b, bias_b, out,
-            length, channels, l_blocks,
-            *x.stride(), *weight.stride(), *_weight_strides(weight_b), *out.stride()[:3],
-            **_flags(weight, bias, weight_b, bias_b, block_l, block_c),
-        )  # fmt: skip
+    launch, out = forward_launch(x, weight, bias, weight_b, bias_b)
+    launch(x.device)
     return out
 
 
@@ -271,19 +307,7 @@ def triton_conv_backward(dout: torch.Tensor, x: torch.Tensor, weight, bias, weig
     ``dx`` is (B, L, C) contiguous in ``x.dtype``; the others have their input's shape and dtype, None
     where the input is None.
     """
-    batch, length, channels = x.shape
-    directions, width = dout.shape[0], weight.shape[-1]
-    bias, bias_b = _dense(bias), _dense(bias_b)
-    block_l, block_c, tiles, l_blocks = _blocks(length, channels, backward=True)
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dparams = x.new_empty(batch * l_blocks, directions, width + 1, channels, dtype=torch.float32)
-    with on_device(x.device):
-        _conv_silu_bwd_kernel[(batch * l_blocks, triton.cdiv(channels, block_c))](
-            x, weight, bias, weight_b, bias_b, dout, dx, dparams,
-            length, channels, l_blocks,
-            *x.stride(), *weight.stride(), *_weight_strides(weight_b), *dout.stride(), *dx.stride()[:2],
-            *dparams.stride()[:3],
-            **_flags(weight, bias, weight_b, bias_b, block_l, block_c), TILES=tiles, BLOCK_W=triton.next_power_of_2(width + 1),
-        )  # fmt: skip
+    launch, dx, dparams = backward_launch(dout, x, weight, bias, weight_b, bias_b)
+    launch(x.device)
     sums = dparams.sum(0)  # (K, W + 1, C)
     return split_param_sums(sums, dx, weight, bias, weight_b, bias_b)

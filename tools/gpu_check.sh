@@ -81,7 +81,7 @@ stage bench_models_inference "${limits[2]}" "$python" tools/bench_models.py --mo
 stage bench_models_training "${limits[3]}" "$python" tools/bench_models.py --models "${models[@]}" --modes training \
     "${training_args[@]}" "${timing[@]}" --fit-batch --same-process --out-dir "$out" --tag training
 if ((dry_run)); then
-    echo "== triton_resources: skipped in a dry run (CI compiles every variant in tests/test_scan_triton_targets.py)"
+    echo "== triton_resources: skipped in a dry run (CI compiles every variant in tests/test_triton_targets.py)"
 else
     stage triton_resources 45 env -u TRITON_INTERPRET "$python" tools/triton_resources.py --json "$out/triton_resources.json"
 fi

@@ -179,7 +179,7 @@ def resources(out: Path) -> list[str]:
     verdict = "FAIL" if spilling else "PASS"
     most = max(variants, key=lambda v: v["registers"])
     line = f"{verdict} triton resources (triton {found['meta']['triton']}): {len(variants)} variants, {len(spilling)} spill"
-    line += f"; most registers {most['registers']} ({most['kernel']} N={most['n_state']} sm_{most['arch']})"
+    line += f"; most registers {most['registers']} ({most['kernel']} {most['size']} {most['dtype']} sm_{most['arch']})"
     return [line]
 
 
