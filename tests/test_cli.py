@@ -1,4 +1,4 @@
-"""The ``vim`` command: configs, dispatch, the shortened quickstart with predict and export, and the plot tool."""
+"""The ``vimkit`` command: configs, dispatch, the shortened quickstart with predict and export, and the plot tool."""
 
 from __future__ import annotations
 
@@ -105,7 +105,10 @@ def test_quickstart_shortened_then_predict_and_export(tmp_path, monkeypatch, cap
     fit = run_lightning(["fit", "--config", config, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"])
     accuracy = max(float(fit.trainer.callback_metrics[k]) for k in ("val/acc1", "val_ema/acc1"))
     assert accuracy > 0.3, f"val accuracy {accuracy:.3f} after the shortened quickstart (chance is 0.1)"
-    assert "Final validation accuracy of the EMA weights (what vim export and vim predict use): top-1" in capsys.readouterr().out
+    assert (
+        "Final validation accuracy of the EMA weights (what vimkit export and vimkit predict use): top-1"
+        in capsys.readouterr().out
+    )
     last = tmp_path / "runs/quickstart/latest/checkpoints/last.ckpt"
     assert last.is_file() and (tmp_path / "runs/quickstart/latest/metrics.csv").is_file()
 
@@ -185,21 +188,54 @@ def test_plot_metrics_writes_a_png(tmp_path):
     assert bad.returncode != 0 and "no '*loss' or '*acc1'/'*acc5' columns" in bad.stderr
 
 
-def test_top_level_help_lists_every_command_with_what_it_does(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
-    lines = capsys.readouterr().out.splitlines()
-    for command in ("fit", "validate", "test", "predict", "export", "extract"):
+COMMANDS = ("fit", "validate", "test", "predict", "export", "extract")
+CONSOLE_SCRIPT = Path(sys.executable).parent / "vimkit"  # pip puts it beside the environment's python
+
+
+def assert_lists_every_command(help_text: str) -> None:
+    lines = help_text.splitlines()
+    assert lines[0].startswith("usage: vimkit "), lines[0]
+    for command in COMMANDS:
         (line,) = [line for line in lines if line.split()[:1] == [command]]
         assert len(line.split()) > 3, line  # the command, then a sentence
 
 
+def test_top_level_help_lists_every_command_with_what_it_does(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert_lists_every_command(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("launcher", ["console script", "python -m vim"])
+def test_the_installed_command_lists_every_command(launcher, tmp_path):
+    """``vimkit --help`` (the console script pip installed) and ``python -m vim --help`` print the same list."""
+    if launcher == "console script":
+        assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT} is missing: reinstall the package (pip install -e .)"
+        command = [str(CONSOLE_SCRIPT)]
+    else:
+        command = [sys.executable, "-m", "vim"]
+    done = subprocess.run([*command, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_lists_every_command(done.stdout)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_names_itself_vimkit_in_its_usage(command, capsys, monkeypatch):
+    """Whatever started the process (here pytest), a command's help shows how to type it: ``vimkit <command>``."""
+    monkeypatch.setattr(sys, "argv", ["something_else.py", command, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out.splitlines()[0].split()
+    assert usage[0] == "usage:" and usage[1] == "vimkit" and command in usage[2:4], usage
+
+
 def run_command(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``vim <args>`` in a fresh process (nothing imported beforehand), as a user runs it."""
-    code = "import sys; from vim.cli import main; sys.argv = ['vim', *sys.argv[1:]]; main()"
+    """``python -m vim <args>`` (what ``vimkit <args>`` runs) in a fresh process (nothing imported beforehand), as a
+    user runs it."""
     return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True
+        [sys.executable, "-m", "vim", *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True
     )
 
 

@@ -1,4 +1,4 @@
-"""Deployment (vim.deploy, ``vim export --format ...``): the decomposed scan, ONNX parity in onnxruntime for each family,
+"""Deployment (vim.deploy, ``vimkit export --format ...``): the decomposed scan, ONNX parity in onnxruntime for each family,
 torch.export with the scan op as one node, AOTInductor packages in a fresh process, and clear errors for bad requests."""
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _assert_onnx_matches(
 
 @pytest.mark.slow  # an ONNX export: 15-50 s on 2 cores
 def test_onnx_image_model_from_a_weights_file_through_the_cli(tmp_path, capsys):
-    """``vim export --model test_vim --ckpt weights.safetensors --opset 23 --out m.onnx``: the format follows the suffix."""
+    """``vimkit export --model test_vim --ckpt weights.safetensors --opset 23 --out m.onnx``: the format follows the suffix."""
     source = timm.create_model("test_vim", num_classes=10)
     weights = tmp_path / "test_vim.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))

@@ -1,4 +1,4 @@
-"""``vim extract``: features of each modality against the model run directly, manifest, resume, bad input."""
+"""``vimkit extract``: features of each modality against the model run directly, manifest, resume, bad input."""
 
 from __future__ import annotations
 
@@ -284,7 +284,7 @@ IMAGES_SETTINGS = ["--model", "test_vim", "--random-weights", "--shard-size", "3
 
 
 def extract_with_two_processes(folder: Path, out: Path) -> subprocess.CompletedProcess:
-    """``vim extract --devices 2`` on CPU, as a user runs it: Lightning launches the second process (DDP over gloo)."""
+    """``vimkit extract --devices 2`` on CPU, as a user runs it: Lightning launches the second process (DDP over gloo)."""
     command = [sys.executable, "-m", "vim.cli", "extract", *IMAGES_SETTINGS, "--input", str(folder), "--out", str(out)]
     result = subprocess.run(
         [*command, "--devices", "2", "--device", "cpu", "--num-workers", "0"], capture_output=True, text=True, timeout=600
@@ -327,7 +327,7 @@ def test_two_processes_write_the_shards_of_one_and_one_process_resumes_them(tmp_
     assert [s["rows"] for s in manifest["shards"]] == [3, 3, 3, 0] and len(manifest["failed"]) == 1
 
     result = extract_with_two_processes(folder, tmp_path / "two")
-    assert "vim extract (rank 0 of 2)" in result.stderr and "| 6/6 " in result.stderr  # rank 0: shards 0 and 2
+    assert "vimkit extract (rank 0 of 2)" in result.stderr and "| 6/6 " in result.stderr  # rank 0: shards 0 and 2
     assert result.stdout.count("Features of 9 inputs") == 1, result.stdout  # printed by rank 0 alone
     assert_same_extraction(tmp_path / "two", tmp_path / "one")
 

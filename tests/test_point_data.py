@@ -206,7 +206,8 @@ def test_points_quickstart_shortened(tmp_path, monkeypatch, capsys):
     accuracy = float(fit.trainer.callback_metrics["val/acc1"])
     assert accuracy > 0.5, f"val accuracy {accuracy:.3f} after the shortened point quickstart (chance is 0.167)"
     assert (
-        "Final validation accuracy of the trained weights (what vim export and vim predict use): top-1" in capsys.readouterr().out
+        "Final validation accuracy of the trained weights (what vimkit export and vimkit predict use): top-1"
+        in capsys.readouterr().out
     )
     assert (tmp_path / "runs/points_quickstart/latest/checkpoints/last.ckpt").is_file()
 

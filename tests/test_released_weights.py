@@ -240,7 +240,7 @@ def test_a_checkpoint_restores_without_the_released_file(caches, tmp_path, monke
 
 
 def test_predict_without_a_checkpoint_uses_the_released_weights_and_classes(caches, tmp_path, monkeypatch):
-    """vim predict on a tagged name and a folder of images: the released weights, head and ImageNet class names."""
+    """vimkit predict on a tagged name and a folder of images: the released weights, head and ImageNet class names."""
     from PIL import Image
     from timm.data import ImageNetInfo, create_transform
 

@@ -1,4 +1,4 @@
-"""What a ``vim fit`` leaves behind: its final state, a folder per run, ``latest``, and resuming into the same folder."""
+"""What a ``vimkit fit`` leaves behind: its final state, a folder per run, ``latest``, and resuming into the same folder."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_fit_ends_with_its_final_state_and_reports_the_accuracy_export_uses(tmp_
         torch.testing.assert_close(state["optimizer_states"][0]["state"][index]["exp_avg"], moments["exp_avg"], rtol=0, atol=0)
 
     reported = printed(
-        r"Final validation accuracy of the EMA weights \(what vim export and vim predict use\): top-1 ([\d.]+)%", out
+        r"Final validation accuracy of the EMA weights \(what vimkit export and vimkit predict use\): top-1 ([\d.]+)%", out
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

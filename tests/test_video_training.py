@@ -1,4 +1,4 @@
-"""VideoClassifier: multi-view averaging, and the video quickstart end to end through the ``vim`` command."""
+"""VideoClassifier: multi-view averaging, and the video quickstart end to end through the ``vimkit`` command."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
 A long video of moving noise is written once (``--video`` reuses a file). Each (implementation, mode) then runs in a
 fresh process, which reports how much its peak resident set grew while it read one sample through
 :class:`~vim.data.video.VideoClips`: ``train`` (one clip by random segment sampling), ``eval`` (the centre clip, as
-validation, ``predict`` and ``vim extract`` take it) and ``test`` (4 clips). ``before`` is
+validation, ``predict`` and ``vimkit extract`` take it) and ``test`` (4 clips). ``before`` is
 ``vim/data/video.py`` as of ``--before`` (a git revision: it decoded every frame of the file and kept them),
 ``after`` the working tree's. Writes ``benchmarks/video_decode_memory.{json,md}`` with the machine, versions and
 date. Seconds are reported too, but they come from one run on a shared CPU: read them as rough.

@@ -1,6 +1,6 @@
-"""The ``vim`` command.
+"""The ``vimkit`` command (also ``python -m vim``).
 
-- ``vim fit|validate|test|predict --config configs/<name>.yaml [--section.key value ...]``: LightningCLI
+- ``vimkit fit|validate|test|predict --config configs/<name>.yaml [--section.key value ...]``: LightningCLI
   over any :class:`~vim.training.classifier.Classifier` and classification data module named in the config
   (``class_path``, or a short class name: ``--model ImageClassifier``, ``--model.help ImageClassifier``). The data
   section sets what model and data share (``img_size``, ``num_frames``; the number of classes comes from the data's
@@ -10,8 +10,8 @@
   to CSV (``--predict_writer.output``; default ``<run folder>/predictions.csv``). Resume an interrupted run with
   ``--ckpt_path last``. A command that loads a checkpoint does not read the model's released or initial weights file
   (the checkpoint holds every weight); ``predict`` without a checkpoint uses the model name's released weights.
-- ``vim export --ckpt CKPT --out FILE.safetensors``: the trained (EMA) weights for ``timm.create_model``.
-- ``vim extract ...``: forwarded to ``vim.extraction.main``.
+- ``vimkit export --ckpt CKPT --out FILE.safetensors``: the trained (EMA) weights for ``timm.create_model``.
+- ``vimkit extract ...``: forwarded to ``vim.extraction.main``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from vim.training.points import PointCloudClassifier  # noqa: F401
 from vim.training.run_folder import RunFolder, finished
 from vim.training.video import VideoClassifier  # noqa: F401
 
-PROG = "vim"
+PROG = "vimkit"
+"""The command's name in help and usage, however it was started (the console script or ``python -m vim``)."""
 LIGHTNING_COMMANDS = {
     "fit": "train a model (--ckpt_path last resumes the latest run)",
     "validate": "evaluate a checkpoint on the validation data",
@@ -62,7 +63,7 @@ COMMANDS = {
 
 
 def command_parser() -> argparse.ArgumentParser:
-    """The top-level parser: ``vim --help`` lists every command with a line saying what it does."""
+    """The top-level parser: ``vimkit --help`` lists every command with a line saying what it does."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Vision Mamba for images, video and point clouds: training, evaluation, export, feature extraction.",
@@ -136,7 +137,7 @@ class VimCLI(LightningCLI):
             model.init_args.pretrained = True
         else:
             warnings.warn(
-                f"vim predict without --ckpt_path: model '{name}' has no released weights, so the predictions come from "
+                f"vimkit predict without --ckpt_path: model '{name}' has no released weights, so the predictions come from "
                 "randomly initialised weights",
                 stacklevel=1,
             )
@@ -200,13 +201,14 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> VimCLI:
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [FinalState()]},
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": PROG},
         args=argv,
         run=run,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``vim <command> ...``: ``argv`` (default: the command line) names the command; ``vim --help`` lists them."""
+    """``vimkit <command> ...``: ``argv`` (default: the command line) names the command; ``vimkit --help`` lists them."""
     args = sys.argv[1:] if argv is None else list(argv)
     command = args[0] if args else None
     ignore_understood_dependency_warnings()

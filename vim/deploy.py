@@ -14,7 +14,7 @@ API::
     runner = torch._inductor.aoti_load_package("vim_t.pt2")
     logits = runner(images)
 
-Command line: ``vim export --format onnx|torch_export|aoti --model NAME [--ckpt FILE] --out FILE`` (see
+Command line: ``vimkit export --format onnx|torch_export|aoti --model NAME [--ckpt FILE] --out FILE`` (see
 :mod:`vim.training.export`).
 
 Families (:data:`FAMILIES`): :class:`~vim.models.VisionMamba` takes images ``(B, C, H, W)``,
@@ -176,7 +176,7 @@ def load_model(
         name: timm model name, with a pretrained tag for ``pretrained`` (e.g. ``vim_tiny_patch16_224.in1k``);
             may be left out with a Lightning checkpoint, which records it.
         checkpoint: a Lightning ``.ckpt`` of a vim Classifier (its model settings, class count and (EMA)
-            weights), or a weights file (``.safetensors`` from ``vim export``, an official ``.pth``) loaded
+            weights), or a weights file (``.safetensors`` from ``vimkit export``, an official ``.pth``) loaded
             through timm's pretrained path (position embeddings resampled, shapes checked).
         pretrained: load the timm tag's weights (timm downloads them).
         head: keep the classifier; False: the model outputs its pooled pre-logits features.
@@ -429,7 +429,7 @@ def _checked_path(path: str | os.PathLike, suffix: str) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------- vim export
+# ---------------------------------------------------------------------------------------------- vimkit export
 def export_model(
     format: str,
     out: str | os.PathLike,
@@ -446,7 +446,7 @@ def export_model(
     use_ema: bool = True,
     progress: bool = True,
 ) -> Path:
-    """:func:`load_model` then write it in ``format`` ("onnx", "torch_export" or "aoti") to ``out``; what ``vim export`` runs.
+    """:func:`load_model` then write it in ``format`` ("onnx", "torch_export" or "aoti") to ``out``; what ``vimkit export`` runs.
 
     ``num_points`` is the cloud size of a point model's input (default: its pretrained config's); the other
     arguments are those of :func:`load_model`, :func:`export_onnx` and :func:`export_aoti`. Returns ``out``.
@@ -467,7 +467,7 @@ def export_model(
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``vim export`` for the model formats (:func:`export_model`'s arguments)."""
+    """The options of ``vimkit export`` for the model formats (:func:`export_model`'s arguments)."""
     group = parser.add_argument_group("model formats (onnx, torch_export, aoti)")
     group.add_argument("--model", help="timm model name; default: the one a Lightning --ckpt records")
     group.add_argument("--pretrained", action="store_true", help="load the timm tag's weights (e.g. vim_tiny_patch16_224.in1k)")

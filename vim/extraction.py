@@ -1,11 +1,11 @@
-"""Feature extraction for images, video clips and point clouds: ``vim extract`` and :func:`extract`.
+"""Feature extraction for images, video clips and point clouds: ``vimkit extract`` and :func:`extract`.
 
 Command line::
 
-    vim extract --model vim_small_patch16_224.in1k --input photos/ --out feats/       # released weights (timm tag)
-    vim extract --checkpoint runs/points_quickstart/latest/checkpoints/last.ckpt --input clouds.h5 --out feats/ --tokens
-    vim extract --model videomamba_tiny --checkpoint vm_t.pth --input clips.txt --out feats/ --layers 5 11 --format safetensors
-    vim extract --model videomamba_small.k400_f8 --input k400.txt --out /shared/feats/ --devices 8 --num-nodes 4   # DDP
+    vimkit extract --model vim_small_patch16_224.in1k --input photos/ --out feats/       # released weights (timm tag)
+    vimkit extract --checkpoint runs/points_quickstart/latest/checkpoints/last.ckpt --input clouds.h5 --out feats/ --tokens
+    vimkit extract --model videomamba_tiny --checkpoint vm_t.pth --input clips.txt --out feats/ --layers 5 11 --format safetensors
+    vimkit extract --model videomamba_small.k400_f8 --input k400.txt --out /shared/feats/ --devices 8 --num-nodes 4   # DDP
 
 Python::
 
@@ -379,7 +379,7 @@ def extract(
         model: timm model name (may be None with a Lightning ``.ckpt`` checkpoint, which records it).
         inputs: folder, list file, HDF5 file, single file, or sequence of files.
         out: output folder (created; a rerun resumes it).
-        checkpoint: weights: ``.safetensors`` / ``.pth`` (e.g. from ``vim export``, or official) or a Lightning ``.ckpt``;
+        checkpoint: weights: ``.safetensors`` / ``.pth`` (e.g. from ``vimkit export``, or official) or a Lightning ``.ckpt``;
             None: the released weights of the model name's timm tag.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``embed_dim``, ``num_frames``, ...).
         modality: "images", "video" or "points"; None detects it from the file extensions.
@@ -453,7 +453,7 @@ def read_features(out: str | os.PathLike, key: str = "pooled") -> tuple[np.ndarr
     out = Path(out)
     manifest = json.loads((out / MANIFEST).read_text())
     if not manifest.get("complete"):
-        raise ValueError(f"'{out}' holds an unfinished extraction; rerun vim extract to complete it")
+        raise ValueError(f"'{out}' holds an unfinished extraction; rerun vimkit extract to complete it")
     if key not in manifest["settings"]["keys"]:
         raise ValueError(f"key {key!r} was not extracted; available: {manifest['settings']['keys']}")
     arrays = []
@@ -471,12 +471,14 @@ def read_features(out: str | os.PathLike, key: str = "pooled") -> tuple[np.ndarr
 
 # ---------------------------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> None:
-    """``vim extract --model NAME [--checkpoint FILE] --input PATH --out DIR [options]``."""
-    parser = argparse.ArgumentParser(prog="vim extract", description="Extract features of images, video clips or point clouds.")
+    """``vimkit extract --model NAME [--checkpoint FILE] --input PATH --out DIR [options]``."""
+    parser = argparse.ArgumentParser(
+        prog="vimkit extract", description="Extract features of images, video clips or point clouds."
+    )
     parser.add_argument("--model", help="timm model name (optional with a Lightning .ckpt, which records it)")
     parser.add_argument(
         "--checkpoint",
-        help="weights: .safetensors / .pth, or a Lightning .ckpt from vim fit (default: the model tag's released weights)",
+        help="weights: .safetensors / .pth, or a Lightning .ckpt from vimkit fit (default: the model tag's released weights)",
     )
     parser.add_argument("--random-weights", action="store_true", help="without --checkpoint: seeded random weights")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
@@ -515,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
 
 @rank_zero_only
 def _report(manifest: dict[str, Any], out: str) -> None:
-    """What ``vim extract`` prints (once, by rank 0)."""
+    """What ``vimkit extract`` prints (once, by rank 0)."""
     failed = manifest["failed"]
     print(f"Features of {manifest['num_rows']} inputs in {out} ({len(manifest['shards'])} shards, manifest {MANIFEST})")
     if failed:

@@ -269,7 +269,7 @@ class ExtractionProgress(Callback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         data: ExtractionShards = trainer.datamodule
-        desc = "vim extract" if trainer.world_size == 1 else f"vim extract (rank 0 of {trainer.world_size})"
+        desc = "vimkit extract" if trainer.world_size == 1 else f"vimkit extract (rank 0 of {trainer.world_size})"
         self.bar = tqdm(
             total=data.finished_inputs + data.inputs_to_do(), initial=data.finished_inputs, desc=desc, unit=self.unit,
             disable=not (self.enabled and trainer.is_global_zero),

@@ -11,7 +11,7 @@ turns them into Lightning's loaders:
 - samples that cannot be read never stop an epoch: they are left out of their batch, and each is reported as a
   :class:`~vim.data.samples.DataWarning` naming the file, with a running count; other notes about a sample (a small
   image upsampled, a truncated video) are reported once each;
-- ``num_classes`` is what the ``vim`` command passes to the model (``len(classes)``, or None when no labelled split
+- ``num_classes`` is what the ``vimkit`` command passes to the model (``len(classes)``, or None when no labelled split
   is given, e.g. ``predict`` with a folder of unlabelled files).
 
 Batches are named tuples whose first two fields are the inputs (B, ...) and the targets (B,), with ``paths`` (the

@@ -1,4 +1,4 @@
-"""Callbacks the ``vim`` command always installs: the final checkpoint, the predictions CSV writer; the final report."""
+"""Callbacks the ``vimkit`` command always installs: the final checkpoint, the predictions CSV writer; the final report."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class FinalState(Callback):
     """Ends every ``fit`` with a checkpoint of its final state, and notes whether its last validation saw that state.
 
     The trainer's checkpoint folder gets ``last.ckpt`` (weights, EMA, optimizer, schedule, loop and data position),
-    written through the trainer's checkpoint IO (atomically, under ``vim``), whatever the periodic checkpoints'
+    written through the trainer's checkpoint IO (atomically, under the ``vimkit`` command), whatever the periodic checkpoints'
     schedule: a run of 176 steps checkpointed every 50 ends with step 176, not 150. A run that stops at
     ``max_steps`` saves after its last batch, as a periodic checkpoint would, so that raising ``max_steps`` continues
     the same epoch (Lightning counts an epoch cut short at the end of training as complete).
@@ -60,8 +60,8 @@ class FinalState(Callback):
 
 
 def final_accuracy_line(metrics: dict[str, Any], has_ema: bool) -> str | None:
-    """The accuracy of the weights ``vim export`` and ``vim predict`` use (EMA when the run keeps it), from logged
-    validation metrics, e.g. ``of the EMA weights (what vim export and vim predict use): top-1 94.2% top-5 99.7%
+    """The accuracy of the weights ``vimkit export`` and ``vimkit predict`` use (EMA when the run keeps it), from logged
+    validation metrics, e.g. ``of the EMA weights (what vimkit export and vimkit predict use): top-1 94.2% top-5 99.7%
     (trained weights: top-1 95.0% top-5 99.7%)``; None without validation accuracy."""
 
     def accuracy(prefix: str) -> str | None:
@@ -70,14 +70,14 @@ def final_accuracy_line(metrics: dict[str, Any], has_ema: bool) -> str | None:
         return f"top-1 {100 * float(metrics[f'{prefix}acc1']):.1f}% top-5 {100 * float(metrics[f'{prefix}acc5']):.1f}%"
 
     trained, ema = accuracy("val/"), accuracy("val_ema/")
-    used = "(what vim export and vim predict use)"
+    used = "(what vimkit export and vimkit predict use)"
     if has_ema and ema is not None:
         return f"of the EMA weights {used}: {ema}" + (f" (trained weights: {trained})" if trained else "")
     return None if trained is None else f"of the trained weights {used}: {trained}"
 
 
 def final_report(trainer: Trainer, module: LightningModule, checkpoint: str | None, run_folder: Path | None) -> str:
-    """What a finished ``vim fit`` prints: steps, the run folder, the final checkpoint and the final accuracy."""
+    """What a finished ``vimkit fit`` prints: steps, the run folder, the final checkpoint and the final accuracy."""
     lines = [f"Finished {trainer.current_epoch} epochs, {trainer.global_step} steps."]
     if run_folder is not None:
         lines.append(f"Run folder: {run_folder} ({run_folder.parent / LATEST} points at it)")
@@ -87,7 +87,7 @@ def final_report(trainer: Trainer, module: LightningModule, checkpoint: str | No
             lines.append(f"Metrics: {metrics} (plot: python tools/plot_metrics.py {metrics})")
     if checkpoint is not None:
         step = trainer.global_step
-        lines.append(f"Final checkpoint: {checkpoint} (step {step}; timm weights: vim export --ckpt <it> --out <file>)")
+        lines.append(f"Final checkpoint: {checkpoint} (step {step}; timm weights: vimkit export --ckpt <it> --out <file>)")
     accuracy = final_accuracy_line(trainer.callback_metrics, getattr(module, "ema", None) is not None)
     if accuracy is not None:
         lines.append(f"Final validation accuracy {accuracy}")

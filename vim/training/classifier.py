@@ -112,12 +112,12 @@ class Classifier(LightningModule):
     Args:
         model: timm model name, e.g. ``vim_tiny_patch16_224`` (any ``timm.list_models()`` name works); a tag
             (``vim_small_patch16_224.in1k``) selects the released weights that ``pretrained`` loads.
-        num_classes: number of classes. The ``vim`` command sets it from the data's classes; None (data without
+        num_classes: number of classes. The ``vimkit`` command sets it from the data's classes; None (data without
             labelled splits, e.g. ``predict`` on a folder of files) keeps the released head of a ``pretrained`` model.
         model_kwargs: extra ``timm.create_model`` arguments (``patch_size``, ``embed_dim``, ``depth``, ...).
         pretrained: start from the released weights of the model name's tag (``vim.models.weights``: downloaded once
             into timm's cache); a head of another size than the released one is re-initialized for ``num_classes``.
-        pretrained_file: start from a weights file instead (``.safetensors``/``.pth``, e.g. from ``vim export``)
+        pretrained_file: start from a weights file instead (``.safetensors``/``.pth``, e.g. from ``vimkit export``)
             through timm's pretrained loading (a classifier head of another size is re-initialized).
         drop_path_rate: stochastic depth rate.
         lr: peak learning rate (after any batch-size scaling).
@@ -135,7 +135,7 @@ class Classifier(LightningModule):
         ema_decay: EMA decay per optimizer step (e.g. 0.99996); None disables EMA.
 
     A checkpoint holds every weight: it is saved with ``pretrained`` off and no ``pretrained_file``, so restoring it
-    (resume, ``load_from_checkpoint``, ``vim extract --checkpoint``) reads neither the released nor the initial file.
+    (resume, ``load_from_checkpoint``, ``vimkit extract --checkpoint``) reads neither the released nor the initial file.
     """
 
     def __init__(
@@ -211,7 +211,7 @@ class Classifier(LightningModule):
         if info is None or info.num_classes == 0:
             reason = "it has no released head" if info is not None else "model.pretrained is off"
             raise ValueError(
-                f"model.num_classes is not set ({reason}); the vim command takes it from the data's classes: "
+                f"model.num_classes is not set ({reason}); the vimkit command takes it from the data's classes: "
                 "give a labelled split (train / val / test) in the data section"
             )
         subset = infer_imagenet_subset({"num_classes": info.num_classes})
@@ -244,7 +244,7 @@ class Classifier(LightningModule):
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        """Take the class names from labelled data, which must have ``num_classes`` of them (the ``vim`` command sets
+        """Take the class names from labelled data, which must have ``num_classes`` of them (the ``vimkit`` command sets
         ``num_classes`` from the data; a model built by hand may disagree). ``predict`` names classes as the
         checkpoint it loads does."""
         self._base_seed = torch.initial_seed()

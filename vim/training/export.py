@@ -1,6 +1,6 @@
-"""``vim export``: trained weights from a Lightning checkpoint as a ``.safetensors`` file that timm loads, or a whole model.
+"""``vimkit export``: trained weights from a Lightning checkpoint as a ``.safetensors`` file that timm loads, or a whole model.
 
-``vim export --ckpt runs/quickstart/latest/checkpoints/last.ckpt --out digits_vim.safetensors`` writes the EMA
+``vimkit export --ckpt runs/quickstart/latest/checkpoints/last.ckpt --out digits_vim.safetensors`` writes the EMA
 weights (the trained weights with ``--no-ema`` or when the run had no EMA) under timm's own key names,
 so the file loads with::
 
@@ -13,8 +13,8 @@ file's metadata.
 
 ``--format onnx|torch_export|aoti`` exports the whole model instead (:mod:`vim.deploy`)::
 
-    vim export --ckpt runs/quickstart/checkpoints/last.ckpt --out digits_vim.onnx
-    vim export --format aoti --model vim_tiny_patch16_224 --ckpt vim_t_midclstok_76p1acc.pth --out vim_t.pt2
+    vimkit export --ckpt runs/quickstart/checkpoints/last.ckpt --out digits_vim.onnx
+    vimkit export --format aoti --model vim_tiny_patch16_224 --ckpt vim_t_midclstok_76p1acc.pth --out vim_t.pt2
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ FORMAT_OF_SUFFIX = {".safetensors": "safetensors", ".onnx": "onnx"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``vim export [--format F] --ckpt CKPT --out FILE [--no-ema]``; the model formats take ``--model`` and more."""
+    """``vimkit export [--format F] --ckpt CKPT --out FILE [--no-ema]``; the model formats take ``--model`` and more."""
     parser = argparse.ArgumentParser(
-        prog="vim export",
+        prog="vimkit export",
         description="Export trained (EMA) weights as .safetensors for timm, or a whole model (see vim.deploy) as ONNX, "
         "a torch.export program or an AOTInductor package.",
     )

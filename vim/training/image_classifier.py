@@ -12,8 +12,8 @@ class ImageClassifier(Classifier):
 
     Args:
         model: timm model name.
-        num_classes: number of classes (the ``vim`` command sets it from the data's classes).
-        img_size: input side passed to the model (the ``vim`` command sets it from ``data.img_size``); None keeps the
+        num_classes: number of classes (the ``vimkit`` command sets it from the data's classes).
+        img_size: input side passed to the model (the ``vimkit`` command sets it from ``data.img_size``); None keeps the
             model's default.
         **kwargs: the training recipe, see :class:`~vim.training.classifier.Classifier`.
     """

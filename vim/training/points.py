@@ -15,7 +15,7 @@ class PointCloudClassifier(Classifier):
 
     Args:
         model: timm model name, e.g. ``pointmamba_small``.
-        num_classes: number of classes (the ``vim`` command sets it from the data's classes).
+        num_classes: number of classes (the ``vimkit`` command sets it from the data's classes).
         num_groups: patches per cloud (None keeps the model's default).
         group_size: points per patch (None keeps the model's default).
         **kwargs: the training recipe, see :class:`~vim.training.classifier.Classifier`.

@@ -1,14 +1,14 @@
-"""Where a ``vim`` run writes: a folder per run, and ``latest`` pointing at the newest training run.
+"""Where a ``vimkit`` run writes: a folder per run, and ``latest`` pointing at the newest training run.
 
 With a config's loggers at ``save_dir: runs, name: quickstart`` (and ModelCheckpoint without a ``dirpath``)::
 
     runs/quickstart/
-        version_0/                      the first `vim fit --config configs/quickstart.yaml`
+        version_0/                      the first `vimkit fit --config configs/quickstart.yaml`
             config.yaml                 the settings it ran with
             hparams.yaml, metrics.csv   CSV logger (tools/plot_metrics.py draws metrics.csv)
             tensorboard/                TensorBoard logger (its sub_dir)
             checkpoints/last.ckpt       the run's final state (periodic checkpoints beside it)
-            test_0/                     a later `vim test` of one of its checkpoints (validate_N, predict_N alike)
+            test_0/                     a later `vimkit test` of one of its checkpoints (validate_N, predict_N alike)
         version_1/                      the next fit
         latest -> version_1
 
@@ -91,7 +91,7 @@ def resolve_checkpoint(root: Path, ckpt_path: str | None) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------- the run
 class RunFolder(Callback):
-    """The folder of one ``vim`` command, chosen before anything is written (see the module docstring).
+    """The folder of one ``vimkit`` command, chosen before anything is written (see the module docstring).
 
     Args:
         root: ``save_dir/name`` of the run's loggers, e.g. ``runs/quickstart``.
@@ -109,7 +109,7 @@ class RunFolder(Callback):
 
     @classmethod
     def choose(cls, trainer: Trainer, subcommand: str, ckpt_path: str | None) -> RunFolder | None:
-        """The folder for ``vim <subcommand> --ckpt_path <ckpt_path>``, with the trainer's loggers pointed at it.
+        """The folder for ``vimkit <subcommand> --ckpt_path <ckpt_path>``, with the trainer's loggers pointed at it.
 
         None when the first logger is not a CSV or TensorBoard logger (whose folders are ``save_dir/name/version``).
         """

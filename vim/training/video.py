@@ -1,6 +1,6 @@
 """Video classification on the shared :class:`~vim.training.classifier.Classifier` recipe.
 
-``vim fit --config configs/videomamba_tiny_k400_f8.yaml`` trains a VideoMamba on Kinetics-400 with the same
+``vimkit fit --config configs/videomamba_tiny_k400_f8.yaml`` trains a VideoMamba on Kinetics-400 with the same
 optimizer, schedule, EMA, Mixup / CutMix (on whole clips), metrics, checkpoints and export as the image
 models. Test batches from :class:`~vim.data.video.VideoClipDataModule` carry several views per video
 (B, V, 3, T, H, W) (clips x crops); their softmax scores are averaged into one prediction per video, as
@@ -36,9 +36,9 @@ class VideoClassifier(Classifier):
     Args:
         model: timm model name, e.g. ``videomamba_tiny`` (``videomamba_tiny.in1k`` with ``pretrained``: VideoMamba's
             ImageNet image model, inflated to ``num_frames``).
-        num_classes: number of classes (the ``vim`` command sets it from the data's classes).
-        num_frames: clip length passed to the model (the ``vim`` command sets it from ``data.num_frames``).
-        img_size: frame side passed to the model (the ``vim`` command sets it from ``data.img_size``); None keeps the
+        num_classes: number of classes (the ``vimkit`` command sets it from the data's classes).
+        num_frames: clip length passed to the model (the ``vimkit`` command sets it from ``data.num_frames``).
+        img_size: frame side passed to the model (the ``vimkit`` command sets it from ``data.img_size``); None keeps the
             model's default.
         **kwargs: the training recipe, see :class:`~vim.training.classifier.Classifier` (``pretrained_file`` may be an
             image checkpoint: VideoMamba inflates it).

@@ -26,7 +26,7 @@ class ImageDataModule(ClassificationDataModule):
         val_root: same classes, for validation (and ``test`` unless ``test_root`` is given).
         test_root: tree for ``test``.
         predict_root: folder of images (any nesting) to classify with ``predict``.
-        img_size: side of the square model input (the ``vim`` command gives it to the model too).
+        img_size: side of the square model input (the ``vimkit`` command gives it to the model too).
         batch_size: images per device and step (global batch = batch_size x devices x nodes).
         num_workers: loader processes per device.
         pin_memory: page-locked host memory for faster copies to the GPU.

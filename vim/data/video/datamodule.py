@@ -29,7 +29,7 @@ class VideoClipDataModule(ClassificationDataModule):
     problems (a truncated file, too few frames, small frames, variable frame rate) are warned about once per video.
 
     Args:
-        num_frames: frames per clip (the ``vim`` command gives it to the model too).
+        num_frames: frames per clip (the ``vimkit`` command gives it to the model too).
         train_root, val_root, test_root: class-folder trees of video files or frame folders.
         train_list, val_list, test_list: annotation files, used instead of the corresponding ``*_root`` tree.
         predict_root: folder of videos (any nesting) to classify with ``predict``.
@@ -40,7 +40,7 @@ class VideoClipDataModule(ClassificationDataModule):
         repeated_aug: training clips per video and step (VideoMamba's ``num_sample``): each video is decoded
             once and augmented this many times, so a batch of ``batch_size`` videos holds
             ``batch_size * repeated_aug`` clips. 1: off.
-        img_size: side of the square frames fed to the model (the ``vim`` command gives it to the model too).
+        img_size: side of the square frames fed to the model (the ``vimkit`` command gives it to the model too).
         batch_size: videos per device and step.
         num_workers: loader processes per device.
         pin_memory: page-locked host memory for faster copies to the GPU.
