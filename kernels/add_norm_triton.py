@@ -54,10 +54,7 @@ def _load_rows(ptr, r, d, mask, length, stride_batch, stride_len, stride_dim):
 @triton.jit
 def _normalise(x, mask, dim, eps, IS_RMS: tl.constexpr):
     """(xhat, rstd) of rows ``x`` (BLOCK_ROWS, BLOCK_D): RMS-normalised, or centred and normalised; 0 where masked."""
-    if IS_RMS:
-        centred = x
-    else:
-        centred = tl.where(mask, x - (tl.sum(x, axis=1) / dim)[:, None], 0.0)
+    centred = x if IS_RMS else tl.where(mask, x - (tl.sum(x, axis=1) / dim)[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / dim + eps)
     return centred * rstd[:, None], rstd
 

@@ -24,6 +24,7 @@ slices also keep the working set in cache.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .scan_layout import CHUNK_SIZE, empty_channels_last, empty_checkpoints, num_chunks
 
-__all__ = ["chunked_forward", "chunked_backward", "linear_recurrence_"]
+__all__ = ["chunked_backward", "chunked_forward", "linear_recurrence_"]
 
 SLICE_ELEMENTS = 1 << 21
 """Largest ``batch_slice * Lp * dim * N`` handled at once (three float32 buffers of 8 MiB)."""
@@ -83,10 +84,10 @@ def linear_recurrence_(x: Tensor, m: Tensor, chunk: int, reverse: bool) -> Tenso
         end = torch.addcmul(xs[:, :, step], ms[:, :, step], end)
     decay = ms.prod(2)
     entry = torch.zeros_like(end)
-    for previous, current in zip(chunks, chunks[1:]):
+    for previous, current in itertools.pairwise(chunks):
         torch.addcmul(end[:, previous], decay[:, previous], entry[:, previous], out=entry[:, current])
     xs[:, :, first].addcmul_(ms[:, :, first], entry)
-    for previous, step in zip(steps, steps[1:]):
+    for previous, step in itertools.pairwise(steps):
         xs[:, :, step].addcmul_(ms[:, :, step], xs[:, :, previous])
     return x
 

@@ -176,8 +176,8 @@ def _build(compiler: str, compile_flags: tuple[str, ...], link_flags: tuple[str,
         record.write_text(_fingerprint(built) + "\n")
         # atomic renames: a concurrent build of the same key is harmless, and a reader that finds the record
         # of one build beside the library of another rebuilds
-        os.replace(record, _checksum_file(target))
-        os.replace(built, target)
+        record.replace(_checksum_file(target))
+        built.replace(target)
     return target
 
 

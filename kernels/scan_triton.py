@@ -103,10 +103,7 @@ def _load_tile(ptr, rows, cols, mask, stride_rows, stride_cols):
 def _load_delta(delta_ptr, bias, t, d, mask, stride_l, stride_d, SOFTPLUS: tl.constexpr):
     """(delta + bias before softplus, delta used by the scan), both (BLOCK_T, BLOCK_D); 0 where masked."""
     pre = _load_tile(delta_ptr, t, d, mask, stride_l, stride_d) + bias[None, :]
-    if SOFTPLUS:
-        delta = tl.where(pre <= 20.0, tl.log(1.0 + tl.exp(pre)), pre)
-    else:
-        delta = pre
+    delta = tl.where(pre <= 20.0, tl.log(1.0 + tl.exp(pre)), pre) if SOFTPLUS else pre
     return pre, tl.where(mask, delta, 0.0)
 
 

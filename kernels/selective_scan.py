@@ -38,7 +38,7 @@ from torch import Tensor
 from .scan_layout import MAX_STATE, as_channels_last, empty_channels_last, empty_checkpoints
 from .scan_reference import selective_scan_ref
 
-__all__ = ["selective_scan", "bidirectional_selective_scan", "BACKENDS"]
+__all__ = ["BACKENDS", "bidirectional_selective_scan", "selective_scan"]
 
 BACKENDS = ("auto", "triton", "native", "torch", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -15,7 +15,7 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_video_decode.py"
 @pytest.mark.slow
 def test_bench_video_decode_compares_before_and_after(tmp_path):
     command = [sys.executable, str(TOOL), "--frames", "30", "--width", "64", "--height", "48", "--modes", "eval"]
-    subprocess.run(command + ["--out", str(tmp_path / "decode")], check=True, capture_output=True, text=True)
+    subprocess.run([*command, "--out", str(tmp_path / "decode")], check=True, capture_output=True, text=True)
     saved = json.loads((tmp_path / "decode.json").read_text())
     assert {"date", "machine", "pyav", "torch", "frames", "width", "height", "codec", "before"} <= saved["meta"].keys()
     assert (saved["meta"]["frames"], saved["meta"]["width"], saved["meta"]["height"]) == (30, 64, 48)

@@ -87,7 +87,7 @@ def test_config_with_unknown_model_lists_close_names(tmp_path, monkeypatch):
 @pytest.mark.parametrize("config", ["quickstart", "video_quickstart", "points_quickstart"])
 def test_zero_batch_size_is_refused_by_name(config, tmp_path, monkeypatch):
     monkeypatch.setenv("VIM_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match="data.batch_size must be at least 1"):
+    with pytest.raises(ValueError, match=r"data.batch_size must be at least 1"):
         run_lightning(["fit", "--config", str(REPO / f"configs/{config}.yaml"), "--data.batch_size=0"])
 
 
@@ -119,10 +119,17 @@ def test_quickstart_shortened_then_predict_and_export(tmp_path, monkeypatch, cap
         (images / f"digit{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
     predictions = tmp_path / "predictions.csv"
     main(
-        ["predict", "--config", config, f"--ckpt_path={last}", f"--data.init_args.predict_root={images}"]
-        + [f"--predict_writer.output={predictions}", "--trainer.enable_progress_bar=false"]
+        [
+            "predict",
+            "--config",
+            config,
+            f"--ckpt_path={last}",
+            f"--data.init_args.predict_root={images}",
+            f"--predict_writer.output={predictions}",
+            "--trainer.enable_progress_bar=false",
+        ]
     )
-    with open(predictions, newline="") as file:
+    with predictions.open(newline="") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == len(val) and list(rows[0])[:3] == ["path", "class1", "prob1"] and "class5" in rows[0]
 
@@ -164,7 +171,7 @@ def test_predict_lists_every_input_with_the_reason_for_the_unreadable_ones(tmp_p
     assert "Predictions for 2 files and 3 unreadable files (the reason in the 'error' column): " in out
     path = out.split("'error' column): ")[1].split()[0]
     assert path == "runs/tiny/predict_0/predictions.csv"  # the command's own run folder
-    with open(path, newline="") as file:
+    with Path(path).open(newline="") as file:
         rows = {Path(row["path"]).name: row for row in csv.DictReader(file)}
     assert sorted(rows) == sorted(contents)
     for name in ("a.png", "b.png", "d.png"):

@@ -290,7 +290,7 @@ def test_an_unsupported_opset_is_refused_before_any_work(tmp_path, opset):
 
 def test_a_model_of_another_family_is_refused_with_the_reason(tmp_path):
     features = timm.create_model("test_vim", features_only=True, out_indices=(1,))
-    with pytest.raises(ValueError, match="cannot export a FeatureGetterNet: vim.deploy knows the inputs of VisionMamba"):
+    with pytest.raises(ValueError, match=r"cannot export a FeatureGetterNet: vim.deploy knows the inputs of VisionMamba"):
         export_onnx(features, tmp_path / "m.onnx", progress=False)
     with pytest.raises(ValueError, match="cannot export a Linear"):
         export_program(torch.nn.Linear(3, 3))
@@ -314,9 +314,9 @@ def test_cli_refuses_unclear_requests(tmp_path, capsys):
     assert "--ckpt: the safetensors format exports a Lightning checkpoint" in capsys.readouterr().err
     with pytest.raises(ValueError, match="num_points=64: a VisionMamba takes no point clouds"):
         main(["export", "--model", "test_vim", "--num-points", "64", "--out", str(tmp_path / "m.onnx")])
-    with pytest.raises(ValueError, match="output file .* must end in .onnx"):
+    with pytest.raises(ValueError, match=r"output file .* must end in .onnx"):
         export_onnx(timm.create_model("test_vim"), tmp_path / "m.bin", progress=False)
-    with pytest.raises(ValueError, match="checkpoint .*missing.ckpt' does not exist"):
+    with pytest.raises(ValueError, match=r"checkpoint .*missing.ckpt' does not exist"):
         load_model(checkpoint=tmp_path / "missing.ckpt")
     weights = tmp_path / "ten_classes.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("test_vim", num_classes=10).state_dict().items()}, str(weights))

@@ -171,7 +171,7 @@ def test_video_against_the_model(tmp_path):
 
 def test_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="input folder '.*empty' holds no image, video or point files"):
+    with pytest.raises(ValueError, match=r"input folder '.*empty' holds no image, video or point files"):
         extract("test_pointmamba", tmp_path / "empty", tmp_path / "o", progress=False)
     mixed = tmp_path / "mixed"
     mixed.mkdir()

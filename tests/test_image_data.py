@@ -31,10 +31,10 @@ def data_module(train: Path | None, val: Path | None, **kwargs) -> ImageDataModu
 
 
 def test_missing_and_empty_roots_are_named(tmp_path):
-    with pytest.raises(ValueError, match="train_root: data root .*nowhere.* does not exist"):
+    with pytest.raises(ValueError, match=r"train_root: data root .*nowhere.* does not exist"):
         data_module(tmp_path / "nowhere", None).setup("fit")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="train_root: .*empty.* has no class folders"):
+    with pytest.raises(ValueError, match=r"train_root: .*empty.* has no class folders"):
         data_module(tmp_path / "empty", None).setup("fit")
     (tmp_path / "no_images" / "cat").mkdir(parents=True)
     (tmp_path / "no_images" / "cat" / "notes.txt").write_text("not an image")

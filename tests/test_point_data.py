@@ -34,7 +34,7 @@ def write_ply(path: Path, points: np.ndarray, binary: bool) -> None:
     header = ["ply", f"format {'binary_little_endian' if binary else 'ascii'} 1.0", f"element vertex {len(points)}",
               "property float x", "property float y", "property float z", "property uchar intensity",
               "element face 0", "property list uchar int vertex_indices", "end_header"]  # fmt: skip
-    with open(path, "wb") as file:
+    with path.open("wb") as file:
         file.write(("\n".join(header) + "\n").encode())
         for x, y, z in points:
             file.write(struct.pack("<fffB", x, y, z, 7) if binary else f"{x} {y} {z} 7\n".encode())
@@ -228,6 +228,6 @@ def test_recipe_configs_build(config, classes, groups, points, augment):
 
 
 def test_classifier_refuses_image_mixing():
-    with pytest.raises(ValueError, match="mixup_alpha=0.8: Mixup / CutMix work on images and clips, not point clouds"):
+    with pytest.raises(ValueError, match=r"mixup_alpha=0.8: Mixup / CutMix work on images and clips, not point clouds"):
         PointCloudClassifier("test_pointmamba", num_classes=3, mixup_alpha=0.8)
     assert PointCloudClassifier("test_pointmamba", num_classes=3, num_groups=8).model.num_groups == 8

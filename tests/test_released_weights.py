@@ -164,8 +164,12 @@ def test_finetune_configs_start_from_the_released_weights(caches, config, hub_fi
         (classes_root / f"class{c}").mkdir(parents=True)
     data_root = "train_path" if config == "finetune_points" else "train_root"
     cli = run_lightning(
-        ["--config", str(REPO / "configs" / f"{config}.yaml"), f"--model.init_args.model_kwargs={json.dumps(small)}"]
-        + [f"--data.init_args.{data_root}={classes_root}"],
+        [
+            "--config",
+            str(REPO / "configs" / f"{config}.yaml"),
+            f"--model.init_args.model_kwargs={json.dumps(small)}",
+            f"--data.init_args.{data_root}={classes_root}",
+        ],
         run=False,
     )
     model = cli.model.model
@@ -179,7 +183,7 @@ def test_finetune_configs_start_from_the_released_weights(caches, config, hub_fi
 def test_url_file_missing_offline_names_the_torch_hub_path(caches) -> None:
     info = released_weights("pointmamba_scan_small_g128.scanobjectnn_hardest")
     assert info.source == "url" and info.filename == "pointmamba_finetune_scan_hardest.pth"
-    with pytest.raises(WeightsUnavailableError, match="finetune_scan_hardest.pth") as error:
+    with pytest.raises(WeightsUnavailableError, match=r"finetune_scan_hardest.pth") as error:
         resolve_pretrained(info.name)
     assert str(caches["urls"] / "pointmamba_finetune_scan_hardest.pth") in str(error.value)
     assert "no network in tests" in str(error.value)  # the download's own reason
@@ -263,11 +267,16 @@ def test_predict_without_a_checkpoint_uses_the_released_weights_and_classes(cach
             "--model=ImageClassifier",
             "--model.model=vim_small_patch16_224.in1k",
             f"--model.model_kwargs={json.dumps(SMALL)}",
+            "--data=ImageDataModule",
+            f"--data.predict_root={photos}",
+            "--data.img_size=32",
+            "--data.num_workers=0",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            f"--predict_writer.output={predictions}",
         ]
-        + ["--data=ImageDataModule", f"--data.predict_root={photos}", "--data.img_size=32", "--data.num_workers=0"]
-        + ["--trainer.accelerator=cpu", "--trainer.logger=false", f"--predict_writer.output={predictions}"]
     )
-    with open(predictions, newline="") as file:
+    with predictions.open(newline="") as file:
         rows = {Path(row["path"]).name: row for row in csv.DictReader(file)}
 
     model = timm.create_model("vim_small_patch16_224", img_size=32, **SMALL).eval()

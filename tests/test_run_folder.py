@@ -79,7 +79,7 @@ def test_fit_ends_with_its_final_state_and_reports_the_accuracy_export_uses(tmp_
 
 
 def metric_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as file:
+    with path.open(newline="") as file:
         return list(csv.DictReader(file))
 
 

@@ -32,13 +32,13 @@ def test_environment_variable_and_keyword_force_a_backend(monkeypatch):
 
 def test_unknown_backend_is_rejected_with_the_choices(monkeypatch):
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
-    with pytest.raises(ValueError, match="unknown selective-scan backend 'cuda'.*'triton'"):
+    with pytest.raises(ValueError, match=r"unknown selective-scan backend 'cuda'.*'triton'"):
         resolve_backend(torch.device("cpu"), "cuda")
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="needs CUDA tensors.*TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match=r"needs CUDA tensors.*TRITON_INTERPRET=1"):
         resolve_backend(torch.device("cpu"), "triton")
 
 

@@ -92,7 +92,7 @@ def test_unknown_model_lists_close_names():
 def test_the_class_count_comes_from_the_data_or_the_released_head():
     with pytest.raises(ValueError, match=r"model.num_classes is not set \(model.pretrained is off\).*labelled split"):
         ImageClassifier("test_vim", img_size=16)
-    with pytest.raises(ValueError, match="model.pretrained and model.pretrained_file both choose the initial weights"):
+    with pytest.raises(ValueError, match=r"model.pretrained and model.pretrained_file both choose the initial weights"):
         ImageClassifier("test_vim", num_classes=3, pretrained=True, pretrained_file="weights.pth")
 
 

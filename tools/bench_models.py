@@ -131,10 +131,11 @@ def _measure(model_name, size, mode, batch, warmup, iters, device, dtype, thread
             step_seconds.append(time.perf_counter() - start)
     except torch.cuda.OutOfMemoryError:
         return dict(model=model_name, size=size, mode=mode, batch=batch, status="OOM")
+    peak: int | None = None  # CPU peaks are measured only in a process of their own
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        peak = _peak_rss_bytes() - baseline_rss if isolated else None
+    elif isolated:
+        peak = _peak_rss_bytes() - baseline_rss
     return dict(
         model=model_name,
         size=size,

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     roofline = copy_bandwidth(device) if device == "cuda" else None
 
     rows = []
-    cases = [(b, L) for L in args.lengths for b in backends if not (b == "reference" and L > args.max_reference_length)]
+    cases = [(b, L) for L in args.lengths for b in backends if not (b == "reference" and args.max_reference_length < L)]
     for backend, length in tqdm(cases, desc="selective scan"):
         batch = batch_for(length)
         bidirectional = backend.endswith("-bidirectional")

@@ -17,13 +17,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def read_series(csv_path: Path) -> dict[str, list[tuple[float, float, float]]]:
     """``column -> [(step, epoch, value), ...]`` for every metric column with values (rows are sparse)."""
-    with open(csv_path, newline="") as file:
+    with csv_path.open(newline="") as file:
         rows = list(csv.DictReader(file))
     if not rows or "step" not in rows[0]:
         raise ValueError(f"{csv_path}: not a Lightning metrics.csv (needs a header with a 'step' column and rows)")

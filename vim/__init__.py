@@ -5,7 +5,7 @@
 it is loaded on first use, since it needs the data readers (PyAV, h5py) that plain timm users do not.
 """
 
-from . import models  # noqa: F401  (registers the backbones with timm)
+from . import models  # registers the backbones with timm
 
 __version__ = "0.1.0"
 __all__ = ["extract", "models", "read_features"]

@@ -68,8 +68,8 @@ __all__ = [
     "FAMILIES",
     "MODEL_FORMATS",
     "ONNX_OPSETS",
-    "add_export_arguments",
     "VIM_OP_DECOMPOSITIONS",
+    "add_export_arguments",
     "decompose_scan",
     "export_aoti",
     "export_from_arguments",
@@ -293,7 +293,7 @@ def save_program(model: nn.Module, path: str | os.PathLike, input_size: tuple[in
     program = export_program(model, input_size)
 
     def save_into(tmp: Path) -> None:
-        with open(tmp, "wb") as file:  # a file object: torch.export.save expects a path to end in .pt2
+        with tmp.open("wb") as file:  # a file object: torch.export.save expects a path to end in .pt2
             torch.export.save(program, file)
 
     atomic_write(path, save_into)
@@ -414,7 +414,7 @@ def export_aoti(
         bar.set_postfix_str("compile")
 
         def compile_into(tmp: Path) -> None:
-            with open(tmp, "wb+") as file:
+            with tmp.open("wb+") as file:
                 torch._inductor.aoti_compile_and_package(program, package_path=file)
 
         atomic_write(path, compile_into)

@@ -168,7 +168,7 @@ def _read_list(path: Path) -> list[str]:
         line = line.strip()
         if line and not line.startswith("#"):
             first = line.replace(",", " ").split()[0]
-            entries.append(str(path.parent / first) if not os.path.isabs(first) else first)
+            entries.append(first if Path(first).is_absolute() else str(path.parent / first))
     if not entries:
         raise ValueError(f"input list '{path}' names no files")
     return entries
@@ -221,7 +221,7 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str], modality: str | No
         paths = [str(p) for p in inputs]
         if not paths:
             raise ValueError("inputs: the list of files is empty")
-    paths = [os.path.abspath(path) for path in paths]  # one name per input, whatever the working directory
+    paths = [os.path.normpath(Path(path).absolute()) for path in paths]  # one name per input, whatever the working directory
     by_modality: dict[str | None, str] = {}
     for path in paths:
         by_modality.setdefault(modality_of(path), path)

@@ -78,7 +78,7 @@ def _write_shard(out: Path, name: str, arrays: dict[str, np.ndarray], fmt: str) 
     for key, array in arrays.items():
 
         def write(tmp: Path, array: np.ndarray = array) -> None:
-            with open(tmp, "wb") as file:
+            with tmp.open("wb") as file:
                 np.save(file, array)
 
         atomic_write(out / f"{name}.{key}.npy", write)

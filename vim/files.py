@@ -15,9 +15,9 @@ from pathlib import Path
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Replace ``path`` all at once: ``write(tmp)`` fills a temporary file beside it, which is fsynced and then
-    ``os.replace``-d into place.
+    renamed into place (``Path.replace``).
 
-    ``os.replace`` is atomic on one filesystem, so ``path`` holds either its previous content or the complete
+    The rename is atomic on one filesystem, so ``path`` holds either its previous content or the complete
     new one; the temporary file is removed if writing fails.
     """
     path = Path(path)
@@ -25,9 +25,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
-        with open(tmp, "rb+") as file:
+        with tmp.open("rb+") as file:
             os.fsync(file.fileno())
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

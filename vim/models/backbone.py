@@ -73,7 +73,7 @@ def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
 
     Block ``i`` applies its rate to the output of block ``i - 1``; the final norm uses the full rate.
     """
-    return ([0.0] + torch.linspace(0, drop_path_rate, depth, device="cpu").tolist())[:depth]
+    return [0.0, *torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()][:depth]
 
 
 def init_linear_(module: nn.Module) -> None:

@@ -139,10 +139,8 @@ def released_weights(name: str) -> ReleasedWeights | None:
     url, url_filename = cfg.url if isinstance(cfg.url, (list, tuple)) else (cfg.url, None)
     if not (cfg.hf_hub_id or url):
         return None
-    if cfg.hf_hub_id:
-        filename = cfg.hf_hub_filename or "model.safetensors"  # timm's preferred file in a Hub repository
-    else:
-        filename = url_filename or Path(str(urlparse(url).path)).name
+    hub_filename = cfg.hf_hub_filename or "model.safetensors"  # timm's preferred file in a Hub repository
+    filename = hub_filename if cfg.hf_hub_id else url_filename or Path(str(urlparse(url).path)).name
     return ReleasedWeights(f"{architecture}.{cfg.tag}", cfg.num_classes, cfg.hf_hub_id, filename, url or None)
 
 

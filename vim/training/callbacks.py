@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ class FinalState(Callback):
         checkpoints = trainer.checkpoint_callback
         if not isinstance(checkpoints, ModelCheckpoint) or checkpoints.dirpath is None or self.saved_step == trainer.global_step:
             return
-        path = os.path.join(checkpoints.dirpath, checkpoints.CHECKPOINT_NAME_LAST + checkpoints.FILE_EXTENSION)
+        path = str(Path(checkpoints.dirpath, checkpoints.CHECKPOINT_NAME_LAST + checkpoints.FILE_EXTENSION))
         checkpoints.last_model_path = path  # part of the saved state, as ModelCheckpoint records it before saving
         trainer.save_checkpoint(path, weights_only=False)
         self.checkpoint, self.saved_step = path, trainer.global_step
@@ -119,7 +118,7 @@ class CsvPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         top_k = predictions[0]["indices"].shape[-1] if predictions else 5
         failed = [failure for batch in predictions for failure in batch.get("failed", [])]
-        with open(path, "w", newline="") as file:
+        with path.open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["path"] + [f"{field}{k}" for k in range(1, top_k + 1) for field in ("class", "prob")] + ["error"])
             for batch in predictions:

@@ -17,7 +17,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`~vim.files.atomic_write`."""
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as file:
+        with tmp.open("wb") as file:
             torch.save(obj, file)
 
     atomic_write(path, write)

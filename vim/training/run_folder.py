@@ -67,7 +67,7 @@ def point_latest(root: Path, version: str) -> None:
     tmp = root / f".{LATEST}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(version, target_is_directory=True)
-    os.replace(tmp, root / LATEST)
+    tmp.replace(root / LATEST)
 
 
 def run_of(root: Path, checkpoint: str | os.PathLike) -> str | None:
@@ -200,7 +200,7 @@ class RunCSVLogger(CSVLogger):
         path = Path(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
         if not path.is_file():
             return
-        with open(path, newline="") as file:
+        with path.open(newline="") as file:
             header, *rows = list(csv.reader(file)) or [[]]
         if "step" not in header:
             return

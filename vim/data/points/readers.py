@@ -56,7 +56,7 @@ def read_ply_vertices(path: str | os.PathLike) -> np.ndarray:
 
     The vertex element must come first, or after elements without list properties.
     """
-    with open(path, "rb") as file:
+    with Path(path).open("rb") as file:
         if file.readline().strip() != b"ply":
             raise ValueError(f"{path}: not a PLY file (no 'ply' magic line)")
         fmt, elements = None, []  # elements: [name, count, [(property, type)]]
@@ -92,7 +92,7 @@ def read_ply_vertices(path: str | os.PathLike) -> np.ndarray:
 
 def read_off(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Vertices (V, 3) and triangles (F, 3) of an ASCII OFF file (polygons are fanned into triangles)."""
-    with open(path) as file:
+    with Path(path).open() as file:
         tokens = [word for line in file for word in line.split("#")[0].split()]
     if not tokens or not tokens[0].startswith("OFF"):
         raise ValueError(f"{path}: not an OFF file (no 'OFF' header)")

@@ -28,7 +28,9 @@ def expand_hdf5_paths(path: str | Sequence[str], argument: str) -> list[Path] | 
     patterns = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if len(patterns) == 1 and Path(patterns[0]).is_dir():
         return None
-    files = sorted({Path(match) for pattern in patterns for match in glob.glob(str(pattern))})
+    # a shell pattern as the user typed it, absolute or relative: glob.glob's rules (Path.glob wants a relative
+    # pattern under a folder, and its "*" also matches hidden files)
+    files = sorted({Path(match) for pattern in patterns for match in glob.glob(str(pattern))})  # noqa: PTH207
     if not files:
         raise ValueError(f"{argument}: no file or folder matches {patterns}")
     wrong = [str(f) for f in files if f.suffix.lower() not in HDF5_EXTENSIONS]

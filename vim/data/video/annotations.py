@@ -29,7 +29,7 @@ def classes_from_file(path: str | os.PathLike) -> list[str]:
 
 
 def _resolve(data_root: str | None, path: str) -> str:
-    return path if data_root is None or os.path.isabs(path) else os.path.join(data_root, path)
+    return path if data_root is None or Path(path).is_absolute() else str(Path(data_root, path))
 
 
 def _ssv2_samples(entries: list[dict], data_root: str | None, classes: list[str], argument: str) -> list[tuple[str, int]]:
@@ -109,5 +109,5 @@ def list_videos(root: str | os.PathLike) -> list[str]:
             found.append(folder)  # a frame folder is one sample
             subfolders[:] = []
             continue
-        found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
+        found += [str(Path(folder, f)) for f in sorted(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
     return found

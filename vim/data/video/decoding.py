@@ -14,6 +14,7 @@ import functools
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -253,19 +254,19 @@ def list_frame_files(folder: str | os.PathLike) -> list[str]:
     def natural(name: str) -> list:
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
-    names = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    return [os.path.join(folder, f) for f in sorted(names, key=natural)]
+    files = [f for f in Path(folder).iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS) and not f.name.startswith(".")]
+    return [str(f) for f in sorted(files, key=lambda f: natural(f.name))]
 
 
 def open_frames(path: str) -> FrameFolder | VideoFile:
     """The frames of a video file or of a folder of extracted frames; VideoReadError when there are none."""
-    if os.path.isdir(path):
+    if Path(path).is_dir():
         files = list_frame_files(path)
         if not files:
             raise VideoReadError(f"frame folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
         return FrameFolder(files)
-    if not os.path.isfile(path):
+    if not Path(path).is_file():
         raise VideoReadError("no such file")
-    if os.path.getsize(path) == 0:
+    if Path(path).stat().st_size == 0:
         raise VideoReadError("empty file (0 bytes)")
     return VideoFile(path)
