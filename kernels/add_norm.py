@@ -49,6 +49,8 @@ def add_norm_ref(
     if norm == "rms":
         normed = F.rms_norm(x, weight.shape, weight, eps)
         normed = normed if bias is None else normed + bias
+    elif eps is None:
+        raise ValueError("add_norm_ref: eps=None (the default of torch.nn.RMSNorm) is for norm='rms'; LayerNorm needs a number")
     else:
         normed = F.layer_norm(x, weight.shape, weight, bias, eps)
     return normed, residual_out

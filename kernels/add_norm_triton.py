@@ -156,7 +156,7 @@ def tile_choices() -> list[tuple[int, int, int]]:
     return list(dict.fromkeys(_tile(1 << k) for k in range(MAX_DIM.bit_length())))
 
 
-def _strides(x: torch.Tensor | None) -> tuple[int, int, int]:
+def _strides(x: torch.Tensor | None) -> tuple[int, ...]:
     return (0, 0, 0) if x is None else x.stride()
 
 
@@ -246,7 +246,7 @@ def triton_add_norm_backward(
     is_rms: bool,
     store_sum: bool,
     hidden_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_add_norm_forward` from the saved float32 ``residual_out``.
 
     Args:

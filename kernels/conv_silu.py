@@ -68,9 +68,13 @@ def _conv_bwd(
     dout: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, weight_b: Tensor | None, bias_b: Tensor | None, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, backward = _implementation(backend, x.device)
-    grads = backward(dout, x, weight, bias, weight_b, bias_b)
-    # a custom op returns tensors only, none aliasing another: each absent parameter gets an empty gradient
-    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
+    dx, dweight, dbias, dweight_b, dbias_b = backward(dout, x, weight, bias, weight_b, bias_b)
+
+    def dense(grad: Tensor | None) -> Tensor:
+        """A custom op returns tensors only, none aliasing another: an absent parameter gets an empty gradient."""
+        return x.new_empty(0) if grad is None else grad.contiguous()
+
+    return dense(dx), dense(dweight), dense(dbias), dense(dweight_b), dense(dbias_b)
 
 
 @_conv_bwd.register_fake

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -60,6 +61,10 @@ def _kernels(x: Tensor) -> tuple | None:
     return None if library is None else _entries(library)
 
 
+@overload
+def _dense_float32(x: Tensor) -> Tensor: ...
+@overload
+def _dense_float32(x: Tensor | None) -> Tensor | None: ...
 def _dense_float32(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
 
@@ -71,7 +76,9 @@ def _segments(batch: int, length: int, channels: int, threads: int) -> int:
     return max(1, min(wanted, length // _MIN_SEGMENT))
 
 
-def _launch(entry, x: Tensor, weights: list[Tensor | None], biases: list[Tensor | None], segments: int, **buffers) -> None:
+def _launch(
+    entry, x: Tensor, weights: tuple[Tensor, Tensor | None], biases: tuple[Tensor | None, Tensor | None], segments: int, **buffers
+) -> None:
     """Run ``entry`` on ``torch.get_num_threads()`` threads; ``buffers`` are float32 tensors named as in ConvArgs."""
     batch, length, channels = x.shape
     directions = sum(w is not None for w in weights)
@@ -102,7 +109,7 @@ def native_conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, weight_b
     batch, length, channels = x.shape
     x32 = x if x.dtype == torch.float32 else x.float()
     out = x.new_empty(1 if weight_b is None else 2, batch, length, channels, dtype=torch.float32)
-    weights, biases = [_dense_float32(weight), _dense_float32(weight_b)], [_dense_float32(bias), _dense_float32(bias_b)]
+    weights, biases = (_dense_float32(weight), _dense_float32(weight_b)), (_dense_float32(bias), _dense_float32(bias_b))
     segments = _segments(batch, length, channels, torch.get_num_threads())
     _launch(kernels[0], x32, weights, biases, segments, out=out)
     return out.to(x.dtype)
@@ -126,6 +133,6 @@ def native_conv_backward(
     segments = _segments(batch, length, channels, torch.get_num_threads())
     dx = x.new_empty(batch, length, channels, dtype=torch.float32)
     dparams = x.new_empty(batch * segments, directions, width + 1, channels, dtype=torch.float32)
-    weights, biases = [_dense_float32(weight), _dense_float32(weight_b)], [_dense_float32(bias), _dense_float32(bias_b)]
+    weights, biases = (_dense_float32(weight), _dense_float32(weight_b)), (_dense_float32(bias), _dense_float32(bias_b))
     _launch(kernels[1], x32, weights, biases, segments, dout=dout32, dx=dx, dparams=dparams)
     return split_param_sums(dparams.sum(0), dx.to(x.dtype), weight, bias, weight_b, bias_b)

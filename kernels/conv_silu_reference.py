@@ -103,7 +103,7 @@ def split_param_sums(
     comes back in its parameter's dtype, taps as (C, W); None where the parameter is None.
     """
     width = weight.shape[-1]
-    grads = [dx]
+    grads: list[Tensor | None] = [dx]
     for k, (w, b) in enumerate(((weight, bias), (weight_b, bias_b))):  # copies: no gradient may alias another
         grads.append(None if w is None else sums[k, :width].t().clone(memory_format=torch.contiguous_format).to(w.dtype))
         grads.append(None if b is None else sums[k, width].clone().to(b.dtype))

@@ -242,7 +242,7 @@ def _dense(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.contiguous()
 
 
-def _weight_strides(weight: torch.Tensor | None) -> tuple[int, int]:
+def _weight_strides(weight: torch.Tensor | None) -> tuple[int, ...]:
     return (0, 0) if weight is None else weight.stride()
 
 

@@ -328,13 +328,13 @@ def chunked_backward(
     dz = None if z is None else empty_channels_last(batch, dim, length, like=z)
     for rows in _batch_slices(batch, length, dim, state):
         z_rows = None if z is None else _channels_first(z[rows]).to(dtype)
-        dz_rows = None if z is None else torch.zeros_like(z_rows)
+        dz_rows = None if z_rows is None else torch.zeros_like(z_rows)
         for k in range(K):
             direction = _Direction.prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse, k, rows, dtype, True)
             dy = _time_major(dout[k, rows], direction.u.shape[1], dtype)
             a, buffer = direction.decays(spare_step=True)
             h = direction.states(a)
-            if z_rows is not None:
+            if z_rows is not None and dz_rows is not None:  # both or neither
                 y = direction.output(h)[:, :length]
                 dz_rows += dy[:, :length] * y * _silu_slope(z_rows)
                 dy[:, :length] *= F.silu(z_rows)
@@ -346,7 +346,7 @@ def chunked_backward(
             for name in ("A", "D", "delta_bias"):
                 if grads[name] is not None:
                     grads[name][k] += found[name]
-        if dz is not None:
+        if dz is not None and dz_rows is not None:
             _channels_first(dz[rows]).copy_(dz_rows)
     return (
         grads["u"], grads["delta"], grads["A"].float(), grads["B"], grads["C"],

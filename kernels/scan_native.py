@@ -187,15 +187,17 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if _library is not None or _unavailable is not None:
             return _library
+        library, errors = None, []
         compiler = _compiler()
-        errors = [] if compiler else ["no C compiler found (set $CC, or install gcc or clang)"]
-        library = None
-        for flags in _variants() if compiler else []:
-            try:
-                library = ctypes.CDLL(str(_build(compiler, *flags)))
-                break
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                errors.append(str(error))
+        if compiler is None:
+            errors.append("no C compiler found (set $CC, or install gcc or clang)")
+        else:
+            for flags in _variants():
+                try:
+                    library = ctypes.CDLL(str(_build(compiler, *flags)))
+                    break
+                except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                    errors.append(str(error))
         if library is None:
             _unavailable = "\n".join(errors)
             warnings.warn(f"vim.kernels: the fused CPU scan is unavailable, using the chunked path: {_unavailable}", stacklevel=3)
@@ -237,8 +239,9 @@ def _launch(entry, threads: int, inputs: tuple, **buffers: Tensor | None) -> Non
     tensors = dict(zip(("u", "delta", "z", "B", "C"), (_float32(x) for x in (u, delta, z, B, C))))
     tensors |= dict(zip(("A", "D", "bias"), (_dense_float32(x) for x in (A, D, delta_bias))))
     tensors |= {name: _float32(x) for name, x in buffers.items()}
-    strided = [name for name in ("u", "delta", "dout", "z", "B", "C") if tensors.get(name) is not None]
-    strides = {f"{name}_stride": tensors[name].stride() for name in strided}
+    strides = {
+        f"{name}_stride": x.stride() for name in ("u", "delta", "dout", "z", "B", "C") if (x := tensors.get(name)) is not None
+    }
     args = ScanArgs(
         length=length, batch=batch, dim=dim, groups=B.shape[2], n_state=A.shape[-1], directions=K, chunk=CHUNK_SIZE,
         threads=threads, reverse=int(reverse), delta_softplus=int(delta_softplus),
@@ -285,28 +288,28 @@ def native_backward(
     def channels_last(*shape: int) -> Tensor:
         return empty_channels_last(*shape, like=u, dtype=torch.float32)
 
-    grads = {
-        "du": channels_last(K, batch, dim, length),
-        "ddelta": channels_last(K, batch, dim, length),
-        "dz": None if z is None else channels_last(batch, dim, length),
-        "dB": buffer(threads, K, batch, groups, n_state, length),  # per thread, summed below
-        "dC": buffer(threads, K, batch, groups, n_state, length),
-        "dA": buffer(K, batch, dim, n_state),  # per batch element, summed below
-        "dD": None if D is None else buffer(K, batch, dim),
-        "dbias": None if delta_bias is None else buffer(K, batch, dim),
-    }
-    _launch(library.vim_scan_backward, threads, inputs, checkpoints=checkpoints, dout=dout, **grads)
+    du, ddelta = channels_last(K, batch, dim, length), channels_last(K, batch, dim, length)
+    dz = None if z is None else channels_last(batch, dim, length)
+    dB = buffer(threads, K, batch, groups, n_state, length)  # per thread, summed below
+    dC = buffer(threads, K, batch, groups, n_state, length)
+    dA = buffer(K, batch, dim, n_state)  # per batch element, summed below
+    dD = None if D is None else buffer(K, batch, dim)
+    dbias = None if delta_bias is None else buffer(K, batch, dim)
+    _launch(
+        library.vim_scan_backward, threads, inputs, checkpoints=checkpoints, dout=dout,
+        du=du, ddelta=ddelta, dz=dz, dB=dB, dC=dC, dA=dA, dD=dD, dbias=dbias,
+    )  # fmt: skip
 
-    def summed(name: str) -> Tensor:
-        return buffer(0) if grads[name] is None else grads[name].sum(1)
+    def summed(per_batch: Tensor | None) -> Tensor:
+        return buffer(0) if per_batch is None else per_batch.sum(1)
 
     return (
-        grads["du"].to(u.dtype),
-        grads["ddelta"].to(delta.dtype),
-        summed("dA"),
-        grads["dB"].sum(0).to(B.dtype),
-        grads["dC"].sum(0).to(C.dtype),
-        summed("dD"),
-        buffer(0) if z is None else grads["dz"].to(z.dtype),
-        summed("dbias"),
+        du.to(u.dtype),
+        ddelta.to(delta.dtype),
+        summed(dA),
+        dB.sum(0).to(B.dtype),
+        dC.sum(0).to(C.dtype),
+        summed(dD),
+        buffer(0) if z is None or dz is None else dz.to(z.dtype),
+        summed(dbias),
     )

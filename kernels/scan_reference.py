@@ -63,10 +63,12 @@ def selective_scan_ref(
     decays = torch.exp(delta.unsqueeze(-1) * A[:, None, :]).unbind(2)
     drives = ((delta * u).unsqueeze(-1) * B).unbind(2)
     h = u.new_zeros(u.shape[0], dim, A.shape[1])
-    states: list[torch.Tensor | None] = [None] * length
+    states = []
     for t in range(length - 1, -1, -1) if reverse else range(length):
         h = decays[t] * h + drives[t]
-        states[t] = h
+        states.append(h)
+    if reverse:
+        states.reverse()  # in token order
     all_states = torch.stack(states, dim=2)  # (batch, dim, L, N)
     y = (all_states * C).sum(-1)
     if D is not None:

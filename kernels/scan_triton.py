@@ -535,25 +535,24 @@ def backward_launch(
     n_programs = batch * n_groups * dim_blocks
     f32 = dict(device=u.device, dtype=torch.float32)
     dD_part, dbias_part = torch.empty(2, n_dir, batch, dim, **f32)
+    du = empty_channels_last(n_dir, batch, dim, length, like=u)
+    ddelta = empty_channels_last(n_dir, batch, dim, length, like=delta)
+    dz = empty_channels_last(n_dir, batch, dim, length, like=u, dtype=torch.float32) if z is not None else None
+    dB = torch.empty(n_dir, batch, n_groups, dim_blocks, n_state, length, **f32)
+    dC = torch.empty(n_dir, batch, n_groups, dim_blocks, n_state, length, **f32)
+    dA = torch.empty(n_dir, batch, dim, n_state, **f32)
     buffers = dict(
-        du=empty_channels_last(n_dir, batch, dim, length, like=u),
-        ddelta=empty_channels_last(n_dir, batch, dim, length, like=delta),
-        dz=empty_channels_last(n_dir, batch, dim, length, like=u, dtype=torch.float32) if z is not None else None,
-        dB=torch.empty(n_dir, batch, n_groups, dim_blocks, n_state, length, **f32),
-        dC=torch.empty(n_dir, batch, n_groups, dim_blocks, n_state, length, **f32),
-        dA=torch.empty(n_dir, batch, dim, n_state, **f32),
-        dD=dD_part if D is not None else None,
-        dbias=dbias_part if delta_bias is not None else None,
-    )
+        du=du, ddelta=ddelta, dz=dz, dB=dB, dC=dC, dA=dA,
+        dD=dD_part if D is not None else None, dbias=dbias_part if delta_bias is not None else None,
+    )  # fmt: skip
     scratch = torch.empty(n_dir * n_programs, CHUNK_SIZE // tiles.block_t, tiles.block_d, tiles.block_n, **f32)
-    b = buffers
     args = (
         dout, u, delta, A, B, C, D, z, delta_bias, checkpoints, scratch,
-        b["du"], b["ddelta"], b["dA"], b["dB"], b["dC"], dD_part, b["dz"], dbias_part,
+        du, ddelta, dA, dB, dC, dD_part, dz, dbias_part,
         length, n_state, dim // n_groups, n_groups, dim_blocks,
         *dout.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         *_strides(D, 2), *_strides(z, 3), *_strides(delta_bias, 2), *checkpoints.stride(),
-        *b["du"].stride(), *b["ddelta"].stride(), *_strides(b["dz"], 4), *b["dB"].stride(), *b["dA"].stride(),
+        *du.stride(), *ddelta.stride(), *_strides(dz, 4), *dB.stride(), *dA.stride(),
         *dD_part.stride(),
     )  # fmt: skip
     flags = _flags(D, z, delta_bias, delta_softplus, reverse, tiles) | dict(maxnreg=_BACKWARD_MAX_REGISTERS)

@@ -25,9 +25,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = {"train": dict(train=True), "eval": dict(num_clips=1), "test": dict(num_clips=4)}
+MODES: dict[str, dict[str, Any]] = {"train": dict(train=True), "eval": dict(num_clips=1), "test": dict(num_clips=4)}
 
 
 def write_long_video(path: Path, frames: int, width: int, height: int, codec: str, fps: int = 25) -> None:
@@ -69,6 +70,8 @@ def load_video_module(revision: str | None):
     file = Path(tempfile.mkdtemp()) / f"video_{revision}.py"
     file.write_text(source.stdout)
     spec = importlib.util.spec_from_file_location(f"video_{revision}", file)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {file} as a module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

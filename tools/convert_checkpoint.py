@@ -26,11 +26,14 @@ from tqdm import tqdm
 
 import vim.models  # noqa: F401  (registers the models)
 from vim.models import load_official_checkpoint
+from vim.models.backbone import MambaBackbone
 
 
 def check_against_model(state_dict: dict[str, torch.Tensor], model_name: str) -> None:
     """Raise ValueError unless ``state_dict``, mapped by the family's filter, has the keys and shapes of ``model_name``."""
     model = timm.create_model(model_name, device="meta")
+    if not isinstance(model, MambaBackbone):
+        raise ValueError(f"{model_name} is not one of vim's backbones (a {type(model).__name__})")
     mapped = model.checkpoint_filter(state_dict)  # raises on a shape mismatch, naming the key
     expected, found = set(model.state_dict()), set(mapped)
     if expected != found:

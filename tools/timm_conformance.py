@@ -113,9 +113,12 @@ def extract_test_file(tarball: Path, version: str) -> str:
     member = f"timm-{version}/tests/test_models.py"
     with tarfile.open(tarball) as archive:
         try:
-            return archive.extractfile(member).read().decode()
+            file = archive.extractfile(member)
         except KeyError:
-            raise SystemExit(f"{tarball} has no {member}") from None
+            file = None
+        if file is None:  # absent, or not a regular file
+            raise SystemExit(f"{tarball} has no {member}")
+        return file.read().decode()
 
 
 def _insert_after(text: str, anchor: str, addition: str) -> str:

@@ -224,20 +224,20 @@ NORM_CASES = {"rms residual": (True, True, False), "layer residual bias": (False
 """The add + norm's flags: (RMSNorm, a residual, a bias)."""
 
 
-def _norm_launch(backward: bool, dim: int, is_rms: bool, residual: bool, bias: bool, dtype: str) -> scan_triton.KernelLaunch:
+def _norm_launch(backward: bool, dim: int, is_rms: bool, residual: bool, with_bias: bool, dtype: str) -> scan_triton.KernelLaunch:
     """The add + norm of (2, 4096, D) tokens, activations and norm parameters in ``dtype``.
 
     The backward gets the stream's gradient where there is a residual (a block inside the trunk), and
     writes the gradients that vim.kernels.add_norm asks for: the float32 stream's for a residual or a
     float32 hidden, hidden's own for another dtype.
     """
-    shape, dtype = (2, 4096, dim), DTYPES[dtype]
-    weight, bias = _meta(dim, dtype=dtype), _meta(dim, dtype=dtype) if bias else None
+    shape, activations = (2, 4096, dim), DTYPES[dtype]
+    weight, bias = _meta(dim, dtype=activations), _meta(dim, dtype=activations) if with_bias else None
     if not backward:
-        hidden, residual_in = _meta(*shape, dtype=dtype), _meta(*shape) if residual else None
+        hidden, residual_in = _meta(*shape, dtype=activations), _meta(*shape) if residual else None
         return add_norm_triton.forward_launch(hidden, residual_in, weight, bias, 1e-5, is_rms)[0]
-    store_sum, hidden_dtype = residual or dtype == torch.float32, None if dtype == torch.float32 else dtype
-    dnormed, dresidual_out = _meta(*shape, dtype=dtype), _meta(*shape) if residual else None
+    store_sum, hidden_dtype = residual or activations == torch.float32, None if activations == torch.float32 else activations
+    dnormed, dresidual_out = _meta(*shape, dtype=activations), _meta(*shape) if residual else None
     inputs = (dnormed, dresidual_out, _meta(*shape), weight, bias, 1e-5, is_rms, store_sum, hidden_dtype)
     return add_norm_triton.backward_launch(*inputs)[0]
 

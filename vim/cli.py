@@ -120,7 +120,7 @@ class VimCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand is not None else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
-        if self.subcommand == "predict" and ckpt_path is None:
+        if config is not None and self.subcommand == "predict" and ckpt_path is None:
             self.predict_with_released_weights(config.model)
         self.checkpoint_has_weights = ckpt_path is not None
         with weights_from_checkpoint() if self.checkpoint_has_weights else contextlib.nullcontext():
@@ -150,7 +150,7 @@ class VimCLI(LightningCLI):
         if self.subcommand is not None:
             self.run_folder = RunFolder.choose(trainer, self.subcommand, self.config[self.subcommand].get("ckpt_path"))
             if self.run_folder is not None:
-                trainer.callbacks.append(self.run_folder)
+                trainer.callbacks.append(self.run_folder)  # type: ignore[attr-defined]  # set by Lightning, undeclared
         return trainer
 
     def checkpoint_to_load(self, model: LightningModule, ckpt_path: str | None) -> str | None:
@@ -170,11 +170,14 @@ class VimCLI(LightningCLI):
         if ckpt_path == "last" and resume is None and self.run_folder is not None:
             rank_zero_warn(f"--ckpt_path last: no run under {self.run_folder.root} has a last checkpoint; starting a new run")
         if resume is not None and Path(resume).is_file() and (reason := finished(Path(resume), self.trainer)):
-            if rank_zero_only.rank == 0:  # the trainer's own rank is known only once fit has set up its processes
+            # the trainer's own rank is known only once fit has set up its processes; Lightning sets `rank` on the
+            # function, which lightning_utilities' signature does not declare
+            if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
                 print(reason)
             return
         self.trainer.fit(model, ckpt_path=resume, **kwargs)
-        final = next(callback for callback in self.trainer.callbacks if isinstance(callback, FinalState))
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector, undeclared
+        final = next(callback for callback in callbacks if isinstance(callback, FinalState))
         if not final.final_weights_validated(self.trainer) and sum(self.trainer.num_val_batches) > 0:
             self.trainer.validate(model, datamodule=kwargs.get("datamodule"), verbose=False)
         if self.trainer.is_global_zero:

@@ -51,7 +51,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,6 +60,7 @@ from tqdm import tqdm
 from vim.files import atomic_write
 from vim.kernels import add_norm_ref, causal_conv1d_silu_ref
 from vim.kernels.scan_decomposition import decomposed_scan_forward
+from vim.models.backbone import MambaBackbone
 from vim.models.point_mamba import PointMamba
 from vim.models.video_mamba import VideoMamba
 from vim.models.vision_mamba import VisionMamba
@@ -153,6 +154,12 @@ def family_of(model: nn.Module) -> Family:
     )
 
 
+def backbone_of(model: nn.Module) -> MambaBackbone:
+    """``model``, once :func:`family_of` knows it (ValueError otherwise)."""
+    family_of(model)
+    return cast(MambaBackbone, model)
+
+
 def nominal_input_size(model: nn.Module) -> tuple[int, ...]:
     """The model's nominal input for one sample: (C, H, W), (C, T, H, W) or (N, 3)."""
     return tuple(family_of(model).sample_shape(model))
@@ -169,7 +176,7 @@ def load_model(
     num_frames: int | None = None,
     use_ema: bool = True,
     **model_kwargs: Any,
-) -> nn.Module:
+) -> MambaBackbone:
     """A registered backbone with its weights, in eval mode, ready to export.
 
     Args:
@@ -214,13 +221,14 @@ def load_model(
     if not head and weights is None:
         kwargs["num_classes"] = 0  # timm then leaves a pretrained classifier out
     try:
-        model = create_model(name, **kwargs)
+        created = create_model(name, **kwargs)
     except (RuntimeError, ValueError) as error:  # loading a weights file that does not fit
         if overlay_file is None:
             raise
         raise ValueError(
             f"checkpoint '{checkpoint}' does not fit {name} (num_classes={kwargs.get('num_classes', 'default')}): {error}"
         ) from error
+    model = backbone_of(created)
     if weights is not None:
         model.load_state_dict(weights)
         if not head:
@@ -236,9 +244,9 @@ def set_input_size(model: nn.Module, img_size: int | tuple[int, int] | None = No
         raise ValueError(f"num_frames={num_frames}: a {type(model).__name__} takes no clips")
     if img_size is not None and family.name == "points":
         raise ValueError(f"img_size={img_size}: a {type(model).__name__} takes point clouds; give their size as num_points")
-    if family.name == "video" and (img_size is not None or num_frames is not None):
+    if isinstance(model, VideoMamba) and (img_size is not None or num_frames is not None):
         model.set_input_size(num_frames=num_frames, img_size=img_size)
-    elif img_size is not None:
+    elif isinstance(model, VisionMamba) and img_size is not None:
         model.set_input_size(img_size=img_size)
 
 
@@ -313,7 +321,7 @@ def _sort_by_topk(x: torch.Tensor, *, stable: bool | None = None, dim: int = -1,
     return torch.topk(x, x.shape[dim], dim=dim, largest=descending, sorted=True)
 
 
-ONNX_DECOMPOSITIONS = {
+ONNX_DECOMPOSITIONS: dict[Any, Callable] = {
     torch.ops.aten._cdist_forward.default: _euclidean_cdist,
     torch.ops.aten.sort.stable: _sort_by_topk,
 }
@@ -355,7 +363,7 @@ def export_onnx(
         program = decompose_scan(program, ONNX_DECOMPOSITIONS)
         bar.update()
         bar.set_postfix_str("translate to ONNX")
-        has_head = not isinstance(model.get_classifier(), nn.Identity)
+        has_head = not isinstance(backbone_of(model).get_classifier(), nn.Identity)
         onnx_program = torch.onnx.export(
             program,
             (program.example_inputs[0][0],),
@@ -366,6 +374,7 @@ def export_onnx(
             dynamo=True,
             verbose=False,
         )
+        assert onnx_program is not None  # None comes from the legacy exporter only (dynamo=False)
         onnx_program.model.metadata_props.update(_onnx_metadata(model))
         atomic_write(path, lambda tmp: onnx_program.save(tmp, external_data=False))
         bar.update()

@@ -70,8 +70,10 @@ from vim.data.video.transforms import create_video_transform
 from vim.data.workers import default_num_workers
 from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_devices
 from vim.files import check_weights_file
+from vim.models.backbone import MambaBackbone
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
+from vim.models.video_mamba import VideoMamba
 from vim.models.weights import (
     NoReleasedWeightsError,
     ReleasedWeights,
@@ -102,8 +104,8 @@ class Modality:
 
     name: str
     extensions: tuple[str, ...]
-    dataset: Callable[[nn.Module, list[str], dict[str, Any]], Dataset]
-    failure: type
+    dataset: Callable[[Any, list[str], dict[str, Any]], Dataset]  # the model of that modality (model_modality)
+    failure: type[Unreadable]
 
 
 def _eval_transform_settings(model: nn.Module) -> dict[str, Any]:
@@ -123,20 +125,24 @@ def _image_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]
     return ImageFiles([(path, UNLABELLED) for path in inputs], transform)
 
 
-def _video_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
+def _video_dataset(model: VideoMamba, inputs: list[str], settings: dict[str, Any]) -> Dataset:
     """Clips of ``num_frames`` evenly spaced frames through the evaluation transform for ``model``."""
     transform_settings = _eval_transform_settings(model)
     transform = create_video_transform(**{**transform_settings, "img_size": transform_settings["img_size"][0]})
     return VideoClips([(path, UNLABELLED) for path in inputs], model.patch_embed.num_frames, transform)
 
 
-def _point_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
+def _point_dataset(model: PointMamba, inputs: list[str], settings: dict[str, Any]) -> Dataset:
     """Clouds resampled by farthest point sampling to ``num_points`` and scaled into the unit sphere."""
     h5_files = list(dict.fromkeys(name.rpartition("[")[0] for name in inputs if name.endswith("]")))
-    source = HDF5Clouds(h5_files) if h5_files else PointFiles([(path, UNLABELLED) for path in inputs])
-    if h5_files and source.names != inputs:
-        raise ValueError("point inputs mix HDF5 rows and point files; extract them in separate runs")
-    return PointClouds(source, settings["num_points"], min_points=getattr(model, "min_points", 1))
+    source: HDF5Clouds | PointFiles
+    if h5_files:
+        source = HDF5Clouds(h5_files)
+        if source.names != inputs:
+            raise ValueError("point inputs mix HDF5 rows and point files; extract them in separate runs")
+    else:
+        source = PointFiles([(path, UNLABELLED) for path in inputs])
+    return PointClouds(source, settings["num_points"], min_points=model.min_points)
 
 
 MODALITIES: dict[str, Modality] = {
@@ -153,10 +159,10 @@ def modality_of(path: str) -> str | None:
 
 
 def model_modality(model: nn.Module) -> str:
-    """What ``model`` takes: "points" (PointMamba), "video" (a patch embedding with ``num_frames``) or "images"."""
+    """What ``model`` takes: "points" (PointMamba), "video" (VideoMamba) or "images" (any other)."""
     if isinstance(model, PointMamba):
         return "points"
-    if hasattr(getattr(model, "patch_embed", None), "num_frames"):
+    if isinstance(model, VideoMamba):
         return "video"
     return "images"
 
@@ -221,18 +227,18 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str], modality: str | No
         paths = [str(p) for p in inputs]
         if not paths:
             raise ValueError("inputs: the list of files is empty")
-    paths = [os.path.normpath(Path(path).absolute()) for path in paths]  # one name per input, whatever the working directory
+    names = [os.path.normpath(Path(p).absolute()) for p in paths]  # one name per input, whatever the working directory
     by_modality: dict[str | None, str] = {}
-    for path in paths:
-        by_modality.setdefault(modality_of(path), path)
+    for name in names:
+        by_modality.setdefault(modality_of(name), name)
     if None in by_modality:
         raise ValueError(f"input '{by_modality[None]}' is not an image, video or point file (unknown extension)")
-    found = sorted(by_modality)
+    found = sorted(m for m in by_modality if m is not None)
     if len(found) > 1 or (modality is not None and found != [modality]):
         examples = ", ".join(f"{name} (e.g. '{by_modality[name]}')" for name in found)
         wanted = f"; modality={modality!r} was asked for" if modality is not None else ""
         raise ValueError(f"inputs mix modalities: {examples}{wanted}; extract one modality per run")
-    return _expand_hdf5(paths), found[0]
+    return _expand_hdf5(names), found[0]
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -249,7 +255,7 @@ def _checkpoint_settings(checkpoint: str) -> tuple[dict[str, torch.Tensor], str 
 
 
 def _is_classifier_key(model: nn.Module, key: str) -> bool:
-    names = model.pretrained_cfg.get("classifier") or ()
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
     return any(key.startswith(f"{name}.") for name in ((names,) if isinstance(names, str) else names))
 
 
@@ -298,7 +304,7 @@ def build_model(
     from vim.training.classifier import create_model
 
     kwargs.update(model_kwargs or {})
-    if weights is not None:
+    if checkpoint is not None and weights is not None:
         network = create_model(name, **{**kwargs, "num_classes": 0})
         load_weights(network, weights)
         return network.eval(), name, kwargs, {"checkpoint": str(Path(checkpoint).resolve())}
@@ -412,11 +418,15 @@ def extract(
     if found != expected:
         raise ValueError(f"model '{name}' takes {expected} but the inputs are {found} (e.g. '{names[0]}')")
     layers = sorted(set(int(i) for i in layers or ()))
-    if layers and not hasattr(network, "forward_intermediates"):
-        raise ValueError(f"layers={layers}: model '{name}' has no forward_intermediates")
-    if layers and not all(0 <= i < len(network.layers) for i in layers):
-        raise ValueError(f"layers={layers}: model '{name}' has blocks 0..{len(network.layers) - 1}")
-    num_points = (num_points or network.pretrained_cfg["input_size"][-1]) if found == "points" else None
+    if layers:
+        if not isinstance(network, MambaBackbone):
+            raise ValueError(f"layers={layers}: model '{name}' is not a vim backbone, whose blocks the layers number")
+        if not all(0 <= i < len(network.blocks) for i in layers):
+            raise ValueError(f"layers={layers}: model '{name}' has blocks 0..{len(network.blocks) - 1}")
+    if not isinstance(network, PointMamba):  # the inputs are points exactly when the model is a PointMamba
+        num_points = None
+    elif not num_points:
+        num_points = network.pretrained_cfg["input_size"][-1]
     keys = ["pooled"] + (["tokens"] if tokens else []) + [f"layer{i}" for i in layers]
     settings = {
         "model": name, "model_kwargs": kwargs, "weights": weights, "modality": found, "keys": keys, "format": format,

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from vim.data.samples import Unreadable
 from vim.files import atomic_write
 
 __all__ = ["MANIFEST", "STRATEGIES", "Shards", "compute_features", "extract_shards", "trainer_devices"]
@@ -122,7 +123,7 @@ class ShardBatches(Dataset):
     worker when there are workers) from ``dataset``, whose items are a sample (tensor first, ``path``) or a
     ``failure`` (``path``, ``reason``)."""
 
-    def __init__(self, dataset: Dataset, failure: type, shards: Shards, todo: Sequence[int], batch_size: int) -> None:
+    def __init__(self, dataset: Dataset, failure: type[Unreadable], shards: Shards, todo: Sequence[int], batch_size: int) -> None:
         self.dataset, self.failure = dataset, failure
         self.batches: list[tuple[int, range]] = []
         for shard in todo:
@@ -155,7 +156,14 @@ class ExtractionShards(LightningDataModule):
     """
 
     def __init__(
-        self, dataset: Dataset, failure: type, shards: Shards, out: Path, started: dict, batch_size: int, num_workers: int
+        self,
+        dataset: Dataset,
+        failure: type[Unreadable],
+        shards: Shards,
+        out: Path,
+        started: dict,
+        batch_size: int,
+        num_workers: int,
     ) -> None:
         super().__init__()
         self.allow_zero_length_dataloader_with_multiple_devices = True  # fewer unfinished shards than ranks
@@ -165,12 +173,15 @@ class ExtractionShards(LightningDataModule):
         self.finished_inputs = 0
 
     def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer is None:
+            raise RuntimeError("ExtractionShards.setup needs the trainer that runs the extraction")
         listed: list[int] = []  # on other ranks, replaced by rank 0's list
-        if self.trainer.is_global_zero:
+        if trainer.is_global_zero:
             _write_json(self.out / MANIFEST, self.started)
             listed = [shard for shard, done in enumerate(self.shards.finished(self.out)) if not done]
-        unfinished = self.trainer.strategy.broadcast(listed, src=0)
-        self.todo = unfinished[self.trainer.global_rank :: self.trainer.world_size]
+        unfinished = trainer.strategy.broadcast(listed, src=0)
+        self.todo = unfinished[trainer.global_rank :: trainer.world_size]
         self.finished_inputs = self.shards.num_inputs - sum(len(self.shards.inputs(shard)) for shard in unfinished)
 
     def inputs_to_do(self) -> int:
@@ -179,12 +190,16 @@ class ExtractionShards(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         batches = ShardBatches(self.dataset, self.failure, self.shards, self.todo, self.batch_size)
-        return DataLoader(batches, batch_size=None, num_workers=self.num_workers, collate_fn=_unbatched)
+        # torch types collate_fn as taking a list; without batching (batch_size=None) it takes each item
+        return DataLoader(batches, batch_size=None, num_workers=self.num_workers, collate_fn=_unbatched)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------- model
-def compute_features(model: nn.Module, batch: torch.Tensor, tokens: bool, layers: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The feature arrays of one batch: ``pooled`` (B, F), optionally ``tokens`` and ``layer<i>``."""
+def compute_features(model: Any, batch: torch.Tensor, tokens: bool, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The feature arrays of one batch: ``pooled`` (B, F), optionally ``tokens`` and ``layer<i>``.
+
+    ``model`` is a timm model (``forward_features`` and ``forward_head``; ``forward_intermediates`` for ``layers``),
+    an API that timm does not declare as a type."""
     if layers:
         final, intermediates = model.forward_intermediates(batch, indices=list(layers), output_fmt="NLC")
     else:
@@ -268,7 +283,7 @@ class ExtractionProgress(Callback):
         self.bar: tqdm | None = None
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        data: ExtractionShards = trainer.datamodule
+        data: ExtractionShards = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, undeclared
         desc = "vimkit extract" if trainer.world_size == 1 else f"vimkit extract (rank 0 of {trainer.world_size})"
         self.bar = tqdm(
             total=data.finished_inputs + data.inputs_to_do(), initial=data.finished_inputs, desc=desc, unit=self.unit,
@@ -303,7 +318,8 @@ def trainer_devices(device: str | None = None, devices: int = 1, num_nodes: int 
         raise ValueError(f"devices={devices} and num_nodes={num_nodes} must be at least 1")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} (every process runs the whole model), got {strategy!r}")
-    accelerator, chosen = "auto", devices
+    accelerator = "auto"
+    chosen: int | list[int] = devices
     if device is not None:
         try:
             parsed = torch.device(device)
@@ -343,7 +359,7 @@ def _wait_for_every_rank() -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     group = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=10000))
-    torch.distributed.barrier(group)
+    torch.distributed.barrier(group)  # type: ignore[arg-type]  # a group of every rank: none gets the non-member value
     torch.distributed.destroy_process_group(group)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Replace ``path`` all at once: ``write(tmp)`` fills a temporary file beside it, which is fsynced and then
     renamed into place (``Path.replace``).
 

@@ -37,8 +37,10 @@ SPLITS = ("train", "val", "test")
 """The labelled splits; ``predict`` reads unlabelled samples."""
 
 
-def train_batches_per_epoch(trainer: Trainer, loader_batches: int) -> int:
-    """Batches Lightning runs per training epoch: the loader's, cut by ``limit_train_batches``."""
+def train_batches_per_epoch(trainer: Trainer | None, loader_batches: int) -> int:
+    """Batches Lightning runs per training epoch: the loader's, cut by ``limit_train_batches`` (all without a trainer)."""
+    if trainer is None:
+        return loader_batches
     limit = trainer.limit_train_batches
     if isinstance(limit, float):
         return max(int(loader_batches * limit), 1)
@@ -52,7 +54,8 @@ def train_batches_run(trainer: Trainer) -> int:
     Where a resumed run's sampler starts. Optimizer steps times ``accumulate_grad_batches`` is not this count:
     an epoch ends with a step over the batches left, however few.
     """
-    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
+    # Lightning declares `total` as the wider _ReadyCompletedTracker; a batch progress holds a _ProcessedTracker
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed  # type: ignore[attr-defined]
 
 
 class ClassificationDataModule(LightningDataModule):
@@ -163,8 +166,8 @@ class ClassificationDataModule(LightningDataModule):
     def train_sampler(self) -> ResumableSampler:
         """This rank's seeded sampler of the training set (the whole set without a trainer)."""
         trainer = self.trainer
-        ranks = dict(num_replicas=trainer.world_size, rank=trainer.global_rank) if trainer is not None else {}
-        return ResumableSampler(self.datasets["train"], seed=self.seed, drop_last=True, **ranks)
+        replicas, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+        return ResumableSampler(self.datasets["train"], replicas, rank, seed=self.seed, drop_last=True)
 
     def train_batches_per_epoch(self) -> int:
         """Training batches of one epoch (``limit_train_batches`` applied), known before the loader is built: what
@@ -193,11 +196,11 @@ class ClassificationDataModule(LightningDataModule):
 
     # ---------------------------------------------------------------------------------------- resuming
     def train_batches_run(self) -> int:
-        """Training batches run so far: from the checkpoint being resumed (once), else from the trainer."""
+        """Training batches run so far: from the checkpoint being resumed (once), else from the trainer (none without)."""
         if self._restored_batches_run is not None:
             seen, self._restored_batches_run = self._restored_batches_run, None
             return seen
-        return train_batches_run(self.trainer)
+        return 0 if self.trainer is None else train_batches_run(self.trainer)
 
     def state_dict(self) -> dict[str, int]:
         """Saved in checkpoints. Lightning restores it before it builds the loaders; the fit loop's own progress

@@ -29,7 +29,7 @@ def find_classes(root: str | os.PathLike, argument: str) -> list[str]:
 def walk_files(root: str | os.PathLike, keep: Callable[[str], bool]) -> list[Path]:
     """Files under ``root`` whose name passes ``keep``, recursively, in sorted order; hidden folders skipped."""
     found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    for folder, subfolders, files in os.walk(str(root), followlinks=True):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         found += [Path(folder, f) for f in sorted(files) if keep(f)]
     return found

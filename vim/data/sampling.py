@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 
-class SampleKey(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class SampleKey:
     """What the sampler hands a dataset: the sample's index and the seed for its augmentation."""
 
     index: int

@@ -19,11 +19,8 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         def class_token_index(self, num_tokens):                                  # for global_pool="token"
             return 0
 
-        def forward_features(self, x):
-            return self.forward_trunk(tokens)                                     # (B, L, D) normalised
-
-        def _embed(self, x):                                                      # (B, L, D) tokens
-            ...
+        def _embed(self, x):                                                      # (B, L, D) tokens; forward_features
+            ...                                                                   # runs the trunk on them
 
         def token_grid(self, x):                                                  # for forward_intermediates
             return self.patch_embed.dynamic_feat_size(x.shape[-2:])               # (H', W'); None: no grid
@@ -46,8 +43,8 @@ subclass overrides ``_reset_head`` / ``forward_head``), ``no_weight_decay``, ``g
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, cast, get_args
 
 import torch
 from timm.layers import DropPath, trunc_normal_
@@ -67,6 +64,9 @@ NO_WEIGHT_DECAY_MIXER_PARAMS = ("A_log", "A_b_log", "D", "D_b")
 SPATIAL_FORMATS = {2: "NCHW", 3: "NCTHW"}
 """timm's ``output_fmt`` of intermediates on a 2-D (image) or 3-D (clip) token grid."""
 
+Intermediate = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""One of ``forward_intermediates``' outputs: the tokens, or (tokens, class token) with ``return_prefix_tokens``."""
+
 
 def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
     """Stochastic-depth rate of each block: ``([0] + linspace(0, rate, depth))[i]``, as in Vim.
@@ -76,7 +76,7 @@ def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
     return [0.0, *torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()][:depth]
 
 
-def init_linear_(module: nn.Module) -> None:
+def init_linear_(module: nn.Linear | nn.Conv1d) -> None:
     """The init of the models' own linear layers (heads, PointMamba's tokenizer): weights truncated-normal (std 0.02),
     biases zero."""
     trunc_normal_(module.weight, std=0.02)
@@ -103,11 +103,12 @@ class MambaBackbone(nn.Module):
     stem_pattern: str = ""
 
     layers: nn.ModuleList
-    norm_f: nn.RMSNorm | nn.LayerNorm
+    norm_f: nn.RMSNorm | nn.LayerNorm | nn.Identity  # Identity once pruned
     drop_path: nn.Module
     grad_checkpointing: bool
     head: nn.Module
     head_drop: nn.Module
+    pretrained_cfg: dict[str, Any]  # set by timm's build_model_with_cfg
 
     def init_head_attributes(
         self, num_classes: int, global_pool: str, embed_dim: int, head_hidden_size: int | None = None
@@ -168,14 +169,20 @@ class MambaBackbone(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.grad_checkpointing = False
 
+    @property
+    def blocks(self) -> Sequence[MambaBlock]:
+        """``layers`` as what it holds, the blocks (a ModuleList is typed as holding any Module)."""
+        return cast("Sequence[MambaBlock]", self.layers)
+
     @torch.no_grad()
     def init_trunk_weights(self) -> None:
         """Mamba's init of every block, ``out_proj`` rescaled by ``1 / sqrt(depth)`` (GPT-2 scheme)."""
-        for layer in self.layers:
+        for layer in self.blocks:
             layer.norm.reset_parameters()
             layer.mixer.reset_parameters()  # out_proj: kaiming-uniform(a=sqrt(5)), PyTorch's Linear default
             layer.mixer.out_proj.weight.div_(math.sqrt(self.depth))
-        self.norm_f.reset_parameters()
+        if not isinstance(self.norm_f, nn.Identity):
+            self.norm_f.reset_parameters()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -189,13 +196,13 @@ class MambaBackbone(nn.Module):
             return checkpoint(layer, hidden, residual, use_reentrant=False)
         return layer(hidden, residual)
 
-    def _norm_f(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _norm_f(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """``norm_f`` of the float32 residual stream ``residual + hidden``, computed in the norm's dtype."""
         if isinstance(self.norm_f, nn.Identity):  # pruned away
-            return residual + hidden
+            return hidden if residual is None else residual + hidden
         return add_and_norm(self.norm_f, hidden, residual, self.scan_backend)[0]
 
-    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """``norm_f(residual + drop_path(hidden))``."""
         return self._norm_f(self.drop_path(hidden), residual)
 
@@ -209,7 +216,7 @@ class MambaBackbone(nn.Module):
             (B, L, D) normalised tokens.
         """
         hidden, residual = x, None
-        for layer in self.layers:
+        for layer in self.blocks:
             hidden, residual = self._run_block(layer, hidden, residual)
         return self._final_norm(hidden, residual)
 
@@ -237,7 +244,7 @@ class MambaBackbone(nn.Module):
         num_blocks = max(take_indices) + 1 if stop_early else len(self.layers)
         hidden, residual = x, None
         intermediates = []
-        for i, layer in enumerate(self.layers[:num_blocks]):
+        for i, layer in enumerate(self.blocks[:num_blocks]):
             hidden, residual = self._run_block(layer, hidden, residual)
             if i in take_indices:
                 intermediates.append(self._norm_f(hidden, residual) if norm else (residual + hidden).to(hidden.dtype))
@@ -259,6 +266,10 @@ class MambaBackbone(nn.Module):
         """The modality's input -> (B, L, D) embedded tokens (the tokenizer and position embeddings)."""
         raise NotImplementedError
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The modality's input -> (B, L, D) normalised tokens (see the subclass's ``_embed`` for the layout)."""
+        return self.forward_trunk(self._embed(x))
+
     def token_grid(self, x: torch.Tensor) -> tuple[int, ...] | None:
         """The grid of the non-class tokens of input ``x``: (H', W') for images, (T', H', W') for clips, None without one."""
         return None
@@ -272,7 +283,7 @@ class MambaBackbone(nn.Module):
         stop_early: bool = False,
         output_fmt: str | None = None,
         intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, list]:
+    ) -> list[Intermediate] | tuple[torch.Tensor, list[Intermediate]]:
         """Forward pass that also returns the residual stream after selected blocks, as timm formats it.
 
         Args:
@@ -295,10 +306,10 @@ class MambaBackbone(nn.Module):
         if output_fmt not in formats:
             raise ValueError(f"output_fmt must be one of {formats} for {type(self).__name__}, got {output_fmt!r}")
         final, intermediates = self.forward_trunk_intermediates(self._embed(x), indices, norm=norm, stop_early=stop_early)
-        outputs = []
+        outputs: list[Intermediate] = []
         for y in intermediates:
             prefix, patches = self.split_prefix_tokens(y)
-            if output_fmt != "NLC":
+            if grid is not None and output_fmt != "NLC":
                 patches = patches.reshape(patches.shape[0], *grid, -1).movedim(-1, 1).contiguous()
             outputs.append((patches, prefix) if return_prefix_tokens else patches)
         return outputs if intermediates_only else (final, outputs)
@@ -332,7 +343,7 @@ class MambaBackbone(nn.Module):
         """The stem's ``stem_no_weight_decay`` and the trunk parameters that take no weight decay (the SSM's A and D)."""
         trunk = {
             f"layers.{i}.mixer.{name}"
-            for i, layer in enumerate(self.layers)
+            for i, layer in enumerate(self.blocks)
             for name, _ in layer.mixer.named_parameters()
             if name in NO_WEIGHT_DECAY_MIXER_PARAMS
         }

@@ -143,8 +143,10 @@ class BiMambaMixer(nn.Module):
         dt_min, dt_max, dt_floor = self.dt_range
         directions = self._per_direction()
         # this order of random draws keeps the initialisation of a given seed what it has always been
-        for module in (self.in_proj, self.out_proj, *(d[0] for d in directions), *(d[1] for d in directions)):
-            module.reset_parameters()
+        convs, x_projs = [d[0] for d in directions], [d[1] for d in directions]
+        layers: list[nn.Linear | nn.Conv1d] = [self.in_proj, self.out_proj, *convs, *x_projs]
+        for layer in layers:
+            layer.reset_parameters()
         for _, _, dt_proj, A_log, D in directions:
             nn.init.uniform_(dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
             log_dt = torch.rand(self.d_inner, device=dt_proj.bias.device) * (math.log(dt_max) - math.log(dt_min))

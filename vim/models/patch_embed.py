@@ -51,7 +51,7 @@ class StridedPatchEmbed(PatchEmbed):
         self.stride = to_2tuple(stride or patch_size)  # read by _init_img_size during PatchEmbed.__init__
         super().__init__(
             img_size=img_size,
-            patch_size=patch_size,
+            patch_size=patch_size,  # type: ignore[arg-type]  # timm annotates int; it takes (h, w) through to_2tuple
             in_chans=in_chans,
             embed_dim=embed_dim,
             output_fmt=output_fmt,

@@ -42,7 +42,7 @@ the shared trunk and head: ``blocks.layers.*`` -> ``layers.*``, ``blocks.norm_f`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import torch
 from timm.models import generate_default_cfgs, register_model
@@ -118,12 +118,12 @@ class PointMambaHead(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.pre_logits = nn.Sequential(*mlp_head_layers(in_features, hidden_size, drop_rate, device=device, dtype=dtype))
-        self.fc = nn.Identity()
+        self.fc: nn.Module = nn.Identity()
         self.reset(num_classes)
 
     def reset(self, num_classes: int) -> None:
         """A new, initialised ``fc`` for ``num_classes`` outputs (0: none)."""
-        self.fc = new_classifier(self.hidden_size, num_classes, like=self.pre_logits[0].weight)
+        self.fc = new_classifier(self.hidden_size, num_classes, like=next(self.pre_logits.parameters()))
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(x)
@@ -238,13 +238,18 @@ class PointMamba(MambaBackbone):
         nn.init.normal_(self.order_shift, std=0.02)
         self.init_trunk_weights()
 
+    @property
+    def _mlp_head(self) -> PointMambaHead:
+        """``head``, the :class:`PointMambaHead` this class builds (:class:`PointMambaScan` builds another)."""
+        return cast(PointMambaHead, self.head)
+
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head.fc
+        return self._mlp_head.fc
 
     def _reset_head(self, num_classes: int) -> None:
         """Replace ``head.fc`` with a new (initialised) one for ``num_classes`` outputs (0: none)."""
-        self.head.reset(num_classes)
+        self._mlp_head.reset(num_classes)
 
     def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
         return checkpoint_filter_fn(state_dict, self)
@@ -267,10 +272,6 @@ class PointMamba(MambaBackbone):
             for perm, scale, shift in zip(self.serialize(centres), self.order_scale, self.order_shift)
         ]
         return torch.cat(sequences, dim=1)
-
-    def forward_features(self, points: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3) -> (B, S * G, D) normalised tokens, order by order."""
-        return self.forward_trunk(self._embed(points))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, L, D) tokens -> logits (B, num_classes), or the MLP head's (B, head_hidden_size) with ``pre_logits``."""
@@ -377,7 +378,10 @@ def checkpoint_filter_fn(state_dict: Mapping, model: PointMamba) -> dict[str, to
     return {key: checked(key, value, expected, classifier) for key, value in state_dict.items()}
 
 
-def _create_point_mamba(variant: str, pretrained: bool = False, model_cls: type[PointMamba] = PointMamba, **kwargs) -> PointMamba:
+ModelT = TypeVar("ModelT", bound=PointMamba)
+
+
+def _create_point_mamba(model_cls: type[ModelT], variant: str, pretrained: bool, **kwargs) -> ModelT:
     return build_backbone(
         model_cls,
         variant,
@@ -436,39 +440,39 @@ default_cfgs = generate_default_cfgs(
 def pointmamba_small(pretrained: bool = False, **kwargs) -> PointMamba:
     """PointMamba (12 blocks, width 384), 64 groups of 32 points: ModelNet40 with 1024 points."""
     model_args = dict(num_groups=64, group_size=32, embed_dim=384, depth=12)
-    return _create_point_mamba("pointmamba_small", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_point_mamba(PointMamba, "pointmamba_small", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pointmamba_small_g128(pretrained: bool = False, **kwargs) -> PointMamba:
     """PointMamba (12 blocks, width 384), 128 groups of 32 points: ScanObjectNN with 2048 points."""
     model_args = dict(num_groups=128, group_size=32, embed_dim=384, depth=12)
-    return _create_point_mamba("pointmamba_small_g128", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_point_mamba(PointMamba, "pointmamba_small_g128", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_pointmamba(pretrained: bool = False, **kwargs) -> PointMamba:
     """A tiny PointMamba for tests: 16 groups of 8 points, 2 blocks of width 32, head width 32."""
     model_args = dict(num_groups=16, group_size=8, embed_dim=32, depth=2, d_state=8, head_hidden_size=32)
-    return _create_point_mamba("test_pointmamba", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_point_mamba(PointMamba, "test_pointmamba", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pointmamba_scan_small(pretrained: bool = False, **kwargs) -> PointMambaScan:
     """Upstream's PointMamba (12 blocks, width 384), 64 groups of 32 points: ModelNet40 (1024 points), ShapeNet pre-training."""
     model_args = dict(num_groups=64, group_size=32, embed_dim=384, depth=12)
-    return _create_point_mamba("pointmamba_scan_small", pretrained, model_cls=PointMambaScan, **dict(model_args, **kwargs))
+    return _create_point_mamba(PointMambaScan, "pointmamba_scan_small", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pointmamba_scan_small_g128(pretrained: bool = False, **kwargs) -> PointMambaScan:
     """Upstream's PointMamba (12 blocks, width 384), 128 groups of 32 points: ScanObjectNN (2048 points)."""
     model_args = dict(num_groups=128, group_size=32, embed_dim=384, depth=12)
-    return _create_point_mamba("pointmamba_scan_small_g128", pretrained, model_cls=PointMambaScan, **dict(model_args, **kwargs))
+    return _create_point_mamba(PointMambaScan, "pointmamba_scan_small_g128", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_pointmamba_scan(pretrained: bool = False, **kwargs) -> PointMambaScan:
     """A tiny upstream-architecture PointMamba for tests: 16 groups of 8 points, 2 blocks of width 32, head width 32."""
     model_args = dict(num_groups=16, group_size=8, embed_dim=32, depth=2, d_state=8, head_hidden_size=32)
-    return _create_point_mamba("test_pointmamba_scan", pretrained, model_cls=PointMambaScan, **dict(model_args, **kwargs))
+    return _create_point_mamba(PointMambaScan, "test_pointmamba_scan", pretrained, **dict(model_args, **kwargs))

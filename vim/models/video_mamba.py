@@ -130,7 +130,7 @@ class TubeletEmbed(nn.Module):
         """(B, C, T, H, W) -> (B, D, T', H', W')."""
         if x.dim() != 5:
             raise ValueError(f"expected a clip batch (B, C, T, H, W), got shape {tuple(x.shape)}")
-        size = tuple(x.shape[2:])
+        size = (x.shape[2], x.shape[3], x.shape[4])
         self.dynamic_feat_size(size)
         if self.strict_size and size != (self.num_frames, *self.img_size):
             raise ValueError(
@@ -244,7 +244,8 @@ class VideoMamba(MambaBackbone):
         trunc_normal_(self.cls_token, std=0.02)
         nn.init.zeros_(self.temporal_pos_embedding)
         lecun_normal_(self.patch_embed.proj.weight)
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         self._init_head()
         self.init_trunk_weights()
 
@@ -282,15 +283,11 @@ class VideoMamba(MambaBackbone):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) clips -> (B, 1 + T' * H' * W', D) tokens, class token first, spatial-first order."""
         x = self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (B, T', H', W', D)
-        batch, grid = x.shape[0], tuple(x.shape[1:4])
+        batch, grid = x.shape[0], (x.shape[1], x.shape[2], x.shape[3])
         pos_embed, temporal = self._position_embeddings(grid)
         x = x.flatten(2, 3) + pos_embed[:, None, 1:] + temporal[:, :, None]  # (B, T', H' * W', D)
         cls_token = (self.cls_token + pos_embed[:, :1]).expand(batch, -1, -1)
         return self.pos_drop(torch.cat([cls_token.to(x.dtype), x.flatten(1, 2)], dim=1))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, 1 + T' * H' * W', D) normalised per-token features, class token first."""
-        return self.forward_trunk(self._embed(x))
 
     def class_token_index(self, num_tokens: int) -> int:
         """Position of the class token: the front, 0."""
@@ -301,7 +298,7 @@ class VideoMamba(MambaBackbone):
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, int, int]:
         """The (T', H', W') tubelet grid of (B, C, T, H, W) clips: ``forward_intermediates`` gives "NCTHW" maps on it."""
-        return self.patch_embed.dynamic_feat_size(tuple(x.shape[2:]))
+        return self.patch_embed.dynamic_feat_size((x.shape[2], x.shape[3], x.shape[4]))
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -332,7 +329,7 @@ def inflate_image_state_dict(
         cls_slot, patches = split_middle_token(out["pos_embed"])
         out["pos_embed"] = torch.cat([cls_slot, patches], dim=1)
     out.setdefault("temporal_pos_embedding", torch.zeros_like(model.temporal_pos_embedding, device="cpu"))
-    if divide_out and not model.layers[0].mixer.divide_out:
+    if divide_out and not model.blocks[0].mixer.divide_out:
         for key in [k for k in out if k.endswith("mixer.out_proj.weight")]:
             out[key] = out[key] * 0.5
     return out

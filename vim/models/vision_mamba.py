@@ -160,10 +160,6 @@ class VisionMamba(MambaBackbone):
         x = insert_middle_token(x, self.cls_token) + pos_embed
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, M + 1, D) normalised tokens, class token at M // 2."""
-        return self.forward_trunk(self._embed(x))
-
     def class_token_index(self, num_tokens: int) -> int:
         """Position of the class token in a sequence of ``num_tokens`` = M + 1: the middle, M // 2."""
         return middle_token_index(num_tokens)
@@ -173,7 +169,7 @@ class VisionMamba(MambaBackbone):
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The (gh, gw) patch grid of (B, C, H, W) images: ``forward_intermediates`` gives "NCHW" maps on it."""
-        return self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        return self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
 
 
 def checkpoint_filter_fn(state_dict: Mapping, model: VisionMamba) -> dict[str, torch.Tensor]:

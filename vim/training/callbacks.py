@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from vim.training.classifier import Classifier
 from vim.training.run_folder import LATEST
 
 
@@ -113,6 +114,8 @@ class CsvPredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any) -> None:
         if trainer.world_size > 1:
             raise ValueError("CsvPredictionWriter writes from one process: run predict with trainer.devices=1")
+        if not isinstance(pl_module, Classifier):
+            raise TypeError(f"CsvPredictionWriter writes a vim Classifier's predictions, not a {type(pl_module).__name__}'s")
         names = pl_module.class_names
         path = self.csv_path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.parsing import AttributeDict
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.data import ImageNetInfo, Mixup, infer_imagenet_subset
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
@@ -138,6 +140,10 @@ class Classifier(LightningModule):
     (resume, ``load_from_checkpoint``, ``vimkit extract --checkpoint``) reads neither the released nor the initial file.
     """
 
+    hparams: AttributeDict
+    """Every ``__init__`` argument (``save_hyperparameters``), read as ``self.hparams.lr``: Lightning types the property
+    more widely, as ``AttributeDict | MutableMapping``, which has no attributes for a type checker."""
+
     def __init__(
         self,
         model: str,
@@ -216,7 +222,7 @@ class Classifier(LightningModule):
             )
         subset = infer_imagenet_subset({"num_classes": info.num_classes})
         if subset is not None:
-            return ImageNetInfo(subset).label_descriptions()
+            return ImageNetInfo(subset).label_descriptions()  # type: ignore[return-value]  # a dict only with as_dict=True
         return [str(i) for i in range(info.num_classes)]
 
     def restore_initial_weights(self) -> None:
@@ -249,7 +255,7 @@ class Classifier(LightningModule):
         checkpoint it loads does."""
         self._base_seed = torch.initial_seed()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "predict" or getattr(datamodule, "num_classes", None) is None:
+        if stage == "predict" or datamodule is None or getattr(datamodule, "num_classes", None) is None:
             return
         classes = list(datamodule.classes)
         if len(classes) != self.num_classes:
@@ -269,7 +275,7 @@ class Classifier(LightningModule):
         self.class_names = checkpoint.get("class_names", self.class_names)
 
     # ----------------------------------------------------------------------------------------- training
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         optimizer = create_optimizer_v2(
             self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
@@ -288,7 +294,9 @@ class Classifier(LightningModule):
         total = trainer.estimated_stepping_batches  # loads the training data to count its batches, unless max_steps decides
         batches = trainer.num_training_batches
         if math.isinf(batches):  # max_steps alone bounds the run: the data module counts an epoch's batches
-            batches = getattr(trainer.datamodule, "train_batches_per_epoch", lambda: math.inf)()
+            # Lightning's data connector sets trainer.datamodule; Trainer does not declare it
+            datamodule = trainer.datamodule  # type: ignore[attr-defined]
+            batches = getattr(datamodule, "train_batches_per_epoch", lambda: math.inf)()
         if math.isinf(total) or math.isinf(batches):
             raise ValueError("the schedule needs a training loader with a length, and max_epochs or max_steps")
         return int(total), math.ceil(batches / trainer.accumulate_grad_batches)

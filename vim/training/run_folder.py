@@ -118,14 +118,16 @@ class RunFolder(Callback):
         root = Path(trainer.loggers[0].root_dir)
         checkpoint = resolve_checkpoint(root, ckpt_path)
         run = run_of(root, checkpoint) if checkpoint is not None else None
+        continues = False
         if subcommand == "fit":
-            continues = run is not None and checkpoint.resolve() == (root / run / LAST_CHECKPOINT).resolve()
-            version = run if continues else next_folder(root, "version")
+            if checkpoint is not None and run is not None:
+                continues = checkpoint.resolve() == (root / run / LAST_CHECKPOINT).resolve()
+            version = run if run is not None and continues else next_folder(root, "version")
+        elif run is None:
+            version = next_folder(root, subcommand)
         else:
-            continues = False
-            parent = root / run if run is not None else root
-            version = str(Path(run, next_folder(parent, subcommand)) if run is not None else next_folder(parent, subcommand))
-            for callback in trainer.checkpoint_callbacks if run is not None else ():
+            version = str(Path(run, next_folder(root / run, subcommand)))
+            for callback in trainer.checkpoint_callbacks:
                 if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                     # An evaluation saves nothing; the run's own folder lets ModelCheckpoint restore its state quietly.
                     callback.dirpath = str(root / run / LAST_CHECKPOINT.parent)
@@ -184,7 +186,7 @@ class RunCSVLogger(CSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
+        if not isinstance(self._experiment, ExperimentWriter):  # None before the first write
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ContinuedMetricsWriter(log_dir=self.log_dir)
         return self._experiment

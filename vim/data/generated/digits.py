@@ -55,12 +55,9 @@ class DigitsDataModule(ImageDataModule):
     """
 
     def __init__(self, root: str | None = None, predict_root: str | None = None, **kwargs) -> None:
-        root = Path(root) if root is not None else cache_dir() / "digits"
-        super().__init__(train_root=str(root / "train"), val_root=str(root / "val"), predict_root=predict_root, **kwargs)
-
-    @property
-    def root(self) -> Path:
-        return Path(self.roots["train"]).parent
+        folder = Path(root) if root is not None else cache_dir() / "digits"
+        super().__init__(train_root=str(folder / "train"), val_root=str(folder / "val"), predict_root=predict_root, **kwargs)
+        self.root = folder
 
     def prepare_data(self) -> None:
         write_digits_tree(self.root)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -149,14 +149,12 @@ class MovingDigitsDataModule(VideoClipDataModule):
         canvas: int = 32,
         **kwargs,
     ) -> None:
-        root = Path(root) if root is not None else cache_dir() / f"moving_digits_{label}"
-        super().__init__(train_root=str(root / "train"), val_root=str(root / "val"), **kwargs)
-        self.label = label
-        self.generator = dict(label=label, num_train=num_train, num_val=num_val, num_frames=clip_frames, canvas=canvas)
-
-    @property
-    def root(self) -> Path:
-        return Path(self.roots["train"]).parent
+        folder = Path(root) if root is not None else cache_dir() / f"moving_digits_{label}"
+        super().__init__(train_root=str(folder / "train"), val_root=str(folder / "val"), **kwargs)
+        self.root, self.label = folder, label
+        self.generator: dict[str, Any] = dict(
+            label=label, num_train=num_train, num_val=num_val, num_frames=clip_frames, canvas=canvas
+        )
 
     def prepare_data(self) -> None:
         write_moving_digits(self.root, **self.generator)

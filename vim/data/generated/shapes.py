@@ -132,13 +132,9 @@ class ShapesDataModule(PointCloudDataModule):
         predict_path: str | None = None,
         **kwargs,
     ) -> None:
-        root = Path(root) if root is not None else cache_dir() / "shapes"
-        super().__init__(train_path=str(root / "train"), val_path=str(root / "val"), predict_path=predict_path, **kwargs)
-        self.per_class = (train_per_class, val_per_class)
-
-    @property
-    def root(self) -> Path:
-        return Path(self.paths["train"]).parent
+        folder = Path(root) if root is not None else cache_dir() / "shapes"
+        super().__init__(train_path=str(folder / "train"), val_path=str(folder / "val"), predict_path=predict_path, **kwargs)
+        self.root, self.per_class = folder, (train_per_class, val_per_class)
 
     def prepare_data(self) -> None:
         write_shapes_tree(self.root, *self.per_class)

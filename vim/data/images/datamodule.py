@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -73,15 +74,19 @@ class ImageDataModule(ClassificationDataModule):
         self.save_hyperparameters()
         self.roots = {"train": train_root, "val": val_root, "test": test_root, "predict": predict_root}
         self.img_size, self.min_image_size = img_size, min_image_size
-        self.transform_settings = dict(interpolation=interpolation, crop_pct=crop_pct, mean=tuple(mean), std=tuple(std))
-        self.augmentation = dict(
+        self.transform_settings: dict[str, Any] = dict(
+            interpolation=interpolation, crop_pct=crop_pct, mean=tuple(mean), std=tuple(std)
+        )
+        self.augmentation: dict[str, Any] = dict(
             auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob, hflip=hflip, scale=tuple(scale)
         )
 
     def read_classes(self) -> list[str] | None:
         """The class folders of the train root (or of the val / test root when there is none)."""
-        split = next((split for split in ("train", "val", "test") if self.has_split(split)), None)
-        return None if split is None else find_classes(self.roots[split], f"{split}_root")
+        for split in ("train", "val", "test"):
+            if (root := self.roots[split]) is not None:
+                return find_classes(root, f"{split}_root")
+        return None
 
     def has_split(self, split: str) -> bool:
         return self.roots[split] is not None
@@ -95,6 +100,8 @@ class ImageDataModule(ClassificationDataModule):
     def labelled_dataset(self, split: str, source: str) -> ImageFiles:
         argument = f"{source}_root"
         root = self.roots[source]
+        if root is None:
+            raise ValueError(f"data.{argument} is not set")
         folders = find_classes(root, argument)
         if source != "train" and self.has_split("train"):
             check_same_classes(self.classes, folders, argument)

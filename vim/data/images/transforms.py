@@ -40,5 +40,5 @@ def create_image_transform(
         re_prob=re_prob,
         re_mode="pixel",
         hflip=hflip,
-        scale=tuple(scale),
+        scale=(scale[0], scale[1]),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from vim.data.classification import ClassificationDataModule
@@ -73,7 +75,7 @@ class PointCloudDataModule(ClassificationDataModule):
         self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path}
         self.num_points, self.min_points, self.class_names = num_points, min_points, class_names
         self.augment = PointAugment(
-            scale=None if scale is None else tuple(scale), translate=translate, rotate=rotate, up_axis=up_axis
+            scale=None if scale is None else (scale[0], scale[1]), translate=translate, rotate=rotate, up_axis=up_axis
         )
         self._sources: dict[str, PointFiles | HDF5Clouds] = {}
 
@@ -81,17 +83,24 @@ class PointCloudDataModule(ClassificationDataModule):
     def source(self, split: str) -> PointFiles | HDF5Clouds:
         """The (cached) labelled source of ``split`` ("train", "val" or "test")."""
         if split not in self._sources:
-            path, argument = self.paths[split], f"{split}_path"
-            files = expand_hdf5_paths(path, argument)
-            if files is not None:
-                self._sources[split] = HDF5Clouds(files)
-            else:
-                classes = find_classes(path, argument)
+            argument = f"{split}_path"
+            found = expand_hdf5_paths(self.path(split), argument)
+            if isinstance(found, Path):  # a folder tree
+                classes = find_classes(found, argument)
                 samples = labelled_files(
-                    path, classes, argument, list_point_files, "point files", POINT_EXTENSIONS, split == "train"
+                    found, classes, argument, list_point_files, "point files", POINT_EXTENSIONS, split == "train"
                 )
                 self._sources[split] = PointFiles(samples)
+            else:
+                self._sources[split] = HDF5Clouds(found)
         return self._sources[split]
+
+    def path(self, split: str) -> str | list[str]:
+        """The ``{split}_path`` setting; ValueError naming it when it is not set."""
+        path = self.paths[split]
+        if path is None:
+            raise ValueError(f"data.{split}_path is not set")
+        return path
 
     def has_split(self, split: str) -> bool:
         return self.paths[split] is not None
@@ -103,19 +112,23 @@ class PointCloudDataModule(ClassificationDataModule):
         split = next((split for split in ("train", "val", "test") if self.has_split(split)), None)
         if split is None:
             return None
-        files = expand_hdf5_paths(self.paths[split], f"{split}_path")
-        if files is None:
-            return find_classes(self.paths[split], f"{split}_path")
-        names_file = files[0].parent / "shape_names.txt"
+        found = expand_hdf5_paths(self.path(split), f"{split}_path")
+        if isinstance(found, Path):
+            return find_classes(found, f"{split}_path")
+        names_file = found[0].parent / "shape_names.txt"
         if names_file.is_file():
             return [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-        labels = self.source(split).labels
+        labels = self.labels(split)
         return [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
+
+    def labels(self, split: str) -> np.ndarray:
+        """The class index of each sample of ``split``."""
+        source = self.source(split)
+        return source.labels if isinstance(source, HDF5Clouds) else np.array([t for _, t in source.samples])
 
     def check_labels(self, split: str) -> None:
         """ValueError when a split's labels fall outside the class list (e.g. HDF5 labels vs ``class_names``)."""
-        source, num_classes = self.source(split), len(self.classes)
-        labels = source.labels if isinstance(source, HDF5Clouds) else np.array([t for _, t in source.samples])
+        labels, num_classes = self.labels(split), len(self.classes)
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"{split}_path: labels span {labels.min()}..{labels.max()} but there are {num_classes} classes")
 
@@ -129,10 +142,10 @@ class PointCloudDataModule(ClassificationDataModule):
         path = self.paths["predict"]
         if path is None:
             raise ValueError("predict needs data.predict_path, a folder of point files or HDF5 file(s)")
-        files = expand_hdf5_paths(path, "predict_path")
-        if files is not None:
-            return PointClouds(HDF5Clouds(files), self.num_points, self.min_points)
-        found = list_point_files(path)
-        if not found:
+        found = expand_hdf5_paths(path, "predict_path")
+        if not isinstance(found, Path):
+            return PointClouds(HDF5Clouds(found), self.num_points, self.min_points)
+        files = list_point_files(found)
+        if not files:
             raise ValueError(f"predict_path: no point files ({', '.join(POINT_EXTENSIONS)}) under '{path}'")
-        return PointClouds(PointFiles([(str(f), UNLABELLED) for f in found]), self.num_points, self.min_points)
+        return PointClouds(PointFiles([(str(f), UNLABELLED) for f in files]), self.num_points, self.min_points)

@@ -59,13 +59,14 @@ def read_ply_vertices(path: str | os.PathLike) -> np.ndarray:
     with Path(path).open("rb") as file:
         if file.readline().strip() != b"ply":
             raise ValueError(f"{path}: not a PLY file (no 'ply' magic line)")
-        fmt, elements = None, []  # elements: [name, count, [(property, type)]]
+        fmt: str | None = None
+        elements: list[tuple[str, int, list[tuple[str, str]]]] = []  # (name, count, [(property, type)])
         while (line := file.readline()) and line.strip() != b"end_header":
             words = line.decode("ascii", "replace").split()
             if words[:1] == ["format"]:
                 fmt = words[1]
             elif words[:1] == ["element"]:
-                elements.append([words[1], int(words[2]), []])
+                elements.append((words[1], int(words[2]), []))
             elif words[:1] == ["property"] and elements:
                 elements[-1][2].append((words[-1], "list" if words[1] == "list" else _PLY_TYPES.get(words[1], "?")))
         if not line:
@@ -83,7 +84,7 @@ def read_ply_vertices(path: str | os.PathLike) -> np.ndarray:
             else:
                 table = np.frombuffer(file.read(dtype.itemsize * count), dtype=dtype, count=count)
             if name == "vertex":
-                missing = {"x", "y", "z"} - set(table.dtype.names)
+                missing = {"x", "y", "z"} - set(table.dtype.names or ())
                 if missing:
                     raise ValueError(f"{path}: PLY vertices have no {sorted(missing)} properties")
                 return np.stack([table["x"], table["y"], table["z"]], axis=1).astype(np.float32)

@@ -23,11 +23,11 @@ def list_point_files(root: str | os.PathLike) -> list[Path]:
     return walk_files(root, lambda name: name.lower().endswith(POINT_EXTENSIONS))
 
 
-def expand_hdf5_paths(path: str | Sequence[str], argument: str) -> list[Path] | None:
-    """The HDF5 files named by ``path`` (a file, a glob or a list), or None when ``path`` is a folder tree."""
+def expand_hdf5_paths(path: str | Sequence[str], argument: str) -> list[Path] | Path:
+    """The HDF5 files named by ``path`` (a file, a glob or a list), or the folder when ``path`` names one folder tree."""
     patterns = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if len(patterns) == 1 and Path(patterns[0]).is_dir():
-        return None
+        return Path(patterns[0])
     # a shell pattern as the user typed it, absolute or relative: glob.glob's rules (Path.glob wants a relative
     # pattern under a folder, and its "*" also matches hidden files)
     files = sorted({Path(match) for pattern in patterns for match in glob.glob(str(pattern))})  # noqa: PTH207

@@ -103,7 +103,7 @@ def read_annotations(
 def list_videos(root: str | os.PathLike) -> list[str]:
     """Samples under ``root``: video files (by extension) and folders holding frame images, recursively, sorted."""
     found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    for folder, subfolders, files in os.walk(str(root), followlinks=True):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         if folder != str(root) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
             found.append(folder)  # a frame folder is one sample

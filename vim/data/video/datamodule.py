@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -106,8 +107,10 @@ class VideoClipDataModule(ClassificationDataModule):
         self.roots = {"train": train_root, "val": val_root, "test": test_root, "predict": predict_root}
         self.lists = {"train": train_list, "val": val_list, "test": test_list}
         self.data_root, self.classes_file = data_root, classes_file
-        self.transform_settings = dict(interpolation=interpolation, crop_pct=crop_pct, mean=tuple(mean), std=tuple(std))
-        self.augmentation = dict(
+        self.transform_settings: dict[str, Any] = dict(
+            interpolation=interpolation, crop_pct=crop_pct, mean=tuple(mean), std=tuple(std)
+        )
+        self.augmentation: dict[str, Any] = dict(
             auto_augment=auto_augment, color_jitter=color_jitter, re_prob=re_prob, hflip=hflip, scale=tuple(scale)
         )
 
@@ -117,10 +120,10 @@ class VideoClipDataModule(ClassificationDataModule):
         if self.classes_file is not None:
             return classes_from_file(self.classes_file)
         for split in ("train", "val", "test"):
-            if self.lists[split] is not None:
-                return read_annotations(self.lists[split], self.data_root, None, f"{split}_list")[1]
-            if self.roots[split] is not None:
-                return find_classes(self.roots[split], f"{split}_root")
+            if (annotations := self.lists[split]) is not None:
+                return read_annotations(annotations, self.data_root, None, f"{split}_list")[1]
+            if (root := self.roots[split]) is not None:
+                return find_classes(root, f"{split}_root")
         return None
 
     def has_split(self, split: str) -> bool:
@@ -128,9 +131,11 @@ class VideoClipDataModule(ClassificationDataModule):
 
     def labelled_samples(self, split: str) -> list[tuple[str, int]]:
         """``(path, class index)`` of ``split`` ("train", "val" or "test")."""
-        if self.lists[split] is not None:
-            return read_annotations(self.lists[split], self.data_root, self.classes, f"{split}_list")[0]
+        if (annotations := self.lists[split]) is not None:
+            return read_annotations(annotations, self.data_root, self.classes, f"{split}_list")[0]
         root, classes, argument = self.roots[split], self.classes, f"{split}_root"
+        if root is None:
+            raise ValueError(f"data.{argument} or data.{split}_list is not set")
         folders = find_classes(root, argument)
         unknown = sorted(set(folders) - set(classes))
         if unknown:

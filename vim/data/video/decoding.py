@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,7 +102,7 @@ def _open_video(path: str) -> av.container.InputContainer:
 
 def _header_seconds(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
     """The video stream's length as the file's header states it (seconds), or None when it does not."""
-    if stream.duration is not None:
+    if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     tag = stream.metadata.get("DURATION")  # Matroska / WebM track statistics, "HH:MM:SS.nnnnnnnnn"
     if tag:
@@ -129,7 +129,7 @@ def truncation_note(container: av.container.InputContainer, stream: av.VideoStre
     if container.format.name == "mpegts" and container.size % TRANSPORT_PACKET:
         return f"the file ends inside a transport-stream packet (truncated?); using the {count} frames before it"
     declared = _header_seconds(container, stream)
-    if declared is None or count < 2:
+    if declared is None or count < 2 or stream.time_base is None:
         return None
     ordered = np.sort(np.asarray(timestamps, dtype=np.float64))
     period = float(np.median(np.diff(ordered)) * stream.time_base)
@@ -228,11 +228,12 @@ class VideoFile:
         with _open_video(self.path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            frames, position = None, None  # the decoder's frames, and the timestamp of the last one taken from them
+            frames: Iterator[av.VideoFrame] = iter(())  # the decoder's frames (none before the first seek)
+            position = None  # the timestamp of the last frame taken from them
             for index in wanted:
                 target = self.timestamps[index]
                 keyframe = max((k for k in self.keyframes if k <= target), default=self.timestamps[0])
-                seeking = frames is None or position is None or position < keyframe
+                seeking = position is None or position < keyframe
                 if seeking:
                     container.seek(keyframe, stream=stream, backward=True, any_frame=False)
                     frames = container.decode(stream)

@@ -6,11 +6,17 @@ fixed offset of each segment, clip ``k`` of ``n`` at ``(k + 1) / (n + 1)`` of th
 
 from __future__ import annotations
 
-import random
+from typing import Protocol
+
+
+class RandInt(Protocol):
+    """A ``random.Random``, or the ``random`` module itself (its global generator, seeded per sample)."""
+
+    def randint(self, a: int, b: int) -> int: ...
 
 
 def segment_indices(
-    num_available: int, num_frames: int, rng: random.Random | None = None, clip: int = 0, num_clips: int = 1
+    num_available: int, num_frames: int, rng: RandInt | None = None, clip: int = 0, num_clips: int = 1
 ) -> list[int]:
     """Frame indices of one clip by segment-based sampling.
 
