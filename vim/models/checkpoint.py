@@ -187,13 +187,20 @@ def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool =
     other_classes = model.num_classes != getattr(model, "pretrained_cfg", {}).get("num_classes", model.num_classes)
     replace_classifier = other_classes or not any(key in state_dict for key in classifier)
     if not replace_classifier:
-        for key in classifier:
-            if key in state_dict and key in expected and state_dict[key].shape != expected[key].shape:
-                raise ValueError(
-                    f"checkpoint {str(path)!r}: classifier key {key!r} has shape {tuple(state_dict[key].shape)}, the model "
-                    f"expects {tuple(expected[key].shape)}; pass num_classes={state_dict[key].shape[0]} (and the same "
-                    "num_classes in pretrained_cfg_overlay) to keep it, or another num_classes for a new classifier"
-                )
+        wrong = {
+            key: tuple(state_dict[key].shape)
+            for key in sorted(classifier)
+            if key in state_dict and key in expected and state_dict[key].shape != expected[key].shape
+        }
+        if wrong:
+            described = ", ".join(
+                f"{key!r} has shape {shape}, the model expects {tuple(expected[key].shape)}" for key, shape in wrong.items()
+            )
+            file_classes = next(iter(wrong.values()))[0]
+            raise ValueError(
+                f"checkpoint {str(path)!r}: classifier {described}; pass num_classes={file_classes} (and the same "
+                "num_classes in pretrained_cfg_overlay) to keep it, or another num_classes for a new classifier"
+            )
     dropped = [key for key in classifier if key in state_dict] if replace_classifier else []
     for key in dropped:
         del state_dict[key]
