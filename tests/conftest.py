@@ -22,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poison_uninitialized_memory():
+    """Fill every ``torch.empty`` allocation (kernel outputs, partial sums, scratch) with NaN for the test, so that
+    a kernel that leaves part of an output unwritten fails its comparison instead of passing on stale zeros."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(3, device="cuda" if _HAS_CUDA else "cpu").isnan().all()
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -26,14 +26,7 @@ CPU_BACKENDS = ["native", "torch", "reference"]
 needs_compiler = pytest.mark.skipif(not scan_native.native_available(), reason="no C compiler to build the fused CPU kernels")
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    """Fill every torch.empty allocation (kernel outputs and per-job sums included) with NaN."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")  # tests/conftest.py
 
 
 def shifted(x: torch.Tensor, shift: int) -> torch.Tensor:

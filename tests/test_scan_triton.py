@@ -26,15 +26,7 @@ TOLERANCES = {
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    """Fill every torch.empty allocation (kernel outputs and partial sums included) with NaN."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(3, device=DEVICE).isnan().all()
-    yield
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+pytestmark = pytest.mark.usefixtures("poison_uninitialized_memory")  # tests/conftest.py
 
 
 @dataclass(frozen=True)
