@@ -20,15 +20,13 @@ Each fused row gives its speed-up and the time a whole model of ``--depth`` bloc
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from benchmark_report import bullet_list, machine, records_table, write_json, write_markdown
 from tqdm import tqdm
 
 from vim.kernels import add_norm, add_norm_ref, causal_conv1d_silu, resolve_backend
@@ -118,20 +116,9 @@ def add_speedups(rows: list[dict], depth: int) -> None:
 
 
 def environment(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    """The machine (see :func:`benchmark_report.machine`), the block's shapes and the command."""
     return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        python=platform.python_version(),
-        torch=torch.__version__,
-        triton=triton_version,
+        machine(device),
         dtype=str(dtype),
         batch=args.batch,
         length=args.length,
@@ -145,18 +132,10 @@ def environment(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 def write_results(folder: Path, device: torch.device, meta: dict, rows: list[dict]) -> Path:
     """JSON with everything and a Markdown table; returns the JSON's path."""
-    folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"block_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [f"# Fused kernels of one Mamba block ({meta['device']})", ""]
-    lines += [f"- {key}: {value}" for key, value in meta.items()]
-    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = (row.get(column, "") for column in columns)
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in cells) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_json(stem.with_suffix(".json"), meta=meta, results=rows)
+    title = f"Fused kernels of one Mamba block ({meta['device']})"
+    print(write_markdown(stem.with_suffix(".md"), title, bullet_list(meta), records_table(rows)), end="")
     return stem.with_suffix(".json")
 
 

@@ -28,11 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
-import json
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmark_report import machine, markdown_table, version, write_json, write_markdown
 from tqdm import tqdm
 
 DEFAULT_CONFIGS = ["vim_tiny_patch16_224:224", "vim_tiny_patch16_224:512", "videomamba_tiny:8x224"]
@@ -156,32 +153,15 @@ def measure_config(config: str, args: argparse.Namespace, bar: tqdm) -> list[dic
     return rows
 
 
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(args: argparse.Namespace) -> dict:
-    import onnx
-    import onnxruntime
-    import timm
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The machine (see :func:`benchmark_report.machine`; its device under ``machine``), onnx, onnxruntime, settings."""
+    described = machine("cpu", args.threads)
     return dict(
-        machine=f"{cpu_name()} ({cores} cores available)",
+        machine=described.pop("device"),
+        **described,
         threads=args.threads,
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        torch=torch.__version__,
-        onnx=onnx.__version__,
-        onnxruntime=onnxruntime.__version__,
-        timm=timm.__version__,
-        python=platform.python_version(),
+        onnx=version("onnx"),
+        onnxruntime=version("onnxruntime"),
         batch=args.batch,
         warmup=args.warmup,
         iters=args.iters,
@@ -192,32 +172,42 @@ def _number(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def write_markdown(path: Path, env: dict, rows: list[dict]) -> None:
-    lines = [
-        "# Exported vim backbones: onnxruntime vs PyTorch eager and torch.compile (CPU)",
-        "",
+def _prepared(row: dict) -> str:
+    """What preparing the runtime cost: the ONNX export, or the compile."""
+    if "export_s" in row:
+        return f"ONNX export {row['export_s']:.0f} s, {row['onnx_mib']:.1f} MiB"
+    if "compile_s" in row:
+        return f"compile {row['compile_s']:.0f} s"
+    return ""
+
+
+def write_markdown_table(path: Path, env: dict, rows: list[dict]) -> None:
+    """A table of each runtime's rate and difference from eager per configuration, under the machine and settings."""
+    settings = (
         f"Machine: {env['machine']} · {env['threads']} thread(s) for every runtime · torch {env['torch']} · "
         f"onnx {env['onnx']} · onnxruntime {env['onnxruntime']} · timm {env['timm']} · python {env['python']} · "
-        f"fp32 · batch {env['batch']} · median of {env['iters']} timed calls after {env['warmup']} warm-up · {env['date']}",
-        "",
-        "| model | input | runtime | rate | ms / batch | x eager | max abs diff vs eager | prepare |",
-        "|---|---|---|---:|---:|---:|---:|---|",
-    ]
+        f"fp32 · batch {env['batch']} · median of {env['iters']} timed calls after {env['warmup']} warm-up · {env['date']}"
+    )
+    cells = []
     for row in rows:
-        shape = "x".join(map(str, row["input"]))
+        first = [row["model"], "x".join(map(str, row["input"])), row["runtime"]]
         if row["status"] != "ok":
-            lines.append(f"| {row['model']} | {shape} | {row['runtime']} | {row['status']} | | | | |")
+            cells.append([*first, row["status"], "", "", "", ""])
             continue
-        prepare = ""
-        if "export_s" in row:
-            prepare = f"ONNX export {row['export_s']:.0f} s, {row['onnx_mib']:.1f} MiB"
-        elif "compile_s" in row:
-            prepare = f"compile {row['compile_s']:.0f} s"
-        lines.append(
-            f"| {row['model']} | {shape} | {row['runtime']} | {row['rate']:.2f} {row['unit']} | {row['median_ms']:.1f} | "
-            f"{_number(row.get('x_eager'), '.2f')} | {_number(row.get('max_abs_diff_vs_eager'), '.1e')} | {prepare} |"
+        cells.append(
+            [
+                *first,
+                f"{row['rate']:.2f} {row['unit']}",
+                f"{row['median_ms']:.1f}",
+                _number(row.get("x_eager"), ".2f"),
+                _number(row.get("max_abs_diff_vs_eager"), ".1e"),
+                _prepared(row),
+            ]
         )
-    path.write_text("\n".join(lines) + "\n")
+    columns = ["model", "input", "runtime", "rate", "ms / batch", "x eager", "max abs diff vs eager", "prepare"]
+    table = markdown_table(columns, cells, right_aligned=columns[3:7])
+    title = "Exported vim backbones: onnxruntime vs PyTorch eager and torch.compile (CPU)"
+    write_markdown(path, title, [settings], table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=len(args.configs) * len(args.runtimes), desc="benchmark", unit="run") as bar:
         for config in args.configs:
             rows += measure_config(config, args, bar)
-            stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, results=rows), indent=2) + "\n")
-            write_markdown(stem.with_suffix(".md"), env, rows)
+            write_json(stem.with_suffix(".json"), environment=env, results=rows)
+            write_markdown_table(stem.with_suffix(".md"), env, rows)
     print(f"wrote {stem}.json and .md")
     return 0
 

@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import datetime
-import json
 import multiprocessing
-import platform
 import resource
 import statistics
 import sys
@@ -39,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchmark_report import machine, markdown_table, write_json, write_markdown
 
 DEFAULT_MODELS = [
     "vim_tiny_patch16_224",
@@ -159,27 +157,15 @@ def _in_own_process(context, job: tuple) -> dict:
 
 
 def environment(device: str, args: argparse.Namespace) -> dict:
-    import timm
-
+    """The machine (see :func:`benchmark_report.machine`), the scan backend and the run's settings."""
     from vim.kernels import resolve_backend
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+    threads = args.threads or torch.get_num_threads()
     return dict(
-        device=name,
+        machine(dev, threads),
         device_type=dev.type,
-        threads=args.threads or torch.get_num_threads(),
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        torch=torch.__version__,
-        triton=triton_version,
-        timm=timm.__version__,
-        python=platform.python_version(),
+        threads=threads,
         scan_backend=resolve_backend(dev),
         batch=args.batch,
         warmup=args.warmup,
@@ -188,25 +174,24 @@ def environment(device: str, args: argparse.Namespace) -> dict:
     )
 
 
-def write_markdown(path: Path, env: dict, results: list[dict]) -> None:
-    lines = [
-        "# Vision Mamba vs DeiT: throughput and peak memory",
-        "",
+def write_markdown_table(path: Path, env: dict, results: list[dict]) -> None:
+    """A table of images/s and peak memory per model, size and mode, under the device and settings."""
+    settings = (
         f"Device: {env['device']} ({env['threads']} threads) · torch {env['torch']} · triton {env['triton']} · "
         f"timm {env['timm']} · scan backend `{env['scan_backend']}` · {env['dtype']} · batch {env['batch']} · "
-        f"median of {env['iters']} timed steps after {env['warmup']} warm-up · {env['date']}",
-        "",
-        "| model | size | mode | batch | images/s | peak memory (MiB) |",
-        "|---|---:|---|---:|---:|---:|",
-    ]
+        f"median of {env['iters']} timed steps after {env['warmup']} warm-up · {env['date']}"
+    )
+    rows = []
     for r in results:
-        first = f"| {r['model']} | {r['size']} | {r['mode']} | {r.get('batch', env['batch'])} |"
+        first = [r["model"], r["size"], r["mode"], r.get("batch", env["batch"])]
         if r["status"] == "ok":
             peak = "not measured" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
-            lines.append(f"{first} {r['images_per_s']:.2f} | {peak} |")
+            rows.append([*first, f"{r['images_per_s']:.2f}", peak])
         else:
-            lines.append(f"{first} {r['status']} | {r['status']} |")
-    path.write_text("\n".join(lines) + "\n")
+            rows.append([*first, r["status"], r["status"]])
+    columns = ["model", "size", "mode", "batch", "images/s", "peak memory (MiB)"]
+    table = markdown_table(columns, rows, right_aligned={"size", "batch", "images/s", "peak memory (MiB)"})
+    write_markdown(path, "Vision Mamba vs DeiT: throughput and peak memory", [settings], table)
 
 
 def plot(path: Path, env: dict, results: list[dict]) -> None:
@@ -279,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             job = (model_name, size, mode, batch, args.warmup, args.iters, args.device, args.dtype, args.threads, args.fit_batch)
             results.append(measure(*job, isolated=False) if args.same_process else _in_own_process(context, job))
             # rewritten after every configuration, so an interrupted run keeps what it measured
-            stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, results=results), indent=2) + "\n")
-            write_markdown(stem.with_suffix(".md"), env, results)
+            write_json(stem.with_suffix(".json"), environment=env, results=results)
+            write_markdown_table(stem.with_suffix(".md"), env, results)
     plot(stem.with_suffix(".png"), env, results)
     print(f"wrote {stem}.json, .md and .png")
     return 0

@@ -14,13 +14,12 @@ as a fraction of that roofline; if mamba_ssm is importable its CUDA ``selective_
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from benchmark_report import bullet_list, machine, records_table, write_json, write_markdown
 from tqdm import tqdm
 
 from vim.kernels import bidirectional_selective_scan, selective_scan
@@ -161,12 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     add_speedups(rows)
 
     meta = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        torch=torch.__version__,
-        triton=_version("triton"),
+        machine(device),
         dtype=str(dtype),
         batch=f"ceil({tokens} / L)" if tokens else batch_for(1),
         dim=args.dim,
@@ -186,28 +180,14 @@ def add_speedups(rows: list[dict]) -> None:
                 row[f"{phase}_x_reference"] = reference[row["length"]][f"{phase}_ms"] / row[f"{phase}_ms"]
 
 
-def _version(package: str) -> str | None:
-    try:
-        return __import__(package).__version__
-    except ImportError:
-        return None
-
-
 def write_results(folder: Path, device: str, meta: dict, rows: list[dict]) -> None:
-    """JSON with everything, and a Markdown table for people."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """JSON with everything, a Markdown table for people, and the plot."""
     stem = folder / f"scan_{device}"
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [f"# Selective scan benchmark ({meta['device']})", ""]
-    lines += [f"- {key}: {value}" for key, value in meta.items()]
-    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = (row.get(column, "") for column in columns)
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in cells) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_json(stem.with_suffix(".json"), meta=meta, results=rows)
+    title = f"Selective scan benchmark ({meta['device']})"
+    text = write_markdown(stem.with_suffix(".md"), title, bullet_list(meta), records_table(rows))
     plot(stem.with_suffix(".png"), meta, rows)
-    print("\n".join(lines))
+    print(text, end="")
 
 
 def plot(path: Path, meta: dict, rows: list[dict]) -> None:

@@ -13,9 +13,7 @@ that cannot take that many frames) or exceeds ``--timeout`` is recorded with its
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -23,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchmark_report import machine, markdown_table, write_json, write_markdown
 from tqdm import tqdm
 
 TORCHVISION_MODELS = ("swin3d_t", "mvit_v2_s", "swin3d_s", "r3d_18")
@@ -99,43 +98,38 @@ def run_isolated(args: argparse.Namespace, name: str, num_frames: int) -> dict:
 
 
 def environment(device: str) -> dict:
-    import timm
+    """The machine (see :func:`benchmark_report.machine`): ``device`` is cuda or cpu, ``device_name`` what it is."""
     import torchvision
 
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    described = machine(device)
     return {
+        **described,
         "device": device,
-        "device_name": name,
+        "device_name": described["device"],
         "cpu_threads": torch.get_num_threads(),
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
     }
 
 
 def write_reports(results: list[dict], meta: dict, out: Path) -> None:
     """``out``.json (everything), ``out``.md (a table) and ``out``.png (clips/s and memory against frames)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    lines = [
-        f"# Video backbones: inference speed and peak memory ({meta['device']}: {meta['device_name']})",
-        "",
+    write_json(out.with_suffix(".json"), meta=meta, results=results)
+    settings = (
         f"{meta['date']}, torch {meta['torch']}, torchvision {meta['torchvision']}, timm {meta['timm']}; "
         f"batch {meta['batch_size']}, "
         f"{meta['img_size']} px, {meta['iters']} timed passes after {meta['warmup']} warm-up; "
-        + ("bf16 autocast; peak = CUDA max allocated." if meta["device"] == "cuda" else "fp32; peak = process max RSS."),
-        "",
-        "| model | frames | params (M) | clips/s | peak memory (MiB) |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
+        + ("bf16 autocast; peak = CUDA max allocated." if meta["device"] == "cuda" else "fp32; peak = process max RSS.")
+    )
+    rows = []
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['frames']} | | {r['error']} | |")
+            rows.append([r["model"], r["frames"], "", r["error"], ""])
         else:
-            lines.append(f"| {r['model']} | {r['frames']} | {r['params_m']:.1f} | {r['clips_per_s']:.2f} | {r['peak_mib']:.0f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+            rows.append([r["model"], r["frames"], f"{r['params_m']:.1f}", f"{r['clips_per_s']:.2f}", f"{r['peak_mib']:.0f}"])
+    columns = ["model", "frames", "params (M)", "clips/s", "peak memory (MiB)"]
+    table = markdown_table(columns, rows, right_aligned=columns[1:])
+    title = f"Video backbones: inference speed and peak memory ({meta['device']}: {meta['device_name']})"
+    write_markdown(out.with_suffix(".md"), title, [settings], table)
 
     import matplotlib
 

@@ -15,10 +15,8 @@ date. Seconds are reported too, but they come from one run on a shared CPU: read
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmark_report import machine, markdown_table, write_json, write_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 MODES: dict[str, dict[str, Any]] = {"train": dict(train=True), "eval": dict(num_clips=1), "test": dict(num_clips=4)}
@@ -110,45 +110,43 @@ def run_isolated(video: Path, revision: str | None, mode: str, num_frames: int) 
 
 
 def environment() -> dict:
+    """The machine (see :func:`benchmark_report.machine`; its device under ``machine``), PyAV and libavcodec."""
     import av
-    import torch
 
+    described = machine("cpu")
     return {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "date": datetime.date.today().isoformat(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "machine": described.pop("device"),
+        **described,
         "pyav": av.__version__,
         "libavcodec": ".".join(str(v) for v in av.library_versions.get("libavcodec", ())),
     }
 
 
 def write_reports(results: list[dict], meta: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    lines = [
-        "# Video decoding: peak memory of reading one sample from a long video",
-        "",
+    """``out``.json (everything) and ``out``.md (peak memory and seconds per mode, before against after)."""
+    write_json(out.with_suffix(".json"), meta=meta, results=results)
+    settings = (
         f"{meta['date']}, {meta['machine']}, Python {meta['python']}, torch {meta['torch']}, PyAV {meta['pyav']}; "
         f"{meta['frames']} frames of {meta['width']}x{meta['height']} ({meta['codec']}, {meta['video_mib']:.0f} MiB file), "
         f"{meta['num_frames']}-frame clips. Peak = growth of the process's max RSS while reading the sample; "
-        f"before = vim/data/video.py at {meta['before']}, after = this tree. Seconds from one run on a shared CPU.",
-        "",
-        "| mode | before: peak MiB | after: peak MiB | before: s | after: s |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
+        f"before = vim/data/video.py at {meta['before']}, after = this tree. Seconds from one run on a shared CPU."
+    )
     by_key = {(r["version"], r["mode"]): r for r in results}
 
-    def cell(version: str, mode: str, key: str, fmt: str) -> str:
-        result = by_key.get((version, mode), {})
-        return result.get("error", "") if "error" in result else format(result[key], fmt) if key in result else ""
+    def row(mode: str) -> list[str]:
+        """The mode, the peak MiB before and after, the seconds before and after (or a run's error)."""
+        cells = [mode]
+        for key, fmt in (("added_peak_mib", ".0f"), ("seconds", ".2f")):
+            for version in ("before", "after"):
+                result = by_key.get((version, mode), {})
+                cells.append(result["error"] if "error" in result else format(result[key], fmt) if key in result else "")
+        return cells
 
-    for mode in dict.fromkeys(r["mode"] for r in results):
-        lines.append(
-            f"| {mode} | {cell('before', mode, 'added_peak_mib', '.0f')} | {cell('after', mode, 'added_peak_mib', '.0f')} "
-            f"| {cell('before', mode, 'seconds', '.2f')} | {cell('after', mode, 'seconds', '.2f')} |"
-        )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    columns = ["mode", "before: peak MiB", "after: peak MiB", "before: s", "after: s"]
+    rows = [row(mode) for mode in dict.fromkeys(r["mode"] for r in results)]
+    table = markdown_table(columns, rows, right_aligned=columns[1:])
+    title = "Video decoding: peak memory of reading one sample from a long video"
+    write_markdown(out.with_suffix(".md"), title, [settings], table)
 
 
 def main(argv: list[str] | None = None) -> None:
