@@ -184,7 +184,8 @@ def _prepared(row: dict) -> str:
 def write_markdown_table(path: Path, env: dict, rows: list[dict]) -> None:
     """A table of each runtime's rate and difference from eager per configuration, under the machine and settings."""
     settings = (
-        f"Machine: {env['machine']} · {env['threads']} thread(s) for every runtime · torch {env['torch']} · "
+        f"Machine: {env['machine']} (each runtime the same) · load average {env['load_average']} at the start · "
+        f"torch {env['torch']} · "
         f"onnx {env['onnx']} · onnxruntime {env['onnxruntime']} · timm {env['timm']} · python {env['python']} · "
         f"fp32 · batch {env['batch']} · median of {env['iters']} timed calls after {env['warmup']} warm-up · {env['date']}"
     )

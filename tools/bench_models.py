@@ -177,7 +177,8 @@ def environment(device: str, args: argparse.Namespace) -> dict:
 def write_markdown_table(path: Path, env: dict, results: list[dict]) -> None:
     """A table of images/s and peak memory per model, size and mode, under the device and settings."""
     settings = (
-        f"Device: {env['device']} ({env['threads']} threads) · torch {env['torch']} · triton {env['triton']} · "
+        f"Device: {env['device']} · load average {env['load_average']} at the start · "
+        f"torch {env['torch']} · triton {env['triton']} · "
         f"timm {env['timm']} · scan backend `{env['scan_backend']}` · {env['dtype']} · batch {env['batch']} · "
         f"median of {env['iters']} timed steps after {env['warmup']} warm-up · {env['date']}"
     )
