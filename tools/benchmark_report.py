@@ -57,7 +57,7 @@ def device_name(device: torch.device | str, threads: int | None = None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = threads or torch.get_num_threads()
-    return f"CPU: {cpu_name()}, {threads} threads, {cores_available()} cores available"
+    return f"CPU: {cpu_name()}, {threads} thread{'s' if threads > 1 else ''}, {cores_available()} cores available"
 
 
 def machine(device: torch.device | str, threads: int | None = None) -> dict:
