@@ -21,30 +21,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchmark_report import bullet_list, machine, records_table, write_json, write_markdown
+from benchmark_report import bullet_list, machine, median_seconds, records_table, write_json, write_markdown
 from tqdm import tqdm
 
 from vim.kernels import add_norm, add_norm_ref, causal_conv1d_silu, resolve_backend
-
-
-def timed(fn, device: torch.device, min_seconds: float, max_repeats: int = 200) -> float:
-    """Median seconds per call of ``fn`` after one warm-up call (robust to a busy machine)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (time.perf_counter() - start < min_seconds or len(times) < 3):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def conv_inputs(batch: int, length: int, d_inner: int, d_conv: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -100,7 +84,9 @@ def measure(fn, inputs: dict, device: torch.device, min_seconds: float) -> tuple
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
 
-    return timed(forward, device, min_seconds) * 1e3, timed(forward_backward, device, min_seconds) * 1e3
+    return median_seconds(forward, device, min_seconds, 200) * 1e3, median_seconds(
+        forward_backward, device, min_seconds, 200
+    ) * 1e3
 
 
 def add_speedups(rows: list[dict], depth: int) -> None:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
-from benchmark_report import bullet_list, machine, records_table, write_json, write_markdown
+from benchmark_report import bullet_list, machine, median_seconds, records_table, write_json, write_markdown
 from tqdm import tqdm
 
 from vim.kernels import bidirectional_selective_scan, selective_scan
@@ -44,26 +43,11 @@ def make_inputs(batch: int, dim: int, length: int, n_state: int, dtype: torch.dt
     )
 
 
-def timed(fn, device: str, min_seconds: float = 0.5, max_repeats: int = 100) -> float:
-    """Median seconds per call of ``fn`` after one warm-up call."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (time.perf_counter() - start < min_seconds or len(times) < 3):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), device)
+    seconds = median_seconds(lambda: dst.copy_(src), device)
     return 2 * src.numel() / seconds / 1e9
 
 
@@ -99,7 +83,7 @@ def run_case(backend: str, inputs: dict, device: str, bidirectional: bool) -> tu
     def forward_backward():
         call().float().sum().backward()
 
-    return timed(forward, device), timed(forward_backward, device)
+    return median_seconds(forward, device), median_seconds(forward_backward, device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,8 @@ import importlib
 import json
 import os
 import platform
-from collections.abc import Collection, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def device_name(device: torch.device | str, threads: int | None = None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = threads or torch.get_num_threads()
-    return f"CPU: {cpu_name()}, {threads} threads, {cores_available()} cores available"
+    return f"CPU: {cpu_name()}, {threads} thread{'s' if threads > 1 else ''}, {cores_available()} cores available"
 
 
 def machine(device: torch.device | str, threads: int | None = None) -> dict:
@@ -70,6 +71,24 @@ def machine(device: torch.device | str, threads: int | None = None) -> dict:
         timm=version("timm"),
         load_average=load_average(),
     )
+
+
+def median_seconds(
+    fn: Callable[[], object], device: torch.device | str, min_seconds: float = 0.5, max_repeats: int = 100
+) -> float:
+    """Median seconds per call of ``fn`` after one warm-up call: at least 3 calls, then more until ``min_seconds``
+    have passed or ``max_repeats`` calls were made (the median is robust to a busy machine); CUDA is synchronised."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (time.perf_counter() - start < min_seconds or len(times) < 3):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def write_json(path: Path, **sections: object) -> None:
