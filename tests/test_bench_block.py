@@ -19,7 +19,7 @@ def test_bench_block_writes_results_and_table(tmp_path):
     subprocess.run(command, check=True, capture_output=True)
     saved = json.loads((tmp_path / "block_cpu.json").read_text())
     assert {"date", "device", "torch", "triton", "dtype", "batch", "length", "dim", "d_inner", "depth"} <= saved["meta"].keys()
-    assert saved["meta"]["d_inner"] == 16 and "1 threads" in saved["meta"]["device"]
+    assert saved["meta"]["d_inner"] == 16 and ", 1 thread," in saved["meta"]["device"]
     rows = {(row["operation"], row["implementation"]): row for row in saved["results"]}
     assert {("conv_silu", "pytorch"), ("add_norm", "pytorch")} <= rows.keys()
     fused = [row for (operation, name), row in rows.items() if operation == "conv_silu" and name.startswith("fused")]
