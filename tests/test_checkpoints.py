@@ -68,13 +68,14 @@ def test_training_pth_with_optimizer_and_namespace(tmp_path, weights) -> None:
     assert set(load_official_checkpoint(path)) == set(weights)
 
 
-def test_model_ema_is_preferred_and_ddp_prefix_stripped(tmp_path, weights) -> None:
+def test_model_is_preferred_to_its_ema_copy_and_ddp_prefix_stripped(tmp_path, weights) -> None:
+    # Vim's and VideoMamba's training scripts save "model_ema" beside "model" but evaluate and publish "model"
     ema = {k: v + 1 for k, v in weights.items()}
     path = _save_training_checkpoint(tmp_path / "vim.pth", {f"module.{k}": v for k, v in weights.items()}, model_ema=ema)
-    _assert_state_equal(_create(path), ema)
-    plain = load_official_checkpoint(path, use_ema=False)
-    assert set(plain) == set(weights)
-    torch.testing.assert_close(plain["pos_embed"], weights["pos_embed"])
+    _assert_state_equal(_create(path), weights)
+    ema_loaded = load_official_checkpoint(path, use_ema=True)
+    assert set(ema_loaded) == set(ema)
+    torch.testing.assert_close(ema_loaded["pos_embed"], ema["pos_embed"])
 
 
 def test_safetensors_conversion_and_loading(tmp_path, weights, capsys) -> None:
@@ -86,6 +87,12 @@ def test_safetensors_conversion_and_loading(tmp_path, weights, capsys) -> None:
         assert f.metadata()["source"] == "vim.pth" and set(f.keys()) == set(weights)
     _assert_state_equal(_create(target), weights)
     assert set(load_official_checkpoint(target)) == set(weights)
+
+    ema = {k: v + 1 for k, v in weights.items()}
+    with_ema = _save_training_checkpoint(tmp_path / "with_ema.pth", weights, model_ema=ema)
+    for flags, expected in (([], weights), (["--ema"], ema)):
+        assert convert.main([str(with_ema), str(target), *flags]) == 0
+        torch.testing.assert_close(load_official_checkpoint(target)["pos_embed"], expected["pos_embed"])
 
     assert convert.main([str(source), str(tmp_path / "bad.safetensors"), "--model", "vim_tiny_patch16_224"]) == 1
     assert "has shape" in capsys.readouterr().err

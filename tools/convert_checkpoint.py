@@ -3,10 +3,11 @@
 Usage::
 
     python tools/convert_checkpoint.py vim_t_midclstok_76p1acc.pth vim_tiny_patch16_224.safetensors \\
-        [--model vim_tiny_patch16_224] [--no-ema]
+        [--model vim_tiny_patch16_224] [--ema]
 
 The .pth is read without executing pickled code (see :func:`vim.models.load_official_checkpoint`);
-the weights (``"model_ema"`` if present, unless ``--no-ema``, else ``"model"`` or ``"base_model"``) are
+the weights (``"model"`` or ``"base_model"``, the ones upstream evaluates and publishes accuracies for; with ``--ema``
+``"model_ema"`` where the file has it) are
 written unchanged, official key names included, so the result loads with
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``. With
 ``--model`` every key and shape is checked against that architecture first, after the family's
@@ -43,7 +44,7 @@ def check_against_model(state_dict: dict[str, torch.Tensor], model_name: str) ->
         )
 
 
-def convert(source: Path, target: Path, model_name: str | None = None, use_ema: bool = True) -> int:
+def convert(source: Path, target: Path, model_name: str | None = None, use_ema: bool = False) -> int:
     """Write the weights of ``source`` to ``target`` (.safetensors); returns the number of tensors."""
     if target.suffix != ".safetensors":
         raise ValueError(f"the output file must end in .safetensors, got {str(target)!r}")
@@ -65,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="official .pth checkpoint")
     parser.add_argument("target", type=Path, help="output .safetensors file")
     parser.add_argument("--model", help="check the keys and shapes against this registered model first")
-    parser.add_argument("--no-ema", action="store_true", help="take 'model' even when the checkpoint has 'model_ema'")
+    parser.add_argument("--ema", action="store_true", help="take 'model_ema' where the checkpoint has it instead of 'model'")
     args = parser.parse_args(argv)
     try:
-        count = convert(args.source, args.target, args.model, use_ema=not args.no_ema)
+        count = convert(args.source, args.target, args.model, use_ema=args.ema)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

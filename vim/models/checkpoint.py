@@ -7,7 +7,8 @@ API::
     model = build_backbone(VisionMamba, "vim_tiny_patch16_224", pretrained, **kwargs)   # the families' timm builder
 
 The released files are training checkpoints: the weights sit under ``"model"`` (Vim, VideoMamba; also
-``"model_ema"`` when EMA was on) or ``"base_model"`` (PointMamba), next to optimizer / scheduler state,
+``"model_ema"`` when EMA was on, which is read only on request: the published accuracies are those of
+``"model"``) or ``"base_model"`` (PointMamba), next to optimizer / scheduler state,
 metrics and often an ``argparse.Namespace`` of the run's arguments. They are read with
 ``torch.load(weights_only=True)``, allowing only :data:`SAFE_GLOBALS`, so no pickled code runs.
 
@@ -62,12 +63,13 @@ CUSTOM_LOAD = "hf"
 """timm's ``custom_load`` value that sends every source, Hugging Face Hub included, to ``model.load_pretrained``."""
 
 
-def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = True) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The model weights of a training checkpoint, keys without a DDP ``module.`` prefix.
 
     Args:
-        checkpoint: a state dict, or a dict holding one under ``"model_ema"`` or :data:`WEIGHT_KEYS`.
-        use_ema: take ``"model_ema"`` when the checkpoint has it.
+        checkpoint: a state dict, or a dict holding one under :data:`WEIGHT_KEYS` (or ``"model_ema"``).
+        use_ema: take ``"model_ema"`` when the checkpoint has it. Off by default: the DeiT-lineage training scripts
+            (Vim, VideoMamba) save the EMA copy beside ``"model"``, but evaluate, select and publish ``"model"``.
     """
     for key in (("model_ema",) if use_ema else ()) + WEIGHT_KEYS:
         if isinstance(checkpoint.get(key), Mapping):
@@ -76,12 +78,13 @@ def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = True) -> dict[str, to
     return {name.removeprefix("module."): value for name, value in checkpoint.items()}
 
 
-def load_official_checkpoint(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
+def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Read a released ``.pth`` (Vim, VideoMamba, PointMamba) or a ``.safetensors`` file without executing pickled code.
 
     Args:
         path: the checkpoint file.
-        use_ema: take the EMA weights when the checkpoint has them.
+        use_ema: take the EMA weights (``"model_ema"``) when the checkpoint has them instead of ``"model"``, the
+            weights upstream's published accuracy is for.
 
     Returns:
         The model's state dict (the file's own parameter names).
@@ -155,7 +158,7 @@ def _adapt_input_conv(model: nn.Module, state_dict: dict[str, torch.Tensor], exp
             state_dict[key] = adapt_input_conv(channels, state_dict[key], base_chans=state_dict[key].shape[1])
 
 
-def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool = True, strict: bool = True) -> list[str]:
+def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool = False, strict: bool = True) -> list[str]:
     """Load a released or exported weights file into ``model`` through its family's filter.
 
     The file is read by :func:`load_official_checkpoint`, mapped by ``model.checkpoint_filter`` (the family's
@@ -167,7 +170,7 @@ def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool =
     Args:
         model: one of our backbones (anything with ``checkpoint_filter`` and timm's ``pretrained_cfg``).
         path: the file.
-        use_ema: take the EMA weights when the checkpoint has them.
+        use_ema: take the EMA weights (``"model_ema"``) instead of ``"model"`` when the checkpoint has them.
         strict: refuse missing and unexpected keys (the dropped classifier aside).
 
     Returns:

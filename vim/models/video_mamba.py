@@ -369,7 +369,7 @@ def checkpoint_filter_fn(state_dict: Mapping, model: VideoMamba) -> dict[str, to
     return out
 
 
-def load_video_checkpoint(model: VideoMamba, path: str | Path, use_ema: bool = True, strict: bool = True) -> None:
+def load_video_checkpoint(model: VideoMamba, path: str | Path, use_ema: bool = False, strict: bool = True) -> None:
     """Load a released VideoMamba / Vim ``.pth`` (or a ``.safetensors`` file) into ``model``, safely.
 
     :func:`~vim.models.checkpoint.load_checkpoint_into` reads the file (no pickled code runs) and maps it with
