@@ -349,16 +349,17 @@ def chunked_backward(
         if dz is not None and dz_rows is not None:
             _channels_first(dz[rows]).copy_(dz_rows)
     return (
-        grads["u"], grads["delta"], grads["A"].float(), grads["B"], grads["C"],
-        _float_or_empty(grads["D"], like=u),
+        grads["u"], grads["delta"], grads["A"].to(dtype), grads["B"], grads["C"],
+        _parameter_or_empty(grads["D"], like=u),
         u.new_empty(0, dtype=torch.float32) if dz is None else dz,
-        _float_or_empty(grads["delta_bias"], like=u),
+        _parameter_or_empty(grads["delta_bias"], like=u),
     )  # fmt: skip
 
 
-def _float_or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
-    """A parameter gradient as float32, or a fresh empty tensor for an input that was None (outputs may not alias)."""
-    return like.new_empty(0, dtype=torch.float32) if grad is None else grad.float()
+def _parameter_or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A parameter gradient in the compute dtype of ``like`` (float64 stays float64, anything else float32), or a
+    fresh empty float32 tensor for an input that was None (outputs may not alias)."""
+    return like.new_empty(0, dtype=torch.float32) if grad is None else grad.to(_compute_dtype(like))
 
 
 def _silu_slope(z: Tensor) -> Tensor:

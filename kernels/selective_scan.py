@@ -163,15 +163,16 @@ def _scan_bwd(
 def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints):
     K, batch, dim, length = u.shape
     empty = u.new_empty(0, dtype=torch.float32)
+    parameter_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32  # float64 input: chunked, exact
     return (
         empty_channels_last(K, batch, dim, length, like=u),
         empty_channels_last(K, batch, dim, length, like=delta),
-        torch.empty_like(A, dtype=torch.float32, memory_format=torch.contiguous_format),
+        torch.empty_like(A, dtype=parameter_dtype, memory_format=torch.contiguous_format),
         B.new_empty(B.shape),
         C.new_empty(C.shape),
-        empty if D is None else D.new_empty(D.shape, dtype=torch.float32),
+        empty if D is None else D.new_empty(D.shape, dtype=parameter_dtype),
         empty if z is None else empty_channels_last(batch, dim, length, like=z),
-        empty if delta_bias is None else delta_bias.new_empty(delta_bias.shape, dtype=torch.float32),
+        empty if delta_bias is None else delta_bias.new_empty(delta_bias.shape, dtype=parameter_dtype),
     )
 
 
