@@ -61,7 +61,7 @@ from vim.files import atomic_write
 from vim.kernels import add_norm_ref, causal_conv1d_silu_ref
 from vim.kernels.scan_decomposition import decomposed_scan_forward
 from vim.models.backbone import MambaBackbone
-from vim.models.point_mamba import PointMamba
+from vim.models.point_mamba import PointMamba, PointMambaScan
 from vim.models.video_mamba import VideoMamba
 from vim.models.vision_mamba import VisionMamba
 
@@ -142,8 +142,21 @@ FAMILIES = (
 )
 
 
+NOT_EXPORTABLE: dict[type[nn.Module], str] = {
+    PointMambaScan: (
+        "its serialisation takes the space-filling curve's depth from each cloud's extent, as upstream PointMamba "
+        "does: a size that depends on the data, which torch.export (and so ONNX and AOTInductor) cannot trace. "
+        "Run it in PyTorch, or export a pointmamba_small model"
+    ),
+}
+"""Backbones that cannot be exported yet, with the reason."""
+
+
 def family_of(model: nn.Module) -> Family:
     """The :class:`Family` of ``model``; ValueError saying why for any other model."""
+    for model_type, reason in NOT_EXPORTABLE.items():
+        if isinstance(model, model_type):
+            raise ValueError(f"cannot export a {type(model).__name__}: {reason}")
     for family in FAMILIES:
         if isinstance(model, family.model_type):
             return family
@@ -475,8 +488,9 @@ def export_model(
     return save_program(model, out, input_size)
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``vimkit export`` for the model formats (:func:`export_model`'s arguments)."""
+def add_export_arguments(parser: argparse.ArgumentParser) -> list[str]:
+    """The options of ``vimkit export`` for the model formats (:func:`export_model`'s arguments); returns their
+    destinations (a weights-only format takes none of them)."""
     group = parser.add_argument_group("model formats (onnx, torch_export, aoti)")
     group.add_argument("--model", help="timm model name; default: the one a Lightning --ckpt records")
     group.add_argument("--pretrained", action="store_true", help="load the timm tag's weights (e.g. vim_tiny_patch16_224.in1k)")
@@ -493,6 +507,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="aoti: call vim's ops and kernels (loading then needs `import vim`) instead of compiling them",
     )
+    return [action.dest for action in group._group_actions]
 
 
 def export_from_arguments(format: str, args: argparse.Namespace) -> Path:

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA weights")
     from vim import deploy
 
-    deploy.add_export_arguments(parser)
+    model_options = deploy.add_export_arguments(parser)
     args = parser.parse_args(argv)
     format = args.format or FORMAT_OF_SUFFIX.get(Path(args.out).suffix)
     if format is None:
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     if format == "safetensors":
         if args.ckpt is None:
             parser.error("--ckpt: the safetensors format exports a Lightning checkpoint's weights")
+        given = [dest for dest in model_options if getattr(args, dest) != parser.get_default(dest)]
+        if given:
+            options = ", ".join("--" + dest.replace("_", "-") for dest in given)
+            parser.error(f"{options}: the safetensors format writes the checkpoint's weights as they are (model formats only)")
         path = export_safetensors(args.ckpt, args.out, use_ema=not args.no_ema)
     else:
         path = deploy.export_from_arguments(format, args)
