@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -365,3 +366,107 @@ def test_bad_device_settings_are_named_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"devices=1 and num_nodes=0 must be at least 1"):
         cli_main(["extract", *IMAGES_SETTINGS, "--input", str(folder), "--out", str(tmp_path / "out"), "--num_nodes", "0"])
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- weights and lists
+def test_a_rewritten_checkpoint_is_other_weights_and_the_same_bytes_resume(tmp_path, monkeypatch):
+    """``last.ckpt`` is rewritten in place by more training: the rerun is refused, naming the checkpoint, not answered
+    with the old weights' features; the same bytes again, spelled as another path, resume."""
+    _, weights = saved_model(tmp_path, "test_vim")
+    original = Path(weights).read_bytes()
+    folder = image_folder(tmp_path / "images")
+    manifest = extract("test_vim", folder, tmp_path / "out", checkpoint=weights, progress=False)
+    assert manifest["settings"]["weights"] == {
+        "checkpoint": {"path": weights, "sha256": hashlib.sha256(original).hexdigest(), "size": len(original)}
+    }
+    trained_on = {k: v + 0.01 for k, v in timm.create_model("test_vim", num_classes=7).state_dict().items()}
+    save_file(trained_on, weights)  # the same path, other weights
+    with pytest.raises(ValueError, match=rf"other settings \(weights\.checkpoint\.sha256: .*; the checkpoint '{weights}'"):
+        extract("test_vim", folder, tmp_path / "out", checkpoint=weights, progress=False)
+
+    Path(weights).write_bytes(original)
+    stamp = (tmp_path / "out" / "shard-00000.pooled.npy").stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    assert extract("test_vim", folder, tmp_path / "out", checkpoint=Path(weights).name, progress=False) == manifest
+    assert (tmp_path / "out" / "shard-00000.pooled.npy").stat().st_mtime_ns == stamp
+
+
+def fit_point_checkpoint(tmp_path: Path, num_points: int) -> Path:
+    """A one-step ``PointCloudClassifier`` run of test_pointmamba on clouds of ``num_points`` points, saved by Lightning."""
+    from lightning.pytorch import Trainer
+
+    from vim.data.points import PointCloudDataModule
+    from vim.training.points import PointCloudClassifier
+
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(2):
+            np.save(tmp_path / "train" / label / f"{i}.npy", RNG.normal(size=(80, 3)).astype(np.float32))
+    data = PointCloudDataModule(str(tmp_path / "train"), num_points=num_points, min_points=16, batch_size=4, num_workers=0)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(PointCloudClassifier("test_pointmamba", num_classes=2, warmup_epochs=0), data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    return tmp_path / "last.ckpt"
+
+
+def test_a_lightning_checkpoint_brings_its_data_settings(tmp_path):
+    """A run trained on 48 points per cloud (test_pointmamba's own default is 128) is extracted at 48 points, as its
+    evaluation data were, and --num-points still wins."""
+    ckpt = fit_point_checkpoint(tmp_path / "run", num_points=48)
+    clouds = tmp_path / "clouds"
+    clouds.mkdir()
+    for i in range(3):
+        np.save(clouds / f"{i}.npy", RNG.normal(size=(160, 3)).astype(np.float32))
+    manifest = extract(None, clouds, tmp_path / "default", checkpoint=str(ckpt), progress=False)
+    explicit = extract(None, clouds, tmp_path / "explicit", checkpoint=str(ckpt), num_points=48, progress=False)
+    assert manifest["settings"]["preprocessing"] == explicit["settings"]["preprocessing"] == {"num_points": 48}
+    np.testing.assert_array_equal(read_features(tmp_path / "default")[0], read_features(tmp_path / "explicit")[0])
+    other = extract(None, clouds, tmp_path / "other", checkpoint=str(ckpt), num_points=64, progress=False)
+    assert other["settings"]["preprocessing"] == {"num_points": 64}
+
+
+def test_image_preprocessing_follows_the_checkpoints_data_module(tmp_path):
+    """The normalisation and crop the run's data module evaluated with, not the model's pretrained cfg's."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vim", num_classes=3).eval()
+    data = {"img_size": 32, "crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bilinear"}
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model": "test_vim", "num_classes": 3, "img_size": 32},
+            "datamodule_hyper_parameters": data,
+        },
+        tmp_path / "last.ckpt",
+    )
+    folder = image_folder(tmp_path / "images")
+    manifest = extract(None, folder, tmp_path / "out", checkpoint=str(tmp_path / "last.ckpt"), progress=False)
+    assert manifest["settings"]["preprocessing"] == {
+        "img_size": [32, 32], "interpolation": "bilinear", "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3
+    }  # fmt: skip
+    pixels = np.stack([np.asarray(Image.open(folder / f"{i}.png")) for i in range(3)])
+    batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2) / 255 - 0.5) / 0.25  # 32 px images: resize and crop are no-ops
+    model.reset_classifier(0)
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(batch), pre_logits=True)
+    np.testing.assert_allclose(read_features(tmp_path / "out")[0], expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_list_file_paths_keep_their_spaces(tmp_path):
+    """A list line is a path, spaces included; a label follows a comma, a tab, or a space after the extension."""
+    from vim.extraction import resolve_inputs
+
+    folder = image_folder(tmp_path / "images", count=4)
+    for i, name in enumerate(["holiday photo.png", "beach day.png", "a b c.png", "plain.png"]):
+        (folder / f"{i}.png").rename(folder / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text(
+        "# path [label]\nimages/holiday photo.png\nimages/beach day.png,3\nimages/a b c.png\t1\nimages/plain.png 2\n"
+    )
+    names, modality = resolve_inputs(listing)
+    assert modality == "images"
+    assert names == [str(folder / n) for n in ("holiday photo.png", "beach day.png", "a b c.png", "plain.png")]
+    manifest = extract("test_vim", listing, tmp_path / "out", random_weights=True, progress=False)
+    assert manifest["num_rows"] == 4 and not manifest["failed"]

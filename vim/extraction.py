@@ -12,18 +12,24 @@ Python::
     manifest = vim.extract("pointmamba_small", "clouds/", "feats/", checkpoint="pm.safetensors")
     pooled, names = vim.read_features("feats/")          # (rows, D) and the input of each row
 
-Weights: a ``checkpoint`` file; else the released weights of the model name's timm tag (``vim_small_patch16_224.in1k``,
+Weights: a ``checkpoint`` file, identified by the sha256 and size of its contents (read once per run to hash them), so
+a file rewritten since (``last.ckpt`` after more training) is other weights, and the same bytes at another path the
+same; else the released weights of the model name's timm tag (``vim_small_patch16_224.in1k``,
 or the name's default tag), loaded by ``timm.create_model(name, pretrained=True)``, which downloads them once into its
 cache (Hugging Face Hub or torch hub); a name without released weights, or no network and no cached file, is an
 error naming the file looked for. Random weights only with ``random_weights=True`` (``--random-weights``), seeded
 by ``seed``. The manifest records which.
 
-Inputs: a folder (searched recursively), a list file (``.txt`` / ``.lst`` / ``.csv``: the first field of
-each line is a path, relative to the list's folder; blank lines and ``#`` comments skipped), an HDF5
-file of point clouds (``data`` (M, P, 3); inputs ``<file>[<row>]``) or a single file. The modality
-(images, video, points) follows from the file extensions and must match the model; ``modality``
-restricts it. Each input is prepared exactly as the model's evaluation data (the datamodules'
-deterministic evaluation transforms), and features are computed in eval mode, so runs are deterministic.
+Inputs: a folder (searched recursively), a list file (``.txt`` / ``.lst`` / ``.csv``: one path a line, relative to
+the list's folder, spaces in it kept (``holiday photo.jpg``); a label or other fields after it follow a comma or tab
+(``a.jpg,3``), or a space when the line does not end in the file's extension (``clips/a.mp4 3``); blank lines and
+``#`` comments skipped), an HDF5 file of point clouds (``data`` (M, P, 3); inputs ``<file>[<row>]``) or a single
+file. The modality (images, video, points) follows from the file extensions and must match the model; ``modality``
+restricts it. Each input is prepared exactly as the model's evaluation data (the datamodules' deterministic
+evaluation transforms), and features are computed in eval mode, so runs are deterministic. The preprocessing
+settings (image size, resize interpolation, crop fraction, mean and std; frames per clip; points per cloud) are the
+model's, or with a Lightning ``.ckpt`` those its data module was trained with (``num_points=`` still wins); the
+manifest's ``settings.preprocessing`` records them.
 
 Outputs in ``out``: shards of ``shard_size`` inputs, ``shard-00000.<key>.npy`` (one file per feature
 key) or ``shard-00000.safetensors`` (all keys), with keys ``pooled`` (rows, F): the model's pre-logits
@@ -69,7 +75,7 @@ from vim.data.video.decoding import VIDEO_EXTENSIONS
 from vim.data.video.transforms import create_video_transform
 from vim.data.workers import default_num_workers
 from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_devices
-from vim.files import check_weights_file
+from vim.files import check_weights_file, file_identity
 from vim.models.backbone import MambaBackbone
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba
@@ -97,8 +103,8 @@ class Modality:
     Args:
         name: "images", "video" or "points".
         extensions: file name endings of this modality.
-        dataset: ``(model, inputs, settings) -> Dataset`` whose items are a loaded sample (tensor first)
-            or a ``failure`` (with ``path`` and ``reason``).
+        dataset: ``(model, inputs, preprocessing) -> Dataset`` whose items are a loaded sample (tensor first)
+            or a ``failure`` (with ``path`` and ``reason``); ``preprocessing`` is :func:`evaluation_preprocessing`'s.
         failure: the dataset's type for an input that could not be read.
     """
 
@@ -108,6 +114,10 @@ class Modality:
     failure: type[Unreadable]
 
 
+TRANSFORM_KEYS = ("interpolation", "crop_pct", "mean", "std")
+"""Evaluation transform settings that a data module records besides the sizes, which the model is created with."""
+
+
 def _eval_transform_settings(model: nn.Module) -> dict[str, Any]:
     """The evaluation transform's settings of ``model``: its pretrained cfg's resize, crop and normalisation, at the
     input size the model was created with (which may differ from the cfg's)."""
@@ -115,24 +125,41 @@ def _eval_transform_settings(model: nn.Module) -> dict[str, Any]:
 
     config = resolve_data_config({}, model=model)
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
-    keys = ("interpolation", "crop_pct", "mean", "std")
-    return {"img_size": tuple(img_size), **{key: config[key] for key in keys}}
+    return {"img_size": tuple(img_size), **{key: config[key] for key in TRANSFORM_KEYS}}
 
 
-def _image_dataset(model: nn.Module, inputs: list[str], settings: dict[str, Any]) -> Dataset:
-    """Images through the evaluation transform for ``model`` (resize, centre crop, normalise)."""
-    transform = create_image_transform(**_eval_transform_settings(model))
-    return ImageFiles([(path, UNLABELLED) for path in inputs], transform)
+def evaluation_preprocessing(
+    model: nn.Module, data_hparams: dict[str, Any] | None = None, num_points: int | None = None
+) -> dict[str, Any]:
+    """How inputs are prepared for ``model``: ``{"num_points"}`` for a PointMamba, else the evaluation transform's
+    ``img_size``, ``interpolation``, ``crop_pct``, ``mean`` and ``std`` (and ``num_frames`` for a VideoMamba).
+
+    Each setting is, first found: the explicit ``num_points``; the training data module's (``data_hparams``, the
+    ``datamodule_hyper_parameters`` of a Lightning checkpoint); the model's (its size, its pretrained cfg).
+    """
+    data_hparams = data_hparams or {}
+    if isinstance(model, PointMamba):
+        return {"num_points": num_points or data_hparams.get("num_points") or model.pretrained_cfg["input_size"][-1]}
+    settings = _eval_transform_settings(model)
+    settings.update({key: data_hparams[key] for key in TRANSFORM_KEYS if data_hparams.get(key) is not None})
+    if isinstance(model, VideoMamba):
+        settings["num_frames"] = model.patch_embed.num_frames
+    return settings
 
 
-def _video_dataset(model: VideoMamba, inputs: list[str], settings: dict[str, Any]) -> Dataset:
-    """Clips of ``num_frames`` evenly spaced frames through the evaluation transform for ``model``."""
-    transform_settings = _eval_transform_settings(model)
-    transform = create_video_transform(**{**transform_settings, "img_size": transform_settings["img_size"][0]})
-    return VideoClips([(path, UNLABELLED) for path in inputs], model.patch_embed.num_frames, transform)
+def _image_dataset(model: nn.Module, inputs: list[str], preprocessing: dict[str, Any]) -> Dataset:
+    """Images through the evaluation transform (resize, centre crop, normalise)."""
+    return ImageFiles([(path, UNLABELLED) for path in inputs], create_image_transform(**preprocessing))
 
 
-def _point_dataset(model: PointMamba, inputs: list[str], settings: dict[str, Any]) -> Dataset:
+def _video_dataset(model: VideoMamba, inputs: list[str], preprocessing: dict[str, Any]) -> Dataset:
+    """Clips of ``num_frames`` evenly spaced frames through the evaluation transform."""
+    settings = {key: value for key, value in preprocessing.items() if key != "num_frames"}
+    transform = create_video_transform(**{**settings, "img_size": settings["img_size"][0]})
+    return VideoClips([(path, UNLABELLED) for path in inputs], preprocessing["num_frames"], transform)
+
+
+def _point_dataset(model: PointMamba, inputs: list[str], preprocessing: dict[str, Any]) -> Dataset:
     """Clouds resampled by farthest point sampling to ``num_points`` and scaled into the unit sphere."""
     h5_files = list(dict.fromkeys(name.rpartition("[")[0] for name in inputs if name.endswith("]")))
     source: HDF5Clouds | PointFiles
@@ -142,7 +169,7 @@ def _point_dataset(model: PointMamba, inputs: list[str], settings: dict[str, Any
             raise ValueError("point inputs mix HDF5 rows and point files; extract them in separate runs")
     else:
         source = PointFiles([(path, UNLABELLED) for path in inputs])
-    return PointClouds(source, settings["num_points"], min_points=model.min_points)
+    return PointClouds(source, preprocessing["num_points"], min_points=model.min_points)
 
 
 MODALITIES: dict[str, Modality] = {
@@ -168,12 +195,24 @@ def model_modality(model: nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+def _list_entry(line: str) -> str:
+    """The path of a list line: the part before the first comma or tab; else the whole line (spaces included), less a
+    space-separated label when the whole line does not end in a known extension (``clips/a.mp4 3``)."""
+    for separator in (",", "\t"):
+        line = line.split(separator, 1)[0]
+    line = line.strip()
+    if modality_of(line) is None and len(parts := line.rsplit(None, 1)) == 2 and modality_of(parts[0]) is not None:
+        return parts[0]
+    return line
+
+
 def _read_list(path: Path) -> list[str]:
+    """The paths of list file ``path`` (see :func:`_list_entry`), relative ones under its folder."""
     entries = []
     for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            first = line.replace(",", " ").split()[0]
+            first = _list_entry(line)
             entries.append(first if Path(first).is_absolute() else str(path.parent / first))
     if not entries:
         raise ValueError(f"input list '{path}' names no files")
@@ -242,16 +281,43 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str], modality: str | No
 
 
 # ---------------------------------------------------------------------------------------------- model
-def _checkpoint_settings(checkpoint: str) -> tuple[dict[str, torch.Tensor], str | None, dict[str, Any]]:
-    """(weights, model name or None, model kwargs) of a weights file or a Lightning ``.ckpt`` of a vim Classifier."""
+@dataclass
+class ExtractionModel:
+    """The headless model in eval mode and what the manifest records of it.
+
+    Args:
+        network: the model.
+        name: its timm name.
+        kwargs: the ``create_model`` arguments it was created with.
+        weights: where its weights came from: ``{"checkpoint": {"path", "sha256", "size"}}``, ``{"random": {"seed"}}``
+            or ``{"released": {"tag", "source"}}``.
+        data_hparams: the training data module's settings (a Lightning checkpoint's ``datamodule_hyper_parameters``;
+            empty otherwise).
+    """
+
+    network: nn.Module
+    name: str
+    kwargs: dict[str, Any]
+    weights: dict[str, Any]
+    data_hparams: dict[str, Any]
+
+
+def _checkpoint_settings(
+    checkpoint: str,
+) -> tuple[dict[str, torch.Tensor], str | None, dict[str, Any], dict[str, Any]]:
+    """(weights, model name or None, model kwargs, data module settings) of a weights file or a Lightning ``.ckpt`` of a
+    vim Classifier (only it records a model name and data module settings)."""
     path = check_weights_file(checkpoint, "checkpoint")
     if path.suffix != ".ckpt":
-        return load_official_checkpoint(path), None, {}
+        return load_official_checkpoint(path), None, {}, {}
+    from lightning.pytorch import LightningDataModule
+
     from vim.training.export import checkpoint_model_settings, checkpoint_weights
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     name, kwargs = checkpoint_model_settings(state)
-    return checkpoint_weights(state), name, kwargs
+    data_hparams = dict(state.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+    return checkpoint_weights(state), name, kwargs, data_hparams
 
 
 def _is_classifier_key(model: nn.Module, key: str) -> bool:
@@ -289,13 +355,14 @@ def unavailable_weights_message(info: ReleasedWeights) -> str:
 
 def build_model(
     model: str | None, checkpoint: str | None, model_kwargs: dict[str, Any] | None, random_weights: bool = False, seed: int = 0
-) -> tuple[nn.Module, str, dict, dict[str, Any]]:
+) -> ExtractionModel:
     """The headless model in eval mode, its name, the kwargs it was created with, and where its weights came from.
 
-    Weights: ``checkpoint``; else, with ``random_weights``, a random initialisation seeded by ``seed``; else the
-    released weights of the name's timm tag. ValueError when the name has none or they cannot be had.
+    Weights: ``checkpoint`` (identified by its contents' sha256 and size, so that the same path rewritten is other
+    weights); else, with ``random_weights``, a random initialisation seeded by ``seed``; else the released weights of
+    the name's timm tag. ValueError when the name has none or they cannot be had.
     """
-    weights, name, kwargs = _checkpoint_settings(checkpoint) if checkpoint is not None else (None, None, {})
+    weights, name, kwargs, data_hparams = _checkpoint_settings(checkpoint) if checkpoint is not None else (None, None, {}, {})
     name = model or name
     if name is None:
         raise ValueError("no model: pass model= (a timm name), or a Lightning .ckpt that records one")
@@ -307,10 +374,13 @@ def build_model(
     if checkpoint is not None and weights is not None:
         network = create_model(name, **{**kwargs, "num_classes": 0})
         load_weights(network, weights)
-        return network.eval(), name, kwargs, {"checkpoint": str(Path(checkpoint).resolve())}
+        path = Path(checkpoint).resolve()
+        identity = {"checkpoint": {"path": str(path), **file_identity(path)}}
+        return ExtractionModel(network.eval(), name, kwargs, identity, data_hparams)
     if random_weights:
         torch.manual_seed(seed)
-        return create_model(name, **{**kwargs, "num_classes": 0}).eval(), name, kwargs, {"random": {"seed": seed}}
+        network = create_model(name, **{**kwargs, "num_classes": 0})
+        return ExtractionModel(network.eval(), name, kwargs, {"random": {"seed": seed}}, {})
     info = released_weights(name)
     if info is None:
         raise NoReleasedWeightsError(
@@ -323,7 +393,7 @@ def build_model(
     except WeightsUnavailableError as error:
         raise ValueError(f"{unavailable_weights_message(info)}. {error}") from error
     source = f"hf-hub:{info.hf_hub_id}/{info.filename}" if info.hf_hub_id else info.url
-    return network.eval(), name, kwargs, {"released": {"tag": info.name, "source": source}}
+    return ExtractionModel(network.eval(), name, kwargs, {"released": {"tag": info.name, "source": source}}, {})
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -336,18 +406,45 @@ def _differences(old: list[str], new: list[str]) -> str:
     return "; ".join(parts) or "the same inputs in another order"
 
 
+class _NotSet:
+    """A setting one of two runs has not: shown as ``not set``."""
+
+    def __repr__(self) -> str:
+        return "not set"
+
+
+NOT_SET = _NotSet()
+RECORDED_ONLY = ("weights.checkpoint.path",)
+"""Settings the manifest records but a rerun need not repeat: the same checkpoint bytes at another path are the same."""
+
+
+def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting that differs, inside nested settings by dotted key (``weights.checkpoint.sha256``)."""
+    changed = []
+    for key in dict.fromkeys([*new, *old]):
+        name, before, after = f"{prefix}{key}", old.get(key, NOT_SET), new.get(key, NOT_SET)
+        if name in RECORDED_ONLY:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed += _changed_settings(before, after, f"{name}.")
+        elif before != after:
+            changed.append(f"{name}: {before!r} -> {after!r}")
+    return changed
+
+
 def _check_resumable(out: Path, settings: dict[str, Any], inputs: list[str]) -> dict[str, Any] | None:
     """The existing manifest when ``out`` holds a run with the same settings and inputs; ValueError naming what differs."""
     path = out / MANIFEST
     if not path.is_file():
         return None
     previous = json.loads(path.read_text())
-    old = previous.get("settings", {})
-    changed = [f"{key}: {old.get(key)!r} -> {settings[key]!r}" for key in settings if old.get(key) != settings[key]]
-    changed += [f"{key}: {old[key]!r} -> not set" for key in old if key not in settings]
+    changed = _changed_settings(previous.get("settings", {}), settings)
     if changed:
+        checkpoint = settings["weights"].get("checkpoint")
+        rewritten = any(change.startswith("weights.checkpoint.") for change in changed) and checkpoint is not None
+        hint = f"; the checkpoint '{checkpoint['path']}' holds other weights than those extracted" if rewritten else ""
         raise ValueError(
-            f"'{out}' holds features extracted with other settings ({'; '.join(changed)}); use another output folder"
+            f"'{out}' holds features extracted with other settings ({'; '.join(changed)}){hint}; use another output folder"
         )
     if previous.get("inputs") != inputs:
         raise ValueError(
@@ -396,7 +493,7 @@ def extract(
         batch_size: inputs per forward pass.
         num_workers: loader processes (of each process, with several).
         device: "cuda", "cpu", "cuda:1", "mps", ...; None: Lightning's choice of accelerator (a GPU where there is one).
-        num_points: points per cloud (None: the model's ``input_size``).
+        num_points: points per cloud (None: a Lightning checkpoint's ``data.num_points``, else the model's ``input_size``).
         progress: show a progress bar (with several processes: rank 0's shards).
         random_weights: without a checkpoint, use random weights (seeded by ``seed``) instead of the released ones.
         seed: seed of the random weights.
@@ -413,7 +510,8 @@ def extract(
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be positive")
     launch = trainer_devices(device, devices, num_nodes, strategy)
     names, found = resolve_inputs(inputs, modality)
-    network, name, kwargs, weights = build_model(model, checkpoint, model_kwargs, random_weights, seed)
+    loaded = build_model(model, checkpoint, model_kwargs, random_weights, seed)
+    network, name = loaded.network, loaded.name
     expected = model_modality(network)
     if found != expected:
         raise ValueError(f"model '{name}' takes {expected} but the inputs are {found} (e.g. '{names[0]}')")
@@ -423,14 +521,12 @@ def extract(
             raise ValueError(f"layers={layers}: model '{name}' is not a vim backbone, whose blocks the layers number")
         if not all(0 <= i < len(network.blocks) for i in layers):
             raise ValueError(f"layers={layers}: model '{name}' has blocks 0..{len(network.blocks) - 1}")
-    if not isinstance(network, PointMamba):  # the inputs are points exactly when the model is a PointMamba
-        num_points = None
-    elif not num_points:
-        num_points = network.pretrained_cfg["input_size"][-1]
     keys = ["pooled"] + (["tokens"] if tokens else []) + [f"layer{i}" for i in layers]
+    preprocessing = evaluation_preprocessing(network, loaded.data_hparams, num_points)
     settings = {
-        "model": name, "model_kwargs": kwargs, "weights": weights, "modality": found, "keys": keys, "format": format,
-        "shard_size": shard_size, "num_points": num_points,
+        "model": name, "model_kwargs": loaded.kwargs, "weights": loaded.weights, "modality": found, "keys": keys,
+        "format": format, "shard_size": shard_size,
+        "preprocessing": preprocessing,
     }  # fmt: skip
     settings = json.loads(json.dumps(settings))  # as the manifest stores them (tuples as lists), to compare with it
 
@@ -440,7 +536,7 @@ def extract(
         return previous
     out.mkdir(parents=True, exist_ok=True)
     spec = MODALITIES[found]
-    dataset = spec.dataset(network, names, {"num_points": num_points})
+    dataset = spec.dataset(network, names, preprocessing)
     return extract_shards(
         network,
         dataset,
@@ -513,7 +609,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=1, help="processes per node, one device each (DDP when more than 1)")
     parser.add_argument("--num-nodes", "--num_nodes", type=int, default=1, help="nodes (each runs this command; see README)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="auto", help="Lightning strategy (default: DDP for several)")
-    parser.add_argument("--num-points", type=int, default=None, help="points per cloud (default: the model's)")
+    parser.add_argument(
+        "--num-points", type=int, default=None, help="points per cloud (default: a .ckpt's data.num_points, else the model's)"
+    )
     args = parser.parse_args(argv)
     num_workers = default_num_workers(processes=args.devices) if args.num_workers is None else args.num_workers
     manifest = extract(

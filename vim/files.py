@@ -2,11 +2,13 @@
 use them as well as training.
 
 :func:`atomic_write` replaces a file all at once, so a crash while saving never leaves a truncated ``last.ckpt``,
-export or feature shard; :func:`check_weights_file` names a missing or empty weights file and the setting that gave it.
+export or feature shard; :func:`check_weights_file` names a missing or empty weights file and the setting that gave it;
+:func:`file_identity` tells whether a file still holds the same bytes (``last.ckpt`` is rewritten in place by training).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -42,3 +44,16 @@ def check_weights_file(path: str | os.PathLike, argument: str) -> Path:
     if path.stat().st_size == 0:
         raise ValueError(f"{argument}: '{path}' is empty (0 bytes), e.g. an interrupted download or copy")
     return path
+
+
+def file_identity(path: str | os.PathLike, chunk_size: int = 1 << 20) -> dict[str, int | str]:
+    """``{"sha256": hex digest of the contents, "size": bytes}`` of ``path``: the same for the same bytes at any path.
+
+    The file is read once, ``chunk_size`` bytes at a time, so a few GB of weights never sit in memory at once.
+    """
+    digest, size = hashlib.sha256(), 0
+    with Path(path).open("rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "size": size}
