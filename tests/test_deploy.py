@@ -331,6 +331,20 @@ def test_cli_refuses_unclear_requests(tmp_path, capsys):
         load_model("test_vim", checkpoint=weights)
 
 
+def test_a_point_runs_checkpoint_exports_at_the_cloud_size_it_trained_on(tmp_path):
+    model = timm.create_model("test_pointmamba", num_classes=3)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model": "test_pointmamba", "num_classes": 3},
+            "datamodule_hyper_parameters": {"num_points": 48},
+        },
+        tmp_path / "last.ckpt",
+    )
+    assert nominal_input_size(model) == (128, 3)  # the model's own default
+    assert nominal_input_size(load_model(checkpoint=tmp_path / "last.ckpt")) == (48, 3)
+
+
 def test_load_model_sets_the_export_size_and_the_head():
     """img_size / num_frames resample the position embeddings (the nominal input follows); no head: pooled features."""
     images = load_model("test_vim", img_size=48)

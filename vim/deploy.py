@@ -210,7 +210,7 @@ def load_model(
     from vim.training.export import checkpoint_model_settings, checkpoint_weights
 
     kwargs: dict[str, Any] = dict(model_kwargs)
-    weights, overlay_file = None, None
+    weights, overlay_file, trained_points = None, None, None
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
@@ -219,6 +219,7 @@ def load_model(
             state = torch.load(path, map_location="cpu", weights_only=True)
             weights = checkpoint_weights(state, use_ema)  # ValueError for anything but a vim Classifier's checkpoint
             trained_name, trained_kwargs = checkpoint_model_settings(state)
+            trained_points = (state.get("datamodule_hyper_parameters") or {}).get("num_points")
             name = name or trained_name
             kwargs = {**trained_kwargs, "num_classes": state["hyper_parameters"]["num_classes"], **kwargs}
         else:
@@ -246,6 +247,8 @@ def load_model(
         model.load_state_dict(weights)
         if not head:
             model.reset_classifier(0)
+    if isinstance(model, PointMamba) and trained_points:  # the cloud size the run trained and validated on
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 1, trained_points)}
     set_input_size(model, img_size, num_frames)
     return model.eval()
 
