@@ -170,6 +170,37 @@ def test_folder_datamodule_skips_bad_files_with_warnings(tmp_path):
     assert "4 skipped so far" in messages
 
 
+def write_class_folders(root: Path, clouds_per_class: dict[str, int]) -> None:
+    for name, count in clouds_per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            np.save(root / name / f"{i}.npy", RNG.normal(size=(40, 3)))
+
+
+def test_val_class_folders_are_labelled_by_name_against_the_training_classes(tmp_path):
+    """Val lacks "cone" (the first training class): its cubes are still 1 and spheres 2, not 0 and 1; a val class the
+    training data lacks is refused, naming it and the known classes."""
+    write_class_folders(tmp_path / "train", {"cone": 2, "cube": 2, "sphere": 2})
+    write_class_folders(tmp_path / "val", {"cube": 2, "sphere": 3})
+    data = PointCloudDataModule(
+        train_path=str(tmp_path / "train"), val_path=str(tmp_path / "val"), min_points=8, num_points=16, num_workers=0
+    )
+    data.setup("fit")
+    training_index = {name: i for i, name in enumerate(["cone", "cube", "sphere"])}
+    for split, count in (("train", 6), ("val", 5)):
+        dataset = data.datasets[split]
+        batch = collate_clouds([dataset[i] for i in range(len(dataset))])
+        assert len(batch.paths) == count
+        assert batch.targets.tolist() == [training_index[Path(path).parent.name] for path in batch.paths]
+    assert sorted(data.labels("val").tolist()) == [1, 1, 2, 2, 2]
+
+    write_class_folders(tmp_path / "test", {"cube": 1, "pyramid": 1})
+    data = PointCloudDataModule(train_path=str(tmp_path / "train"), test_path=str(tmp_path / "test"), min_points=8)
+    message = r"test_path: class folders \['pyramid'\] of '.*test' are not among the 3 classes \['cone', 'cube', 'sphere'\]"
+    with pytest.raises(ValueError, match=message):
+        data.setup("test")
+
+
 def test_empty_or_missing_folders(tmp_path):
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match=r"train_path: no point files \(.npy, .ply, .off\) in the class folders"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import re
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_training import write_tree
+from test_training import Recorder, write_tree
 
 from vim.cli import run_lightning
 
@@ -132,3 +133,28 @@ def test_each_fit_has_its_own_folder_and_a_resumed_run_continues_in_it(tmp_path,
     assert rows[: len(kept)] == kept
     train_steps = [int(row["step"]) for row in rows if row["train/loss"]]
     assert train_steps == list(range(7)), train_steps  # runs of 2, then 2 + 1 (killed) + 2 steps: one row per batch
+
+
+def test_a_finished_run_extended_to_more_epochs_follows_the_cosine_of_the_new_length(tmp_path, monkeypatch):
+    """2 epochs of 4 steps, then ``--ckpt_path last --trainer.max_epochs 4`` (what "Nothing left to do" invites): the
+    added steps 8..15 take the rates of a cosine planned over 16 steps, not those of the finished 8-step plan (whose
+    rate after step 8 is min_lr)."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path)
+    settings = ["--config", config, "--model.min_lr=0", "--trainer.callbacks+=test_training.Recorder"]
+    first = run_lightning(["fit", *settings, "--trainer.max_epochs=2"])
+    extended = run_lightning(["fit", *settings, "--trainer.max_epochs=4", "--ckpt_path=last"])
+    assert extended.trainer.global_step == 16
+
+    def rate(step: int, total_steps: int, lr=1e-2, warmup_steps=2, warmup_lr=1e-6, min_lr=0.0) -> float:
+        """The recipe's rate at ``step``: linear warmup, then a half cosine from lr to min_lr at total_steps."""
+        if step < warmup_steps:
+            return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+        return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps))) / 2
+
+    def rates(cli) -> list[float]:
+        (recorder,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, Recorder)]
+        return recorder.lrs
+
+    assert rates(first) == pytest.approx([rate(step, 8) for step in range(8)], rel=1e-9, abs=1e-15)
+    assert rates(extended) == pytest.approx([rate(step, 16) for step in range(8, 16)], rel=1e-9, abs=1e-15)

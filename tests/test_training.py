@@ -17,13 +17,14 @@ import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
+from torch.optim.lr_scheduler import LambdaLR
 
 from vim.data.images import ImageDataModule
 from vim.data.sampling import ResumableSampler
 from vim.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from vim.training.classifier import classification_loss, create_model
 from vim.training.image_classifier import ImageClassifier
-from vim.training.schedule import WarmupCosine
+from vim.training.schedule import WarmupCosine, WarmupCosineLR
 
 TINY_VIT = dict(patch_size=4, embed_dim=16, depth=1, num_heads=2)
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +68,42 @@ def test_warmup_cosine_hand_values():
     assert schedule(60) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="warmup_steps=20 must lie in"):
         WarmupCosine(lr=1.0, total_steps=10, warmup_steps=20)
+
+
+@pytest.mark.parametrize("saved_by", [WarmupCosineLR, LambdaLR], ids=["WarmupCosineLR", "LambdaLR-before-the-fix"])
+def test_a_loaded_schedule_keeps_the_saved_step_and_the_current_plan(saved_by):
+    """8 steps of an 8-step plan (ending at min_lr 0) loaded into a 16-step plan: the rate is the 16-step cosine's at
+    step 8 (warmup 2: progress 6/14), also from a checkpoint whose plain LambdaLR saved its plan; the same plan loaded
+    continues exactly."""
+
+    def stepped(scheduler_type, plan: WarmupCosine, steps: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        scheduler = scheduler_type(optimizer, plan)
+        next_rates(optimizer, scheduler, steps)
+        return optimizer, scheduler
+
+    def plan(total_steps: int) -> WarmupCosine:
+        return WarmupCosine(lr=2.0, total_steps=total_steps, warmup_steps=2, warmup_lr=0.1, min_lr=0.0)
+
+    saved_optimizer, saved = stepped(saved_by, plan(8), 8)
+    assert saved_optimizer.param_groups[0]["lr"] == 0.0
+    for total_steps, expected in ((16, 2.0 * (1 + math.cos(math.pi * 6 / 14)) / 2), (8, 0.0)):
+        optimizer, resumed = stepped(WarmupCosineLR, plan(total_steps), 0)
+        optimizer.load_state_dict(saved_optimizer.state_dict())
+        resumed.load_state_dict(saved.state_dict())
+        assert resumed.last_epoch == 8 and resumed.lr_lambdas[0].total_steps == total_steps
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert resumed.get_last_lr() == [optimizer.param_groups[0]["lr"]] and "lr_lambdas" not in resumed.state_dict()
+    assert next_rates(optimizer, resumed) == next_rates(saved_optimizer, saved)  # the last one loaded: the same plan
+
+
+def next_rates(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, steps: int = 3) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    return rates
 
 
 def test_loss_smooths_class_indices_and_takes_soft_targets():

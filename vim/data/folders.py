@@ -2,7 +2,9 @@
 
 Class names are the sorted folder names; a sample is any file (or, for video, folder of frames) that the
 modality's lister finds under its class folder. An empty class folder is reported, not turned into a class without
-samples.
+samples. A validation or test tree is labelled by folder name against the training classes
+(:func:`labelled_class_folders`), never by its folders' own positions: a split that lacks a class keeps every other
+label.
 """
 
 from __future__ import annotations
@@ -55,13 +57,45 @@ def labelled_files(
         raise ValueError(f"{argument}: no {kind} ({', '.join(extensions)}) in the class folders of '{root}'")
     empty = [str(Path(root, name)) for name, paths in found.items() if not paths]
     if empty:
-        message = f"{argument}: class folders without {kind} ({', '.join(extensions)}): {empty[:10]}" + (
-            " ..." if len(empty) > 10 else ""
-        )
+        message = f"{argument}: class folders without {kind} ({', '.join(extensions)}): {first_ten(empty)}"
         if empty_is_error:
             raise ValueError(f"{message}; add samples or remove the folders")
         warnings.warn(f"{message}; these classes are not evaluated", DataWarning, stacklevel=2)
     return [(path, target) for target, name in enumerate(classes) for path in found[name]]
+
+
+def labelled_class_folders(
+    root: str | os.PathLike,
+    classes: Sequence[str],
+    argument: str,
+    list_files: Callable[[Path], Sequence[str | os.PathLike]],
+    kind: str,
+    extensions: Sequence[str],
+    empty_is_error: bool = True,
+) -> list[tuple[str, int]]:
+    """``(path, index in classes)`` for every sample under ``root/<class>/``, each folder labelled by its name's place in
+    ``classes`` (the classes the model is trained on), not by its place among ``root``'s own folders.
+
+    A tree may lack some of ``classes`` (a validation split evaluates fewer classes; :func:`labelled_files` warns about
+    an empty folder, or refuses it when ``empty_is_error``); a folder whose name is not in ``classes`` is a ValueError
+    naming it and the known classes, since no output of the model stands for it.
+    """
+    folders = find_classes(root, argument)
+    known = set(classes)
+    unknown = [name for name in folders if name not in known]
+    if unknown:
+        raise ValueError(
+            f"{argument}: class folders {first_ten(unknown)} of '{root}' are not among the {len(classes)} classes "
+            f"{first_ten(classes)} the model is trained on"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    samples = labelled_files(root, folders, argument, list_files, kind, extensions, empty_is_error)
+    return [(path, index[folders[target]]) for path, target in samples]
+
+
+def first_ten(names: Sequence[str]) -> str:
+    """``names`` for a message: the first ten as a list, `` ...`` when there are more."""
+    return f"{list(names[:10])}{' ...' if len(names) > 10 else ''}"
 
 
 def check_same_classes(train_classes: Sequence[str], other_classes: Sequence[str], other: str = "val_root") -> None:
@@ -71,6 +105,6 @@ def check_same_classes(train_classes: Sequence[str], other_classes: Sequence[str
     only_train = sorted(set(train_classes) - set(other_classes))
     only_other = sorted(set(other_classes) - set(train_classes))
     raise ValueError(
-        f"train_root and {other} have different class folders: only in train_root {only_train[:10]}"
-        f"{' ...' if len(only_train) > 10 else ''}, only in {other} {only_other[:10]}{' ...' if len(only_other) > 10 else ''}"
+        f"train_root and {other} have different class folders: only in train_root {first_ten(only_train)}, "
+        f"only in {other} {first_ten(only_other)}"
     )

@@ -41,7 +41,6 @@ from timm.data import ImageNetInfo, Mixup, infer_imagenet_subset
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -49,7 +48,7 @@ import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.sampling import mix_seed, seed_everything_from
 from vim.files import check_weights_file
 from vim.models.weights import create_released_model, released_weights
-from vim.training.schedule import WarmupCosine
+from vim.training.schedule import WarmupCosine, WarmupCosineLR
 
 _WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
 
@@ -284,8 +283,8 @@ class Classifier(LightningModule):
             group["lr"] = hp.lr * group.get("lr_scale", 1.0)
         total_steps, steps_per_epoch = self.optimizer_steps()
         warmup_steps = min(round(hp.warmup_epochs * steps_per_epoch), total_steps)
-        schedule = WarmupCosine(hp.lr, total_steps, warmup_steps, hp.warmup_lr, hp.min_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+        schedule = WarmupCosine(hp.lr, total_steps, warmup_steps, hp.warmup_lr, hp.min_lr)  # a resume keeps only the step
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": WarmupCosineLR(optimizer, schedule), "interval": "step"}}
 
     def optimizer_steps(self) -> tuple[int, int]:
         """Optimizer steps of the whole run (``trainer.estimated_stepping_batches``: ``max_epochs``, ``max_steps``,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 
 @dataclass(frozen=True)
@@ -34,3 +38,30 @@ class WarmupCosine:
 
     def __call__(self, step: int) -> float:
         return self.learning_rate(step) / self.lr
+
+
+class WarmupCosineLR(LambdaLR):
+    """``LambdaLR`` stepping a :class:`WarmupCosine` whose checkpoint holds where the run is, not the schedule's plan.
+
+    ``LambdaLR`` saves a callable object's ``__dict__`` and writes it back on load, so a run resumed with a raised
+    ``max_epochs`` or ``max_steps`` would keep the ``total_steps`` of the run it continues and take every added step at
+    ``min_lr``. Here the plan is always the one built from the current settings (``trainer.estimated_stepping_batches``)
+    and the checkpoint gives only the position (``last_epoch``, the base rates): resumed with the same settings, the
+    schedule continues exactly; with a larger total, the cosine of a run planned for that length takes over at the step
+    reached (past warmup, so no second warmup).
+    """
+
+    def __init__(self, optimizer: Optimizer, schedule: WarmupCosine) -> None:
+        super().__init__(optimizer, schedule)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in super().state_dict().items() if key != "lr_lambdas"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue at the saved step on the current plan (a saved plan, from a checkpoint written by a plain
+        ``LambdaLR``, is ignored), and give the optimizer the plan's rates at that step: the rates restored with the
+        optimizer's state were computed on the saved plan."""
+        super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)})
+        for group, base_lr, schedule in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True):
+            group["lr"] = base_lr * schedule(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from vim.data.classification import ClassificationDataModule
-from vim.data.folders import find_classes, labelled_files
+from vim.data.folders import find_classes, labelled_class_folders
 from vim.data.points.dataset import PointClouds, collate_clouds
 from vim.data.points.readers import POINT_EXTENSIONS
 from vim.data.points.sources import HDF5Clouds, PointFiles, expand_hdf5_paths, list_point_files
@@ -30,12 +30,14 @@ class PointCloudDataModule(ClassificationDataModule):
 
     Args:
         train_path: HDF5 file(s) / glob, or a ``<class>/<file>`` folder tree, for ``fit``.
-        val_path: same classes, for validation (and ``test`` unless ``test_path`` is given).
-        test_path: data for ``test``.
+        val_path: the training classes (all or some), for validation (and ``test`` unless ``test_path`` is given); a
+            class folder is labelled by its name's index among the training classes, and one they lack is an error.
+        test_path: data for ``test`` (class folders as in ``val_path``).
         predict_path: a folder of point files (any nesting) or HDF5 file(s) to classify with ``predict``.
         num_points: points per cloud fed to the model (1024 for ModelNet40, 2048 for ScanObjectNN).
         min_points: clouds with fewer points are skipped (use the model's group size).
-        class_names: class names in label order (HDF5 data); None reads ``shape_names.txt`` or numbers the labels.
+        class_names: class names in label order (HDF5 labels; class folders are labelled by their name's index in it);
+            None reads the class folders, ``shape_names.txt`` or numbers the labels.
         batch_size: clouds per device and step.
         num_workers: loader processes per device.
         pin_memory: page-locked host memory for faster copies to the GPU.
@@ -85,10 +87,9 @@ class PointCloudDataModule(ClassificationDataModule):
         if split not in self._sources:
             argument = f"{split}_path"
             found = expand_hdf5_paths(self.path(split), argument)
-            if isinstance(found, Path):  # a folder tree
-                classes = find_classes(found, argument)
-                samples = labelled_files(
-                    found, classes, argument, list_point_files, "point files", POINT_EXTENSIONS, split == "train"
+            if isinstance(found, Path):  # a folder tree, labelled by folder name against the training classes
+                samples = labelled_class_folders(
+                    found, self.classes, argument, list_point_files, "point files", POINT_EXTENSIONS, split == "train"
                 )
                 self._sources[split] = PointFiles(samples)
             else:

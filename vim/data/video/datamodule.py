@@ -9,7 +9,7 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vim.data.classification import ClassificationDataModule
-from vim.data.folders import find_classes, labelled_files
+from vim.data.folders import find_classes, labelled_class_folders
 from vim.data.samples import UNLABELLED
 from vim.data.video.annotations import classes_from_file, list_videos, read_annotations
 from vim.data.video.dataset import ClipBatch, VideoClips, collate_clips
@@ -136,15 +136,9 @@ class VideoClipDataModule(ClassificationDataModule):
         root, classes, argument = self.roots[split], self.classes, f"{split}_root"
         if root is None:
             raise ValueError(f"data.{argument} or data.{split}_list is not set")
-        folders = find_classes(root, argument)
-        unknown = sorted(set(folders) - set(classes))
-        if unknown:
-            raise ValueError(f"{argument}: class folders {unknown[:10]} of '{root}' are not among the {len(classes)} classes")
-        samples = labelled_files(
-            root, folders, argument, list_videos, "video files or frame folders", VIDEO_EXTENSIONS, split == "train"
+        return labelled_class_folders(
+            root, classes, argument, list_videos, "video files or frame folders", VIDEO_EXTENSIONS, split == "train"
         )
-        index = {name: i for i, name in enumerate(classes)}
-        return [(path, index[folders[target]]) for path, target in samples]
 
     # ---------------------------------------------------------------------------------------- transforms
     def train_transform(self) -> Callable:
