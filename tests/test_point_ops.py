@@ -45,6 +45,19 @@ def test_fps_and_knn_match_loops():
             assert knn[b, g].tolist() == np.argsort(distances)[:5].tolist()
 
 
+def test_knn_breaks_distance_ties_by_index():
+    """On a lattice the k-th neighbour often ties with others: the lowest indices win, as in ONNX TopK."""
+    lattice = torch.cartesian_prod(*[torch.arange(4.0)] * 3)  # 64 points, integer coordinates: exact distances
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    points = lattice[order][None]
+    queries = points[:, [0, 5, 17, 40]]
+    knn = knn_indices(queries, points, 11)  # 1 + 6 at distance 1 + 4 of the 12 at sqrt(2): a tie cut
+    for g in range(4):
+        squared = ((points[0] - queries[0, g]) ** 2).sum(-1).tolist()  # integers, computed apart from cdist
+        expected = sorted(range(64), key=lambda i: (squared[i], i))[:11]
+        assert knn[0, g].tolist() == expected
+
+
 @pytest.mark.parametrize(
     ("name", "points"),
     [

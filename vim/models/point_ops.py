@@ -125,7 +125,8 @@ def farthest_point_sample(points: Tensor, num_samples: int, pointnet2: bool = Fa
 
 @torch.no_grad()
 def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` nearest ``points`` of every query, nearest first (exact distances).
+    """Indices of the ``k`` nearest ``points`` of every query, nearest first (exact distances); points at the same
+    distance in index order, so clouds on a lattice group alike on every device and in ONNX (whose TopK does so).
 
     Args:
         queries: (B, G, 3).
@@ -138,7 +139,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
     if not 0 < k <= points.shape[1]:
         raise ValueError(f"knn_indices: k={k} must lie in [1, {points.shape[1]}] (points per cloud)")
     distance = torch.cdist(queries.float(), points.float(), compute_mode="donot_use_mm_for_euclid_dist")  # (B, G, N)
-    return distance.topk(k, dim=-1, largest=False, sorted=True).indices
+    return distance.sort(dim=-1, stable=True).indices[..., :k]
 
 
 def group_points(points: Tensor, num_groups: int, group_size: int, pointnet2: bool = False) -> tuple[Tensor, Tensor]:
