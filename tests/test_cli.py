@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -179,6 +180,37 @@ def test_predict_lists_every_input_with_the_reason_for_the_unreadable_ones(tmp_p
     assert "cannot identify image file" in rows["a.png"]["error"]
     for name in ("c.png", "e.png"):
         assert rows[name]["error"] == "" and rows[name]["class1"] in ("0", "1", "2") and float(rows[name]["prob1"]) > 0
+
+
+def test_predict_from_a_checkpoint_needs_no_labelled_data(tmp_path, monkeypatch, capsys):
+    """Deployment: predict with the checkpoint and a folder of inputs, from elsewhere, the training folders deleted. The
+    class count and names come from the checkpoint; the rows equal those of a predict run that had the training data."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path)
+    run_lightning(["fit", "--config", config, "--trainer.max_steps=2"])
+    checkpoint = tmp_path / "deployed.ckpt"
+    checkpoint.write_bytes((tmp_path / "runs/tiny/version_0/checkpoints/last.ckpt").read_bytes())
+    inputs = tmp_path / "to_classify"
+    inputs.mkdir()
+    for path in sorted((tmp_path / "images").glob("*/*.png"))[::4]:
+        (inputs / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+
+    def predict(*settings: str) -> list[dict[str, str]]:
+        output = Path.cwd() / "predictions.csv"
+        args = ["--config", config, f"--ckpt_path={checkpoint}", f"--data.predict_root={inputs}"]
+        run_lightning(["predict", *args, *settings, f"--predict_writer.output={output}"])
+        with output.open(newline="") as file:
+            return list(csv.DictReader(file))
+
+    with_training_data = predict()
+    shutil.rmtree(tmp_path / "images")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    deployed = predict("--data.train_root=null", "--data.val_root=null")
+    assert len(deployed) == len(list(inputs.iterdir())) == 5
+    assert {row[f"class{k}"] for row in deployed for k in (1, 2, 3)} == {"class0", "class1", "class2"}
+    assert deployed == with_training_data
 
 
 def test_plot_metrics_writes_a_png(tmp_path):

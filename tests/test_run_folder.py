@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 from test_training import Recorder, write_tree
 
 from vim.cli import run_lightning
+from vim.training.run_folder import point_latest, resolve_checkpoint
 
 
 def tiny_config(tmp_path: Path, logger: str = "vim.training.run_folder.RunCSVLogger", every_n_train_steps: int = 4) -> str:
@@ -158,3 +160,61 @@ def test_a_finished_run_extended_to_more_epochs_follows_the_cosine_of_the_new_le
 
     assert rates(first) == pytest.approx([rate(step, 8) for step in range(8)], rel=1e-9, abs=1e-15)
     assert rates(extended) == pytest.approx([rate(step, 16) for step in range(8, 16)], rel=1e-9, abs=1e-15)
+
+
+class LatestLink(Callback):
+    """Records where ``runs/tiny/latest`` points (None: no link) before each training batch, by step."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, str | None] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        link = Path("runs/tiny/latest")
+        self.seen[trainer.global_step] = str(link.readlink()) if link.is_symlink() else None
+
+
+def test_a_fit_stopped_before_its_first_checkpoint_leaves_latest_on_the_run_to_resume(tmp_path, monkeypatch, capsys):
+    """latest appears with the first run's first checkpoint (step 2). A crash at step 1 and a --ckpt_path that does not
+    exist both set up a run folder and end without a checkpoint; latest stays on version_0, and --ckpt_path last
+    continues it in its folder."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path, every_n_train_steps=2)
+    runs = tmp_path / "runs/tiny"
+    first = run_lightning(["fit", "--config", config, "--trainer.max_steps=4", "--trainer.callbacks+=test_run_folder.LatestLink"])
+    seen = next(callback for callback in first.trainer.callbacks if isinstance(callback, LatestLink)).seen
+    assert (seen[0], seen[1], seen[3]) == (None, None, "version_0")  # step 2's checkpoint: seen at step 2 or 3
+    crash = ["--trainer.callbacks+=test_training.CrashAt", "--trainer.callbacks.step=1"]
+    with pytest.raises(RuntimeError, match="simulated crash at step 1"):
+        run_lightning(["fit", "--config", config, "--trainer.max_steps=4", *crash])
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
+        run_lightning(["fit", "--config", config, "--trainer.max_steps=4", "--ckpt_path=runs/tiny/missing.ckpt"])
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "version_0", "version_1", "version_2"]
+    assert not (runs / "version_1/checkpoints").exists() and not (runs / "version_2/checkpoints").exists()
+    assert (runs / "latest").resolve() == (runs / "version_0").resolve()
+    capsys.readouterr()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_lightning(["fit", "--config", config, "--trainer.max_steps=6", "--ckpt_path=last"])
+    assert not [str(w.message) for w in caught if "starting a new run" in str(w.message)]
+    assert printed(r"Run folder: (\S+)", capsys.readouterr().out) == "runs/tiny/version_0"
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "version_0", "version_1", "version_2"]
+    assert torch.load(runs / "version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
+    train_steps = [int(row["step"]) for row in metric_rows(runs / "version_0/metrics.csv") if row["train/loss"]]
+    assert train_steps == list(range(6)), train_steps  # 4 steps, then the 2 resumed from its checkpoint
+    assert (runs / "latest").resolve() == (runs / "version_0").resolve()
+
+
+def test_ckpt_path_last_is_the_newest_run_with_a_last_checkpoint_whatever_the_link_says(tmp_path):
+    """A process killed between its first checkpoint and moving the link leaves latest one run behind; a folder without
+    a checkpoint (version_3) or not named version_N is no candidate; the next fit's setup repairs the link."""
+    runs = tmp_path / "runs/tiny"
+    for folder in ("version_0", "version_2", "version_10", "version_x"):
+        (runs / folder / "checkpoints").mkdir(parents=True)
+        (runs / folder / "checkpoints/last.ckpt").write_bytes(b"")
+    (runs / "version_3").mkdir()
+    (runs / "latest").symlink_to("version_0", target_is_directory=True)
+    assert resolve_checkpoint(runs, "last") == runs / "version_10/checkpoints/last.ckpt"
+    point_latest(runs)
+    assert (runs / "latest").readlink() == Path("version_10")
+    assert resolve_checkpoint(tmp_path / "runs/empty", "last") is None

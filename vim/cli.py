@@ -4,10 +4,11 @@
   over any :class:`~vim.training.classifier.Classifier` and classification data module named in the config
   (``class_path``, or a short class name: ``--model ImageClassifier``, ``--model.help ImageClassifier``). The data
   section sets what model and data share (``img_size``, ``num_frames``; the number of classes comes from the data's
-  classes). Each command writes into its own run folder (:mod:`vim.training.run_folder`: ``runs/<name>/version_N``,
-  ``runs/<name>/latest``); checkpoints are written atomically, ``fit`` ends with a checkpoint of its final state and
-  prints the validation accuracy of the weights ``export`` and ``predict`` use, and ``predict`` writes top-5 classes
-  to CSV (``--predict_writer.output``; default ``<run folder>/predictions.csv``). Resume an interrupted run with
+  classes or, for data without a labelled split, from the checkpoint file given as ``--ckpt_path``). Each command
+  writes into its own run folder (:mod:`vim.training.run_folder`: ``runs/<name>/version_N``, ``runs/<name>/latest``);
+  checkpoints are written atomically, ``fit`` ends with a checkpoint of its final state and prints the validation
+  accuracy of the weights ``export`` and ``predict`` use, and ``predict`` writes top-5 classes to CSV
+  (``--predict_writer.output``; default ``<run folder>/predictions.csv``). Resume an interrupted run with
   ``--ckpt_path last``. A command that loads a checkpoint does not read the model's released or initial weights file
   (the checkpoint holds every weight); ``predict`` without a checkpoint uses the model name's released weights.
 - ``vimkit export --ckpt CKPT --out FILE.safetensors``: the trained (EMA) weights for ``timm.create_model``.
@@ -102,6 +103,15 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
     torch.set_num_threads(max(1, per_process - getattr(datamodule, "num_workers", 0)))
 
 
+def checkpoint_num_classes(ckpt_path: str | None) -> int | None:
+    """The ``num_classes`` hyper-parameter of the checkpoint file ``ckpt_path``; None for no file (``"last"`` is
+    resolved later, with the run folder) or a checkpoint without it."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return None
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, {}).get("num_classes")
+
+
 class VimCLI(LightningCLI):
     """LightningCLI with linked data and model settings, run folders, atomic checkpoint files, a final checkpoint and
     report, the predictions CSV, and initial weights read only when no checkpoint replaces them."""
@@ -115,7 +125,19 @@ class VimCLI(LightningCLI):
         # Set once, in the data section; a data module or model without the setting skips the link.
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
         parser.link_arguments("data.init_args.num_frames", "model.init_args.num_frames")
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes",
+            "model.init_args.num_classes",
+            compute_fn=self.classes_of_data_or_checkpoint,
+            apply_on="instantiate",
+        )
+
+    def classes_of_data_or_checkpoint(self, data_classes: int | None) -> int | None:
+        """The model's class count: the data's; without a labelled split (``predict`` on a folder of inputs), that of
+        the checkpoint file the command loads, whose class names the model then takes from it."""
+        if data_classes is not None or self.subcommand is None:
+            return data_classes
+        return checkpoint_num_classes(self.config[self.subcommand].get("ckpt_path"))
 
     def instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand is not None else None

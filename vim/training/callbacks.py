@@ -80,7 +80,9 @@ def final_report(trainer: Trainer, module: LightningModule, checkpoint: str | No
     """What a finished ``vimkit fit`` prints: steps, the run folder, the final checkpoint and the final accuracy."""
     lines = [f"Finished {trainer.current_epoch} epochs, {trainer.global_step} steps."]
     if run_folder is not None:
-        lines.append(f"Run folder: {run_folder} ({run_folder.parent / LATEST} points at it)")
+        latest = run_folder.parent / LATEST
+        pointed = latest.is_symlink() and latest.resolve() == run_folder.resolve()
+        lines.append(f"Run folder: {run_folder}" + (f" ({latest} points at it)" if pointed else ""))
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             metrics = Path(logger.log_dir, "metrics.csv")

@@ -217,7 +217,7 @@ class Classifier(LightningModule):
             reason = "it has no released head" if info is not None else "model.pretrained is off"
             raise ValueError(
                 f"model.num_classes is not set ({reason}); the vimkit command takes it from the data's classes: "
-                "give a labelled split (train / val / test) in the data section"
+                "give a labelled split (train / val / test) in the data section, or a checkpoint file as --ckpt_path"
             )
         subset = infer_imagenet_subset({"num_classes": info.num_classes})
         if subset is not None:

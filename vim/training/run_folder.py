@@ -1,4 +1,4 @@
-"""Where a ``vimkit`` run writes: a folder per run, and ``latest`` pointing at the newest training run.
+"""Where a ``vimkit`` run writes: a folder per run, and ``latest`` pointing at the newest run that has a checkpoint.
 
 With a config's loggers at ``save_dir: runs, name: quickstart`` (and ModelCheckpoint without a ``dirpath``)::
 
@@ -11,6 +11,10 @@ With a config's loggers at ``save_dir: runs, name: quickstart`` (and ModelCheckp
             test_0/                     a later `vimkit test` of one of its checkpoints (validate_N, predict_N alike)
         version_1/                      the next fit
         latest -> version_1
+
+``latest`` is the highest ``version_N`` holding a ``checkpoints/last.ckpt``: a new fit moves it to its folder once it
+has written that file, so a fit stopped before its first checkpoint (interrupted, crashed, or given a ``--ckpt_path``
+that does not exist) leaves ``latest`` on the run that can be resumed.
 
 ``fit`` opens the next ``version_N`` folder, except when it resumes a run's own ``checkpoints/last.ckpt``
 (``--ckpt_path last`` means the one in ``latest``): then it continues that run in its folder, appending
@@ -29,6 +33,7 @@ import io
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -36,6 +41,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.trainer.states import TrainerFn
 
 from vim.files import atomic_write
 
@@ -54,20 +60,27 @@ def next_folder(parent: Path, stem: str) -> str:
 
 
 def latest_run(root: Path) -> str | None:
-    """The run folder ``root/latest`` points at; without that link, the highest ``version_N`` with a last checkpoint."""
+    """The highest ``version_N`` folder under ``root`` holding a last checkpoint, or None.
+
+    Found from the folders, not read from the ``latest`` link: a process killed between writing its first checkpoint
+    and moving the link leaves the link one run behind.
+    """
+    numbers = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    runs = (f"version_{n}" for n in sorted(numbers, reverse=True))
+    return next((run for run in runs if (root / run / LAST_CHECKPOINT).is_file()), None)
+
+
+def point_latest(root: Path) -> None:
+    """Point ``root/latest`` at :func:`latest_run` (a relative link, replaced in one step); unchanged while no run has
+    a last checkpoint."""
+    version = latest_run(root)
     link = root / LATEST
-    if link.is_symlink() and link.resolve().parent == root.resolve():
-        return link.resolve().name
-    runs = [p for p in root.glob("version_*") if (p / LAST_CHECKPOINT).is_file() and p.name[8:].isdigit()]
-    return max(runs, key=lambda p: int(p.name[8:])).name if runs else None
-
-
-def point_latest(root: Path, version: str) -> None:
-    """Make ``root/latest`` a relative link to ``root/<version>``, replacing the old link in one step."""
+    if version is None or (link.is_symlink() and link.readlink() == Path(version)):
+        return
     tmp = root / f".{LATEST}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(version, target_is_directory=True)
-    tmp.replace(root / LATEST)
+    tmp.replace(link)
 
 
 def run_of(root: Path, checkpoint: str | os.PathLike) -> str | None:
@@ -85,7 +98,7 @@ def resolve_checkpoint(root: Path, ckpt_path: str | None) -> Path | None:
         return None
     if ckpt_path == "last":
         run = latest_run(root)
-        return root / run / LAST_CHECKPOINT if run is not None and (root / run / LAST_CHECKPOINT).is_file() else None
+        return root / run / LAST_CHECKPOINT if run is not None else None
     return Path(ckpt_path)
 
 
@@ -102,6 +115,8 @@ class RunFolder(Callback):
 
     def __init__(self, root: Path, version: str, checkpoint: Path | None, continues: bool) -> None:
         self.root, self.version, self.checkpoint, self.continues = root, version, checkpoint, continues
+        self.checkpointed = False
+        """This run's folder holds a last checkpoint and ``latest`` was brought up to date."""
 
     @property
     def path(self) -> Path:
@@ -140,7 +155,24 @@ class RunFolder(Callback):
         if trainer.is_global_zero:
             self.path.mkdir(parents=True, exist_ok=True)
             if stage == "fit":
-                point_latest(self.root, self.version)
+                point_latest(self.root)  # a link left behind by a process killed after a checkpoint
+
+    # `latest` follows this run's first last.ckpt: checked after any step may have written it, at the end and on failure
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.point_latest_once_checkpointed(trainer)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.point_latest_once_checkpointed(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.point_latest_once_checkpointed(trainer)
+
+    def point_latest_once_checkpointed(self, trainer: Trainer) -> None:
+        if trainer.is_global_zero and not self.checkpointed and (self.path / LAST_CHECKPOINT).is_file():
+            self.checkpointed = True
+            point_latest(self.root)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A continued run drops the metrics its previous process logged after the checkpoint it resumes."""
