@@ -17,10 +17,11 @@ has written that file, so a fit stopped before its first checkpoint (interrupted
 that does not exist) leaves ``latest`` on the run that can be resumed.
 
 ``fit`` opens the next ``version_N`` folder, except when it resumes a run's own ``checkpoints/last.ckpt``
-(``--ckpt_path last`` means the one in ``latest``): then it continues that run in its folder, appending
-to its ``metrics.csv``. Resuming from any other checkpoint starts a new run (a branch), so no two runs ever
-write under one name. ``validate``, ``test`` and ``predict`` write into a numbered folder inside the run
-whose checkpoint they load (or directly under ``runs/<name>`` for a checkpoint from elsewhere).
+(``--ckpt_path last``: that of the highest ``version_N`` holding one, where ``latest`` points): then it continues
+that run in its folder, appending to its ``metrics.csv``. Resuming from any other checkpoint starts a new run (a
+branch), so no two runs ever write under one name. ``validate``, ``test`` and ``predict`` write into a numbered
+folder inside the run whose checkpoint they load (or directly under ``runs/<name>`` for a checkpoint from
+elsewhere).
 
 The loggers sharing the first logger's ``save_dir/name`` are given the chosen folder as their version
 before anything is written; the first logger's folder is Lightning's default checkpoint folder.
