@@ -177,7 +177,7 @@ def test_finetune_configs_start_from_the_released_weights(caches, config, hub_fi
     assert model.num_classes == cli.model.num_classes == classes
     classifier = model.get_classifier() if hub_file else model.get_classifier()[-1]  # PointMambaScan: the MLP head
     assert classifier.out_features == classes
-    assert cli.model.hparams.layer_decay == {"finetune_images": 0.92, "finetune_video": 0.75, "finetune_points": None}[config]
+    assert cli.model.hparams.layer_decay == {"finetune_images": 0.92, "finetune_video": None, "finetune_points": None}[config]
 
 
 def test_url_file_missing_offline_names_the_torch_hub_path(caches) -> None:
