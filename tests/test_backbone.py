@@ -116,14 +116,20 @@ def test_catavgmax_pool_concatenates_mean_and_max() -> None:
     torch.testing.assert_close(model.pool(x), torch.cat([x.mean(1), x.max(1).values], dim=1))
 
 
-def test_no_weight_decay_names_only_existing_parameters() -> None:
+def test_weight_decay_groups_as_upstream_trains() -> None:
+    """timm's factory, as Vim's, VideoMamba's and PointMamba's trainings use it: A_log (2-D) decays, D and the
+    other 1-D parameters do not, nor the stem's named parameters."""
+    from timm.optim import create_optimizer_v2
+
     for directions in (1, 2):
         model = TokenBackbone(directions=directions)
-        names = model.no_weight_decay()
-        parameters = dict(model.named_parameters())
-        assert names <= set(parameters)
-        assert {"layers.2.mixer.A_log", "layers.2.mixer.D"} <= names
-        assert ("layers.0.mixer.A_b_log" in names) == (directions == 2)
+        assert model.no_weight_decay() == set(model.stem_no_weight_decay) <= dict(model.named_parameters()).keys()
+        optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)  # as the classifiers call it
+        names = {id(p): n for n, p in model.named_parameters()}
+        decayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+        assert "layers.2.mixer.A_log" in decayed and "layers.2.mixer.D" not in decayed
+        assert ("layers.0.mixer.A_b_log" in decayed) == (directions == 2)
+        assert not any(name.endswith(".bias") or "norm" in name for name in decayed)
 
 
 def test_unknown_norm_layer() -> None:

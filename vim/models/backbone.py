@@ -4,7 +4,7 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
 
     class MyBackbone(MambaBackbone):
         pool_types = ("token", "avg", "")                                         # the default; "max" also works
-        stem_no_weight_decay = ("pos_embed", "cls_token")                         # besides the SSM's A and D
+        stem_no_weight_decay = ("pos_embed", "cls_token")                         # no_weight_decay()
         stem_pattern = r"^cls_token|^pos_embed|^patch_embed"                      # group_matcher's stem
 
         def __init__(self, ..., device=None, dtype=None):
@@ -58,8 +58,6 @@ from .checkpoint import load_checkpoint_into, unwrap_state_dict
 __all__ = ["MambaBackbone", "PoolType", "drop_path_schedule"]
 
 PoolType = Literal["token", "avg", ""]
-
-NO_WEIGHT_DECAY_MIXER_PARAMS = ("A_log", "A_b_log", "D", "D_b")
 
 SPATIAL_FORMATS = {2: "NCHW", 3: "NCTHW"}
 """timm's ``output_fmt`` of intermediates on a 2-D (image) or 3-D (clip) token grid."""
@@ -340,14 +338,11 @@ class MambaBackbone(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """The stem's ``stem_no_weight_decay`` and the trunk parameters that take no weight decay (the SSM's A and D)."""
-        trunk = {
-            f"layers.{i}.mixer.{name}"
-            for i, layer in enumerate(self.blocks)
-            for name, _ in layer.mixer.named_parameters()
-            if name in NO_WEIGHT_DECAY_MIXER_PARAMS
-        }
-        return set(self.stem_no_weight_decay) | trunk
+        """The stem's ``stem_no_weight_decay``: with timm's rule (no decay on 1-D parameters: biases, norms, the SSM's
+        D), the parameters that take no weight decay. The SSM's ``A_log`` (2-D) takes it, as in the Vim, VideoMamba and
+        PointMamba trainings: their timm-style optimizer factories group by shape and never read mamba_ssm's
+        ``_no_weight_decay`` flag."""
+        return set(self.stem_no_weight_decay)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
