@@ -214,8 +214,7 @@ def test_no_weight_decay_group_matcher_and_cfg(model: VisionMamba) -> None:
     names = dict(model.named_parameters())
     no_wd = model.no_weight_decay()
     assert no_wd <= set(names)
-    assert {"pos_embed", "cls_token", "layers.0.mixer.A_log", "layers.3.mixer.A_b_log", "layers.2.mixer.D_b"} <= no_wd
-    assert not any(name.endswith(("in_proj.weight", "out_proj.weight")) for name in no_wd)
+    assert no_wd == {"pos_embed", "cls_token"}  # with timm's 1-D rule; A_log decays, as upstream trained it
 
     from timm.models._manipulate import group_parameters
 
