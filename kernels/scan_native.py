@@ -86,9 +86,17 @@ def _compiler() -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _find_compiler(cc: str | None, search_path: str | None) -> str | None:
-    """Looked up once per ($CC, $PATH): ``auto`` asks on every CPU call until the kernel is loaded."""
+    """Looked up once per ($CC, $PATH): ``auto`` asks on every CPU call until the kernel is loaded. Finding none
+    warns (once per lookup): CPU scans then take the chunked PyTorch path."""
     candidates = [cc] if cc else ["cc", "gcc", "clang"]
-    return next((found for name in candidates if (found := shutil.which(name, path=search_path))), None)
+    found = next((found for name in candidates if (found := shutil.which(name, path=search_path))), None)
+    if found is None:
+        warnings.warn(
+            f"vim.kernels: no C compiler found ({'$CC=' + cc if cc else 'cc, gcc or clang on $PATH'}), so CPU scans run "
+            "the chunked PyTorch path instead of the fused C kernel (several times slower); install gcc or set $CC",
+            stacklevel=2,
+        )
+    return found
 
 
 def _cache_dir() -> Path:

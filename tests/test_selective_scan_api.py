@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -253,6 +254,18 @@ def _forget_the_c_kernel(monkeypatch) -> None:
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
     monkeypatch.setattr(scan_native, "_library", None)
     monkeypatch.setattr(scan_native, "_unavailable", None)
+    scan_native._find_compiler.cache_clear()
+
+
+def test_no_c_compiler_warns_once_and_the_chunked_path_runs(monkeypatch, tmp_path):
+    _forget_the_c_kernel(monkeypatch)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang here
+    with pytest.warns(UserWarning, match=r"no C compiler found \(cc, gcc or clang on \$PATH\).*chunked PyTorch path"):
+        assert not scan_native.native_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend(torch.device("cpu")) == "torch"  # the lookup is not repeated, nor the warning
     scan_native._find_compiler.cache_clear()
 
 
