@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from test_run_folder import tiny_config
 
 from vim.cli import main, run_lightning
@@ -349,3 +350,19 @@ def test_plot_metrics_draws_the_learning_rate(tmp_path):
     (line,) = panel.lines
     assert line.get_label() == "lr-AdamW"
     assert line.get_xdata().tolist() == [0, 5, 10] and line.get_ydata().tolist() == [0.001, 0.002, 0.0015]
+
+
+def test_missing_released_weights_end_the_command_with_their_message(tmp_path):
+    """Offline with an empty cache: the message that names the file and the cache, not jsonargparse's wrapper."""
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "train" / name / "0.png")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty_cache"))  # read when the hub imports
+    command = [sys.executable, "-m", "vim", "fit", "--config", str(REPO / "configs" / "finetune_images.yaml")]
+    command += ["--data.train_root", "train", "--data.val_root", "null", "--trainer.accelerator", "cpu"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("vimkit fit: error: released weights of 'vim_small_patch16_224.in1k'")
+    assert "vim_s_midclstok_80p5acc.pth" in message and str(tmp_path / "empty_cache") in message
+    assert "Traceback" not in done.stderr and "Does not validate" not in done.stderr

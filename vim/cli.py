@@ -232,6 +232,18 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> VimCLI:
     )
 
 
+def weights_error(error: BaseException) -> BaseException | None:
+    """The missing-weights error behind ``error``, if any: jsonargparse wraps what a model's ``__init__`` raises
+    (released weights neither cached nor downloadable, a name without them) in a long validation error."""
+    from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError
+
+    while error is not None:
+        if isinstance(error, (NoReleasedWeightsError, WeightsUnavailableError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """``vimkit <command> ...``: ``argv`` (default: the command line) names the command; ``vimkit --help`` lists them."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -246,7 +258,13 @@ def main(argv: list[str] | None = None) -> None:
 
         export.main(args[1:])
     elif command in LIGHTNING_COMMANDS:
-        run_lightning(argv)  # None: LightningCLI reads the command line itself
+        try:
+            run_lightning(argv)  # None: LightningCLI reads the command line itself
+        except Exception as error:
+            cause = weights_error(error)
+            if cause is None:
+                raise
+            sys.exit(f"{PROG} {command}: error: {cause}")
     else:
         command_parser().parse_args(args)  # prints the commands (--help), or names what is missing or unknown
 
