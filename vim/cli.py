@@ -237,10 +237,11 @@ def weights_error(error: BaseException) -> BaseException | None:
     (released weights neither cached nor downloadable, a name without them) in a long validation error."""
     from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError
 
-    while error is not None:
-        if isinstance(error, (NoReleasedWeightsError, WeightsUnavailableError)):
-            return error
-        error = error.__cause__ or error.__context__
+    link: BaseException | None = error
+    while link is not None:
+        if isinstance(link, (NoReleasedWeightsError, WeightsUnavailableError)):
+            return link
+        link = link.__cause__ or link.__context__
     return None
 
 
