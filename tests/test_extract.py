@@ -391,7 +391,7 @@ def test_a_rewritten_checkpoint_is_other_weights_and_the_same_bytes_resume(tmp_p
     assert (tmp_path / "out" / "shard-00000.pooled.npy").stat().st_mtime_ns == stamp
 
 
-def fit_point_checkpoint(tmp_path: Path, num_points: int) -> Path:
+def fit_point_checkpoint(tmp_path: Path, num_points: int, normalize: bool = True) -> Path:
     """A one-step ``PointCloudClassifier`` run of test_pointmamba on clouds of ``num_points`` points, saved by Lightning."""
     from lightning.pytorch import Trainer
 
@@ -402,7 +402,9 @@ def fit_point_checkpoint(tmp_path: Path, num_points: int) -> Path:
         (tmp_path / "train" / label).mkdir(parents=True)
         for i in range(2):
             np.save(tmp_path / "train" / label / f"{i}.npy", RNG.normal(size=(80, 3)).astype(np.float32))
-    data = PointCloudDataModule(str(tmp_path / "train"), num_points=num_points, min_points=16, batch_size=4, num_workers=0)
+    data = PointCloudDataModule(
+        str(tmp_path / "train"), num_points=num_points, min_points=16, batch_size=4, num_workers=0, normalize=normalize
+    )
     trainer = Trainer(
         accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
@@ -422,10 +424,30 @@ def test_a_lightning_checkpoint_brings_its_data_settings(tmp_path):
         np.save(clouds / f"{i}.npy", RNG.normal(size=(160, 3)).astype(np.float32))
     manifest = extract(None, clouds, tmp_path / "default", checkpoint=str(ckpt), progress=False)
     explicit = extract(None, clouds, tmp_path / "explicit", checkpoint=str(ckpt), num_points=48, progress=False)
-    assert manifest["settings"]["preprocessing"] == explicit["settings"]["preprocessing"] == {"num_points": 48}
+    expected = {"num_points": 48, "normalize": True}
+    assert manifest["settings"]["preprocessing"] == explicit["settings"]["preprocessing"] == expected
     np.testing.assert_array_equal(read_features(tmp_path / "default")[0], read_features(tmp_path / "explicit")[0])
     other = extract(None, clouds, tmp_path / "other", checkpoint=str(ckpt), num_points=64, progress=False)
-    assert other["settings"]["preprocessing"] == {"num_points": 64}
+    assert other["settings"]["preprocessing"] == {"num_points": 64, "normalize": True}
+
+
+def test_a_run_that_kept_the_clouds_scale_is_extracted_without_normalising(tmp_path):
+    """data.normalize false (ScanObjectNN's recipe): extraction prepares the clouds the same way, so a cloud and the
+    same cloud moved and scaled give different features, while with normalisation they give the same."""
+    ckpt = fit_point_checkpoint(tmp_path / "run", num_points=48, normalize=False)
+    clouds = tmp_path / "clouds"
+    clouds.mkdir()
+    cloud = RNG.normal(size=(48, 3)).astype(np.float32)  # 48 points: resampling keeps them all
+    np.save(clouds / "0.npy", cloud)
+    np.save(clouds / "1.npy", cloud * 3 + 1)
+    kept = extract(None, clouds, tmp_path / "kept", checkpoint=str(ckpt), progress=False)
+    assert kept["settings"]["preprocessing"] == {"num_points": 48, "normalize": False}
+    features = read_features(tmp_path / "kept")[0]
+    assert not np.allclose(features[0], features[1], atol=1e-4)
+    normalised = fit_point_checkpoint(tmp_path / "run_n", num_points=48)
+    extract(None, clouds, tmp_path / "normalised", checkpoint=str(normalised), progress=False)
+    same = read_features(tmp_path / "normalised")[0]
+    np.testing.assert_allclose(same[0], same[1], rtol=1e-4, atol=1e-4)
 
 
 def test_image_preprocessing_follows_the_checkpoints_data_module(tmp_path):
@@ -470,3 +492,14 @@ def test_list_file_paths_keep_their_spaces(tmp_path):
     assert names == [str(folder / n) for n in ("holiday photo.png", "beach day.png", "a b c.png", "plain.png")]
     manifest = extract("test_vim", listing, tmp_path / "out", random_weights=True, progress=False)
     assert manifest["num_rows"] == 4 and not manifest["failed"]
+
+
+def test_released_scanobjectnn_weights_take_the_scans_as_they_are():
+    """Upstream fine-tuned its ScanObjectNN weights on unnormalised scans; every other tag on unit-sphere clouds."""
+    from vim.extraction import evaluation_preprocessing
+
+    scan = timm.create_model("pointmamba_scan_small_g128.scanobjectnn_hardest", pretrained=False)
+    modelnet = timm.create_model("pointmamba_scan_small.modelnet40", pretrained=False)
+    assert evaluation_preprocessing(scan)["normalize"] is False
+    assert evaluation_preprocessing(modelnet)["normalize"] is True
+    assert evaluation_preprocessing(scan, {"normalize": True})["normalize"] is True  # a run's own data module wins

@@ -78,7 +78,7 @@ from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_de
 from vim.files import check_weights_file, file_identity
 from vim.models.backbone import MambaBackbone
 from vim.models.checkpoint import load_official_checkpoint
-from vim.models.point_mamba import PointMamba
+from vim.models.point_mamba import PointMamba, trained_on_unit_sphere
 from vim.models.video_mamba import VideoMamba
 from vim.models.weights import (
     NoReleasedWeightsError,
@@ -131,7 +131,7 @@ def _eval_transform_settings(model: nn.Module) -> dict[str, Any]:
 def evaluation_preprocessing(
     model: nn.Module, data_hparams: dict[str, Any] | None = None, num_points: int | None = None
 ) -> dict[str, Any]:
-    """How inputs are prepared for ``model``: ``{"num_points"}`` for a PointMamba, else the evaluation transform's
+    """How inputs are prepared for ``model``: ``{"num_points", "normalize"}`` for a PointMamba, else the evaluation transform's
     ``img_size``, ``interpolation``, ``crop_pct``, ``mean`` and ``std`` (and ``num_frames`` for a VideoMamba).
 
     Each setting is, first found: the explicit ``num_points``; the training data module's (``data_hparams``, the
@@ -139,7 +139,10 @@ def evaluation_preprocessing(
     """
     data_hparams = data_hparams or {}
     if isinstance(model, PointMamba):
-        return {"num_points": num_points or data_hparams.get("num_points") or model.pretrained_cfg["input_size"][-1]}
+        return {
+            "num_points": num_points or data_hparams.get("num_points") or model.pretrained_cfg["input_size"][-1],
+            "normalize": data_hparams.get("normalize", trained_on_unit_sphere(model)),  # as the weights were trained
+        }
     settings = _eval_transform_settings(model)
     settings.update({key: data_hparams[key] for key in TRANSFORM_KEYS if data_hparams.get(key) is not None})
     if isinstance(model, VideoMamba):
@@ -160,7 +163,7 @@ def _video_dataset(model: VideoMamba, inputs: list[str], preprocessing: dict[str
 
 
 def _point_dataset(model: PointMamba, inputs: list[str], preprocessing: dict[str, Any]) -> Dataset:
-    """Clouds resampled by farthest point sampling to ``num_points`` and scaled into the unit sphere."""
+    """Clouds resampled by farthest point sampling to ``num_points`` and (``normalize``) scaled into the unit sphere."""
     h5_files = list(dict.fromkeys(name.rpartition("[")[0] for name in inputs if name.endswith("]")))
     source: HDF5Clouds | PointFiles
     if h5_files:
@@ -169,7 +172,7 @@ def _point_dataset(model: PointMamba, inputs: list[str], preprocessing: dict[str
             raise ValueError("point inputs mix HDF5 rows and point files; extract them in separate runs")
     else:
         source = PointFiles([(path, UNLABELLED) for path in inputs])
-    return PointClouds(source, preprocessing["num_points"], min_points=model.min_points)
+    return PointClouds(source, preprocessing["num_points"], model.min_points, normalize=preprocessing["normalize"])
 
 
 MODALITIES: dict[str, Modality] = {

@@ -53,7 +53,15 @@ from .block import NormLayer
 from .checkpoint import CUSTOM_LOAD, build_backbone, checked, classifier_keys, unwrap_state_dict
 from .point_ops import ORDERS, gather_points, group_points, serialization_order
 
-__all__ = ["PointGroupEncoder", "PointMamba", "PointMambaHead", "PointMambaScan", "check_point_batch", "checkpoint_filter_fn"]
+__all__ = [
+    "PointGroupEncoder",
+    "PointMamba",
+    "PointMambaHead",
+    "PointMambaScan",
+    "check_point_batch",
+    "checkpoint_filter_fn",
+    "trained_on_unit_sphere",
+]
 
 PoolType = Literal["avg", "max", ""]
 Sampling = Literal["exact", "pointnet2"]
@@ -390,6 +398,12 @@ def _create_point_mamba(model_cls: type[ModelT], variant: str, pretrained: bool,
         kwargs_filter=("in_chans",),  # timm derives it from input_size; a cloud always has 3 coordinates
         **kwargs,
     )
+
+
+def trained_on_unit_sphere(model: nn.Module) -> bool:
+    """Whether ``model``'s weights saw clouds centred and scaled into the unit sphere: all but upstream's ScanObjectNN
+    fine-tunes (``*.scanobjectnn_*`` tags), which were trained on the scans as they are."""
+    return not str(getattr(model, "pretrained_cfg", {}).get("tag") or "").startswith("scanobjectnn")
 
 
 def _cfg(num_points: int = 1024, num_classes: int = 40, **kwargs) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class PointCloudDataModule(ClassificationDataModule):
         translate: training translation range (0: off).
         rotate: training rotation about ``up_axis``.
         up_axis: the up axis of the data ("y" for ModelNet40 and ScanObjectNN).
+        normalize: centre each cloud and scale it into the unit sphere (ModelNet40, ShapeNet); off keeps the data's
+            own coordinates, as upstream PointMamba's ScanObjectNN training does.
     """
 
     skipped_sample = "point cloud"
@@ -69,6 +71,7 @@ class PointCloudDataModule(ClassificationDataModule):
         translate: float = 0.2,
         rotate: bool = False,
         up_axis: str = "y",
+        normalize: bool = True,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed)
         self.save_hyperparameters()
@@ -76,6 +79,7 @@ class PointCloudDataModule(ClassificationDataModule):
             raise ValueError(f"num_points={num_points} is smaller than min_points={min_points}")
         self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path}
         self.num_points, self.min_points, self.class_names = num_points, min_points, class_names
+        self.normalize = normalize
         self.augment = PointAugment(
             scale=None if scale is None else (scale[0], scale[1]), translate=translate, rotate=rotate, up_axis=up_axis
         )
@@ -137,7 +141,7 @@ class PointCloudDataModule(ClassificationDataModule):
     def labelled_dataset(self, split: str, source: str) -> PointClouds:
         self.check_labels(source)
         augment = self.augment if split == "train" else None
-        return PointClouds(self.source(source), self.num_points, self.min_points, augment)
+        return PointClouds(self.source(source), self.num_points, self.min_points, augment, self.normalize)
 
     def unlabelled_dataset(self) -> PointClouds:
         path = self.paths["predict"]
@@ -145,8 +149,9 @@ class PointCloudDataModule(ClassificationDataModule):
             raise ValueError("predict needs data.predict_path, a folder of point files or HDF5 file(s)")
         found = expand_hdf5_paths(path, "predict_path")
         if not isinstance(found, Path):
-            return PointClouds(HDF5Clouds(found), self.num_points, self.min_points)
+            return PointClouds(HDF5Clouds(found), self.num_points, self.min_points, normalize=self.normalize)
         files = list_point_files(found)
         if not files:
             raise ValueError(f"predict_path: no point files ({', '.join(POINT_EXTENSIONS)}) under '{path}'")
-        return PointClouds(PointFiles([(str(f), UNLABELLED) for f in files]), self.num_points, self.min_points)
+        files_source = PointFiles([(str(f), UNLABELLED) for f in files])
+        return PointClouds(files_source, self.num_points, self.min_points, normalize=self.normalize)

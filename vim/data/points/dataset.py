@@ -42,9 +42,15 @@ class PointClouds(Dataset):
     """
 
     def __init__(
-        self, source: PointFiles | HDF5Clouds, num_points: int, min_points: int = 1, augment: PointAugment | None = None
+        self,
+        source: PointFiles | HDF5Clouds,
+        num_points: int,
+        min_points: int = 1,
+        augment: PointAugment | None = None,
+        normalize: bool = True,
     ):
         self.source, self.num_points, self.min_points, self.augment = source, num_points, min_points, augment
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.source)
@@ -57,7 +63,7 @@ class PointClouds(Dataset):
         except (OSError, ValueError, EOFError) as err:  # numpy raises all of these for damaged files
             return Unreadable(name, str(err).removeprefix(f"{name}: "))
         rng = np.random.default_rng(key.seed) if isinstance(key, SampleKey) else None
-        points = prepare_points(xyz, self.num_points, rng, self.augment)
+        points = prepare_points(xyz, self.num_points, rng, self.augment, self.normalize)
         return LoadedCloud(torch.from_numpy(np.ascontiguousarray(points)), self.source.target(index), name)
 
 

@@ -87,8 +87,14 @@ def up_axis_rotation(angle: float, axis: str) -> np.ndarray:
 
 
 def prepare_points(
-    xyz: np.ndarray, num_points: int, rng: np.random.Generator | None = None, augment: PointAugment | None = None
+    xyz: np.ndarray,
+    num_points: int,
+    rng: np.random.Generator | None = None,
+    augment: PointAugment | None = None,
+    normalize: bool = True,
 ) -> np.ndarray:
-    """Resample to ``num_points``, normalise into the unit sphere, then augment (with ``rng`` and ``augment``)."""
-    points = normalize_unit_sphere(resample_points(xyz, num_points, rng)).astype(np.float32)
+    """Resample to ``num_points``, normalise into the unit sphere (unless ``normalize`` is off: ScanObjectNN's
+    recipes keep the scans' own scale), then augment (with ``rng`` and ``augment``)."""
+    points = resample_points(xyz, num_points, rng)
+    points = (normalize_unit_sphere(points) if normalize else points).astype(np.float32)
     return augment(points, rng) if augment is not None and rng is not None else points
