@@ -140,8 +140,7 @@ class PointCloudDataModule(ClassificationDataModule):
     # --------------------------------------------------------------------------------------- datasets
     def labelled_dataset(self, split: str, source: str) -> PointClouds:
         self.check_labels(source)
-        augment = self.augment if split == "train" else None
-        return PointClouds(self.source(source), self.num_points, self.min_points, augment, self.normalize)
+        return self.clouds(self.source(source), self.augment if split == "train" else None)
 
     def unlabelled_dataset(self) -> PointClouds:
         path = self.paths["predict"]
@@ -149,9 +148,12 @@ class PointCloudDataModule(ClassificationDataModule):
             raise ValueError("predict needs data.predict_path, a folder of point files or HDF5 file(s)")
         found = expand_hdf5_paths(path, "predict_path")
         if not isinstance(found, Path):
-            return PointClouds(HDF5Clouds(found), self.num_points, self.min_points, normalize=self.normalize)
+            return self.clouds(HDF5Clouds(found))
         files = list_point_files(found)
         if not files:
             raise ValueError(f"predict_path: no point files ({', '.join(POINT_EXTENSIONS)}) under '{path}'")
-        files_source = PointFiles([(str(f), UNLABELLED) for f in files])
-        return PointClouds(files_source, self.num_points, self.min_points, normalize=self.normalize)
+        return self.clouds(PointFiles([(str(f), UNLABELLED) for f in files]))
+
+    def clouds(self, source: PointFiles | HDF5Clouds, augment: PointAugment | None = None) -> PointClouds:
+        """``source`` prepared with this module's settings (cloud size, minimum size, normalisation)."""
+        return PointClouds(source, self.num_points, self.min_points, augment, self.normalize)
