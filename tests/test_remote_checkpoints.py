@@ -16,6 +16,7 @@ from test_run_folder import tiny_config
 from vim.cli import main, run_lightning
 from vim.files import check_weights_file
 from vim.models.checkpoint import CheckpointError, read_checkpoint
+from vim.training.image_classifier import ImageClassifier
 
 
 class TouchOnUnpickle:
@@ -105,6 +106,18 @@ def test_a_checkpoint_url_is_validated_as_the_same_file_on_disk(served, tmp_path
 
     by_url, on_disk = validated(f"{base_url}/last.ckpt"), validated(str(last))
     assert by_url == on_disk and set(on_disk) >= {"val/acc1", "val_ema/acc1"}
+    restored = ImageClassifier.load_from_checkpoint(f"{base_url}/last.ckpt").state_dict()
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    assert restored.keys() == saved.keys() and all(torch.equal(restored[key], saved[key]) for key in saved)
+
+
+def test_load_from_checkpoint_refuses_a_malicious_url_without_running_its_code(served, tmp_path):
+    folder, base_url = served
+    marker = tmp_path / "ran"
+    save_malicious_checkpoint(folder / "evil.ckpt", marker)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint '{base_url}/evil.ckpt' is refused: .*Unsupported global"):
+        ImageClassifier.load_from_checkpoint(f"{base_url}/evil.ckpt")
+    assert not marker.exists()
 
 
 def test_an_unreachable_checkpoint_url_is_named_in_one_line(served):

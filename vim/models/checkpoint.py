@@ -58,6 +58,7 @@ __all__ = [
     "load_checkpoint_into",
     "load_official_checkpoint",
     "read_checkpoint",
+    "safely_unpickled",
     "square_grid",
     "unwrap_state_dict",
 ]
@@ -95,10 +96,19 @@ def read_checkpoint(source: str | os.PathLike, map_location: Any = "cpu", mmap: 
         FileNotFoundError: no such local file.
         CheckpointError: the file holds objects outside :data:`SAFE_GLOBALS`, or the URL could not be downloaded.
     """
+    with safely_unpickled(source) as path:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and not is_remote(source))
+
+
+@contextlib.contextmanager
+def safely_unpickled(source: str | os.PathLike) -> Iterator[Path]:
+    """The local file of ``source`` (a URL downloaded, as :func:`read_checkpoint` does), to ``torch.load`` with
+    ``weights_only=True`` inside: :data:`SAFE_GLOBALS` are allowed there, and an object outside them raises
+    :class:`CheckpointError` naming ``source``. For loaders that take a path (Lightning's ``load_from_checkpoint``)."""
     with _local_copy(source) as path:
         try:
             with torch.serialization.safe_globals(SAFE_GLOBALS):
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and not is_remote(source))
+                yield path
         except pickle.UnpicklingError as error:
             raise CheckpointError(
                 f"checkpoint '{source}' is refused: it holds pickled objects that could run code when loaded, which "
