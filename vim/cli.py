@@ -8,7 +8,8 @@
   writes into its own run folder (:mod:`vim.training.run_folder`: ``runs/<name>/version_N``, ``runs/<name>/latest``);
   checkpoints are written atomically, ``fit`` ends with a checkpoint of its final state and prints the validation
   accuracy of the weights ``export`` and ``predict`` use, and ``predict`` writes top-5 classes to CSV
-  (``--predict_writer.output``; default ``<run folder>/predictions.csv``). Resume an interrupted run with
+  (``--predict_writer.output``; default ``<run folder>/predictions.csv``). ``--ckpt_path`` takes a file or a URL,
+  read without running pickled code (:func:`vim.models.checkpoint.read_checkpoint`); resume an interrupted run with
   ``--ckpt_path last``. A command that loads a checkpoint does not read the model's released or initial weights file
   (the checkpoint holds every weight); ``predict`` without a checkpoint uses the model name's released weights.
 - ``vimkit export --ckpt CKPT --out FILE.safetensors``: the trained (EMA) weights for ``timm.create_model``.
