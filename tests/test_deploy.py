@@ -321,8 +321,10 @@ def test_cli_refuses_unclear_requests(tmp_path, capsys):
         main(["export", "--model", "test_vim", "--num-points", "64", "--out", str(tmp_path / "m.onnx")])
     with pytest.raises(ValueError, match=r"output file .* must end in .onnx"):
         export_onnx(timm.create_model("test_vim"), tmp_path / "m.bin", progress=False)
-    with pytest.raises(ValueError, match=r"checkpoint .*missing.ckpt' does not exist"):
+    with pytest.raises(ValueError, match=r"checkpoint: .*missing.ckpt' does not exist"):
         load_model(checkpoint=tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint: 'https://host/run.ckpt' is a URL; this command reads local files only"):
+        load_model(checkpoint="https://host/run.ckpt")
     weights = tmp_path / "ten_classes.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("test_vim", num_classes=10).state_dict().items()}, str(weights))
     with pytest.raises(

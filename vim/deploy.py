@@ -57,10 +57,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vim.files import atomic_write
+from vim.files import atomic_write, check_weights_file
 from vim.kernels import add_norm_ref, causal_conv1d_silu_ref
 from vim.kernels.scan_decomposition import decomposed_scan_forward
 from vim.models.backbone import MambaBackbone
+from vim.models.checkpoint import read_checkpoint
 from vim.models.point_mamba import PointMamba, PointMambaScan
 from vim.models.video_mamba import VideoMamba
 from vim.models.vision_mamba import VisionMamba
@@ -212,11 +213,9 @@ def load_model(
     kwargs: dict[str, Any] = dict(model_kwargs)
     weights, overlay_file, trained_points = None, None, None
     if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ValueError(f"checkpoint '{path}' does not exist")
+        path = check_weights_file(checkpoint, "checkpoint")
         if path.suffix == ".ckpt":
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_checkpoint(path)
             weights = checkpoint_weights(state, use_ema)  # ValueError for anything but a vim Classifier's checkpoint
             trained_name, trained_kwargs = checkpoint_model_settings(state)
             trained_points = (state.get("datamodule_hyper_parameters") or {}).get("num_points")

@@ -77,7 +77,7 @@ from vim.data.workers import default_num_workers
 from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_devices
 from vim.files import check_weights_file, file_identity
 from vim.models.backbone import MambaBackbone
-from vim.models.checkpoint import load_official_checkpoint
+from vim.models.checkpoint import load_official_checkpoint, read_checkpoint
 from vim.models.point_mamba import PointMamba, trained_on_unit_sphere
 from vim.models.video_mamba import VideoMamba
 from vim.models.weights import (
@@ -317,7 +317,7 @@ def _checkpoint_settings(
 
     from vim.training.export import checkpoint_model_settings, checkpoint_weights
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     name, kwargs = checkpoint_model_settings(state)
     data_hparams = dict(state.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
     return checkpoint_weights(state), name, kwargs, data_hparams

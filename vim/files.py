@@ -2,7 +2,8 @@
 use them as well as training.
 
 :func:`atomic_write` replaces a file all at once, so a crash while saving never leaves a truncated ``last.ckpt``,
-export or feature shard; :func:`check_weights_file` names a missing or empty weights file and the setting that gave it;
+export or feature shard; :func:`check_weights_file` names a missing or empty weights file, or a URL where a local file
+is needed, and the setting that gave it (:func:`is_remote` tells a URL from a local path);
 :func:`file_identity` tells whether a file still holds the same bytes (``last.ckpt`` is rewritten in place by training).
 """
 
@@ -13,6 +14,8 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+import fsspec.utils
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
@@ -35,9 +38,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         raise
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """``path`` is a URL that fsspec reads (``http://``, ``https://``, ``s3://``, ...), not a local file (``file://``
+    counts as local)."""
+    return fsspec.utils.get_protocol(str(path)) not in ("file", "local")
+
+
 def check_weights_file(path: str | os.PathLike, argument: str) -> Path:
-    """``path`` once it names a file with content; ValueError naming ``argument`` and the file otherwise (a missing or
-    zero-byte file would otherwise end in torch.load's FileNotFoundError or bare ``EOFError: Ran out of input``)."""
+    """``path`` once it names a local file with content; ValueError naming ``argument`` and the file otherwise (a URL,
+    which ``Path`` would mangle into a missing file, or a missing or zero-byte file, which would otherwise end in
+    torch.load's FileNotFoundError or bare ``EOFError: Ran out of input``)."""
+    if is_remote(path):
+        raise ValueError(f"{argument}: '{path}' is a URL; this command reads local files only, so download it first")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{argument}: '{path}' does not exist or is not a file")

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from vim.files import atomic_write, check_weights_file
+from vim.models.checkpoint import read_checkpoint
 
 MODEL_PREFIX = "model."
 EMA_PREFIX = "ema.module."
@@ -64,7 +65,7 @@ def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema:
     ckpt, out = check_weights_file(ckpt, "--ckpt"), Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: '{out}' must end in .safetensors (timm picks the loader by extension)")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(ckpt)
     weights = {key: value.detach().contiguous().clone() for key, value in checkpoint_weights(checkpoint, use_ema).items()}
     metadata = {
         "model": str(checkpoint.get("hyper_parameters", {}).get("model", "")),
