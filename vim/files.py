@@ -2,7 +2,8 @@
 use them as well as training.
 
 :func:`atomic_write` replaces a file all at once, so a crash while saving never leaves a truncated ``last.ckpt``,
-export or feature shard; :func:`check_weights_file` names a missing or empty weights file and the setting that gave it;
+export or feature shard, and removes the temporary files that killed writers of the same file left behind;
+:func:`check_weights_file` names a missing or empty weights file and the setting that gave it;
 :func:`file_identity` tells whether a file still holds the same bytes (``last.ckpt`` is rewritten in place by training).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +22,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     renamed into place (``Path.replace``).
 
     The rename is atomic on one filesystem, so ``path`` holds either its previous content or the complete
-    new one; the temporary file is removed if writing fails.
+    new one; the temporary file is removed if writing fails, and those of killed writers of ``path`` are removed
+    first (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
@@ -33,6 +37,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _is_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one of another user counts: signal 0 is refused, not unknown)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of :func:`atomic_write` for ``path`` (``.<name>.<pid>.<8 hex>.tmp`` beside it) whose
+    writer is no longer alive, e.g. killed (``kill -9``) while saving.
+
+    A live writer's file is left alone. The pid is looked up on this machine: vim never has two machines write the
+    same file into a shared folder at once (only rank 0 saves checkpoints; extraction locks its output folder).
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([1-9][0-9]*)\.[0-9a-f]{{8}}\.tmp")
+    for candidate in path.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match and not _is_alive(int(match.group(1))):
+            candidate.unlink(missing_ok=True)  # another writer may be removing it too
 
 
 def check_weights_file(path: str | os.PathLike, argument: str) -> Path:
