@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import warnings
@@ -15,15 +17,17 @@ import numpy as np
 import pytest
 import timm
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-import vim.models  # noqa: F401
+import vim.files
+import vim.models  # registers the models in timm
 from vim.cli import main as cli_main
 from vim.data.generated import write_video
 from vim.data.points import prepare_points
-from vim.extraction import extract, read_features
+from vim.extraction import LOCK, extract, read_features
 
 RNG = np.random.default_rng(0)
 
@@ -278,6 +282,39 @@ def test_extract_loader_workers_default_to_the_free_cores(tmp_path, monkeypatch)
         )
     assert not [w for w in caught if "worker processes" in str(w.message)], [str(w.message) for w in caught]
     assert read_features(tmp_path / "o")[0].shape == (3, 32)
+
+
+def hold_the_lock(out: Path) -> subprocess.Popen:
+    """Another process that holds ``out``'s extraction lock, as a running extraction does, until its stdin closes."""
+    script = (  # vim/files.py alone, without the package's torch imports, so that it starts at once
+        "import importlib.util, sys; from pathlib import Path\n"
+        "spec = importlib.util.spec_from_file_location('files', sys.argv[1]); files = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(files)\n"
+        "with files.folder_lock(Path(sys.argv[2]), sys.argv[3]):\n    print('locked', flush=True); sys.stdin.read()"
+    )
+    command = [sys.executable, "-c", script, vim.files.__file__, str(out), LOCK]
+    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_process_that_holds_it(tmp_path, monkeypatch):
+    folder, out = image_folder(tmp_path / "images", count=1), tmp_path / "out"
+    out.mkdir()
+    options = dict(random_weights=True, progress=False)
+    holder = hold_the_lock(out)
+    try:
+        other = rf"'{re.escape(str(out))}' is in use by pid {holder.pid} on {re.escape(socket.gethostname())} \(-c "
+        with pytest.raises(vim.files.FolderInUseError, match=other):
+            extract("test_vim", folder, out, **options)
+        assert [path.name for path in out.iterdir()] == [LOCK]  # the refused run wrote nothing
+        with monkeypatch.context() as patch:
+            patch.setattr(rank_zero_only, "rank", 1)  # a process that DDP's launcher started (LOCAL_RANK=1) takes no lock
+            assert extract("test_vim", folder, out, **options)["num_rows"] == 1
+    finally:
+        holder.communicate("")  # its stdin closed, the holder ends
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert extract("test_vim", folder, out, **options) == manifest  # the lock went with its holder
 
 
 # ---------------------------------------------------------------------------------------------- several processes

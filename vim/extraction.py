@@ -43,11 +43,15 @@ other settings or inputs are refused, naming what differs.
 Processes: the shards go through Lightning's predict loop (:mod:`vim.extraction_loop`) on one device, or over
 ``devices`` x ``num_nodes`` DDP processes, each writing its own shards; rank 0 merges the manifest at the end. Shards
 are fixed by input index, so the output is the same on any number of processes, and a run resumes on another number.
+The process that starts the run (not those a launcher starts for the other ranks) locks ``out`` for the run (``fcntl``
+lock on ``out/.extract.lock``, which the system releases when the process ends): a second run into the same folder
+is refused, naming the process (pid, host, command) that holds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -75,7 +79,7 @@ from vim.data.video.decoding import VIDEO_EXTENSIONS
 from vim.data.video.transforms import create_video_transform
 from vim.data.workers import default_num_workers
 from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_devices
-from vim.files import check_weights_file, file_identity
+from vim.files import check_weights_file, file_identity, folder_lock
 from vim.models.backbone import MambaBackbone
 from vim.models.checkpoint import load_official_checkpoint
 from vim.models.point_mamba import PointMamba, trained_on_unit_sphere
@@ -92,6 +96,8 @@ __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
 LIST_EXTENSIONS = (".txt", ".lst", ".csv")
 FORMATS = ("npy", "safetensors")
+LOCK = ".extract.lock"
+"""The output folder's lock file (:func:`vim.files.folder_lock`): one run at a time writes into a folder."""
 UNITS = {"images": "image", "video": "clip", "points": "cloud"}
 
 
@@ -457,6 +463,16 @@ def _check_resumable(out: Path, settings: dict[str, Any], inputs: list[str]) -> 
     return previous
 
 
+def launches_the_run() -> bool:
+    """Whether this process started the extraction, and so holds the output folder's lock for the run: not a process
+    that a launcher started as another rank (Lightning reruns the command with ``LOCAL_RANK`` set; torchrun sets
+    ``RANK``, SLURM ``SLURM_PROCID``: Lightning's ``rank_zero_only.rank`` reads them), nor the first process of
+    another node (``NODE_RANK``, or torchrun's ``GROUP_RANK``, as Lightning reads them)."""
+    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    # Lightning sets `rank` on the function, which lightning_utilities' signature does not declare
+    return rank_zero_only.rank == 0 and node_rank == 0  # type: ignore[attr-defined]
+
+
 def extract(
     model: str | None,
     inputs: str | os.PathLike | Sequence[str],
@@ -484,7 +500,7 @@ def extract(
     Args:
         model: timm model name (may be None with a Lightning ``.ckpt`` checkpoint, which records it).
         inputs: folder, list file, HDF5 file, single file, or sequence of files.
-        out: output folder (created; a rerun resumes it).
+        out: output folder (created; a rerun resumes it; locked while this runs: FolderInUseError for a second run).
         checkpoint: weights: ``.safetensors`` / ``.pth`` (e.g. from ``vimkit export``, or official) or a Lightning ``.ckpt``;
             None: the released weights of the model name's timm tag.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``embed_dim``, ``num_frames``, ...).
@@ -534,27 +550,28 @@ def extract(
     settings = json.loads(json.dumps(settings))  # as the manifest stores them (tuples as lists), to compare with it
 
     out = Path(out)
-    previous = _check_resumable(out, settings, names)
-    if previous is not None and previous.get("complete"):
-        return previous
     out.mkdir(parents=True, exist_ok=True)
-    spec = MODALITIES[found]
-    dataset = spec.dataset(network, names, preprocessing)
-    return extract_shards(
-        network,
-        dataset,
-        spec.failure,
-        out,
-        settings,
-        names,
-        tokens,
-        layers,
-        batch_size,
-        num_workers,
-        UNITS[found],
-        progress,
-        launch,
-    )
+    with folder_lock(out, LOCK) if launches_the_run() else contextlib.nullcontext():
+        previous = _check_resumable(out, settings, names)
+        if previous is not None and previous.get("complete"):
+            return previous
+        spec = MODALITIES[found]
+        dataset = spec.dataset(network, names, preprocessing)
+        return extract_shards(
+            network,
+            dataset,
+            spec.failure,
+            out,
+            settings,
+            names,
+            tokens,
+            layers,
+            batch_size,
+            num_workers,
+            UNITS[found],
+            progress,
+            launch,
+        )
 
 
 def read_features(out: str | os.PathLike, key: str = "pooled") -> tuple[np.ndarray, list[str]]:

@@ -1,19 +1,26 @@
-"""Files that are never half written, and weights files checked before reading. No Lightning: extraction and export
-use them as well as training.
+"""Files that are never half written, folders that one process writes at a time, and weights files checked before
+reading. No Lightning: extraction and export use them as well as training.
 
 :func:`atomic_write` replaces a file all at once, so a crash while saving never leaves a truncated ``last.ckpt``,
 export or feature shard, and removes the temporary files that killed writers of the same file left behind;
-:func:`check_weights_file` names a missing or empty weights file and the setting that gave it;
+:func:`folder_lock` keeps a second process out of a folder that one is writing; :func:`check_weights_file` names a
+missing or empty weights file and the setting that gave it;
 :func:`file_identity` tells whether a file still holds the same bytes (``last.ckpt`` is rewritten in place by training).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import re
+import shlex
+import socket
+import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -62,6 +69,46 @@ def remove_stale_temporaries(path: Path) -> None:
         match = pattern.fullmatch(candidate.name)
         if match and not _is_alive(int(match.group(1))):
             candidate.unlink(missing_ok=True)  # another writer may be removing it too
+
+
+class FolderInUseError(RuntimeError):
+    """Another process holds a folder's :func:`folder_lock`; the message names that process."""
+
+
+def _lock_holder(lock: Path) -> str:
+    """The process that :func:`folder_lock` recorded in ``lock``: pid, host and command."""
+    try:
+        holder = json.loads(lock.read_text())
+        return f"pid {holder['pid']} on {holder['host']} ({holder['command']})"
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet by a holder that has just taken the lock
+        return "another process"
+
+
+@contextmanager
+def folder_lock(folder: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` while the block runs: ``fcntl.flock`` on the file ``folder/name``, which
+    records this process (pid, host, command) for the message a second process gets.
+
+    The operating system releases the lock when this process ends, however it ends (``kill -9`` too); the file stays.
+
+    Raises:
+        FolderInUseError: another process holds the lock (also one of this process through another open file).
+    """
+    lock = folder / name
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderInUseError(
+                f"'{folder}' is in use by {_lock_holder(lock)}, which holds {lock}; wait for it to end, or use another folder"
+            ) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv)}
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, json.dumps(holder).encode())
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def check_weights_file(path: str | os.PathLike, argument: str) -> Path:
