@@ -109,6 +109,32 @@ def test_hdf5_points_through_the_command_line(tmp_path, capsys):
     np.testing.assert_allclose(features, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_unreadable_hdf5_files_are_listed_with_the_reason_and_the_others_extracted(tmp_path):
+    clouds = tmp_path / "clouds"
+    clouds.mkdir()
+    with h5py.File(clouds / "a_good.h5", "w") as file:
+        file["data"] = RNG.normal(size=(3, 64, 3)).astype(np.float32)
+    whole = (clouds / "a_good.h5").read_bytes()
+    (clouds / "b_garbage.h5").write_bytes(b"not HDF5 at all " * 64)
+    (clouds / "c_truncated.h5").write_bytes(whole[: len(whole) // 2])  # a copy cut off half-way
+    with h5py.File(clouds / "d_flat.h5", "w") as file:
+        file["data"] = np.zeros((2, 64), np.float32)  # two rows, but not clouds of points
+    options = dict(random_weights=True, num_points=32, progress=False)
+
+    manifest = extract("test_pointmamba", clouds, tmp_path / "out", **options)
+
+    extract("test_pointmamba", clouds / "a_good.h5", tmp_path / "good_alone", **options)
+    features, names = read_features(tmp_path / "out")
+    expected, expected_names = read_features(tmp_path / "good_alone")
+    assert names == expected_names == [f"{clouds / 'a_good.h5'}[{row}]" for row in range(3)]
+    np.testing.assert_array_equal(features, expected)
+    reasons = {Path(failure["input"]).name: failure["reason"] for failure in manifest["failed"]}
+    assert sorted(reasons) == ["b_garbage.h5", "c_truncated.h5", "d_flat.h5[0]", "d_flat.h5[1]"]
+    assert reasons["b_garbage.h5"].startswith("unreadable HDF5 file") and "signature not found" in reasons["b_garbage.h5"]
+    assert reasons["c_truncated.h5"].startswith("unreadable HDF5 file") and "truncated file" in reasons["c_truncated.h5"]
+    assert "'data' must have shape (clouds, points, 3+), got (2, 64)" in reasons["d_flat.h5[0]"]
+
+
 def test_images_against_the_model(tmp_path):
     model, weights = saved_model(tmp_path, "test_vim")
     folder = tmp_path / "images"

@@ -23,10 +23,11 @@ by ``seed``. The manifest records which.
 Inputs: a folder (searched recursively), a list file (``.txt`` / ``.lst`` / ``.csv``: one path a line, relative to
 the list's folder, spaces in it kept (``holiday photo.jpg``); a label or other fields after it follow a comma or tab
 (``a.jpg,3``), or a space when the line does not end in the file's extension (``clips/a.mp4 3``); blank lines and
-``#`` comments skipped), an HDF5 file of point clouds (``data`` (M, P, 3); inputs ``<file>[<row>]``) or a single
-file. The modality (images, video, points) follows from the file extensions and must match the model; ``modality``
-restricts it. Each input is prepared exactly as the model's evaluation data (the datamodules' deterministic
-evaluation transforms), and features are computed in eval mode, so runs are deterministic. The preprocessing
+``#`` comments skipped), an HDF5 file of point clouds (``data`` (M, P, 3); inputs ``<file>[<row>]``; one that cannot
+be opened is one input, ``<file>``, listed as failed) or a single file. The modality (images, video, points) follows
+from the file extensions and must match the model; ``modality`` restricts it. Each input is prepared exactly as the
+model's evaluation data (the datamodules' deterministic evaluation transforms), and features are computed in eval
+mode, so runs are deterministic. The preprocessing
 settings (image size, resize interpolation, crop fraction, mean and std; frames per clip; points per cloud) are the
 model's, or with a Lightning ``.ckpt`` those its data module was trained with (``num_points=`` still wins); the
 manifest's ``settings.preprocessing`` records them.
@@ -72,7 +73,7 @@ from vim.data.images.dataset import IMAGE_EXTENSIONS, ImageFiles
 from vim.data.images.transforms import create_image_transform
 from vim.data.points.dataset import PointClouds
 from vim.data.points.readers import POINT_EXTENSIONS
-from vim.data.points.sources import HDF5_EXTENSIONS, HDF5Clouds, PointFiles, open_point_hdf5
+from vim.data.points.sources import HDF5_EXTENSIONS, HDF5Clouds, PointFiles, hdf5_cloud_names
 from vim.data.samples import UNLABELLED, Unreadable
 from vim.data.video.dataset import VideoClips
 from vim.data.video.decoding import VIDEO_EXTENSIONS
@@ -168,12 +169,20 @@ def _video_dataset(model: VideoMamba, inputs: list[str], preprocessing: dict[str
     return VideoClips([(path, UNLABELLED) for path in inputs], preprocessing["num_frames"], transform)
 
 
+def _hdf5_file_of(name: str) -> str | None:
+    """The HDF5 file of input ``name``: that of a cloud ``<file>[<row>]``, or the name itself for an HDF5 file whose
+    clouds could not be counted (:func:`~vim.data.points.sources.hdf5_cloud_names`); None for a point file."""
+    if name.endswith("]"):
+        return name.rpartition("[")[0]
+    return name if name.lower().endswith(HDF5_EXTENSIONS) else None
+
+
 def _point_dataset(model: PointMamba, inputs: list[str], preprocessing: dict[str, Any]) -> Dataset:
     """Clouds resampled by farthest point sampling to ``num_points`` and (``normalize``) scaled into the unit sphere."""
-    h5_files = list(dict.fromkeys(name.rpartition("[")[0] for name in inputs if name.endswith("]")))
+    h5_files = list(dict.fromkeys(file for file in map(_hdf5_file_of, inputs) if file is not None))
     source: HDF5Clouds | PointFiles
     if h5_files:
-        source = HDF5Clouds(h5_files)
+        source = HDF5Clouds(h5_files, skip_unreadable=True)  # listed in the manifest, as any unreadable input
         if source.names != inputs:
             raise ValueError("point inputs mix HDF5 rows and point files; extract them in separate runs")
     else:
@@ -237,15 +246,10 @@ def _walk(root: Path) -> list[str]:
 
 
 def _expand_hdf5(paths: list[str]) -> list[str]:
-    """Replace each HDF5 file by its clouds ``<file>[<row>]``."""
+    """Replace each HDF5 file by its clouds ``<file>[<row>]`` (an unreadable one stays, to be listed with the reason)."""
     expanded = []
     for path in paths:
-        if not path.lower().endswith(HDF5_EXTENSIONS):
-            expanded.append(path)
-            continue
-        with open_point_hdf5(path) as file:
-            count = len(file["data"])
-        expanded += [f"{path}[{row}]" for row in range(count)]
+        expanded += hdf5_cloud_names(path) if path.lower().endswith(HDF5_EXTENSIONS) else [path]
     return expanded
 
 
