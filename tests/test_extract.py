@@ -426,7 +426,7 @@ def test_bad_device_settings_are_named_before_anything_is_written(tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             extract("test_vim", folder, tmp_path / "out", random_weights=True, progress=False, **settings)
-    with pytest.raises(ValueError, match=r"devices=1 and num_nodes=0 must be at least 1"):
+    with pytest.raises(SystemExit, match=r"^vimkit extract: error: devices=1 and num_nodes=0 must be at least 1$"):
         cli_main(["extract", *IMAGES_SETTINGS, "--input", str(folder), "--out", str(tmp_path / "out"), "--num_nodes", "0"])
     assert not (tmp_path / "out").exists()
 
