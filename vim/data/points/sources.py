@@ -123,7 +123,9 @@ class HDF5Clouds:
     """
 
     def __init__(self, files: Sequence[str | os.PathLike], skip_unreadable: bool = False) -> None:
-        clouds, labels, self.names = [], [], []
+        clouds: list[np.ndarray] = []  # (M, P, C) of each readable file
+        labels: list[np.ndarray] = []  # (M,) of each file
+        self.names: list[str] = []
         self._rows: list[int | str] = []  # each sample's row in self.clouds, or why its file cannot be read
         for path in files:
             try:
