@@ -23,6 +23,7 @@ import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from vim.data.images import ImageDataModule  # noqa: F401
 from vim.data.points import PointCloudDataModule  # noqa: F401
 from vim.data.video import VideoClipDataModule  # noqa: F401
 from vim.data.workers import available_cores
-from vim.files import is_remote
+from vim.files import FolderInUseError, is_remote
 from vim.models.checkpoint import CheckpointError, read_checkpoint
 from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError, has_released_weights
 from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
@@ -247,6 +248,18 @@ def weights_error(error: BaseException) -> BaseException | None:
     return None
 
 
+@contextlib.contextmanager
+def errors_in_one_line(command: str) -> Iterator[None]:
+    """End ``vimkit <command>`` on an expected error with ``vimkit <command>: error: <message>`` and exit status 1, as
+    ``fit`` ends on missing weights: bad settings or inputs (ValueError, NoReleasedWeightsError among them), a file
+    that is missing or cannot be written (OSError: not found, permission denied, a read-only or full disk), an output
+    folder in use. Any other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except (ValueError, OSError, FolderInUseError) as error:
+        sys.exit(f"{PROG} {command}: error: {error}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``vimkit <command> ...``: ``argv`` (default: the command line) names the command; ``vimkit --help`` lists them."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -255,11 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     if command == "extract":
         from vim.extraction import main as extract_main  # imported only when asked for
 
-        extract_main(args[1:])
+        with errors_in_one_line(command):
+            extract_main(args[1:])
     elif command == "export":
         from vim.training import export
 
-        export.main(args[1:])
+        with errors_in_one_line(command):
+            export.main(args[1:])
     elif command in LIGHTNING_COMMANDS:
         try:
             run_lightning(argv)  # None: LightningCLI reads the command line itself
