@@ -71,7 +71,7 @@ def _dense_float32(x: Tensor | None) -> Tensor | None:
 
 def _segments(batch: int, length: int, channels: int, threads: int) -> int:
     """Pieces to cut the sequence into so that every thread gets a few jobs (batch 1 on many cores)."""
-    jobs = batch * -(-channels // _LANES)
+    jobs = max(1, batch * -(-channels // _LANES))  # an empty batch has no jobs: any count of segments does
     wanted = -(-4 * threads // jobs)
     return max(1, min(wanted, length // _MIN_SEGMENT))
 

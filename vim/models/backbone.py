@@ -308,7 +308,7 @@ class MambaBackbone(nn.Module):
         for y in intermediates:
             prefix, patches = self.split_prefix_tokens(y)
             if grid is not None and output_fmt != "NLC":
-                patches = patches.reshape(patches.shape[0], *grid, -1).movedim(-1, 1).contiguous()
+                patches = patches.unflatten(1, grid).movedim(-1, 1).contiguous()  # no -1: B may be 0
             outputs.append((patches, prefix) if return_prefix_tokens else patches)
         return outputs if intermediates_only else (final, outputs)
 
