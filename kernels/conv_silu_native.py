@@ -2,7 +2,7 @@
 
 The functions (``vim_conv_silu_forward`` and ``vim_conv_silu_backward``, at the end of that file) live in
 the fused scan's library, so they are built, cached and threaded by :mod:`vim.kernels.scan_native`
-(first use compiles the library; without a C compiler they are unavailable and the PyTorch path runs).
+(first use loads the cached library or compiles it; without either they are unavailable and the PyTorch path runs).
 
 Contract (one or two directions, ``K``): ``x`` (B, L, C) float32 with any strides; per direction taps
 ``(C, W)`` and a bias ``(C,)`` or None. The forward writes ``out`` (K, B, L, C) contiguous; the backward
