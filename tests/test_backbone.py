@@ -135,3 +135,21 @@ def test_weight_decay_groups_as_upstream_trains() -> None:
 def test_unknown_norm_layer() -> None:
     with pytest.raises(ValueError, match="norm_layer must be one of"):
         TokenBackbone(norm_layer="batchnorm")
+
+
+@pytest.mark.parametrize("indices", [None, 1, 4, 12, [0, 5, 11], [-1], [-12, 3], (2,)])
+def test_take_indices_as_timm(indices):
+    """Our block selection against timm's own (a private helper there, so ours is kept apart)."""
+    from timm.models._features import feature_take_indices
+
+    from vim.models.backbone import take_indices
+
+    assert take_indices(12, indices) == feature_take_indices(12, indices)
+
+
+@pytest.mark.parametrize("indices", [0, 13, [12], [-13], []])
+def test_take_indices_out_of_range(indices):
+    from vim.models.backbone import take_indices
+
+    with pytest.raises(ValueError, match="indices="):
+        take_indices(12, indices)

@@ -48,14 +48,13 @@ from typing import Any, Literal, cast, get_args
 
 import torch
 from timm.layers import DropPath, trunc_normal_
-from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .block import MambaBlock, NormLayer, add_and_norm, create_norm
 from .checkpoint import load_checkpoint_into, unwrap_state_dict
 
-__all__ = ["MambaBackbone", "PoolType", "drop_path_schedule"]
+__all__ = ["MambaBackbone", "PoolType", "drop_path_schedule", "take_indices"]
 
 PoolType = Literal["token", "avg", ""]
 
@@ -64,6 +63,26 @@ SPATIAL_FORMATS = {2: "NCHW", 3: "NCTHW"}
 
 Intermediate = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 """One of ``forward_intermediates``' outputs: the tokens, or (tokens, class token) with ``return_prefix_tokens``."""
+
+
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """The block indices ``forward_intermediates`` takes, counted from the first block, and the largest of them.
+
+    As timm's feature indices: None takes every block, an int ``n`` the last ``n``, a sequence the blocks it names
+    (negative ones counted from the end). ValueError naming an index out of range.
+    """
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices={indices}: take the last 1 to {num_blocks} blocks")
+        taken = list(range(num_blocks - indices, num_blocks))
+    else:
+        taken = [num_blocks + i if i < 0 else i for i in indices]
+        wrong = [i for i, absolute in zip(indices, taken) if not 0 <= absolute < num_blocks]
+        if wrong or not taken:
+            raise ValueError(f"indices={list(indices)}: the model has blocks 0..{num_blocks - 1} (or -{num_blocks}..-1)")
+    return taken, max(taken)
 
 
 def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
@@ -238,13 +257,13 @@ class MambaBackbone(nn.Module):
             The normalised tokens after the last block run (B, L, D), and one (B, L, D) tensor per
             taken block, in block order.
         """
-        take_indices, _ = feature_take_indices(len(self.layers), indices)
-        num_blocks = max(take_indices) + 1 if stop_early else len(self.layers)
+        taken, last = take_indices(len(self.layers), indices)
+        num_blocks = last + 1 if stop_early else len(self.layers)
         hidden, residual = x, None
         intermediates = []
         for i, layer in enumerate(self.blocks[:num_blocks]):
             hidden, residual = self._run_block(layer, hidden, residual)
-            if i in take_indices:
+            if i in taken:
                 intermediates.append(self._norm_f(hidden, residual) if norm else (residual + hidden).to(hidden.dtype))
         return self._final_norm(hidden, residual), intermediates
 
@@ -391,10 +410,10 @@ class MambaBackbone(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the final norm / classifier); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
+        taken, last = take_indices(len(self.layers), indices)
+        self.layers = self.layers[: last + 1]
         if prune_norm:
             self.norm_f = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
-        return take_indices
+        return taken

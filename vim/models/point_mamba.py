@@ -50,7 +50,8 @@ from torch import nn
 
 from .backbone import MambaBackbone, init_linear_, new_classifier
 from .block import NormLayer
-from .checkpoint import CUSTOM_LOAD, build_backbone, checked, classifier_keys, unwrap_state_dict
+from .builder import build_backbone
+from .checkpoint import CUSTOM_LOAD, checked, classifier_keys, unwrap_state_dict
 from .point_ops import ORDERS, gather_points, group_points, serialization_order
 
 __all__ = [

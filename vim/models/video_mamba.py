@@ -48,9 +48,9 @@ from timm.models import generate_default_cfgs, register_model, resolve_pretraine
 from torch import nn
 
 from .backbone import MambaBackbone, PoolType
+from .builder import build_backbone
 from .checkpoint import (
     CUSTOM_LOAD,
-    build_backbone,
     checked,
     classifier_keys,
     load_checkpoint_into,
@@ -386,7 +386,7 @@ def load_video_checkpoint(model: VideoMamba, path: str | Path, use_ema: bool = F
 
 # --------------------------------------------------------------------------------------------- registry
 def _create_video_mamba(variant: str, pretrained: bool = False, **kwargs) -> VideoMamba:
-    """Build through :func:`~vim.models.checkpoint.build_backbone`; a ``_f<T>`` tag sets the default ``num_frames``."""
+    """Build through :func:`~vim.models.builder.build_backbone`; a ``_f<T>`` tag sets the default ``num_frames``."""
     tag = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg")).tag or ""
     clip_length = re.search(r"_f(\d+)$", tag)
     if clip_length:

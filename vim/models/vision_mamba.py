@@ -34,7 +34,8 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .backbone import MambaBackbone, PoolType
-from .checkpoint import CUSTOM_LOAD, build_backbone, checked, classifier_keys, square_grid, unwrap_state_dict
+from .builder import build_backbone
+from .checkpoint import CUSTOM_LOAD, checked, classifier_keys, square_grid, unwrap_state_dict
 from .patch_embed import StridedPatchEmbed
 from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed
 
