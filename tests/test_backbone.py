@@ -20,13 +20,13 @@ class TokenBackbone(MambaBackbone):
         norm_layer: str = "rmsnorm",
         directions: int = 2,
         global_pool: str = "avg",
-        scan_backend: str = "torch",
+        kernel_backend: str = "torch",
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.init_head_attributes(3, global_pool, 16)
         self.build_trunk(
-            16, 3, drop_path_rate, norm_layer=norm_layer, directions=directions, d_state=4, scan_backend=scan_backend
+            16, 3, drop_path_rate, norm_layer=norm_layer, directions=directions, d_state=4, kernel_backend=kernel_backend
         )
         self.head_drop = nn.Identity()
         self.head = self.linear_head(3)
@@ -81,7 +81,7 @@ def test_fused_kernels_give_the_pytorch_trunk(norm_layer: str) -> None:
     reference = TokenBackbone(norm_layer, directions=1, drop_path_rate=0.5).train()
     _randomize_norms(reference)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fused = TokenBackbone(norm_layer, directions=1, scan_backend="triton", drop_path_rate=0.5).to(device).train()
+    fused = TokenBackbone(norm_layer, directions=1, kernel_backend="triton", drop_path_rate=0.5).to(device).train()
     fused.load_state_dict(reference.state_dict())
     x, grad_out = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 from vim.kernels import scan_native, selective_scan_ref
-from vim.models import BiMambaMixer, MambaBlock
+from vim.models import MambaBlock, MambaMixer
 
 
-def _official_direction(mixer: BiMambaMixer, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
+def _official_direction(mixer: MambaMixer, x: torch.Tensor, z: torch.Tensor, suffix: str) -> torch.Tensor:
     """One direction of mamba_inner_fn_no_out_proj: causal conv + SiLU, projections, gated scan. (B, Di, L)."""
     length = x.shape[-1]
     conv = getattr(mixer, f"conv1d{suffix}")
@@ -28,7 +29,7 @@ def _official_direction(mixer: BiMambaMixer, x: torch.Tensor, z: torch.Tensor, s
     )
 
 
-def official_bimamba_v2(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
+def official_bimamba_v2(mixer: MambaMixer, hidden: torch.Tensor) -> torch.Tensor:
     """The official forward: the backward direction runs on torch.flip-ped x and z, its output flipped back."""
     xz = (hidden @ mixer.in_proj.weight.T).transpose(1, 2)
     x, z = xz.chunk(2, dim=1)
@@ -38,14 +39,14 @@ def official_bimamba_v2(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tens
     return y.transpose(1, 2) @ mixer.out_proj.weight.T
 
 
-def official_mamba(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
+def official_mamba(mixer: MambaMixer, hidden: torch.Tensor) -> torch.Tensor:
     """mamba_ssm's unidirectional Mamba.forward (mamba_inner_fn): one causal direction, gated, projected out."""
     xz = (hidden @ mixer.in_proj.weight.T).transpose(1, 2)
     x, z = xz.chunk(2, dim=1)
     return _official_direction(mixer, x, z, "").transpose(1, 2) @ mixer.out_proj.weight.T
 
 
-def _randomize(mixer: BiMambaMixer, generator: torch.Generator) -> None:
+def _randomize(mixer: MambaMixer, generator: torch.Generator) -> None:
     """Give the two directions different, non-trivial parameters so that mixing them up would show."""
     with torch.no_grad():
         for name, p in mixer.named_parameters():
@@ -53,7 +54,7 @@ def _randomize(mixer: BiMambaMixer, generator: torch.Generator) -> None:
             p.add_(0.3 * noise if name.startswith(("A", "D", "conv")) else 0.05 * noise)
 
 
-def assert_matches_reference(mixer: BiMambaMixer, reference, hidden: torch.Tensor, generator: torch.Generator) -> None:
+def assert_matches_reference(mixer: MambaMixer, reference, hidden: torch.Tensor, generator: torch.Generator) -> None:
     """The mixer's output and the gradients of its input and parameters equal ``reference(mixer, hidden)``'s."""
     x_ours, x_ref = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     out = mixer(x_ours)
@@ -73,7 +74,7 @@ def assert_matches_reference(mixer: BiMambaMixer, reference, hidden: torch.Tenso
 @pytest.mark.parametrize("length", [1, 5, 37])
 def test_mixer_matches_explicit_flip_forward_and_backward(divide_out: bool, length: int) -> None:
     generator = torch.Generator().manual_seed(length)
-    mixer = BiMambaMixer(16, d_state=4, divide_out=divide_out, scan_backend="torch")
+    mixer = MambaMixer(16, d_state=4, divide_out=divide_out, kernel_backend="torch")
     _randomize(mixer, generator)
     assert_matches_reference(mixer, official_bimamba_v2, torch.randn(2, length, 16, generator=generator), generator)
 
@@ -82,7 +83,7 @@ def test_mixer_matches_explicit_flip_forward_and_backward(divide_out: bool, leng
 def test_single_direction_is_mambas_own_mixer(length: int) -> None:
     """directions=1: Mamba's parameter names (no ``_b``) and its causal forward, values and gradients."""
     generator = torch.Generator().manual_seed(7)
-    mixer = BiMambaMixer(16, d_state=4, directions=1, scan_backend="torch")
+    mixer = MambaMixer(16, d_state=4, directions=1, kernel_backend="torch")
     assert set(mixer.state_dict()) == {
         "in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
         "A_log", "D", "out_proj.weight",
@@ -99,13 +100,13 @@ def test_single_direction_is_mambas_own_mixer(length: int) -> None:
 
 def test_bad_direction_count() -> None:
     with pytest.raises(ValueError, match="directions must be 1"):
-        BiMambaMixer(8, directions=3)
+        MambaMixer(8, directions=3)
 
 
 def test_divide_out_halves_the_sum_of_directions() -> None:
     torch.manual_seed(0)
-    mean_mixer = BiMambaMixer(8, d_state=4, divide_out=True, scan_backend="torch")
-    sum_mixer = BiMambaMixer(8, d_state=4, divide_out=False, scan_backend="torch")
+    mean_mixer = MambaMixer(8, d_state=4, divide_out=True, kernel_backend="torch")
+    sum_mixer = MambaMixer(8, d_state=4, divide_out=False, kernel_backend="torch")
     sum_mixer.load_state_dict(mean_mixer.state_dict())
     x = torch.randn(1, 6, 8)
     torch.testing.assert_close(sum_mixer(x), 2 * mean_mixer(x))
@@ -114,7 +115,7 @@ def test_divide_out_halves_the_sum_of_directions() -> None:
 def test_backward_direction_reads_the_future() -> None:
     """Token t's output depends on later tokens only through the backward direction."""
     torch.manual_seed(0)
-    mixer = BiMambaMixer(8, d_state=4, scan_backend="torch")
+    mixer = MambaMixer(8, d_state=4, kernel_backend="torch")
     x = torch.randn(1, 10, 8, requires_grad=True)
     mixer(x)[0, 3].sum().backward()
     assert x.grad[0, 4:].abs().sum() > 0
@@ -130,7 +131,7 @@ def test_backward_direction_reads_the_future() -> None:
 
 def test_mamba_initialisation() -> None:
     d_model, d_state = 40, 16
-    mixer = BiMambaMixer(d_model, d_state=d_state)
+    mixer = MambaMixer(d_model, d_state=d_state)
     dt_rank = math.ceil(d_model / 16)
     assert mixer.dt_rank == dt_rank and mixer.d_inner == 2 * d_model
     assert mixer.x_proj.weight.shape == (dt_rank + 2 * d_state, 2 * d_model)
@@ -148,7 +149,7 @@ def test_mamba_initialisation() -> None:
 
 def test_block_keeps_an_fp32_residual_and_matches_its_definition() -> None:
     torch.manual_seed(0)
-    block = MambaBlock(8, d_state=4, scan_backend="torch").to(torch.bfloat16)
+    block = MambaBlock(8, d_state=4, kernel_backend="torch").to(torch.bfloat16)
     x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
     previous = torch.randn(2, 5, 8)
     hidden, residual = block(x, previous)
@@ -165,7 +166,7 @@ def test_block_keeps_an_fp32_residual_and_matches_its_definition() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def grouped_conv_silu(mixer: BiMambaMixer, x: torch.Tensor) -> torch.Tensor:
+def grouped_conv_silu(mixer: MambaMixer, x: torch.Tensor) -> torch.Tensor:
     """Every direction's conv + SiLU as one grouped F.conv1d, the mixer's computation before fusion.
 
     x (B, d_inner, L) -> (K, B, L, d_inner): group g maps channel g to output channels K g ... K g + K - 1,
@@ -180,7 +181,7 @@ def grouped_conv_silu(mixer: BiMambaMixer, x: torch.Tensor) -> torch.Tensor:
     return F.silu(torch.stack([w.transpose(1, 2) for w in windows]))
 
 
-def grouped_conv_mixer(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
+def grouped_conv_mixer(mixer: MambaMixer, hidden: torch.Tensor) -> torch.Tensor:
     """The unfused mixer: grouped conv + SiLU, per-direction projections, and the sequential scan (the backward
     direction on flipped inputs, its output flipped back)."""
     x, z = (hidden @ mixer.in_proj.weight.T).chunk(2, dim=-1)
@@ -219,8 +220,31 @@ def test_fused_conv_matches_the_grouped_conv_mixer(backend: str, directions: int
     if backend == "triton":
         pytest.importorskip("triton")
     generator = torch.Generator().manual_seed(directions)
-    mixer = BiMambaMixer(8, d_state=4, directions=directions, scan_backend=backend)
+    mixer = MambaMixer(8, d_state=4, directions=directions, kernel_backend=backend)
     _randomize(mixer, generator)
     hidden = torch.randn(2, 6, 8, generator=generator)
     device = _device_of(backend)
     assert_matches_reference(mixer.to(device), grouped_conv_mixer, hidden.to(device), generator)
+
+
+def test_old_argument_name_scan_backend_still_builds_the_same_model():
+    """Saved configs and checkpoints name the kernel backend ``scan_backend``: it is read as ``kernel_backend``, warned about."""
+    torch.manual_seed(0)
+    new = timm.create_model("test_vim", kernel_backend="torch")
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning, match="'scan_backend' is now called 'kernel_backend'"):
+        old = timm.create_model("test_vim", scan_backend="torch")
+    assert old.kernel_backend == new.kernel_backend == "torch"
+    assert all(block.mixer.kernel_backend == "torch" for block in old.blocks)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(old(images), new(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one setting"):
+        timm.create_model("test_vim", scan_backend="torch", kernel_backend="native")
+
+
+def test_old_mixer_name_is_the_mixer():
+    import vim.models
+    from vim.models.mixer import MambaMixer
+
+    with pytest.warns(FutureWarning, match="now called MambaMixer"):
+        assert vim.models.BiMambaMixer is MambaMixer

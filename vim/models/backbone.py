@@ -151,7 +151,7 @@ class MambaBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: NormLayer = "rmsnorm",
         norm_eps: float = 1e-5,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
         **mixer_kwargs,
@@ -164,19 +164,19 @@ class MambaBackbone(nn.Module):
             drop_path_rate: stochastic-depth rate of the last block and of the final norm.
             norm_layer: "rmsnorm" (Vim, VideoMamba) or "layernorm" (PointMamba), in every block and ``norm_f``.
             norm_eps: the norms' epsilon.
-            scan_backend: backend of every kernel (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
-            mixer_kwargs: forwarded to every :class:`BiMambaMixer` (d_state, expand, directions, divide_out, ...).
+            kernel_backend: backend of every kernel (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
+            mixer_kwargs: forwarded to every :class:`MambaMixer` (d_state, expand, directions, divide_out, ...).
         """
         dd = {"device": device, "dtype": dtype}
         self.depth = depth
-        self.scan_backend = scan_backend
+        self.kernel_backend = kernel_backend
         self.layers = nn.ModuleList(
             MambaBlock(
                 embed_dim,
                 drop_path=rate,
                 norm_layer=norm_layer,
                 norm_eps=norm_eps,
-                scan_backend=scan_backend,
+                kernel_backend=kernel_backend,
                 **mixer_kwargs,
                 **dd,
             )
@@ -217,7 +217,7 @@ class MambaBackbone(nn.Module):
         """``norm_f`` of the float32 residual stream ``residual + hidden``, computed in the norm's dtype."""
         if isinstance(self.norm_f, nn.Identity):  # pruned away
             return hidden if residual is None else residual + hidden
-        return add_and_norm(self.norm_f, hidden, residual, self.scan_backend)[0]
+        return add_and_norm(self.norm_f, hidden, residual, self.kernel_backend)[0]
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """``norm_f(residual + drop_path(hidden))``."""

@@ -163,7 +163,7 @@ class PointMamba(MambaBackbone):
         drop_rate: dropout inside the MLP head.
         drop_path_rate: stochastic depth of the last block and of the final norm.
         norm_eps: the norms' epsilon.
-        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
+        kernel_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     pool_types = get_args(PoolType)
@@ -191,7 +191,7 @@ class PointMamba(MambaBackbone):
         drop_rate: float = 0.5,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -216,7 +216,7 @@ class PointMamba(MambaBackbone):
         self.order_shift = nn.Parameter(torch.empty(len(orders), embed_dim, **dd))
         self.build_trunk(
             embed_dim, depth, drop_path_rate=drop_path_rate, norm_layer=norm_layer, norm_eps=norm_eps,
-            d_state=d_state, expand=expand, directions=directions, divide_out=True, scan_backend=scan_backend, **dd,
+            d_state=d_state, expand=expand, directions=directions, divide_out=True, kernel_backend=kernel_backend, **dd,
         )  # fmt: skip
         self.head = self._new_head(num_classes, **dd)
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=1) for i in range(depth)]

@@ -178,7 +178,7 @@ class VideoMamba(MambaBackbone):
         norm_eps: RMSNorm epsilon.
         dynamic_img_size: accept any frame count (multiple of the tubelet) and frame size, resampling the
             position embeddings to the clip's token grid.
-        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
+        kernel_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     stem_no_weight_decay = ("pos_embed", "cls_token", "temporal_pos_embedding")
@@ -202,7 +202,7 @@ class VideoMamba(MambaBackbone):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
         dynamic_img_size: bool = False,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -228,7 +228,7 @@ class VideoMamba(MambaBackbone):
             d_state=d_state,
             expand=expand,
             divide_out=False,
-            scan_backend=scan_backend,
+            kernel_backend=kernel_backend,
             **dd,
         )
         self.head_drop = nn.Dropout(drop_rate)

@@ -66,7 +66,7 @@ class VisionMamba(MambaBackbone):
         drop_path_rate: stochastic depth of the last block and of the final norm.
         norm_eps: RMSNorm epsilon.
         dynamic_img_size: accept any image size, resampling the position embedding to its grid.
-        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
+        kernel_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     stem_no_weight_decay = ("pos_embed", "cls_token")
@@ -89,7 +89,7 @@ class VisionMamba(MambaBackbone):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
         dynamic_img_size: bool = False,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -120,7 +120,7 @@ class VisionMamba(MambaBackbone):
             d_state=d_state,
             expand=expand,
             divide_out=True,
-            scan_backend=scan_backend,
+            kernel_backend=kernel_backend,
             **dd,
         )
         self.head_drop = nn.Dropout(drop_rate)
