@@ -35,7 +35,8 @@ def renamed_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
         if old in kwargs:
             if new in kwargs:
                 raise ValueError(f"model arguments {old!r} and {new!r} are one setting ({old!r} is its old name): give {new!r}")
-            warnings.warn(f"model argument {old!r} is now called {new!r}; the old name will be removed", FutureWarning, stacklevel=4)
+            message = f"model argument {old!r} is now called {new!r}; the old name will be removed"
+            warnings.warn(message, FutureWarning, stacklevel=4)
             kwargs = {**{key: value for key, value in kwargs.items() if key != old}, new: kwargs[old]}
     return kwargs
 
