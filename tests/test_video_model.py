@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import vim.models  # noqa: F401
-from vim.models.video_mamba import checkpoint_filter_fn, inflate_image_state_dict, load_video_checkpoint
+from vim.models.checkpoint import load_checkpoint_into
+from vim.models.video_mamba import checkpoint_filter_fn, inflate_image_state_dict
 from vim.models.vision_mamba import VisionMamba
 
 TINY = dict(embed_dim=32, depth=2, d_state=8, patch_size=8)
@@ -94,14 +95,13 @@ def test_official_checkpoint_file_loads_and_resamples(tmp_path):
     torch.save({"model": source.state_dict(), "epoch": 3, "args": argparse.Namespace(lr=1e-4)}, path)
 
     same = timm.create_model("test_videomamba", num_frames=4)
-    load_video_checkpoint(same, path)
+    assert load_checkpoint_into(same, path) == []
     x = torch.randn(1, 3, 4, 32, 32)
     torch.testing.assert_close(same.eval()(x), source.eval()(x))
 
     other = timm.create_model("test_videomamba", num_frames=8, img_size=48)
-    with pytest.warns(UserWarning, match="classifier"):
-        other.reset_classifier(5)
-        load_video_checkpoint(other, path)
+    other.reset_classifier(5)
+    assert sorted(load_checkpoint_into(other, path)) == ["head.bias", "head.weight"]  # another class count: dropped
     temporal = F.interpolate(source.temporal_pos_embedding.detach().transpose(1, 2), size=8, mode="linear").transpose(1, 2)
     torch.testing.assert_close(other.temporal_pos_embedding.detach(), temporal)
     grid = source.pos_embed.detach()[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
@@ -111,7 +111,7 @@ def test_official_checkpoint_file_loads_and_resamples(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"model": source.state_dict(), "hook": print}, evil)
     with pytest.raises(ValueError, match="weights_only"):
-        load_video_checkpoint(same, evil)
+        load_checkpoint_into(same, evil)
 
 
 def test_image_checkpoint_inflates_to_the_same_per_frame_computation():

@@ -35,9 +35,7 @@ VideoMamba's image model inflated with its own layout.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +51,6 @@ from .checkpoint import (
     CUSTOM_LOAD,
     checked,
     classifier_keys,
-    load_checkpoint_into,
     square_grid,
     unwrap_state_dict,
 )
@@ -64,7 +61,6 @@ __all__ = [
     "VideoMamba",
     "checkpoint_filter_fn",
     "inflate_image_state_dict",
-    "load_video_checkpoint",
     "resample_spatial_pos_embed",
     "resample_temporal_pos_embed",
 ]
@@ -367,21 +363,6 @@ def checkpoint_filter_fn(state_dict: Mapping, model: VideoMamba) -> dict[str, to
             value = resample_temporal_pos_embed(value, model.patch_embed.grid_size[0])
         out[key] = checked(key, value, expected, classifier)
     return out
-
-
-def load_video_checkpoint(model: VideoMamba, path: str | Path, use_ema: bool = False, strict: bool = True) -> None:
-    """Load a released VideoMamba / Vim ``.pth`` (or a ``.safetensors`` file) into ``model``, safely.
-
-    :func:`~vim.models.checkpoint.load_checkpoint_into` reads the file (no pickled code runs) and maps it with
-    :func:`checkpoint_filter_fn`; a classifier for another class count is skipped with a warning.
-    """
-    dropped = load_checkpoint_into(model, path, use_ema=use_ema, strict=strict)
-    if dropped:
-        warnings.warn(
-            f"{path}: the checkpoint's classifier ({', '.join(sorted(dropped))}) does not fit "
-            f"num_classes={model.num_classes}; the head keeps its initialisation",
-            stacklevel=2,
-        )
 
 
 # --------------------------------------------------------------------------------------------- registry
