@@ -24,6 +24,7 @@ from vim.cli import main as cli_main
 from vim.data.generated import write_video
 from vim.data.points import prepare_points
 from vim.extraction import extract, read_features
+from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError
 
 RNG = np.random.default_rng(0)
 
@@ -184,7 +185,7 @@ def test_bad_inputs(tmp_path):
         extract("test_vim", [str(mixed / "cloud.npy")], tmp_path / "o", random_weights=True, progress=False)
     with pytest.raises(ValueError, match=r"modality='video' was asked for"):
         extract("test_videomamba", [str(mixed / "photo.png")], tmp_path / "o", modality="video", progress=False)
-    with pytest.raises(ValueError, match="checkpoint does not fit PointMamba: missing"):
+    with pytest.raises(ValueError, match=r"checkpoint: checkpoint '.*test_vim.safetensors' does not fit PointMamba: missing"):
         _, weights = saved_model(tmp_path, "test_vim")
         extract("test_pointmamba", [str(mixed / "cloud.npy")], tmp_path / "o", checkpoint=weights, progress=False)
 
@@ -208,9 +209,10 @@ def test_a_tagged_name_loads_its_released_weights_through_timm(tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     folder = image_folder(tmp_path / "images")
     options = dict(model_kwargs={"img_size": 32}, progress=False)
-    with pytest.raises(ValueError, match=r"released weights 'vim_t_midclstok_76p1acc.pth' are not available here") as error:
+    missing = r"file 'vim_t_midclstok_76p1acc.pth' .* not in the Hugging Face cache"
+    with pytest.raises(WeightsUnavailableError, match=missing) as error:
         extract("vim_tiny_patch16_224.in1k", folder, tmp_path / "none", **options)
-    assert f"put the file in the Hugging Face cache {hub}" in str(error.value) and "--checkpoint" in str(error.value)
+    assert f"cache {hub} " in str(error.value) and "vimkit extract --checkpoint PATH" in str(error.value)
 
     torch.manual_seed(0)
     released = timm.create_model("vim_tiny_patch16_224", img_size=32).eval()
@@ -232,7 +234,7 @@ def test_a_tagged_name_loads_its_released_weights_through_timm(tmp_path, monkeyp
 
 def test_without_released_weights_random_ones_need_the_flag_and_are_seeded(tmp_path):
     folder = image_folder(tmp_path / "images")
-    with pytest.raises(ValueError, match=r"model 'test_vim' has no released weights .*--checkpoint.*--random-weights"):
+    with pytest.raises(NoReleasedWeightsError, match=r"model 'test_vim' has no released weights.*--checkpoint.*--random-weights"):
         extract("test_vim", folder, tmp_path / "none", progress=False)
     assert not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match=r"random_weights \(--random-weights\) and a checkpoint exclude each other"):

@@ -21,8 +21,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vim.data.images import ImageDataModule
 from vim.data.sampling import ResumableSampler
+from vim.models.loading import create_model
 from vim.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
-from vim.training.classifier import classification_loss, create_model
+from vim.training.classifier import classification_loss
 from vim.training.image_classifier import ImageClassifier
 from vim.training.schedule import WarmupCosine, WarmupCosineLR
 

@@ -60,6 +60,7 @@ from tqdm import tqdm
 from vim.files import atomic_write
 from vim.kernels import add_norm_ref, causal_conv1d_silu_ref
 from vim.kernels.scan_decomposition import decomposed_scan_forward
+from vim.models import loading
 from vim.models.backbone import MambaBackbone
 from vim.models.point_mamba import PointMamba, PointMambaScan
 from vim.models.video_mamba import VideoMamba
@@ -190,7 +191,7 @@ def load_model(
     use_ema: bool = True,
     **model_kwargs: Any,
 ) -> MambaBackbone:
-    """A registered backbone with its weights, in eval mode, ready to export.
+    """A registered backbone with its weights (:func:`vim.models.loading.load_model`), in eval mode, ready to export.
 
     Args:
         name: timm model name, with a pretrained tag for ``pretrained`` (e.g. ``vim_tiny_patch16_224.in1k``);
@@ -206,47 +207,12 @@ def load_model(
         use_ema: take a Lightning checkpoint's EMA weights when it has them.
         model_kwargs: more ``timm.create_model`` arguments.
     """
-    from vim.training.classifier import create_model
-    from vim.training.export import checkpoint_model_settings, checkpoint_weights
-
-    kwargs: dict[str, Any] = dict(model_kwargs)
-    weights, overlay_file, trained_points = None, None, None
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ValueError(f"checkpoint '{path}' does not exist")
-        if path.suffix == ".ckpt":
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            weights = checkpoint_weights(state, use_ema)  # ValueError for anything but a vim Classifier's checkpoint
-            trained_name, trained_kwargs = checkpoint_model_settings(state)
-            trained_points = (state.get("datamodule_hyper_parameters") or {}).get("num_points")
-            name = name or trained_name
-            kwargs = {**trained_kwargs, "num_classes": state["hyper_parameters"]["num_classes"], **kwargs}
-        else:
-            overlay_file = str(path)
-            overlay = {"file": overlay_file} if num_classes is None else {"file": overlay_file, "num_classes": num_classes}
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
-    elif pretrained:
-        kwargs["pretrained"] = True
-    if name is None:
-        raise ValueError("no model: pass a timm model name, or a Lightning .ckpt that records one")
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if not head and weights is None:
-        kwargs["num_classes"] = 0  # timm then leaves a pretrained classifier out
-    try:
-        created = create_model(name, **kwargs)
-    except (RuntimeError, ValueError) as error:  # loading a weights file that does not fit
-        if overlay_file is None:
-            raise
-        raise ValueError(
-            f"checkpoint '{checkpoint}' does not fit {name} (num_classes={kwargs.get('num_classes', 'default')}): {error}"
-        ) from error
-    model = backbone_of(created)
-    if weights is not None:
-        model.load_state_dict(weights)
-        if not head:
-            model.reset_classifier(0)
+    loaded = loading.load_model(
+        name, checkpoint, pretrained=pretrained, num_classes=num_classes, head=head, use_ema=use_ema, argument="checkpoint",
+        **model_kwargs,
+    )  # fmt: skip
+    model = backbone_of(loaded.model)
+    trained_points = loaded.checkpoint.data_settings.get("num_points") if loaded.checkpoint is not None else None
     if isinstance(model, PointMamba) and trained_points:  # the cloud size the run trained and validated on
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 1, trained_points)}
     set_input_size(model, img_size, num_frames)

@@ -50,14 +50,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import Dataset
@@ -75,18 +73,11 @@ from vim.data.video.decoding import VIDEO_EXTENSIONS
 from vim.data.video.transforms import create_video_transform
 from vim.data.workers import default_num_workers
 from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_devices
-from vim.files import check_weights_file, file_identity
+from vim.files import file_identity
 from vim.models.backbone import MambaBackbone
-from vim.models.checkpoint import load_official_checkpoint
+from vim.models.loading import load_model
 from vim.models.point_mamba import PointMamba, trained_on_unit_sphere
 from vim.models.video_mamba import VideoMamba
-from vim.models.weights import (
-    NoReleasedWeightsError,
-    ReleasedWeights,
-    WeightsUnavailableError,
-    create_released_model,
-    released_weights,
-)
 
 __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
@@ -305,98 +296,28 @@ class ExtractionModel:
     data_hparams: dict[str, Any]
 
 
-def _checkpoint_settings(
-    checkpoint: str,
-) -> tuple[dict[str, torch.Tensor], str | None, dict[str, Any], dict[str, Any]]:
-    """(weights, model name or None, model kwargs, data module settings) of a weights file or a Lightning ``.ckpt`` of a
-    vim Classifier (only it records a model name and data module settings)."""
-    path = check_weights_file(checkpoint, "checkpoint")
-    if path.suffix != ".ckpt":
-        return load_official_checkpoint(path), None, {}, {}
-    from lightning.pytorch import LightningDataModule
-
-    from vim.training.export import checkpoint_model_settings, checkpoint_weights
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    name, kwargs = checkpoint_model_settings(state)
-    data_hparams = dict(state.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
-    return checkpoint_weights(state), name, kwargs, data_hparams
-
-
-def _is_classifier_key(model: nn.Module, key: str) -> bool:
-    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    return any(key.startswith(f"{name}.") for name in ((names,) if isinstance(names, str) else names))
-
-
-def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load ``weights`` into the headless ``model``; ValueError listing missing or unexpected keys (classifier aside)."""
-    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        weights = filter_fn(weights, model)
-    weights = {key: value for key, value in weights.items() if not _is_classifier_key(model, key)}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not fit {type(model).__name__}: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} (check the model name and model_kwargs)"
-        )
-
-
-def unavailable_weights_message(info: ReleasedWeights) -> str:
-    """Which released file was looked for, where to put it, and the way around it (``--checkpoint``)."""
-    if info.hf_hub_id:
-        from huggingface_hub import constants
-
-        where = f"the Hugging Face cache {constants.HF_HUB_CACHE} (hf download {info.hf_hub_id} {info.filename})"
-    else:
-        where = f"{info.url_cache_file} (downloaded from {info.url})"
-    return (
-        f"model '{info.name}': its released weights '{info.filename}' are not available here (no network, or not "
-        f"downloaded yet); put the file in {where}, or pass it with --checkpoint {info.filename}"
-    )
-
-
 def build_model(
     model: str | None, checkpoint: str | None, model_kwargs: dict[str, Any] | None, random_weights: bool = False, seed: int = 0
 ) -> ExtractionModel:
-    """The headless model in eval mode, its name, the kwargs it was created with, and where its weights came from.
+    """The headless model in eval mode, its name, the kwargs it was created with, and where its weights came from
+    (:func:`vim.models.loading.load_model`).
 
     Weights: ``checkpoint`` (identified by its contents' sha256 and size, so that the same path rewritten is other
     weights); else, with ``random_weights``, a random initialisation seeded by ``seed``; else the released weights of
     the name's timm tag. ValueError when the name has none or they cannot be had.
     """
-    weights, name, kwargs, data_hparams = _checkpoint_settings(checkpoint) if checkpoint is not None else (None, None, {}, {})
-    name = model or name
-    if name is None:
-        raise ValueError("no model: pass model= (a timm name), or a Lightning .ckpt that records one")
     if random_weights and checkpoint is not None:
         raise ValueError("random_weights (--random-weights) and a checkpoint exclude each other: pass one")
-    from vim.training.classifier import create_model
-
-    kwargs.update(model_kwargs or {})
-    if checkpoint is not None and weights is not None:
-        network = create_model(name, **{**kwargs, "num_classes": 0})
-        load_weights(network, weights)
-        path = Path(checkpoint).resolve()
-        identity = {"checkpoint": {"path": str(path), **file_identity(path)}}
-        return ExtractionModel(network.eval(), name, kwargs, identity, data_hparams)
-    if random_weights:
-        torch.manual_seed(seed)
-        network = create_model(name, **{**kwargs, "num_classes": 0})
-        return ExtractionModel(network.eval(), name, kwargs, {"random": {"seed": seed}}, {})
-    info = released_weights(name)
-    if info is None:
-        raise NoReleasedWeightsError(
-            f"model '{name}' has no released weights (its timm tag names no file, URL or Hugging Face Hub id): "
-            "pass a weights file with --checkpoint (checkpoint=), or ask for seeded random weights with --random-weights "
-            "(random_weights=True)"
-        )
-    try:
-        network = create_released_model(name, **{**kwargs, "num_classes": 0})
-    except WeightsUnavailableError as error:
-        raise ValueError(f"{unavailable_weights_message(info)}. {error}") from error
-    source = f"hf-hub:{info.hf_hub_id}/{info.filename}" if info.hf_hub_id else info.url
-    return ExtractionModel(network.eval(), name, kwargs, {"released": {"tag": info.name, "source": source}}, {})
+    loaded = load_model(
+        model, checkpoint, pretrained=checkpoint is None and not random_weights, random_weights=random_weights,
+        seed=seed if random_weights else None, head=False, argument="checkpoint", **(model_kwargs or {}),
+    )  # fmt: skip
+    weights = loaded.weights
+    if checkpoint is not None:
+        path = Path(weights["checkpoint"]["path"])
+        weights = {"checkpoint": {"path": str(path), **file_identity(path)}}
+    data_settings = loaded.checkpoint.data_settings if loaded.checkpoint is not None else {}
+    return ExtractionModel(loaded.model.eval(), loaded.name, loaded.kwargs, weights, data_settings)
 
 
 # ---------------------------------------------------------------------------------------------- running

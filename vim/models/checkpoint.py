@@ -41,6 +41,7 @@ __all__ = [
     "classifier_keys",
     "load_checkpoint_into",
     "load_official_checkpoint",
+    "safe_torch_load",
     "square_grid",
     "unwrap_state_dict",
 ]
@@ -84,6 +85,24 @@ def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, t
     return {name.removeprefix("module."): value for name, value in checkpoint.items()}
 
 
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load`` of ``path`` onto the CPU that runs no pickled code: only tensors, plain containers and
+    :data:`SAFE_GLOBALS` are rebuilt (``weights_only=True``).
+
+    Raises:
+        ValueError: naming the file and the refused object, for a file that holds anything else (code, classes).
+    """
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds objects that torch.load(weights_only=True) refuses: {error}\n"
+            "If you trust the file, allow their types with torch.serialization.add_safe_globals([...]) "
+            "(or append them to vim.models.checkpoint.SAFE_GLOBALS), or re-save only its weights."
+        ) from error
+
+
 def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Read a released ``.pth`` (Vim, VideoMamba, PointMamba) or a ``.safetensors`` file without executing pickled code.
 
@@ -106,15 +125,7 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[st
         from safetensors.torch import load_file
 
         return unwrap_state_dict(load_file(path), use_ema)
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds objects that torch.load(weights_only=True) refuses: {error}\n"
-            "If you trust the file, allow their types with torch.serialization.add_safe_globals([...]) "
-            "(or append them to vim.models.checkpoint.SAFE_GLOBALS), or re-save only its weights."
-        ) from error
+    checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
     return unwrap_state_dict(checkpoint, use_ema)

@@ -23,53 +23,21 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-import torch
 from safetensors.torch import save_file
 
-from vim.files import atomic_write, check_weights_file
-
-MODEL_PREFIX = "model."
-EMA_PREFIX = "ema.module."
-CHECKPOINT_MODEL_KWARGS = ("img_size", "num_frames", "num_groups", "group_size")
-"""Classifier hyperparameters of a Lightning checkpoint that are model arguments (besides ``model_kwargs``)."""
-
-
-def checkpoint_weights(checkpoint: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The backbone's state dict (timm key names) from a :class:`~vim.training.classifier.Classifier` checkpoint."""
-    state = checkpoint["state_dict"]
-    has_ema = any(key.startswith(EMA_PREFIX) for key in state)
-    prefix = EMA_PREFIX if use_ema and has_ema else MODEL_PREFIX
-    weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    if not weights:
-        raise ValueError(f"checkpoint has no '{MODEL_PREFIX}*' weights: not a vim Classifier checkpoint")
-    return weights
-
-
-def checkpoint_model_settings(checkpoint: dict) -> tuple[str | None, dict[str, Any]]:
-    """The timm model name (None if not recorded) and the ``create_model`` arguments a Classifier checkpoint was trained with.
-
-    The arguments are ``model_kwargs`` and the modality's size arguments (:data:`CHECKPOINT_MODEL_KWARGS`); not the class count.
-    """
-    hparams = checkpoint.get("hyper_parameters", {})
-    kwargs = dict(hparams.get("model_kwargs") or {})
-    kwargs.pop("pretrained", None)  # the checkpoint's weights replace any released ones (older runs set it here)
-    kwargs.update({key: hparams[key] for key in CHECKPOINT_MODEL_KWARGS if hparams.get(key) is not None})
-    return hparams.get("model"), kwargs
+from vim.files import atomic_write
+from vim.models.loading import read_training_checkpoint
 
 
 def export_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True) -> Path:
     """Write the (EMA) weights of checkpoint ``ckpt`` to ``out`` (``.safetensors``), atomically. Returns ``out``."""
-    ckpt, out = check_weights_file(ckpt, "--ckpt"), Path(out)
+    out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out: '{out}' must end in .safetensors (timm picks the loader by extension)")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    weights = {key: value.detach().contiguous().clone() for key, value in checkpoint_weights(checkpoint, use_ema).items()}
-    metadata = {
-        "model": str(checkpoint.get("hyper_parameters", {}).get("model", "")),
-        "class_names": json.dumps(checkpoint.get("class_names", [])),
-    }
+    checkpoint = read_training_checkpoint(ckpt, "--ckpt")
+    weights = {key: value.detach().contiguous().clone() for key, value in checkpoint.weights(use_ema).items()}
+    metadata = {"model": str(checkpoint.model or ""), "class_names": json.dumps(checkpoint.class_names)}
     atomic_write(out, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
     return out
 
