@@ -213,7 +213,8 @@ def backward_launch(
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()  # read with unit stride
     block_rows, block_d, num_warps = _tile(dim)
     programs = _programs(residual_out, triton.cdiv(rows, block_rows))
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_rows) * block_rows
+    # at least one tile per program: no rows (an empty batch) then means no programs, and zero sums of the parameters
+    rows_per_program = triton.cdiv(triton.cdiv(max(rows, 1), programs), block_rows) * block_rows
     programs = triton.cdiv(rows, rows_per_program)
 
     def empty() -> torch.Tensor:

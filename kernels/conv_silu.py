@@ -14,8 +14,8 @@ Backends, chosen as for the selective scan (:func:`vim.kernels.resolve_backend`:
 ``"native"`` (the C kernel in ``scan_native.c``, vectorised over channels, built on first use),
 ``"torch"`` (``F.conv1d`` + ``F.silu``, differentiated by autograd inside the ops), ``"reference"``
 (the same PyTorch ops called directly, no custom op). Auto picks Triton for CUDA tensors, "native"
-for CPU tensors where a C compiler is found, and "torch" otherwise. Float64 input takes the "torch"
-path whatever the backend, so its arithmetic stays float64.
+for CPU tensors where the C kernel is cached or a C compiler is found, and "torch" otherwise. Float64
+input takes the "torch" path whatever the backend, so its arithmetic stays float64.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The functions (``vim_conv_silu_forward`` and ``vim_conv_silu_backward``, at the end of that file) live in
 the fused scan's library, so they are built, cached and threaded by :mod:`vim.kernels.scan_native`
-(first use compiles the library; without a C compiler they are unavailable and the PyTorch path runs).
+(first use loads the cached library or compiles it; without either they are unavailable and the PyTorch path runs).
 
 Contract (one or two directions, ``K``): ``x`` (B, L, C) float32 with any strides; per direction taps
 ``(C, W)`` and a bias ``(C,)`` or None. The forward writes ``out`` (K, B, L, C) contiguous; the backward
@@ -71,7 +71,7 @@ def _dense_float32(x: Tensor | None) -> Tensor | None:
 
 def _segments(batch: int, length: int, channels: int, threads: int) -> int:
     """Pieces to cut the sequence into so that every thread gets a few jobs (batch 1 on many cores)."""
-    jobs = batch * -(-channels // _LANES)
+    jobs = max(1, batch * -(-channels // _LANES))  # an empty batch has no jobs: any count of segments does
     wanted = -(-4 * threads // jobs)
     return max(1, min(wanted, length // _MIN_SEGMENT))
 

@@ -7,14 +7,20 @@ with the state in registers and never stores anything of size ``(L, dim, N)``.
 Building: the first call compiles the plain C source (no Python or PyTorch headers, about a
 second) with ``$CC`` or the first of ``cc``, ``gcc``, ``clang`` on PATH, tuned for this CPU, and caches
 the library under ``$VIM_KERNEL_CACHE`` (default ``~/.cache/vim-toolkit``). Nothing is compiled at
-install time. Without a working compiler both passes fall back to the chunked path, with one warning.
+install time. A library found intact in the cache is loaded without a compiler (none need be installed,
+and ``$CC`` is not read); only when none is cached is one needed. Without a cached library and a
+working compiler both passes fall back to the chunked path, with one warning.
 
 The cache may be shared (a home directory on several machines, a container image), so its key holds
-the source, the flags, the compiler and the instruction sets that ``-march=native`` enables on this
-CPU (the compiler's predefined macros under the same flags): another CPU gets its own build instead
-of an illegal instruction. Beside each library a ``.sha256`` file records its size and checksum at
-build time; a library that does not match (a truncated copy would kill the process with a bus error
-when loaded) is rebuilt instead of loaded.
+the source, the flags, the machine and this CPU's instruction sets, read from the list the OS keeps
+(``/proc/cpuinfo``'s flags): another CPU gets its own build instead of an illegal instruction, and
+the key is found without a compiler. The compiler is not part of the key: any compiler's build from this
+source and these flags runs correctly on this CPU, so a cached build serves whatever ``$CC`` names
+(to rebuild with another compiler, delete the cached file). Where the OS keeps no such list the
+compiler's predefined macros under the flags stand in for it (its version and the instruction sets
+``-march=native`` enables), and then a compiler is needed to find the key. Beside each library a
+``.sha256`` file records its size and checksum at build time; a library that does not match (a
+truncated copy would kill the process with a bus error when loaded) is rebuilt instead of loaded.
 
 Calling: the kernel reads the canonical tensors (:mod:`vim.kernels.scan_layout`) through their
 strides, so nothing is copied or transposed on the way in, and it writes the channels-last output,
@@ -33,12 +39,14 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,6 +61,7 @@ SOURCE = Path(__file__).with_name("scan_native.c")
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _unavailable: str | None = None
+NO_COMPILER = "no C compiler found (set $CC, or install gcc or clang)"
 
 
 POINTERS = (
@@ -86,8 +95,8 @@ def _compiler() -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _find_compiler(cc: str | None, search_path: str | None) -> str | None:
-    """Looked up once per ($CC, $PATH): ``auto`` asks on every CPU call until the kernel is loaded. Finding none
-    warns (once per lookup): CPU scans then take the chunked PyTorch path."""
+    """Looked up once per ($CC, $PATH): ``auto`` asks on every CPU call until the kernel is loaded, and only when
+    no library is cached. Finding none warns (once per lookup): CPU scans then take the chunked PyTorch path."""
     candidates = [cc] if cc else ["cc", "gcc", "clang"]
     found = next((found for name in candidates if (found := shutil.which(name, path=search_path))), None)
     if found is None:
@@ -133,6 +142,17 @@ def _variants() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     return [*openmp, ((*tuned, "-pthread"), ("-pthread",)), (("-O3", "-ffast-math", "-fPIC", "-pthread"), ("-pthread",))]
 
 
+@functools.cache
+def _cpu_features() -> str | None:
+    """This CPU's instruction sets as the OS lists them (``/proc/cpuinfo``'s flags, Features or isa line), sorted;
+    None where there is no such list."""
+    try:
+        listing = re.search(r"^(?:flags|Features|isa)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return " ".join(sorted(set(listing.group(1).split()))) if listing else None
+
+
 def _instruction_sets(compiler: str, compile_flags: tuple[str, ...]) -> str:
     """The compiler's predefined macros under ``compile_flags``: its version and, for ``-march=native``,
     the instruction sets of this CPU (``__AVX2__``, ``__AVX512F__``, ...). RuntimeError if the compiler fails."""
@@ -143,10 +163,27 @@ def _instruction_sets(compiler: str, compile_flags: tuple[str, ...]) -> str:
     return "\n".join(sorted(result.stdout.splitlines()))
 
 
-def _cache_key(compiler: str, compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> str:
-    """Hex key of a build: the source, the flags, the compiler and the instruction sets the flags enable here."""
-    identity = repr((compile_flags, link_flags, compiler)) + _instruction_sets(compiler, compile_flags)
+def _this_cpu(compile_flags: tuple[str, ...]) -> str:
+    """This CPU's instruction sets for the cache key: the OS's list, else the compiler's macros under ``compile_flags``
+    (RuntimeError without a compiler)."""
+    features = _cpu_features()
+    if features is not None:
+        return features
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError(NO_COMPILER)
+    return _instruction_sets(compiler, compile_flags)
+
+
+def _cache_key(compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> str:
+    """Hex key of a build: the source, the flags, the machine and this CPU's instruction sets (no compiler: see above)."""
+    identity = repr((compile_flags, link_flags, platform.machine())) + _this_cpu(compile_flags)
     return hashlib.sha256(SOURCE.read_bytes() + identity.encode()).hexdigest()[:20]
+
+
+def _library_path(compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> Path:
+    """Where the build for these flags on this CPU is cached."""
+    return _cache_dir() / f"scan_native-{_cache_key(compile_flags, link_flags)}.so"
 
 
 def _fingerprint(library: Path) -> str:
@@ -165,11 +202,30 @@ def _intact(library: Path) -> bool:
     return library.exists() and record.exists() and record.read_text().strip() == _fingerprint(library)
 
 
-def _build(compiler: str, compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> Path:
-    """Compile and link the kernel (or find it intact in the cache); the library's path. RuntimeError if the compiler fails."""
-    target = _cache_dir() / f"scan_native-{_cache_key(compiler, compile_flags, link_flags)}.so"
+def _cached(compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> Path | None:
+    """The library of this build if it is intact in the cache, else None (also where its key needs a missing compiler)."""
+    try:
+        target = _library_path(compile_flags, link_flags)
+    except (RuntimeError, subprocess.SubprocessError):
+        return None
+    return target if _intact(target) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _found_in_cache(cache_dir: Path) -> bool:
+    """Whether a build of any variant is intact in ``cache_dir``: looked up once per cache directory, as the compiler is."""
+    return any(_cached(*flags) is not None for flags in _variants())
+
+
+def _build(compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> Path:
+    """The library's path: found intact in the cache, else compiled and linked, only then with a compiler.
+    RuntimeError if there is none or it fails."""
+    target = _library_path(compile_flags, link_flags)
     if _intact(target):
         return target
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError(NO_COMPILER)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built, objects = Path(scratch) / target.name, Path(scratch) / "scan_native.o"
@@ -189,25 +245,34 @@ def _build(compiler: str, compile_flags: tuple[str, ...], link_flags: tuple[str,
     return target
 
 
+def _candidates(errors: list[str]) -> Iterator[Path]:
+    """Libraries to try loading, best first: the builds found intact in the cache (no compiler is looked up for
+    them), then each variant built; a build that fails is noted in ``errors``."""
+    variants = _variants()
+    yield from (path for flags in variants if (path := _cached(*flags)) is not None)
+    for flags in variants:
+        try:
+            yield _build(*flags)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            errors.append(str(error))
+
+
 def _load() -> ctypes.CDLL | None:
-    """The kernel library, building it on first use; None (after one warning) if it cannot be built."""
+    """The kernel library, from the cache or built on first use; None (after one warning) if it cannot be built."""
     global _library, _unavailable
     with _lock:
         if _library is not None or _unavailable is not None:
             return _library
-        library, errors = None, []
-        compiler = _compiler()
-        if compiler is None:
-            errors.append("no C compiler found (set $CC, or install gcc or clang)")
-        else:
-            for flags in _variants():
-                try:
-                    library = ctypes.CDLL(str(_build(compiler, *flags)))
-                    break
-                except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                    errors.append(str(error))
+        library: ctypes.CDLL | None = None
+        errors: list[str] = []
+        for path in _candidates(errors):
+            try:
+                library = ctypes.CDLL(str(path))
+                break
+            except OSError as error:
+                errors.append(str(error))
         if library is None:
-            _unavailable = "\n".join(errors)
+            _unavailable = "\n".join(dict.fromkeys(errors))
             warnings.warn(f"vim.kernels: the fused CPU scan is unavailable, using the chunked path: {_unavailable}", stacklevel=3)
             return None
         for entry in (library.vim_scan_forward, library.vim_scan_backward):
@@ -218,8 +283,8 @@ def _load() -> ctypes.CDLL | None:
 
 
 def native_available() -> bool:
-    """Whether the fused kernel is built or can be built here (a C compiler is on PATH)."""
-    return _library is not None or (_unavailable is None and _compiler() is not None)
+    """Whether the fused kernel is loaded, cached (no compiler needed) or can be built here (a C compiler is found)."""
+    return _library is not None or (_unavailable is None and (_found_in_cache(_cache_dir()) or _compiler() is not None))
 
 
 def _float32(x: Tensor | None) -> Tensor | None:

@@ -17,14 +17,14 @@ Backends: ``"triton"`` (CUDA; also runs on CPU tensors under ``TRITON_INTERPRET=
 ``"native"`` (the CPU fast path: a fused C kernel, forward and backward, built on first use, see
 :mod:`vim.kernels.scan_native`), ``"torch"`` (the chunked pure-PyTorch path, forward and backward),
 ``"reference"`` (the sequential definition, differentiated by autograd; slow, for debugging).
-``"auto"`` picks Triton for CUDA tensors, "native" for CPU tensors where a C compiler is found, and
-the chunked path otherwise. Pass ``backend=`` or set the
+``"auto"`` picks Triton for CUDA tensors, "native" for CPU tensors where the C kernel is cached or a
+C compiler is found, and the chunked path otherwise. Pass ``backend=`` or set the
 environment variable ``VIM_SCAN_BACKEND`` to force one. Float64 input always takes the chunked
 path (its arithmetic stays in float64), whichever backend is named.
 
-``"auto"`` is resolved inside the custom ops, at run time: looking for a C compiler touches the file
-system, which ``torch.compile`` cannot trace, so a compiled graph holds the op with ``"auto"`` and
-the choice is made (once, then cached) when the op runs.
+``"auto"`` is resolved inside the custom ops, at run time: looking for the cached kernel or a C
+compiler touches the file system, which ``torch.compile`` cannot trace, so a compiled graph holds the
+op with ``"auto"`` and the choice is made (once, then cached) when the op runs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -153,3 +156,47 @@ def test_take_indices_out_of_range(indices):
 
     with pytest.raises(ValueError, match="indices="):
         take_indices(12, indices)
+
+
+@pytest.mark.parametrize(
+    ("model_name", "unbatched", "layout"),
+    [
+        ("test_vim", (3, 32, 32), "images of shape (B, 3, H, W)"),
+        ("test_videomamba", (3, 4, 32, 32), "clips of shape (B, 3, T, H, W)"),
+        ("test_pointmamba", (128, 3), "point clouds of shape (B, N, 3)"),
+        ("test_pointmamba_scan", (128, 3), "point clouds of shape (B, N, 3)"),
+    ],
+)
+def test_unbatched_input_is_named_with_the_expected_shape(model_name: str, unbatched: tuple, layout: str) -> None:
+    model = timm.create_model(model_name)
+    message = f"{model_name} expects {layout}, got {unbatched}; add a batch dimension with x.unsqueeze(0)"
+    for entry in (model, model.forward_features, model.forward_intermediates):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            entry(torch.randn(unbatched))
+
+
+@pytest.mark.parametrize(
+    ("model_name", "shape", "mismatch"),
+    [
+        ("test_vim", (1, 4, 32, 32), "images of shape (B, 3, H, W), got (1, 4, 32, 32): axis 1 (channels) has size 4"),
+        ("test_videomamba", (1, 1, 4, 32, 32), "(B, 3, T, H, W), got (1, 1, 4, 32, 32): axis 1 (channels) has size 1"),
+        ("test_pointmamba", (1, 128, 4), "(B, N, 3), got (1, 128, 4): axis 2 (coordinates) has size 4, expected 3"),
+        ("test_pointmamba_scan", (2, 1, 128, 3), "point clouds of shape (B, N, 3), got (2, 1, 128, 3)"),
+    ],
+)
+def test_wrong_channels_or_rank_name_the_expected_shape(model_name: str, shape: tuple, mismatch: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"{model_name} expects ") + ".*" + re.escape(mismatch)):
+        timm.create_model(model_name)(torch.randn(shape))
+
+
+def test_input_check_reads_the_channels_of_the_patch_embedding() -> None:
+    """A model built with in_chans=1 (grayscale) expects one channel; a model built directly is named by its class."""
+    from vim.models import VisionMamba
+
+    gray = timm.create_model("test_vim", in_chans=1)
+    assert gray(torch.randn(2, 1, 32, 32)).shape == (2, gray.num_classes)
+    with pytest.raises(ValueError, match=re.escape("test_vim expects images of shape (B, 1, H, W), got (2, 3, 32, 32)")):
+        gray(torch.randn(2, 3, 32, 32))
+    direct = VisionMamba(img_size=32, patch_size=8, embed_dim=16, depth=1, d_state=4)
+    with pytest.raises(ValueError, match=re.escape("VisionMamba expects images of shape (B, 3, H, W), got (3, 32, 32)")):
+        direct(torch.randn(3, 32, 32))

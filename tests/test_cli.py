@@ -366,3 +366,64 @@ def test_missing_released_weights_end_the_command_with_their_message(tmp_path):
     assert message.startswith("vimkit fit: error: released weights of 'vim_small_patch16_224.in1k'")
     assert "vim_s_midclstok_80p5acc.pth" in message and str(tmp_path / "empty_cache") in message
     assert "Traceback" not in done.stderr and "Does not validate" not in done.stderr
+
+
+def one_line_error(argv: list[str]) -> str:
+    """What ``vimkit`` prints before it exits with status 1: the message of ``sys.exit(message)``, one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = exit_info.value.code
+    assert isinstance(message, str) and "\n" not in message, message  # a string exits with status 1, printed to stderr
+    return message
+
+
+def test_extract_ends_expected_errors_with_one_line(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    out = tmp_path / "features"
+    command = ["extract", "--model", "test_vim", "--input", str(tmp_path / "images"), "--out", str(out)]
+    missing = tmp_path / "missing.safetensors"
+    assert one_line_error([*command, "--checkpoint", str(missing)]) == (
+        f"vimkit extract: error: checkpoint: '{missing}' does not exist or is not a file"
+    )
+
+    from vim.extraction import LOCK, extract
+
+    extract("test_vim", tmp_path / "images", out, random_weights=True, progress=False)
+    assert one_line_error([*command, "--random-weights", "--shard-size", "2"]).startswith(
+        f"vimkit extract: error: '{out}' holds features extracted with other settings (shard_size: 1024 -> 2)"
+    )
+
+    # a folder the user may not write into: the system refuses to create a file in it (chmod does not stop root)
+    read_only, system_open = tmp_path / "read_only", os.open
+
+    def refuse_in_read_only(path, flags, *args, **kwargs):
+        if Path(path).parent == read_only and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return system_open(path, flags, *args, **kwargs)
+
+    read_only.mkdir()
+    monkeypatch.setattr(os, "open", refuse_in_read_only)
+    assert one_line_error([*command[:-1], str(read_only), "--random-weights"]) == (
+        f"vimkit extract: error: [Errno 13] Permission denied: '{read_only / LOCK}'"
+    )
+
+
+def test_export_ends_expected_errors_with_one_line(tmp_path):
+    missing = tmp_path / "missing.ckpt"
+    assert one_line_error(["export", "--ckpt", str(missing), "--out", str(tmp_path / "w.safetensors")]) == (
+        f"vimkit export: error: --ckpt: '{missing}' does not exist or is not a file"
+    )
+    program = ["export", "--format", "torch_export", "--out", str(tmp_path / "m.pt2")]
+    assert one_line_error([*program, "--model", "test_vim", "--ckpt", str(missing)]) == (
+        f"vimkit export: error: checkpoint '{missing}' does not exist"
+    )
+    assert one_line_error([*program, "--model", "test_pointmamba_scan"]).startswith(
+        "vimkit export: error: cannot export a PointMambaScan: its serialisation takes the space-filling curve's depth"
+    )
+    checkpoint = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {"model.weight": torch.ones(2)}, "hyper_parameters": {"model": "test_vim"}}, checkpoint)
+    (tmp_path / "a_file").write_text("")
+    unwritable = tmp_path / "a_file" / "w.safetensors"  # its folder cannot be made: a file has that name
+    message = one_line_error(["export", "--ckpt", str(checkpoint), "--out", str(unwritable)])
+    assert message == f"vimkit export: error: [Errno 17] File exists: '{tmp_path / 'a_file'}'"

@@ -246,7 +246,7 @@ def test_float64_takes_the_pytorch_path_and_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda *t: causal_conv1d_silu(*t, backend="native"), tuple(inputs.values()))
 
 
-def test_auto_picks_the_c_kernel_on_cpu_and_pytorch_without_a_compiler(monkeypatch):
+def test_auto_picks_the_c_kernel_on_cpu_and_pytorch_without_a_compiler(monkeypatch, tmp_path):
     calls = []
 
     def spy(*args):
@@ -261,6 +261,7 @@ def test_auto_picks_the_c_kernel_on_cpu_and_pytorch_without_a_compiler(monkeypat
     assert calls == ["native"]
     monkeypatch.setattr(scan_native, "_library", None)
     monkeypatch.setattr(scan_native, "_compiler", lambda: None)
+    monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))  # and no library cached
     out = causal_conv1d_silu(**inputs)
     assert calls == ["native"], "without a compiler the PyTorch path runs"
     torch.testing.assert_close(out, causal_conv1d_silu_ref(**inputs))

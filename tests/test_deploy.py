@@ -315,14 +315,16 @@ def test_cli_refuses_unclear_requests(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--ckpt", "x.ckpt", "--no-head", "--img-size", "64", "--out", str(tmp_path / "w.safetensors")])
     assert "--no-head, --img-size: the safetensors format writes the checkpoint's weights as they are" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"cannot export a PointMambaScan: .*curve's depth"):
+    with pytest.raises(SystemExit, match=r"vimkit export: error: cannot export a PointMambaScan: .*curve's depth"):
         main(["export", "--model", "test_pointmamba_scan", "--out", str(tmp_path / "m.onnx")])
-    with pytest.raises(ValueError, match="num_points=64: a VisionMamba takes no point clouds"):
+    with pytest.raises(SystemExit, match="vimkit export: error: num_points=64: a VisionMamba takes no point clouds"):
         main(["export", "--model", "test_vim", "--num-points", "64", "--out", str(tmp_path / "m.onnx")])
     with pytest.raises(ValueError, match=r"output file .* must end in .onnx"):
         export_onnx(timm.create_model("test_vim"), tmp_path / "m.bin", progress=False)
-    with pytest.raises(ValueError, match=r"checkpoint .*missing.ckpt' does not exist"):
+    with pytest.raises(ValueError, match=r"checkpoint: .*missing.ckpt' does not exist"):
         load_model(checkpoint=tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint: 'https://host/run.ckpt' is a URL; this command reads local files only"):
+        load_model(checkpoint="https://host/run.ckpt")
     weights = tmp_path / "ten_classes.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("test_vim", num_classes=10).state_dict().items()}, str(weights))
     with pytest.raises(

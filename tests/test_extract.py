@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import warnings
@@ -15,15 +17,17 @@ import numpy as np
 import pytest
 import timm
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-import vim.models  # noqa: F401
+import vim.files
+import vim.models  # registers the models in timm
 from vim.cli import main as cli_main
 from vim.data.generated import write_video
 from vim.data.points import prepare_points
-from vim.extraction import extract, read_features
+from vim.extraction import LOCK, extract, read_features
 from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError
 
 RNG = np.random.default_rng(0)
@@ -104,6 +108,32 @@ def test_hdf5_points_through_the_command_line(tmp_path, capsys):
         model.forward_features(torch.from_numpy(np.stack([prepare_points(c, 48) for c in clouds]))), True
     )
     np.testing.assert_allclose(features, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_unreadable_hdf5_files_are_listed_with_the_reason_and_the_others_extracted(tmp_path):
+    clouds = tmp_path / "clouds"
+    clouds.mkdir()
+    with h5py.File(clouds / "a_good.h5", "w") as file:
+        file["data"] = RNG.normal(size=(3, 64, 3)).astype(np.float32)
+    whole = (clouds / "a_good.h5").read_bytes()
+    (clouds / "b_garbage.h5").write_bytes(b"not HDF5 at all " * 64)
+    (clouds / "c_truncated.h5").write_bytes(whole[: len(whole) // 2])  # a copy cut off half-way
+    with h5py.File(clouds / "d_flat.h5", "w") as file:
+        file["data"] = np.zeros((2, 64), np.float32)  # two rows, but not clouds of points
+    options = dict(random_weights=True, num_points=32, progress=False)
+
+    manifest = extract("test_pointmamba", clouds, tmp_path / "out", **options)
+
+    extract("test_pointmamba", clouds / "a_good.h5", tmp_path / "good_alone", **options)
+    features, names = read_features(tmp_path / "out")
+    expected, expected_names = read_features(tmp_path / "good_alone")
+    assert names == expected_names == [f"{clouds / 'a_good.h5'}[{row}]" for row in range(3)]
+    np.testing.assert_array_equal(features, expected)
+    reasons = {Path(failure["input"]).name: failure["reason"] for failure in manifest["failed"]}
+    assert sorted(reasons) == ["b_garbage.h5", "c_truncated.h5", "d_flat.h5[0]", "d_flat.h5[1]"]
+    assert reasons["b_garbage.h5"].startswith("unreadable HDF5 file") and "signature not found" in reasons["b_garbage.h5"]
+    assert reasons["c_truncated.h5"].startswith("unreadable HDF5 file") and "truncated file" in reasons["c_truncated.h5"]
+    assert "'data' must have shape (clouds, points, 3+), got (2, 64)" in reasons["d_flat.h5[0]"]
 
 
 def test_images_against_the_model(tmp_path):
@@ -282,6 +312,39 @@ def test_extract_loader_workers_default_to_the_free_cores(tmp_path, monkeypatch)
     assert read_features(tmp_path / "o")[0].shape == (3, 32)
 
 
+def hold_the_lock(out: Path) -> subprocess.Popen:
+    """Another process that holds ``out``'s extraction lock, as a running extraction does, until its stdin closes."""
+    script = (  # vim/files.py alone, without the package's torch imports, so that it starts at once
+        "import importlib.util, sys; from pathlib import Path\n"
+        "spec = importlib.util.spec_from_file_location('files', sys.argv[1]); files = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(files)\n"
+        "with files.folder_lock(Path(sys.argv[2]), sys.argv[3]):\n    print('locked', flush=True); sys.stdin.read()"
+    )
+    command = [sys.executable, "-c", script, vim.files.__file__, str(out), LOCK]
+    holder = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_process_that_holds_it(tmp_path, monkeypatch):
+    folder, out = image_folder(tmp_path / "images", count=1), tmp_path / "out"
+    out.mkdir()
+    options = dict(random_weights=True, progress=False)
+    holder = hold_the_lock(out)
+    try:
+        other = rf"'{re.escape(str(out))}' is in use by pid {holder.pid} on {re.escape(socket.gethostname())} \(-c "
+        with pytest.raises(vim.files.FolderInUseError, match=other):
+            extract("test_vim", folder, out, **options)
+        assert [path.name for path in out.iterdir()] == [LOCK]  # the refused run wrote nothing
+        with monkeypatch.context() as patch:
+            patch.setattr(rank_zero_only, "rank", 1)  # a process that DDP's launcher started (LOCAL_RANK=1) takes no lock
+            assert extract("test_vim", folder, out, **options)["num_rows"] == 1
+    finally:
+        holder.communicate("")  # its stdin closed, the holder ends
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert extract("test_vim", folder, out, **options) == manifest  # the lock went with its holder
+
+
 # ---------------------------------------------------------------------------------------------- several processes
 IMAGES_SETTINGS = ["--model", "test_vim", "--random-weights", "--shard-size", "3", "--batch-size", "2"]
 
@@ -365,7 +428,7 @@ def test_bad_device_settings_are_named_before_anything_is_written(tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             extract("test_vim", folder, tmp_path / "out", random_weights=True, progress=False, **settings)
-    with pytest.raises(ValueError, match=r"devices=1 and num_nodes=0 must be at least 1"):
+    with pytest.raises(SystemExit, match=r"^vimkit extract: error: devices=1 and num_nodes=0 must be at least 1$"):
         cli_main(["extract", *IMAGES_SETTINGS, "--input", str(folder), "--out", str(tmp_path / "out"), "--num_nodes", "0"])
     assert not (tmp_path / "out").exists()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch
 from PIL import Image
 
 from vim.data.generated import write_digits_tree
-from vim.data.images import ImageDataModule, read_rgb
+from vim.data.images import ImageDataModule, ImageFiles, read_rgb
+from vim.data.samples import Unreadable
 from vim.data.sampling import ResumableSampler, SampleKey, mix_seed
 
 
@@ -84,6 +87,68 @@ def test_grayscale_palette_and_rgba_images_become_rgb(tmp_path):
     assert np.asarray(read_rgb(str(gray))).tolist() == [[[77, 77, 77]] * 5] * 5
     assert np.asarray(read_rgb(str(rgba))).tolist() == [[[10, 20, 30]] * 5] * 5
     assert np.asarray(read_rgb(str(palette)))[0, 0].tolist() == [200, 0, 0]
+
+
+GRADIENT_8 = np.stack([np.roll(np.arange(256, dtype=np.uint8), 37 * row) for row in range(3)])[:, ::3]
+"""(3, 86) 8-bit values spanning 0..255, the picture every high-depth file below also holds."""
+
+
+def save_16_bit_png(path: Path, values: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written by hand (PIL writes 16 bits only for grayscale): ``values`` (H, W, C) uint16, colour type
+    0 gray, 2 RGB, 4 gray + alpha, 6 RGBA."""
+    height, width = values.shape[:2]
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))  # filter byte 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def high_depth_files(folder: Path) -> dict[str, Path]:
+    """The gradient in each high-depth form, by the PIL mode it opens in (16-bit RGB PNG: 'RGB;16')."""
+    v16 = GRADIENT_8.astype(np.uint16) * 257  # 0 -> 0, 255 -> 65535: the same picture in 16 bits
+    files = {name: folder / f"{name.replace(';', '_')}{suffix}" for name, suffix in
+             [("I;16", ".png"), ("I;16B", ".tif"), ("I", ".pgm"), ("I 32-bit", ".tif"), ("F", ".tif"), ("RGB;16", ".png")]}
+    Image.fromarray(v16).save(files["I;16"])
+    Image.frombytes("I;16B", v16.shape[::-1], v16.astype(">u2").tobytes()).save(files["I;16B"])
+    files["I"].write_bytes(b"P5\n%d %d\n65535\n" % v16.shape[::-1] + v16.astype(">u2").tobytes())  # PIL reads mode I
+    Image.fromarray(GRADIENT_8.astype(np.int32) * 100_000).save(files["I 32-bit"])  # beyond 16 bits: by its maximum
+    Image.fromarray(GRADIENT_8.astype(np.float32) / 255).save(files["F"])
+    save_16_bit_png(files["RGB;16"], np.repeat(v16[..., None], 3, axis=2), color_type=2)
+    return files
+
+
+def test_16_bit_32_bit_and_float_images_read_as_the_same_8_bit_picture(tmp_path):
+    """Scaled by their range, not clipped at 255 (a 16-bit gradient came out as 0 and 255 only)."""
+    Image.fromarray(GRADIENT_8).save(tmp_path / "8_bit.png")
+    reference = np.asarray(read_rgb(str(tmp_path / "8_bit.png"))).astype(int)  # (3, 86, 3), read the ordinary way
+    assert reference[..., 0].tolist() == GRADIENT_8.tolist()
+    for name, path in high_depth_files(tmp_path).items():
+        if name != "RGB;16":
+            with Image.open(path) as image:
+                assert image.mode == name.split()[0], path  # each file exercises the mode it is named after
+        read = np.asarray(read_rgb(str(path))).astype(int)
+        assert read.shape == reference.shape and np.abs(read - reference).max() <= 1, name
+
+
+def test_float_images_with_nan_or_out_of_range_values_are_refused_by_name(tmp_path):
+    """NaN, infinity or values outside [0, 1] give a ValueError naming the file; the dataset skips it as unreadable."""
+    for name, bad in [("nan", np.nan), ("inf", np.inf), ("range", 255.0)]:
+        values = GRADIENT_8.astype(np.float32) / 255
+        values[1, 2] = bad
+        path = tmp_path / f"{name}.tif"
+        Image.fromarray(values).save(path)
+        expected = r"values in \[0, 255\]; float images are read as \[0, 1\]" if name == "range" else "NaN or infinite"
+        with pytest.raises(ValueError, match=rf"'{path}'.*{expected}"):
+            read_rgb(str(path))
+        skipped = ImageFiles([(str(path), 0)], transform=lambda image: image)[0]
+        assert isinstance(skipped, Unreadable) and str(path) in skipped.path and "ValueError" in skipped.reason
+    negative = tmp_path / "negative.tif"
+    Image.fromarray(GRADIENT_8.astype(np.int32) - 1).save(negative)
+    with pytest.raises(ValueError, match=rf"'{negative}' \(mode I\) has negative values \(down to -1\)"):
+        read_rgb(str(negative))
 
 
 def test_image_smaller_than_a_patch_is_upsampled_with_a_warning(tmp_path):

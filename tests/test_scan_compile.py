@@ -42,6 +42,7 @@ def test_fullgraph_compile_of_test_vim_with_default_settings(monkeypatch):
     monkeypatch.setattr(scan_native, "_library", None)  # as in a fresh process: the C kernel not loaded yet
     monkeypatch.setattr(scan_native, "_unavailable", None)
     scan_native._find_compiler.cache_clear()
+    scan_native._found_in_cache.cache_clear()
     _assert_compiled_matches_eager("test_vim", torch.randn(2, 3, 32, 32), rtol=1e-4, atol=1e-5)
 
 

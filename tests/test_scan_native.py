@@ -170,9 +170,9 @@ def test_build_on_its_own_threads_matches_reference(monkeypatch, tmp_path):
 def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))
     flags = scan_native._variants()[-1]  # the portable build
-    first = scan_native._build(scan_native._compiler(), *flags)
+    first = scan_native._build(*flags)
     assert first.parent == tmp_path and first.suffix == ".so"
-    assert scan_native._build(scan_native._compiler(), *flags) == first
+    assert scan_native._build(*flags) == first
     # the library and the record of its size and checksum; no scratch files are left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]
 
@@ -186,20 +186,72 @@ def _wrapped_compiler(tmp_path: Path) -> Path:
     return wrapper
 
 
-def test_cache_key_follows_the_instruction_sets_the_flags_enable(monkeypatch, tmp_path):
-    """A cache shared by two CPUs: ``-march=native`` without AVX must not find the library built with it."""
+NATIVE_FLAGS = (("-O1", "-march=native", "-fPIC", "-pthread"), ("-pthread",))
+
+
+def test_cache_key_follows_the_cpus_instruction_sets_not_the_compiler(monkeypatch):
+    """A cache shared by two CPUs: one without AVX must not find the library built on one with it. The key is read
+    from the OS's list of this CPU's instruction sets, so it is found without a compiler, whatever $CC names."""
+    monkeypatch.setattr(scan_native, "_cpu_features", lambda: "avx avx2 fma sse4_2")
+    with_avx = scan_native._cache_key(*NATIVE_FLAGS)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    scan_native._find_compiler.cache_clear()
+    assert scan_native._cache_key(*NATIVE_FLAGS) == with_avx, "the key is stable on one CPU, whatever the compiler"
+    monkeypatch.setattr(scan_native, "_cpu_features", lambda: "sse4_2")
+    assert scan_native._cache_key(*NATIVE_FLAGS) != with_avx
+    scan_native._find_compiler.cache_clear()
+
+
+def test_without_the_oss_list_the_key_follows_the_instruction_sets_the_flags_enable(monkeypatch, tmp_path):
+    """Where the OS lists no instruction sets, the compiler's macros stand in: the same flags enabling other
+    instruction sets (as ``-march=native`` does on another CPU) give another key."""
     if "__AVX__" not in scan_native._instruction_sets(scan_native._compiler(), ("-march=native",)):
         pytest.skip("this CPU has no AVX to switch off")
-    monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path / "cache"))
-    compiler = str(_wrapped_compiler(tmp_path))
-    flags = (("-O1", "-march=native", "-fPIC", "-pthread"), ("-pthread",))
+    monkeypatch.setattr(scan_native, "_cpu_features", lambda: None)
+    monkeypatch.setenv("CC", str(_wrapped_compiler(tmp_path)))
+    scan_native._find_compiler.cache_clear()
     monkeypatch.setenv("EXTRA_CFLAGS", "")
-    with_avx = scan_native._build(compiler, *flags)
+    with_avx = scan_native._cache_key(*NATIVE_FLAGS)
     monkeypatch.setenv("EXTRA_CFLAGS", "-mno-avx")
-    without_avx = scan_native._build(compiler, *flags)
-    assert without_avx != with_avx
+    assert scan_native._cache_key(*NATIVE_FLAGS) != with_avx
     monkeypatch.setenv("EXTRA_CFLAGS", "")
-    assert scan_native._build(compiler, *flags) == with_avx, "the key is stable on one CPU"
+    assert scan_native._cache_key(*NATIVE_FLAGS) == with_avx, "the key is stable on one CPU"
+    scan_native._find_compiler.cache_clear()
+
+
+def _forget_the_kernel(monkeypatch) -> None:
+    """As in a fresh process: the kernel not loaded, neither the compiler nor the cache looked up yet."""
+    monkeypatch.setattr(scan_native, "_library", None)
+    monkeypatch.setattr(scan_native, "_unavailable", None)
+    scan_native._find_compiler.cache_clear()
+    scan_native._found_in_cache.cache_clear()
+
+
+def test_cached_library_loads_without_a_compiler(monkeypatch, tmp_path):
+    """$CC naming a missing compiler and none on $PATH: the intact library in the cache is loaded, the native
+    backend runs (not the chunked path), nothing is compiled and nothing warns."""
+    built = Path(scan_native._load()._name)  # this process's library (built normally), copied into a fresh cache
+    for file in (built, built.with_name(built.name + ".sha256")):
+        shutil.copy(file, tmp_path)
+    monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-compilers-here"))
+    monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
+    _forget_the_kernel(monkeypatch)
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError(f"ran {args[0]}: a cached library needs no compiler")
+
+    monkeypatch.setattr(scan_native.subprocess, "run", no_compiling)
+    inputs = make_inputs(length=20, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither "no C compiler found" nor "the fused CPU scan is unavailable"
+        assert scan_native.native_available()
+        out = selective_scan(**inputs, delta_softplus=True)  # backend "auto"
+    assert scan_native._library is not None and Path(scan_native._library._name) == tmp_path / built.name
+    torch.testing.assert_close(out, selective_scan_ref(**inputs, delta_softplus=True), **TOLERANCES[torch.float32])
+    scan_native._find_compiler.cache_clear()
+    scan_native._found_in_cache.cache_clear()
 
 
 _SCAN_IN_A_FRESH_PROCESS = """

@@ -15,13 +15,14 @@ from vim.kernels.selective_scan import _implementation
 selective_scan_module = importlib.import_module("vim.kernels.selective_scan")  # the name alone is the function
 
 
-def test_auto_picks_triton_on_cuda_and_the_fused_or_chunked_path_on_cpu(monkeypatch):
+def test_auto_picks_triton_on_cuda_and_the_fused_or_chunked_path_on_cpu(monkeypatch, tmp_path):
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
     assert resolve_backend(torch.device("cuda", 0)) == "triton"
     monkeypatch.setattr(scan_native, "_compiler", lambda: "/usr/bin/cc")
     assert resolve_backend(torch.device("cpu")) == "native"
     monkeypatch.setattr(scan_native, "_library", None)
     monkeypatch.setattr(scan_native, "_compiler", lambda: None)
+    monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))  # and no library cached
     assert resolve_backend(torch.device("cpu")) == "torch"
 
 
@@ -255,10 +256,12 @@ def _forget_the_c_kernel(monkeypatch) -> None:
     monkeypatch.setattr(scan_native, "_library", None)
     monkeypatch.setattr(scan_native, "_unavailable", None)
     scan_native._find_compiler.cache_clear()
+    scan_native._found_in_cache.cache_clear()
 
 
 def test_no_c_compiler_warns_once_and_the_chunked_path_runs(monkeypatch, tmp_path):
     _forget_the_c_kernel(monkeypatch)
+    monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))  # and no library cached
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang here
     with pytest.warns(UserWarning, match=r"no C compiler found \(cc, gcc or clang on \$PATH\).*chunked PyTorch path"):

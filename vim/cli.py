@@ -8,7 +8,8 @@
   writes into its own run folder (:mod:`vim.training.run_folder`: ``runs/<name>/version_N``, ``runs/<name>/latest``);
   checkpoints are written atomically, ``fit`` ends with a checkpoint of its final state and prints the validation
   accuracy of the weights ``export`` and ``predict`` use, and ``predict`` writes top-5 classes to CSV
-  (``--predict_writer.output``; default ``<run folder>/predictions.csv``). Resume an interrupted run with
+  (``--predict_writer.output``; default ``<run folder>/predictions.csv``). ``--ckpt_path`` takes a file or a URL,
+  read without running pickled code (:func:`vim.models.checkpoint.read_checkpoint`); resume an interrupted run with
   ``--ckpt_path last``. A command that loads a checkpoint does not read the model's released or initial weights file
   (the checkpoint holds every weight); ``predict`` without a checkpoint uses the model name's released weights.
 - ``vimkit export --ckpt CKPT --out FILE.safetensors``: the trained (EMA) weights for ``timm.create_model``.
@@ -22,6 +23,7 @@ import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,9 @@ from vim.data.images import ImageDataModule  # noqa: F401
 from vim.data.points import PointCloudDataModule  # noqa: F401
 from vim.data.video import VideoClipDataModule  # noqa: F401
 from vim.data.workers import available_cores
-from vim.models.weights import has_released_weights
+from vim.files import FolderInUseError, is_remote
+from vim.models.checkpoint import CheckpointError, read_checkpoint
+from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError, has_released_weights
 from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
 from vim.training.classifier import Classifier, weights_from_checkpoint
@@ -104,11 +108,11 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
 
 
 def checkpoint_num_classes(ckpt_path: str | None) -> int | None:
-    """The ``num_classes`` hyper-parameter of the checkpoint file ``ckpt_path``; None for no file (``"last"`` is
-    resolved later, with the run folder) or a checkpoint without it."""
-    if ckpt_path is None or not Path(ckpt_path).is_file():
+    """The ``num_classes`` hyper-parameter of the checkpoint file or URL ``ckpt_path`` (read safely, a URL downloaded
+    for it); None for no file (``"last"`` is resolved later, with the run folder) or a checkpoint without it."""
+    if ckpt_path is None or not (is_remote(ckpt_path) or Path(ckpt_path).is_file()):
         return None
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)
     return checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, {}).get("num_classes")
 
 
@@ -233,16 +237,27 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> VimCLI:
 
 
 def weights_error(error: BaseException) -> BaseException | None:
-    """The missing-weights error behind ``error``, if any: jsonargparse wraps what a model's ``__init__`` raises
-    (released weights neither cached nor downloadable, a name without them) in a long validation error."""
-    from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError
-
+    """The weights error behind ``error``, if any, whose message alone ends the command: missing released weights
+    (neither cached nor downloadable, a name without them), or a checkpoint that is refused (pickled code) or cannot be
+    downloaded. jsonargparse wraps what a model's ``__init__`` or a link raises in a long validation error."""
     link: BaseException | None = error
     while link is not None:
-        if isinstance(link, (NoReleasedWeightsError, WeightsUnavailableError)):
+        if isinstance(link, (NoReleasedWeightsError, WeightsUnavailableError, CheckpointError)):
             return link
         link = link.__cause__ or link.__context__
     return None
+
+
+@contextlib.contextmanager
+def errors_in_one_line(command: str) -> Iterator[None]:
+    """End ``vimkit <command>`` on an expected error with ``vimkit <command>: error: <message>`` and exit status 1, as
+    ``fit`` ends on missing weights: bad settings or inputs (ValueError, NoReleasedWeightsError among them), a file
+    that is missing or cannot be written (OSError: not found, permission denied, a read-only or full disk), an output
+    folder in use. Any other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except (ValueError, OSError, FolderInUseError) as error:
+        sys.exit(f"{PROG} {command}: error: {error}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,11 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     if command == "extract":
         from vim.extraction import main as extract_main  # imported only when asked for
 
-        extract_main(args[1:])
+        with errors_in_one_line(command):
+            extract_main(args[1:])
     elif command == "export":
         from vim.training import export
 
-        export.main(args[1:])
+        with errors_in_one_line(command):
+            export.main(args[1:])
     elif command in LIGHTNING_COMMANDS:
         try:
             run_lightning(argv)  # None: LightningCLI reads the command line itself

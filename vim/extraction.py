@@ -23,10 +23,11 @@ by ``seed``. The manifest records which.
 Inputs: a folder (searched recursively), a list file (``.txt`` / ``.lst`` / ``.csv``: one path a line, relative to
 the list's folder, spaces in it kept (``holiday photo.jpg``); a label or other fields after it follow a comma or tab
 (``a.jpg,3``), or a space when the line does not end in the file's extension (``clips/a.mp4 3``); blank lines and
-``#`` comments skipped), an HDF5 file of point clouds (``data`` (M, P, 3); inputs ``<file>[<row>]``) or a single
-file. The modality (images, video, points) follows from the file extensions and must match the model; ``modality``
-restricts it. Each input is prepared exactly as the model's evaluation data (the datamodules' deterministic
-evaluation transforms), and features are computed in eval mode, so runs are deterministic. The preprocessing
+``#`` comments skipped), an HDF5 file of point clouds (``data`` (M, P, 3); inputs ``<file>[<row>]``; one that cannot
+be opened is one input, ``<file>``, listed as failed) or a single file. The modality (images, video, points) follows
+from the file extensions and must match the model; ``modality`` restricts it. Each input is prepared exactly as the
+model's evaluation data (the datamodules' deterministic evaluation transforms), and features are computed in eval
+mode, so runs are deterministic. The preprocessing
 settings (image size, resize interpolation, crop fraction, mean and std; frames per clip; points per cloud) are the
 model's, or with a Lightning ``.ckpt`` those its data module was trained with (``num_points=`` still wins); the
 manifest's ``settings.preprocessing`` records them.
@@ -43,11 +44,15 @@ other settings or inputs are refused, naming what differs.
 Processes: the shards go through Lightning's predict loop (:mod:`vim.extraction_loop`) on one device, or over
 ``devices`` x ``num_nodes`` DDP processes, each writing its own shards; rank 0 merges the manifest at the end. Shards
 are fixed by input index, so the output is the same on any number of processes, and a run resumes on another number.
+The process that starts the run (not those a launcher starts for the other ranks) locks ``out`` for the run (``fcntl``
+lock on ``out/.extract.lock``, which the system releases when the process ends): a second run into the same folder
+is refused, naming the process (pid, host, command) that holds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -66,14 +71,14 @@ from vim.data.images.dataset import IMAGE_EXTENSIONS, ImageFiles
 from vim.data.images.transforms import create_image_transform
 from vim.data.points.dataset import PointClouds
 from vim.data.points.readers import POINT_EXTENSIONS
-from vim.data.points.sources import HDF5_EXTENSIONS, HDF5Clouds, PointFiles, open_point_hdf5
+from vim.data.points.sources import HDF5_EXTENSIONS, HDF5Clouds, PointFiles, hdf5_cloud_names
 from vim.data.samples import UNLABELLED, Unreadable
 from vim.data.video.dataset import VideoClips
 from vim.data.video.decoding import VIDEO_EXTENSIONS
 from vim.data.video.transforms import create_video_transform
 from vim.data.workers import default_num_workers
 from vim.extraction_loop import MANIFEST, STRATEGIES, extract_shards, trainer_devices
-from vim.files import file_identity
+from vim.files import file_identity, folder_lock
 from vim.models.backbone import MambaBackbone
 from vim.models.loading import load_model
 from vim.models.point_mamba import PointMamba, trained_on_unit_sphere
@@ -83,6 +88,8 @@ __all__ = ["MODALITIES", "extract", "main", "read_features", "resolve_inputs"]
 
 LIST_EXTENSIONS = (".txt", ".lst", ".csv")
 FORMATS = ("npy", "safetensors")
+LOCK = ".extract.lock"
+"""The output folder's lock file (:func:`vim.files.folder_lock`): one run at a time writes into a folder."""
 UNITS = {"images": "image", "video": "clip", "points": "cloud"}
 
 
@@ -153,12 +160,20 @@ def _video_dataset(model: VideoMamba, inputs: list[str], preprocessing: dict[str
     return VideoClips([(path, UNLABELLED) for path in inputs], preprocessing["num_frames"], transform)
 
 
+def _hdf5_file_of(name: str) -> str | None:
+    """The HDF5 file of input ``name``: that of a cloud ``<file>[<row>]``, or the name itself for an HDF5 file whose
+    clouds could not be counted (:func:`~vim.data.points.sources.hdf5_cloud_names`); None for a point file."""
+    if name.endswith("]"):
+        return name.rpartition("[")[0]
+    return name if name.lower().endswith(HDF5_EXTENSIONS) else None
+
+
 def _point_dataset(model: PointMamba, inputs: list[str], preprocessing: dict[str, Any]) -> Dataset:
     """Clouds resampled by farthest point sampling to ``num_points`` and (``normalize``) scaled into the unit sphere."""
-    h5_files = list(dict.fromkeys(name.rpartition("[")[0] for name in inputs if name.endswith("]")))
+    h5_files = list(dict.fromkeys(file for file in map(_hdf5_file_of, inputs) if file is not None))
     source: HDF5Clouds | PointFiles
     if h5_files:
-        source = HDF5Clouds(h5_files)
+        source = HDF5Clouds(h5_files, skip_unreadable=True)  # listed in the manifest, as any unreadable input
         if source.names != inputs:
             raise ValueError("point inputs mix HDF5 rows and point files; extract them in separate runs")
     else:
@@ -222,15 +237,10 @@ def _walk(root: Path) -> list[str]:
 
 
 def _expand_hdf5(paths: list[str]) -> list[str]:
-    """Replace each HDF5 file by its clouds ``<file>[<row>]``."""
+    """Replace each HDF5 file by its clouds ``<file>[<row>]`` (an unreadable one stays, to be listed with the reason)."""
     expanded = []
     for path in paths:
-        if not path.lower().endswith(HDF5_EXTENSIONS):
-            expanded.append(path)
-            continue
-        with open_point_hdf5(path) as file:
-            count = len(file["data"])
-        expanded += [f"{path}[{row}]" for row in range(count)]
+        expanded += hdf5_cloud_names(path) if path.lower().endswith(HDF5_EXTENSIONS) else [path]
     return expanded
 
 
@@ -378,6 +388,16 @@ def _check_resumable(out: Path, settings: dict[str, Any], inputs: list[str]) -> 
     return previous
 
 
+def launches_the_run() -> bool:
+    """Whether this process started the extraction, and so holds the output folder's lock for the run: not a process
+    that a launcher started as another rank (Lightning reruns the command with ``LOCAL_RANK`` set; torchrun sets
+    ``RANK``, SLURM ``SLURM_PROCID``: Lightning's ``rank_zero_only.rank`` reads them), nor the first process of
+    another node (``NODE_RANK``, or torchrun's ``GROUP_RANK``, as Lightning reads them)."""
+    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    # Lightning sets `rank` on the function, which lightning_utilities' signature does not declare
+    return rank_zero_only.rank == 0 and node_rank == 0  # type: ignore[attr-defined]
+
+
 def extract(
     model: str | None,
     inputs: str | os.PathLike | Sequence[str],
@@ -405,7 +425,7 @@ def extract(
     Args:
         model: timm model name (may be None with a Lightning ``.ckpt`` checkpoint, which records it).
         inputs: folder, list file, HDF5 file, single file, or sequence of files.
-        out: output folder (created; a rerun resumes it).
+        out: output folder (created; a rerun resumes it; locked while this runs: FolderInUseError for a second run).
         checkpoint: weights: ``.safetensors`` / ``.pth`` (e.g. from ``vimkit export``, or official) or a Lightning ``.ckpt``;
             None: the released weights of the model name's timm tag.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``embed_dim``, ``num_frames``, ...).
@@ -455,27 +475,28 @@ def extract(
     settings = json.loads(json.dumps(settings))  # as the manifest stores them (tuples as lists), to compare with it
 
     out = Path(out)
-    previous = _check_resumable(out, settings, names)
-    if previous is not None and previous.get("complete"):
-        return previous
     out.mkdir(parents=True, exist_ok=True)
-    spec = MODALITIES[found]
-    dataset = spec.dataset(network, names, preprocessing)
-    return extract_shards(
-        network,
-        dataset,
-        spec.failure,
-        out,
-        settings,
-        names,
-        tokens,
-        layers,
-        batch_size,
-        num_workers,
-        UNITS[found],
-        progress,
-        launch,
-    )
+    with folder_lock(out, LOCK) if launches_the_run() else contextlib.nullcontext():
+        previous = _check_resumable(out, settings, names)
+        if previous is not None and previous.get("complete"):
+            return previous
+        spec = MODALITIES[found]
+        dataset = spec.dataset(network, names, preprocessing)
+        return extract_shards(
+            network,
+            dataset,
+            spec.failure,
+            out,
+            settings,
+            names,
+            tokens,
+            layers,
+            batch_size,
+            num_workers,
+            UNITS[found],
+            progress,
+            launch,
+        )
 
 
 def read_features(out: str | os.PathLike, key: str = "pooled") -> tuple[np.ndarray, list[str]]:

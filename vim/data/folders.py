@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from vim.data.samples import DataWarning
@@ -28,13 +28,58 @@ def find_classes(root: str | os.PathLike, argument: str) -> list[str]:
     return classes
 
 
-def walk_files(root: str | os.PathLike, keep: Callable[[str], bool]) -> list[Path]:
-    """Files under ``root`` whose name passes ``keep``, recursively, in sorted order; hidden folders skipped."""
-    found = []
-    for folder, subfolders, files in os.walk(str(root), followlinks=True):
+def walk_tree(root: str | os.PathLike, keep: Callable[[str], bool]) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``(folder, subfolder names, file names)`` for every folder under ``root``, top-down as
+    ``os.walk(followlinks=True)``: names sorted, hidden folders left out, only the files whose name passes ``keep``.
+    Emptying the yielded subfolder list (in place) keeps the walk out of them.
+
+    Links are followed, so a class folder may be a link to data elsewhere, but each real folder is entered once (by its
+    ``(st_dev, st_ino)``) and each real file listed once (by its resolved path), under the first path the walk reaches
+    it by: without this, a link back up the tree (``self -> .``) lists the tree again at every depth up to the path
+    length limit, and two such links never finish. One :class:`DataWarning` per walk names ``root`` and how many
+    folders and files were skipped this way.
+    """
+    seen_folders: set[tuple[int, int]] = set()
+    seen_files: set[Path] = set()
+    skipped_folders = skipped_files = 0
+    for name, subfolders, files in os.walk(str(root), followlinks=True):
+        folder, status = Path(name), Path(name).stat()
+        if (status.st_dev, status.st_ino) in seen_folders:
+            skipped_folders += 1
+            subfolders[:] = []
+            continue
+        seen_folders.add((status.st_dev, status.st_ino))
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        found += [Path(folder, f) for f in sorted(files) if keep(f)]
-    return found
+        wanted = sorted(f for f in files if keep(f))
+        kept = unseen_files(folder, wanted, seen_files)
+        skipped_files += len(wanted) - len(kept)
+        yield folder, subfolders, kept
+    if skipped_folders or skipped_files:
+        warnings.warn(
+            f"'{root}': skipped {skipped_folders} links to folders already walked (symlink loops, or several links to "
+            f"one folder) and {skipped_files} links to files already listed; each real file is listed once",
+            DataWarning,
+            stacklevel=1,
+        )
+
+
+def unseen_files(folder: Path, names: Sequence[str], seen: set[Path]) -> list[str]:
+    """The ``names`` of files in ``folder`` whose resolved path is not in ``seen``, which gains them."""
+    real_folder = folder.resolve()
+    unseen = []
+    for name in names:
+        # only a file that is itself a link can resolve outside its (already resolved) folder: one lstat, not a resolve
+        real = (folder / name).resolve() if (folder / name).is_symlink() else real_folder / name
+        if real not in seen:
+            seen.add(real)
+            unseen.append(name)
+    return unseen
+
+
+def walk_files(root: str | os.PathLike, keep: Callable[[str], bool]) -> list[Path]:
+    """Files under ``root`` whose name passes ``keep``, recursively, in sorted order, each real file once
+    (:func:`walk_tree`); hidden folders skipped."""
+    return [Path(folder, name) for folder, _, files in walk_tree(root, keep) for name in files]
 
 
 def labelled_files(

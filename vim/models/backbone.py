@@ -6,6 +6,7 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         pool_types = ("token", "avg", "")                                         # the default; "max" also works
         stem_no_weight_decay = ("pos_embed", "cls_token")                         # no_weight_decay()
         stem_pattern = r"^cls_token|^pos_embed|^patch_embed"                      # group_matcher's stem
+        input_kind = "images"                                                     # named in input-shape errors
 
         def __init__(self, ..., device=None, dtype=None):
             super().__init__()
@@ -19,6 +20,9 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         def class_token_index(self, num_tokens):                                  # for global_pool="token"
             return 0
 
+        def input_axes(self):                                                     # the input's shape, checked on entry
+            return ("B", (self.in_chans, "channels"), "H", "W")
+
         def _embed(self, x):                                                      # (B, L, D) tokens; forward_features
             ...                                                                   # runs the trunk on them
 
@@ -31,6 +35,8 @@ backbone's top level so official checkpoints map 1:1 (``layers.{i}.mixer.*``, ``
 :meth:`~MambaBackbone.forward_intermediates` serves every modality: the class token split off
 (``class_token_index``; none when ``num_prefix_tokens`` is 0) and the other tokens reshaped to the
 ``token_grid`` ("NCHW" for images, "NCTHW" for clips) or left as "NLC".
+``forward_features`` and ``forward_intermediates`` first check the input against ``input_axes``
+(:func:`check_input_shape`), so an unbatched input or a wrong channel count is named, whatever the family.
 It also provides the drop-path schedule, gradient checkpointing and weight init of the trunk, and
 timm's model API on top of it: the head attributes (``num_classes``, ``global_pool`` checked against
 ``pool_types``, ``num_features``, ``head_hidden_size``, ``embed_dim``), ``pool``, ``forward_head``,
@@ -47,14 +53,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast, get_args
 
 import torch
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .block import MambaBlock, NormLayer, add_and_norm, create_norm
 from .checkpoint import load_checkpoint_into, unwrap_state_dict
 
-__all__ = ["MambaBackbone", "PoolType", "drop_path_schedule", "take_indices"]
+__all__ = ["InputAxis", "MambaBackbone", "PoolType", "check_input_shape", "drop_path_schedule", "take_indices"]
 
 PoolType = Literal["token", "avg", ""]
 
@@ -83,6 +89,31 @@ def take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) ->
         if wrong or not taken:
             raise ValueError(f"indices={list(indices)}: the model has blocks 0..{num_blocks - 1} (or -{num_blocks}..-1)")
     return taken, max(taken)
+
+
+InputAxis = str | tuple[int, str]
+"""An axis of a model's input: a free size by its letter ("B", "H"), or a fixed size and what it counts ``(3, "channels")``."""
+
+
+@register_notrace_function  # branches on the input's shape; torch.fx keeps it as one call (wrapped in this module)
+def check_input_shape(x: torch.Tensor, model: str, kind: str, axes: tuple[InputAxis, ...]) -> None:
+    """ValueError naming ``model``, the expected shape and the mismatch unless ``x`` has the axes ``axes``.
+
+    Args:
+        x: the model's input, e.g. (B, 3, H, W) images.
+        model: the model's name, for the message.
+        kind: what the input holds ("images", "clips", "point clouds"), for the message.
+        axes: the expected axes, the batch axis first; fixed sizes are checked, free ones are not.
+    """
+    layout = "(" + ", ".join(axis if isinstance(axis, str) else str(axis[0]) for axis in axes) + ")"
+    expected = f"{model} expects {kind} of shape {layout}, got {tuple(x.shape)}"
+    if x.dim() == len(axes) - 1:
+        raise ValueError(f"{expected}; add a batch dimension with x.unsqueeze(0)")
+    if x.dim() != len(axes):
+        raise ValueError(expected)
+    for index, (axis, size) in enumerate(zip(axes, x.shape)):
+        if not isinstance(axis, str) and size != axis[0]:
+            raise ValueError(f"{expected}: axis {index} ({axis[1]}) has size {size}, expected {axis[0]}")
 
 
 def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
@@ -115,6 +146,7 @@ class MambaBackbone(nn.Module):
     """Base class holding the residual Mamba trunk and timm's model API; see the module docstring."""
 
     pool_types: tuple[str, ...] = get_args(PoolType)
+    input_kind: str = "inputs"
     num_prefix_tokens: int = 1
     stem_no_weight_decay: tuple[str, ...] = ()
     stem_pattern: str = ""
@@ -279,12 +311,26 @@ class MambaBackbone(nn.Module):
         rest = x[:, 1:] if index == 0 else torch.cat([x[:, :index], x[:, index + 1 :]], dim=1)
         return x[:, index : index + 1], rest
 
+    def input_axes(self) -> tuple[InputAxis, ...]:
+        """The axes of the modality's input, the batch axis first (see :func:`check_input_shape`)."""
+        raise NotImplementedError
+
+    @property
+    def model_name(self) -> str:
+        """The registered name the model was created by (``test_vim``), else its class name."""
+        return getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError naming the model, the expected shape and the mismatch for an input of another shape."""
+        check_input_shape(x, self.model_name, self.input_kind, self.input_axes())
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """The modality's input -> (B, L, D) embedded tokens (the tokenizer and position embeddings)."""
         raise NotImplementedError
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The modality's input -> (B, L, D) normalised tokens (see the subclass's ``_embed`` for the layout)."""
+        self.check_input(x)
         return self.forward_trunk(self._embed(x))
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, ...] | None:
@@ -317,6 +363,7 @@ class MambaBackbone(nn.Module):
         Returns:
             ``(final_tokens (B, L, D), intermediates)`` or the intermediates alone.
         """
+        self.check_input(x)
         grid = self.token_grid(x)
         formats = ("NLC",) if grid is None else (SPATIAL_FORMATS[len(grid)], "NLC")
         output_fmt = output_fmt or formats[0]
@@ -327,7 +374,7 @@ class MambaBackbone(nn.Module):
         for y in intermediates:
             prefix, patches = self.split_prefix_tokens(y)
             if grid is not None and output_fmt != "NLC":
-                patches = patches.reshape(patches.shape[0], *grid, -1).movedim(-1, 1).contiguous()
+                patches = patches.unflatten(1, grid).movedim(-1, 1).contiguous()  # no -1: B may be 0
             outputs.append((patches, prefix) if return_prefix_tokens else patches)
         return outputs if intermediates_only else (final, outputs)
 

@@ -8,8 +8,10 @@ API::
 The released files are training checkpoints: the weights sit under ``"model"`` (Vim, VideoMamba; also
 ``"model_ema"`` when EMA was on, which is read only on request: the published accuracies are those of
 ``"model"``) or ``"base_model"`` (PointMamba), next to optimizer / scheduler state,
-metrics and often an ``argparse.Namespace`` of the run's arguments. They are read with
-``torch.load(weights_only=True)``, allowing only :data:`SAFE_GLOBALS`, so no pickled code runs.
+metrics and often an ``argparse.Namespace`` of the run's arguments. They are read by :func:`read_checkpoint`,
+the one reader of every torch checkpoint in vim (Lightning ``.ckpt`` files included, from a path or a URL):
+``torch.load(weights_only=True)``, allowing only :data:`SAFE_GLOBALS`, so no pickled code runs; a file that holds
+anything else is refused with :class:`CheckpointError`.
 
 Every registered model of ours is built by :func:`vim.models.builder.build_backbone`, which sets timm's ``custom_load``: timm
 resolves the weight source as usual (a ``pretrained_cfg_overlay`` file, a URL downloaded into torch hub's
@@ -24,24 +26,34 @@ accounted for: a missing or unexpected key is refused, naming it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import pickle
-from collections.abc import Mapping
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import fsspec
 import torch
 from timm.models import adapt_input_conv
+
+from vim.files import is_remote
 
 __all__ = [
     "CUSTOM_LOAD",
     "SAFE_GLOBALS",
+    "CheckpointError",
+    "FilteredModel",
     "checked",
     "classifier_keys",
     "load_checkpoint_into",
     "load_official_checkpoint",
-    "safe_torch_load",
+    "read_checkpoint",
+    "safely_unpickled",
     "square_grid",
     "unwrap_state_dict",
 ]
@@ -70,6 +82,76 @@ class FilteredModel(Protocol):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is not read: it holds pickled objects outside :data:`SAFE_GLOBALS` (code that unpickling would
+    run), or its URL could not be downloaded. The message is one line naming the file or URL and why."""
+
+
+def read_checkpoint(source: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """What the torch checkpoint at ``source`` holds, read without executing pickled code.
+
+    ``torch.load(weights_only=True)`` with only :data:`SAFE_GLOBALS` allowed, whatever the caller or a library would
+    default to (Lightning turns ``weights_only`` off for URLs).
+
+    Args:
+        source: a local path, or a URL fsspec reads (``https://``, ``s3://``, ...), downloaded into a temporary
+            folder that is removed once read.
+        map_location: as ``torch.load``'s.
+        mmap: memory-map a local file (tensors are read when used); a download is read whole.
+
+    Raises:
+        FileNotFoundError: no such local file.
+        CheckpointError: the file holds objects outside :data:`SAFE_GLOBALS`, or the URL could not be downloaded.
+    """
+    with safely_unpickled(source) as path:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and not is_remote(source))
+
+
+@contextlib.contextmanager
+def safely_unpickled(source: str | os.PathLike) -> Iterator[Path]:
+    """The local file of ``source`` (a URL downloaded, as :func:`read_checkpoint` does), to ``torch.load`` with
+    ``weights_only=True`` inside: :data:`SAFE_GLOBALS` are allowed there, and an object outside them raises
+    :class:`CheckpointError` naming ``source``. For loaders that take a path (Lightning's ``load_from_checkpoint``)."""
+    with _local_copy(source) as path:
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                yield path
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(
+                f"checkpoint '{source}' is refused: it holds pickled objects that could run code when loaded, which "
+                f"torch.load(weights_only=True) does not allow ({_refused_object(error)}). If you trust the file, allow "
+                "their types with torch.serialization.add_safe_globals([...]) (or append them to "
+                "vim.models.checkpoint.SAFE_GLOBALS), or re-save only its weights."
+            ) from error
+
+
+@contextlib.contextmanager
+def _local_copy(source: str | os.PathLike) -> Iterator[Path]:
+    """The local file of ``source``: the path itself, or a URL's download in a temporary folder (removed afterwards)."""
+    if not is_remote(source):
+        path = Path(fsspec.core.strip_protocol(str(source)))  # file:///a/b.ckpt is /a/b.ckpt
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file '{path}' does not exist")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="vim-checkpoint-") as folder:
+        path = Path(folder) / "checkpoint"
+        try:
+            filesystem, remote_path = fsspec.core.url_to_fs(str(source))
+            filesystem.get_file(remote_path, str(path))
+        except Exception as error:  # the network's errors come from fsspec's backends: aiohttp, botocore, ...
+            raise CheckpointError(f"checkpoint '{source}' could not be downloaded: {type(error).__name__}: {error}") from error
+        yield path
+
+
+def _refused_object(error: pickle.UnpicklingError) -> str:
+    """The reason torch's weights-only unpickler gives (e.g. ``Unsupported global: GLOBAL os.system ...``), without the
+    paragraphs of advice around it."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", str(error), re.DOTALL)
+    reason = found.group(1) if found is not None else str(error)
+    return " ".join(reason.split())
+
+
 def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The model weights of a training checkpoint, keys without a DDP ``module.`` prefix.
 
@@ -85,24 +167,6 @@ def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, t
     return {name.removeprefix("module."): value for name, value in checkpoint.items()}
 
 
-def safe_torch_load(path: str | Path) -> Any:
-    """``torch.load`` of ``path`` onto the CPU that runs no pickled code: only tensors, plain containers and
-    :data:`SAFE_GLOBALS` are rebuilt (``weights_only=True``).
-
-    Raises:
-        ValueError: naming the file and the refused object, for a file that holds anything else (code, classes).
-    """
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds objects that torch.load(weights_only=True) refuses: {error}\n"
-            "If you trust the file, allow their types with torch.serialization.add_safe_globals([...]) "
-            "(or append them to vim.models.checkpoint.SAFE_GLOBALS), or re-save only its weights."
-        ) from error
-
-
 def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Read a released ``.pth`` (Vim, VideoMamba, PointMamba) or a ``.safetensors`` file without executing pickled code.
 
@@ -116,7 +180,8 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[st
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file holds pickled objects outside :data:`SAFE_GLOBALS`, or no dict of weights.
+        CheckpointError: the file holds pickled objects outside :data:`SAFE_GLOBALS`.
+        ValueError: the file holds no dict of weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -125,7 +190,7 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[st
         from safetensors.torch import load_file
 
         return unwrap_state_dict(load_file(path), use_ema)
-    checkpoint = safe_torch_load(path)
+    checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
     return unwrap_state_dict(checkpoint, use_ema)

@@ -35,7 +35,7 @@ from torch import nn
 
 from vim.files import check_weights_file
 
-from .checkpoint import safe_torch_load
+from .checkpoint import read_checkpoint
 from .weights import create_released_model, released_weights
 
 __all__ = [
@@ -95,7 +95,7 @@ def read_training_checkpoint(path: str | os.PathLike, argument: str = "checkpoin
         ValueError: the file is missing or empty, holds objects that are not plain data, or is no Lightning checkpoint.
     """
     path = check_weights_file(path, argument)
-    checkpoint = safe_torch_load(path)
+    checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{argument}: '{path}' is not a Lightning checkpoint (no 'state_dict')")
     hparams = dict(checkpoint.get("hyper_parameters") or {})

@@ -48,7 +48,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .backbone import MambaBackbone, init_linear_, new_classifier
+from .backbone import InputAxis, MambaBackbone, init_linear_, new_classifier
 from .block import NormLayer
 from .builder import build_backbone
 from .checkpoint import CUSTOM_LOAD, checked, classifier_keys, unwrap_state_dict
@@ -170,6 +170,7 @@ class PointMamba(MambaBackbone):
     num_prefix_tokens = 0
     stem_no_weight_decay = ("order_scale", "order_shift")
     stem_pattern = r"^encoder|^pos_embed|^order_"
+    input_kind = "point clouds"
 
     def __init__(
         self,
@@ -268,6 +269,10 @@ class PointMamba(MambaBackbone):
         return torch.stack(
             [serialization_order(centres, order, self.serial_bits, cell_size=self.serial_cell_size) for order in self.orders]
         )
+
+    def input_axes(self) -> tuple[InputAxis, ...]:
+        """(B, N, 3): N points of 3 coordinates (xyz)."""
+        return ("B", "N", (3, "coordinates"))
 
     def _embed(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) points -> (B, S * G, D) tokens: each order's serialised group tokens, order-scaled, plus position."""

@@ -45,8 +45,8 @@ ORDERS = ("hilbert", "hilbert-trans", "z", "z-trans")
 
 def gather_points(values: Tensor, indices: Tensor) -> Tensor:
     """Pick entries of ``values`` (B, N, C) at ``indices`` (B, ...) along N; returns (B, ..., C)."""
-    batch = values.shape[0]
-    flat = indices.reshape(batch, -1, 1).expand(-1, -1, values.shape[-1])
+    batch, picks = values.shape[0], math.prod(indices.shape[1:])
+    flat = indices.reshape(batch, picks, 1).expand(-1, -1, values.shape[-1])  # picks spelled out: -1 fails for B = 0
     return values.gather(1, flat).reshape(*indices.shape, values.shape[-1])
 
 
@@ -196,7 +196,7 @@ def grid_cells(points: Tensor, cell_size: float) -> tuple[Tensor, int]:
     """
     cells = torch.floor(points / cell_size).long()
     cells = cells - cells.amin(dim=1, keepdim=True)
-    bits = max(int(cells.max()).bit_length(), 1)
+    bits = max(int(cells.max()).bit_length() if cells.numel() else 0, 1)  # an empty batch has no cells
     if bits > MAX_CURVE_BITS:
         raise ValueError(
             f"points span {int(cells.max()) + 1} cells of size {cell_size} along an axis, more than 2**{MAX_CURVE_BITS}: "

@@ -45,7 +45,7 @@ from timm.layers import lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
 
-from .backbone import MambaBackbone, PoolType
+from .backbone import InputAxis, MambaBackbone, PoolType
 from .builder import build_backbone
 from .checkpoint import (
     CUSTOM_LOAD,
@@ -179,6 +179,7 @@ class VideoMamba(MambaBackbone):
 
     stem_no_weight_decay = ("pos_embed", "cls_token", "temporal_pos_embedding")
     stem_pattern = r"^cls_token|^pos_embed|^temporal_pos_embedding|^patch_embed"
+    input_kind = "clips"
 
     def __init__(
         self,
@@ -275,6 +276,10 @@ class VideoMamba(MambaBackbone):
         """``pos_embed`` (1, 1 + H' * W', D) and ``temporal_pos_embedding`` (1, T', D) for the token grid ``grid``."""
         pos_embed = resample_spatial_pos_embed(self.pos_embed, grid[1:], self.patch_embed.grid_size[1:])
         return pos_embed, resample_temporal_pos_embed(self.temporal_pos_embedding, grid[0])
+
+    def input_axes(self) -> tuple[InputAxis, ...]:
+        """(B, C, T, H, W), C the tubelet embedding's input channels."""
+        return ("B", (self.patch_embed.proj.in_channels, "channels"), "T", "H", "W")
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) clips -> (B, 1 + T' * H' * W', D) tokens, class token first, spatial-first order."""

@@ -33,7 +33,7 @@ from timm.layers import lecun_normal_, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .backbone import MambaBackbone, PoolType
+from .backbone import InputAxis, MambaBackbone, PoolType
 from .builder import build_backbone
 from .checkpoint import CUSTOM_LOAD, checked, classifier_keys, square_grid, unwrap_state_dict
 from .patch_embed import StridedPatchEmbed
@@ -71,6 +71,7 @@ class VisionMamba(MambaBackbone):
 
     stem_no_weight_decay = ("pos_embed", "cls_token")
     stem_pattern = r"^cls_token|^pos_embed|^patch_embed"
+    input_kind = "images"
 
     def __init__(
         self,
@@ -149,6 +150,10 @@ class VisionMamba(MambaBackbone):
             with torch.no_grad():
                 resampled = resample_middle_token_pos_embed(self.pos_embed, self.patch_embed.grid_size, old_grid)
             self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+
+    def input_axes(self) -> tuple[InputAxis, ...]:
+        """(B, C, H, W), C the patch embedding's input channels."""
+        return ("B", (self.patch_embed.proj.in_channels, "channels"), "H", "W")
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, M + 1, D) tokens with the class token at M // 2, position embedded."""

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +43,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import Self
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.sampling import mix_seed, seed_everything_from
+from vim.models.checkpoint import safely_unpickled
 from vim.models.loading import load_model
 from vim.models.weights import released_weights
 from vim.training.schedule import WarmupCosine, WarmupCosineLR
@@ -174,6 +178,22 @@ class Classifier(LightningModule):
         self.test_metrics = accuracy_metrics(num_classes, "test/")
         self.test_ema_metrics = accuracy_metrics(num_classes, "test_ema/")
         self._base_seed = 0
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]  # no stream (IO): read_checkpoint reads paths and URLs
+        cls,
+        checkpoint_path: str | os.PathLike,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's, with the file or URL read as :func:`~vim.models.checkpoint.read_checkpoint` reads it: only
+        :data:`~vim.models.checkpoint.SAFE_GLOBALS` are unpickled, whatever ``weights_only`` asks (Lightning's own
+        loader unpickles anything from a URL); :class:`~vim.models.checkpoint.CheckpointError` otherwise."""
+        with safely_unpickled(checkpoint_path) as path:
+            return super().load_from_checkpoint(path, map_location, hparams_file, strict, weights_only=True, **kwargs)
 
     @property
     def num_classes(self) -> int:

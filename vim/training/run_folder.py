@@ -36,7 +36,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -45,6 +44,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.trainer.states import TrainerFn
 
 from vim.files import atomic_write
+from vim.models.checkpoint import read_checkpoint
 
 FOLDER_LOGGERS = (CSVLogger, TensorBoardLogger)
 """Loggers that write into ``save_dir/name/<version>``: the run folder is their version."""
@@ -185,7 +185,7 @@ class RunFolder(Callback):
 
 def finished(checkpoint: Path, trainer: Trainer) -> str | None:
     """Why resuming ``checkpoint`` would train nothing (its epochs or steps already reach the trainer's limits), or None."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    state = read_checkpoint(checkpoint, mmap=True)
     epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"]
     steps = state["global_step"]
     if trainer.max_steps != -1 and steps >= trainer.max_steps:

@@ -1,4 +1,4 @@
-"""Image files as a dataset: every image read as RGB (grayscale, palette, CMYK, RGBA alike) and transformed;
+"""Image files as a dataset: every image read as RGB (grayscale, palette, CMYK, RGBA, 16-bit alike) and transformed;
 an unreadable or corrupt file comes back as :class:`~vim.data.samples.Unreadable`, never an exception mid-epoch."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -42,10 +43,44 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 
 
 def read_rgb(path: str) -> Image.Image:
-    """Decode an image file fully and convert it to RGB (grayscale, palette, CMYK and RGBA images alike)."""
+    """Decode an image file fully and convert it to RGB (grayscale, palette, CMYK and RGBA images alike; 16-bit,
+    32-bit integer and float grayscale scaled to 8 bits by :func:`to_8_bit`)."""
     with Image.open(path) as image:
         image.load()
+        if image.mode == "F" or image.mode.startswith("I"):
+            image = to_8_bit(image, path)
         return image.convert("RGB")
+
+
+def to_8_bit(image: Image.Image, path: str) -> Image.Image:
+    """A one-channel image of more than 8 bits as 8-bit grayscale (mode ``L``), scaled by its type's range rather than
+    clipped at 255 as ``convert`` does (a 16-bit gradient would come out as 0 and 255 only).
+
+    - ``I;16``, ``I;16B``, ``I;16L`` (16-bit PNG, TIFF): divided by 65535.
+    - ``I`` (32-bit integer; also how PIL reads 16-bit PGM, scaled to 65535 whatever its maxval): divided by 65535 when
+      its values fit in 16 bits, else by the image's own maximum, as a 32-bit image has no range to go by.
+    - ``F`` (32-bit float TIFF): read as [0, 1], the usual range of float images. Values outside are refused, not
+      clipped: a float image in [0, 255] would saturate almost entirely, as 16-bit ones did.
+
+    16-bit RGB(A) and gray-with-alpha PNGs need none of this: PIL reads them as 8-bit ``RGB(A)`` (their high bytes).
+
+    Raises:
+        ValueError naming ``path``: a negative integer value, a float one outside [0, 1], NaN or infinity, which
+        no fixed scale turns into pixels (the data module skips the file with a warning).
+    """
+    values = np.asarray(image, dtype=np.float32)  # (H, W); exact for 16-bit values, ample for an 8-bit result
+    if not np.isfinite(values).all():
+        raise ValueError(f"image '{path}' (mode {image.mode}) holds NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if image.mode == "F":
+        if low < 0 or high > 1:
+            raise ValueError(f"float image '{path}' has values in [{low:g}, {high:g}]; float images are read as [0, 1]")
+        scale = 1.0
+    elif low < 0:
+        raise ValueError(f"image '{path}' (mode {image.mode}) has negative values (down to {low:g})")
+    else:
+        scale = max(high, 65535.0)
+    return Image.fromarray(np.rint(values * (255 / scale)).astype(np.uint8))
 
 
 class ImageFiles(SampleFiles):

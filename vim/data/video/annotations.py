@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from vim.data.folders import walk_tree
 from vim.data.images.dataset import IMAGE_EXTENSIONS
 from vim.data.video.decoding import VIDEO_EXTENSIONS
 
@@ -101,13 +102,13 @@ def read_annotations(
 
 
 def list_videos(root: str | os.PathLike) -> list[str]:
-    """Samples under ``root``: video files (by extension) and folders holding frame images, recursively, sorted."""
+    """Samples under ``root``: video files (by extension) and folders holding frame images, recursively, sorted; each
+    real file or folder once (:func:`~vim.data.folders.walk_tree`: links followed, loops skipped with a warning)."""
     found = []
-    for folder, subfolders, files in os.walk(str(root), followlinks=True):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        if folder != str(root) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
-            found.append(folder)  # a frame folder is one sample
+    for folder, subfolders, files in walk_tree(root, lambda name: name.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)):
+        if folder != Path(root) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            found.append(str(folder))  # a frame folder is one sample
             subfolders[:] = []
             continue
-        found += [str(Path(folder, f)) for f in sorted(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
+        found += [str(folder / f) for f in files if f.lower().endswith(VIDEO_EXTENSIONS)]
     return found
