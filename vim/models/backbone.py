@@ -6,6 +6,7 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         pool_types = ("token", "avg", "")                                         # the default; "max" also works
         stem_no_weight_decay = ("pos_embed", "cls_token")                         # no_weight_decay()
         stem_pattern = r"^cls_token|^pos_embed|^patch_embed"                      # group_matcher's stem
+        modality = "images"                                                       # its data, and the exported input's name
         input_kind = "images"                                                     # named in input-shape errors
 
         def __init__(self, ..., device=None, dtype=None):
@@ -23,6 +24,9 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         def input_axes(self):                                                     # the input's shape, checked on entry
             return ("B", (self.in_chans, "channels"), "H", "W")
 
+        def nominal_input_shape(self):                                            # one sample at the nominal size
+            return (self.in_chans, *self.patch_embed.img_size)                    # what export traces with
+
         def _embed(self, x):                                                      # (B, L, D) tokens; forward_features
             ...                                                                   # runs the trunk on them
 
@@ -37,6 +41,11 @@ backbone's top level so official checkpoints map 1:1 (``layers.{i}.mixer.*``, ``
 ``token_grid`` ("NCHW" for images, "NCTHW" for clips) or left as "NLC".
 ``forward_features`` and ``forward_intermediates`` first check the input against ``input_axes``
 (:func:`check_input_shape`), so an unbatched input or a wrong channel count is named, whatever the family.
+
+Each family declares its input contract here, in one place that prediction, extraction and export read: ``modality``
+(which data code of :mod:`vim.data.modalities` turns files into its inputs, and the name of an exported graph's input),
+``input_kind`` and ``input_axes`` (the layout, checked on entry), ``nominal_input_shape`` and ``set_input_size`` (the
+size export traces with, and how to change it), and ``export_refusal`` (why a family cannot be exported, if it cannot).
 It also provides the drop-path schedule, gradient checkpointing and weight init of the trunk, and
 timm's model API on top of it: the head attributes (``num_classes``, ``global_pool`` checked against
 ``pool_types``, ``num_features``, ``head_hidden_size``, ``embed_dim``), ``pool``, ``forward_head``,
@@ -146,7 +155,11 @@ class MambaBackbone(nn.Module):
     """Base class holding the residual Mamba trunk and timm's model API; see the module docstring."""
 
     pool_types: tuple[str, ...] = get_args(PoolType)
+    modality: str = ""
+    """What the model takes: "images", "video" or "points" (the data code that reads its inputs, the exported input's name)."""
     input_kind: str = "inputs"
+    export_refusal: str | None = None
+    """Why the family cannot be exported (torch.export, ONNX, AOTInductor), or None when it can."""
     num_prefix_tokens: int = 1
     stem_no_weight_decay: tuple[str, ...] = ()
     stem_pattern: str = ""
@@ -313,6 +326,10 @@ class MambaBackbone(nn.Module):
 
     def input_axes(self) -> tuple[InputAxis, ...]:
         """The axes of the modality's input, the batch axis first (see :func:`check_input_shape`)."""
+        raise NotImplementedError
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """One sample of the nominal input, without the batch axis: (C, H, W), (C, T, H, W) or (N, 3)."""
         raise NotImplementedError
 
     @property

@@ -170,6 +170,7 @@ class PointMamba(MambaBackbone):
     num_prefix_tokens = 0
     stem_no_weight_decay = ("order_scale", "order_shift")
     stem_pattern = r"^encoder|^pos_embed|^order_"
+    modality = "points"
     input_kind = "point clouds"
 
     def __init__(
@@ -274,6 +275,19 @@ class PointMamba(MambaBackbone):
         """(B, N, 3): N points of 3 coordinates (xyz)."""
         return ("B", "N", (3, "coordinates"))
 
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """(N, 3): the cloud size of the pretrained config (``input_size[-1]``), at least :attr:`min_points`."""
+        input_size = getattr(self, "pretrained_cfg", {}).get("input_size")
+        return (max(input_size[-1] if input_size else 0, self.min_points), 3)
+
+    def set_input_size(self, num_points: int | None = None) -> None:
+        """Change the nominal cloud size (``pretrained_cfg["input_size"]``); the model itself takes any size from
+        :attr:`min_points` on. None keeps it."""
+        if num_points is not None:
+            if num_points < self.min_points:
+                raise ValueError(f"num_points={num_points}: {self.model_name} takes clouds of at least {self.min_points} points")
+            self.pretrained_cfg = {**getattr(self, "pretrained_cfg", {}), "input_size": (3, 1, num_points)}
+
     def _embed(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) points -> (B, S * G, D) tokens: each order's serialised group tokens, order-scaled, plus position."""
         check_point_batch(points, self.min_points)
@@ -306,6 +320,11 @@ class PointMambaScan(PointMamba):
     """
 
     pool_types = ("avg", "max", "catavgmax", "")
+    export_refusal = (
+        "its serialisation takes the space-filling curve's depth from each cloud's extent, as upstream PointMamba does: "
+        "a size that depends on the data, which torch.export (and so ONNX and AOTInductor) cannot trace. Run it in "
+        "PyTorch, or export a pointmamba_small model"
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**{**RELEASED_ARCHITECTURE, **kwargs})

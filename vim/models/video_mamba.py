@@ -179,6 +179,7 @@ class VideoMamba(MambaBackbone):
 
     stem_no_weight_decay = ("pos_embed", "cls_token", "temporal_pos_embedding")
     stem_pattern = r"^cls_token|^pos_embed|^temporal_pos_embedding|^patch_embed"
+    modality = "video"
     input_kind = "clips"
 
     def __init__(
@@ -280,6 +281,10 @@ class VideoMamba(MambaBackbone):
     def input_axes(self) -> tuple[InputAxis, ...]:
         """(B, C, T, H, W), C the tubelet embedding's input channels."""
         return ("B", (self.patch_embed.proj.in_channels, "channels"), "T", "H", "W")
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """(C, T, H, W) at the nominal clip length and frame size."""
+        return (self.patch_embed.proj.in_channels, self.patch_embed.num_frames, *self.patch_embed.img_size)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) clips -> (B, 1 + T' * H' * W', D) tokens, class token first, spatial-first order."""

@@ -71,6 +71,7 @@ class VisionMamba(MambaBackbone):
 
     stem_no_weight_decay = ("pos_embed", "cls_token")
     stem_pattern = r"^cls_token|^pos_embed|^patch_embed"
+    modality = "images"
     input_kind = "images"
 
     def __init__(
@@ -154,6 +155,10 @@ class VisionMamba(MambaBackbone):
     def input_axes(self) -> tuple[InputAxis, ...]:
         """(B, C, H, W), C the patch embedding's input channels."""
         return ("B", (self.patch_embed.proj.in_channels, "channels"), "H", "W")
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) at the nominal image size."""
+        return (self.patch_embed.proj.in_channels, *self.patch_embed.img_size)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, M + 1, D) tokens with the class token at M // 2, position embedded."""
