@@ -102,7 +102,7 @@ def extract(
     num_nodes: int = 1,
     strategy: str = "auto",
 ) -> dict[str, Any]:
-    """Extract features of every input with ``model`` into ``out``; see the module docstring.
+    """Extract features of every input with ``model`` into ``out``; see :mod:`vim.extraction`.
 
     Args:
         model: timm model name (may be None with a Lightning ``.ckpt`` checkpoint, which records it).
