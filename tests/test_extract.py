@@ -561,7 +561,7 @@ def test_list_file_paths_keep_their_spaces(tmp_path):
 
 def test_released_scanobjectnn_weights_take_the_scans_as_they_are():
     """Upstream fine-tuned its ScanObjectNN weights on unnormalised scans; every other tag on unit-sphere clouds."""
-    from vim.extraction import evaluation_preprocessing
+    from vim.data.modalities import evaluation_preprocessing
 
     scan = timm.create_model("pointmamba_scan_small_g128.scanobjectnn_hardest", pretrained=False)
     modelnet = timm.create_model("pointmamba_scan_small.modelnet40", pretrained=False)

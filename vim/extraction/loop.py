@@ -32,79 +32,77 @@ from tqdm import tqdm
 from vim.data.samples import Unreadable
 from vim.files import atomic_write
 
-__all__ = ["MANIFEST", "STRATEGIES", "Shards", "compute_features", "extract_shards", "trainer_devices"]
+from .manifest import MANIFEST, Shards, final_manifest, shard_files
 
-MANIFEST = "manifest.json"
+__all__ = ["STRATEGIES", "FeatureSettings", "ShardPlan", "compute_features", "extract_shards", "trainer_devices"]
+
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 """Lightning strategies that run a whole model on each process (the extraction is data parallel only)."""
 
 
-# ---------------------------------------------------------------------------------------------- shards
+# ---------------------------------------------------------------------------------------------- the run
 @dataclass(frozen=True)
-class Shards:
-    """Inputs ``0 .. num_inputs - 1`` cut into shards of ``size`` consecutive inputs, named ``shard-00000``, ..."""
+class FeatureSettings:
+    """What each batch computes and how the batches are loaded.
 
-    num_inputs: int
-    size: int
+    Args:
+        tokens, layers: the features to compute besides ``pooled`` (:func:`compute_features`).
+        batch_size: inputs per forward pass (a shard's last batch may be smaller).
+        num_workers: loader processes of each rank.
+        unit: what an input is called on the progress bar ("image", "clip", "cloud").
+        progress: show a progress bar (on rank 0).
+    """
 
-    def __len__(self) -> int:
-        return -(-self.num_inputs // self.size)
+    tokens: bool = False
+    layers: tuple[int, ...] = ()
+    batch_size: int = 32
+    num_workers: int = 0
+    unit: str = "input"
+    progress: bool = True
 
-    def name(self, shard: int) -> str:
-        return f"shard-{shard:05d}"
+    @property
+    def keys(self) -> list[str]:
+        """The feature keys written: ``pooled``, then ``tokens`` and ``layer<i>`` when asked for."""
+        return ["pooled"] + (["tokens"] if self.tokens else []) + [f"layer{i}" for i in self.layers]
 
-    def inputs(self, shard: int) -> range:
-        """The indices of the inputs of ``shard``."""
-        return range(shard * self.size, min((shard + 1) * self.size, self.num_inputs))
 
-    def finished(self, out: Path) -> list[bool]:
-        """Whether each shard's json (written last) is in ``out``."""
-        return [(out / f"{self.name(shard)}.json").is_file() for shard in range(len(self))]
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where the run writes and what it records: the output folder ``out`` (exists), the run's ``settings`` as the
+    manifest stores them (``keys``, ``format`` and ``shard_size`` are used here) and the ``inputs``' names, in order."""
+
+    out: Path
+    settings: dict[str, Any]
+    inputs: list[str]
+
+    @property
+    def shards(self) -> Shards:
+        return Shards(len(self.inputs), self.settings["shard_size"])
+
+    def started(self) -> dict[str, Any]:
+        """The manifest while the run goes on: a crash leaves a record of its settings and inputs before any shard."""
+        return {"settings": self.settings, "complete": False, "inputs": self.inputs}
 
 
 def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
-def _shard_files(name: str, keys: Sequence[str], fmt: str) -> list[str]:
-    return [f"{name}.safetensors"] if fmt == "safetensors" else [f"{name}.{key}.npy" for key in keys]
-
-
 def _write_shard(out: Path, name: str, arrays: dict[str, np.ndarray], fmt: str) -> None:
+    """Shard ``name``'s arrays into ``out``, in the files :func:`~vim.extraction.manifest.shard_files` names."""
+    files = shard_files(name, list(arrays), fmt)
     if fmt == "safetensors":
         from safetensors.numpy import save_file
 
-        atomic_write(out / f"{name}.safetensors", lambda tmp: save_file(arrays, str(tmp)))
+        atomic_write(out / files[0], lambda tmp: save_file(arrays, str(tmp)))
         return
-    for key, array in arrays.items():
+    for array, file in zip(arrays.values(), files):
 
         def write(tmp: Path, array: np.ndarray = array) -> None:
-            with tmp.open("wb") as file:
-                np.save(file, array)
+            with tmp.open("wb") as stream:
+                np.save(stream, array)
 
-        atomic_write(out / f"{name}.{key}.npy", write)
-
-
-def final_manifest(out: Path, settings: dict, inputs: list[str], shards: Shards) -> dict[str, Any]:
-    """The finished run's manifest, from the shards' jsons in ``out``: each shard's files and rows, each input's shard and
-    row, and the failures, in input order."""
-    records, entries, failed = [], [], []
-    for shard in range(len(shards)):
-        name = shards.name(shard)
-        record = json.loads((out / f"{name}.json").read_text())
-        files = _shard_files(name, settings["keys"], settings["format"]) if record["inputs"] else []
-        records.append({"name": name, "files": files, "rows": len(record["inputs"])})
-        entries += [{"input": path, "shard": name, "row": row} for row, path in enumerate(record["inputs"])]
-        failed += record["failed"]
-    return {
-        "settings": settings,
-        "complete": True,
-        "inputs": inputs,
-        "num_rows": len(entries),
-        "shards": records,
-        "entries": entries,
-        "failed": failed,
-    }
+        atomic_write(out / file, write)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -120,11 +118,11 @@ class ShardBatch(NamedTuple):
 
 class ShardBatches(Dataset):
     """The batches of some shards, shard after shard; each item is a whole :class:`ShardBatch`, loaded (in a loader
-    worker when there are workers) from ``dataset``, whose items are a sample (tensor first, ``path``) or a
-    ``failure`` (``path``, ``reason``)."""
+    worker when there are workers) from ``dataset``, whose items are a sample (tensor first, ``path``) or
+    :class:`~vim.data.samples.Unreadable` (``path``, ``reason``)."""
 
-    def __init__(self, dataset: Dataset, failure: type[Unreadable], shards: Shards, todo: Sequence[int], batch_size: int) -> None:
-        self.dataset, self.failure = dataset, failure
+    def __init__(self, dataset: Dataset, shards: Shards, todo: Sequence[int], batch_size: int) -> None:
+        self.dataset = dataset
         self.batches: list[tuple[int, range]] = []
         for shard in todo:
             indices = shards.inputs(shard)
@@ -136,8 +134,8 @@ class ShardBatches(Dataset):
     def __getitem__(self, index: int) -> ShardBatch:
         shard, indices = self.batches[index]
         samples = [self.dataset[i] for i in indices]
-        loaded = [s for s in samples if not isinstance(s, self.failure)]
-        failed = [{"input": s.path, "reason": s.reason} for s in samples if isinstance(s, self.failure)]
+        loaded = [s for s in samples if not isinstance(s, Unreadable)]
+        failed = [{"input": s.path, "reason": s.reason} for s in samples if isinstance(s, Unreadable)]
         inputs = torch.stack([s[0] for s in loaded]) if loaded else None
         return ShardBatch(shard, inputs, [s.path for s in loaded], failed)
 
@@ -149,25 +147,16 @@ def _unbatched(item: ShardBatch) -> ShardBatch:
 class ExtractionShards(LightningDataModule):
     """Which shards this run extracts, and this rank's batches of them.
 
-    ``setup`` (on every rank, once the processes are connected): rank 0 writes ``started`` as the manifest, so that a
+    ``setup`` (on every rank, once the processes are connected): rank 0 writes the plan's started manifest, so that a
     crash leaves a record of the run's settings before any shard, and lists the unfinished shards; every rank gets
     that list from rank 0 (one listing, even while other ranks already write shards) and takes every
     ``world_size``-th shard of it, starting at its rank.
     """
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        failure: type[Unreadable],
-        shards: Shards,
-        out: Path,
-        started: dict,
-        batch_size: int,
-        num_workers: int,
-    ) -> None:
+    def __init__(self, dataset: Dataset, plan: ShardPlan, batch_size: int, num_workers: int) -> None:
         super().__init__()
         self.allow_zero_length_dataloader_with_multiple_devices = True  # fewer unfinished shards than ranks
-        self.dataset, self.failure, self.shards, self.out, self.started = dataset, failure, shards, out, started
+        self.dataset, self.plan, self.shards = dataset, plan, plan.shards
         self.batch_size, self.num_workers = batch_size, num_workers
         self.todo: list[int] = []
         self.finished_inputs = 0
@@ -178,8 +167,8 @@ class ExtractionShards(LightningDataModule):
             raise RuntimeError("ExtractionShards.setup needs the trainer that runs the extraction")
         listed: list[int] = []  # on other ranks, replaced by rank 0's list
         if trainer.is_global_zero:
-            _write_json(self.out / MANIFEST, self.started)
-            listed = [shard for shard, done in enumerate(self.shards.finished(self.out)) if not done]
+            _write_json(self.plan.out / MANIFEST, self.plan.started())
+            listed = [shard for shard, done in enumerate(self.shards.finished(self.plan.out)) if not done]
         unfinished = trainer.strategy.broadcast(listed, src=0)
         self.todo = unfinished[trainer.global_rank :: trainer.world_size]
         self.finished_inputs = self.shards.num_inputs - sum(len(self.shards.inputs(shard)) for shard in unfinished)
@@ -189,7 +178,7 @@ class ExtractionShards(LightningDataModule):
         return sum(len(self.shards.inputs(shard)) for shard in self.todo)
 
     def predict_dataloader(self) -> DataLoader:
-        batches = ShardBatches(self.dataset, self.failure, self.shards, self.todo, self.batch_size)
+        batches = ShardBatches(self.dataset, self.shards, self.todo, self.batch_size)
         # torch types collate_fn as taking a list; without batching (batch_size=None) it takes each item
         return DataLoader(batches, batch_size=None, num_workers=self.num_workers, collate_fn=_unbatched)  # type: ignore[arg-type]
 
@@ -364,51 +353,32 @@ def _wait_for_every_rank() -> None:
 
 
 def extract_shards(
-    network: nn.Module,
-    dataset: Dataset,
-    failure: type,
-    out: Path,
-    settings: dict[str, Any],
-    inputs: list[str],
-    tokens: bool,
-    layers: Sequence[int],
-    batch_size: int,
-    num_workers: int,
-    unit: str,
-    progress: bool = True,
-    devices: dict[str, Any] | None = None,
+    network: nn.Module, dataset: Dataset, plan: ShardPlan, features: FeatureSettings, devices: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Extract the unfinished shards of ``inputs`` (items of ``dataset``) into ``out`` and write the manifest.
+    """Extract the unfinished shards of ``plan.inputs`` (items of ``dataset``) into ``plan.out`` and write the manifest.
 
     Args:
         network: the headless model.
-        dataset: the inputs, in order: a sample (tensor first, ``path``) or a ``failure`` each.
-        failure: the dataset's type for an input that could not be read.
-        out: the output folder (exists).
-        settings: the run's settings as the manifest stores them (``keys``, ``format`` and ``shard_size`` are used here).
-        inputs: the input names.
-        tokens, layers: the features to compute besides ``pooled`` (:func:`compute_features`).
-        batch_size: inputs per forward pass (a shard's last batch may be smaller).
-        num_workers: loader processes of each rank.
-        unit: what an input is called on the progress bar.
-        progress: show a progress bar (on rank 0).
+        dataset: the inputs, in order: a sample (tensor first, ``path``) or :class:`~vim.data.samples.Unreadable` each.
+        plan: the output folder, the settings the manifest records and the input names.
+        features: what to compute, and how to load and show the inputs.
         devices: where to run, from :func:`trainer_devices` (None: its defaults).
 
     Returns:
         The manifest, on every rank.
     """
-    shards = Shards(len(inputs), settings["shard_size"])
-    started = {"settings": settings, "complete": False, "inputs": inputs}
+    out, shards = plan.out, plan.shards
     with _quiet_lightning():
         trainer = Trainer(
             **(devices or trainer_devices()), logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, use_distributed_sampler=False,
-            callbacks=[ShardWriter(out, shards, settings["format"]), ExtractionProgress(unit, progress)],
+            callbacks=[ShardWriter(out, shards, plan.settings["format"]), ExtractionProgress(features.unit, features.progress)],
         )  # fmt: skip
-        data = ExtractionShards(dataset, failure, shards, out, started, batch_size, num_workers)
-        trainer.predict(FeatureExtractor(network, tokens, layers), datamodule=data, return_predictions=False)
+        data = ExtractionShards(dataset, plan, features.batch_size, features.num_workers)
+        model = FeatureExtractor(network, features.tokens, features.layers)
+        trainer.predict(model, datamodule=data, return_predictions=False)
         _wait_for_every_rank()
         if trainer.is_global_zero:
-            _write_json(out / MANIFEST, final_manifest(out, settings, inputs, shards))
+            _write_json(out / MANIFEST, final_manifest(out, plan.settings, plan.inputs, shards))
         trainer.strategy.barrier("manifest written")
     return json.loads((out / MANIFEST).read_text())
