@@ -26,7 +26,8 @@ from vim.data.points import (
 from vim.data.sampling import SampleKey
 from vim.training.points import PointCloudClassifier
 
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
+
 RNG = np.random.default_rng(0)
 
 

@@ -7,14 +7,12 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from test_scan_cpu import make_inputs
 
 from vim.cli import main
 from vim.deploy import (
@@ -31,6 +29,9 @@ from vim.deploy import (
 from vim.kernels import selective_scan_ref
 from vim.kernels.scan_decomposition import decomposed_scan_forward
 from vim.kernels.scan_layout import CHUNK_SIZE, num_chunks
+
+from support.paths import REPO
+from support.scans import scan_inputs
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -97,7 +98,7 @@ def reference_checkpoints(states: torch.Tensor, reverse: bool) -> torch.Tensor:
 )
 def test_decomposed_scan_equals_the_sequential_reference(length, groups, reverse, optional, dtype):
     """Both directions (and a single one), grouped B/C, with and without D / z / delta_bias: outputs and checkpoints."""
-    inputs = make_inputs(length=length, lead=(2,), groups=groups, dtype=dtype, seed=length)
+    inputs = scan_inputs(length=length, lead=(2,), groups=groups, dtype=dtype, seed=length)
     if not optional:
         inputs.update(D=None, z=None, delta_bias=None)
     u, delta, A, B, C, D, z, bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
@@ -361,7 +362,7 @@ def test_load_model_sets_the_export_size_and_the_head():
 @pytest.mark.slow
 def test_bench_deploy_writes_json_and_markdown_on_tiny_shapes(tmp_path):
     """tools/bench_deploy.py end to end on a tiny video model: its files, not its timings."""
-    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_deploy.py"
+    tool = REPO / "tools" / "bench_deploy.py"
     command = [sys.executable, str(tool), "--configs", "test_videomamba:2x32", "--runtimes", "onnxruntime", "eager"]
     command += ["--iters", "1", "--warmup", "0", "--threads", "1", "--out-dir", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)

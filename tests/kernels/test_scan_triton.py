@@ -44,7 +44,7 @@ class Case:
     dtype: torch.dtype = torch.float32
 
 
-def make_inputs(case: Case, seed: int = 0, device: str = DEVICE) -> dict[str, torch.Tensor | None]:
+def case_inputs(case: Case, seed: int = 0, device: str = DEVICE) -> dict[str, torch.Tensor | None]:
     """Keyword arguments of selective_scan for ``case``, laid out as a vision block makes them.
 
     u, delta, z are (batch, dim, L) views of (batch, L, dim) memory; B, C are (batch, G, N, L)
@@ -93,7 +93,7 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
 
 def run_against_reference(case: Case, seed: int = 0) -> None:
     """Forward output and every gradient of the Triton scan vs autograd through the float64 reference."""
-    inputs = make_inputs(case, seed)
+    inputs = case_inputs(case, seed)
     flags = dict(delta_softplus=case.softplus, reverse=case.reverse)
     ref_inputs = leaves(inputs, torch.float64)
     expected = selective_scan_ref(**ref_inputs, **flags)
@@ -152,7 +152,7 @@ def test_wide_tiles_of_a_gpu_with_few_multiprocessors(case: Case, block_d: int, 
 def test_bidirectional_matches_two_reference_scans():
     """K = 2 in one launch: separate parameters per direction, the second reversed, z shared."""
     case = Case(length=130, batch=1, dim=8, n_state=3, groups=2)
-    per_direction = [make_inputs(case, seed) for seed in (0, 1)]
+    per_direction = [case_inputs(case, seed) for seed in (0, 1)]
     z = per_direction[0]["z"]
     stacked = {
         name: torch.stack([inputs[name] for inputs in per_direction]) for name in ("u", "delta", "A", "B", "C", "D", "delta_bias")
@@ -177,7 +177,7 @@ def test_bidirectional_matches_two_reference_scans():
 def test_any_memory_layout_gives_the_same_result():
     """Channels-last, contiguous (B, D, L) and strided slices are read in place with identical results."""
     case = Case(length=70, batch=1, dim=4, n_state=3, groups=2)
-    native = make_inputs(case)
+    native = case_inputs(case)
     contiguous = {name: None if x is None else x.contiguous() for name, x in native.items()}
     sliced = {  # every other element of a twice-as-long buffer along L
         name: x if x is None or x.dim() < 3 else torch.stack([x, torch.zeros_like(x)], dim=-1).flatten(-2)[..., ::2]
@@ -202,7 +202,7 @@ def test_any_memory_layout_gives_the_same_result():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_last_state_matches_reference(reverse: bool):
     case = Case(length=75, batch=2, dim=4, n_state=3, reverse=reverse)
-    inputs = make_inputs(case)
+    inputs = case_inputs(case)
     _, last = selective_scan(**inputs, delta_softplus=True, reverse=reverse, return_last_state=True, backend="triton")
     _, expected = selective_scan_ref(
         **leaves(inputs, torch.float64), delta_softplus=True, reverse=reverse, return_last_state=True
@@ -216,7 +216,7 @@ def test_checkpoints_hold_the_state_after_each_chunk():
     from vim.kernels.scan_triton import triton_forward
 
     case = Case(length=2 * CHUNK_SIZE + 5, batch=1, dim=4, n_state=2, has_z=False)
-    per_direction = [make_inputs(case, seed) for seed in (0, 1)]
+    per_direction = [case_inputs(case, seed) for seed in (0, 1)]
     stacked = {name: torch.stack([inputs[name] for inputs in per_direction]) for name in ("u", "delta", "A", "D", "delta_bias")}
     B, C = (torch.stack([inputs[name] for inputs in per_direction]).unsqueeze(2) for name in ("B", "C"))
     _, checkpoints = triton_forward(
@@ -260,7 +260,7 @@ def _gpu_reference(length: int, n_state: int, groups: int, reverse: bool) -> tup
     Computed once per shape and shared by the three dtypes: the sequential reference takes L steps.
     """
     case = Case(length=length, batch=2, dim=64, n_state=n_state, groups=groups, reverse=reverse)
-    inputs = {k: None if x is None else x.to(torch.bfloat16).double() for k, x in make_inputs(case, seed=length).items()}
+    inputs = {k: None if x is None else x.to(torch.bfloat16).double() for k, x in case_inputs(case, seed=length).items()}
     ref_inputs = leaves(inputs)
     expected = selective_scan_ref(**ref_inputs, delta_softplus=True, reverse=reverse)
     dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16).double()
@@ -292,7 +292,7 @@ def test_bidirectional_bf16_at_vim_small_width_on_gpu():
     Batch 8 makes a grid that fills an A100 or H100, so the widest tiles (32 channels) run.
     """
     case = Case(length=197, batch=8, dim=768, n_state=16, dtype=torch.bfloat16)
-    per_direction = [make_inputs(case, seed) for seed in (0, 1)]
+    per_direction = [case_inputs(case, seed) for seed in (0, 1)]
     stacked = {
         name: torch.stack([inputs[name] for inputs in per_direction]) for name in ("u", "delta", "A", "B", "C", "D", "delta_bias")
     }

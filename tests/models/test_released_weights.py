@@ -23,6 +23,8 @@ from vim.models.weights import (
     resolve_pretrained,
 )
 
+from support.paths import REPO
+
 SMALL = dict(depth=2, embed_dim=32, d_state=8)
 """The registered architectures, shrunk: the fabricated files are made for models of this size."""
 
@@ -129,7 +131,6 @@ def test_names_without_released_weights() -> None:
         released_weights("videomamba_tiny.k400_f12")
 
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -143,9 +144,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_finetune_configs_start_from_the_released_weights(caches, config, hub_file, classes):
     """Each fine-tuning config builds its model from the tag's released file (here a fabricated one in the cache,
     shrunk through model_kwargs), with a new head for the data's classes (their number set by the data's folders)."""
-    from pointmamba_reference import official_shapes, official_state_dict, released_file
-
     from vim.cli import run_lightning
+
+    from reference.pointmamba import official_shapes, official_state_dict, released_file
 
     torch.manual_seed(0)
     small = dict(SMALL, head_hidden_size=32) if config == "finetune_points" else SMALL
@@ -214,11 +215,11 @@ def test_a_checkpoint_restores_without_the_released_file(caches, tmp_path, monke
     """Fine-tune from released weights, then lose the released file (offline, not cached): resuming, validating,
     loading and extracting from the run's checkpoint do not read it again. --ckpt_path last with no run yet starts
     from it, as a new run does."""
-    from test_training import write_tree
-
     import vim
     from vim.cli import run_lightning
     from vim.training.image_classifier import ImageClassifier
+
+    from support.training import write_tree
 
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)

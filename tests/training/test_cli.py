@@ -16,13 +16,14 @@ import timm
 import torch
 import yaml
 from PIL import Image
-from test_run_folder import tiny_config
 
 from vim.cli import main, run_lightning
 from vim.data.images import ImageDataModule
 from vim.training.checkpoint_io import AtomicCheckpointIO
 
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
+from support.training import tiny_config
+
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 # name: (model, epochs, global batch, batch per device, lr, weight decay, drop path, pretrained file needed), as

@@ -11,60 +11,8 @@ import torch
 from vim.kernels import bidirectional_selective_scan, scan_cpu, scan_native, selective_scan, selective_scan_ref
 from vim.kernels.scan_layout import CHUNK_SIZE, num_chunks
 
-TOLERANCES = {torch.float32: dict(rtol=6e-4, atol=2e-3), torch.bfloat16: dict(rtol=3e-2, atol=5e-2)}
-
-
-def make_inputs(
-    batch=2, dim=8, state=4, length=16, groups=None, dtype=torch.float32, lead=(), decay=(0.5, 2.0), seed=0
-) -> dict[str, torch.Tensor]:
-    """Random scan inputs; u, delta and z channels-last like a vision block produces them."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-
-    def channels_last(*shape, scale=1.0):
-        return randn(*shape[:-2], shape[-1], shape[-2], scale=scale).transpose(-1, -2)
-
-    low, high = decay
-    params = torch.float64 if dtype == torch.float64 else torch.float32
-    bc_shape = (*lead, batch, state, length) if groups is None else (*lead, batch, groups, state, length)
-    return {
-        "u": channels_last(*lead, batch, dim, length),
-        "delta": channels_last(*lead, batch, dim, length, scale=0.5),
-        "A": -(low + (high - low) * torch.rand(*lead, dim, state, generator=gen, dtype=torch.float64)).to(params),
-        "B": randn(*bc_shape),
-        "C": randn(*bc_shape),
-        "D": randn(*lead, dim).to(params),
-        "z": channels_last(batch, dim, length),
-        "delta_bias": randn(*lead, dim, scale=0.5).to(params),
-    }
-
-
-def leaves(inputs: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Copies that require grad (optionally converted to ``dtype``); None entries stay None."""
-    return {k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_() for k, v in inputs.items()}
-
-
-def run_with_grads(fn, inputs: dict, dout: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """fn(**inputs) and the gradient of <out, dout> with respect to every given input."""
-    out = fn(**inputs)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), {k: v.grad for k, v in inputs.items() if v is not None and v.requires_grad}
-
-
-def assert_close_all(actual: dict, expected: dict, **tol) -> None:
-    for name in expected:
-        torch.testing.assert_close(actual[name].double(), expected[name].double(), **tol, msg=lambda m, n=name: f"d{n}: {m}")
-
-
-def two_reference_scans(u, delta, A, B, C, D, z, delta_bias) -> torch.Tensor:
-    """A bidirectional scan (inputs stacked on a leading axis of 2, softplus on) as two sequential reference scans."""
-    return torch.stack([
-        selective_scan_ref(u[k], delta[k], A[k], B[k], C[k], D[k], z, delta_bias[k], True, reverse=k == 1)
-        for k in range(2)
-    ])  # fmt: skip
-
+from support.grads import assert_close_all, leaves, run_with_grads
+from support.scans import TOLERANCES, scan_inputs, two_reference_scans
 
 CASES = [
     # length, reverse, groups, with D / z / delta_bias, softplus
@@ -90,7 +38,7 @@ CPU_BACKENDS = ["torch", pytest.param("native", marks=needs_compiler)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length, reverse, groups, optional, softplus", CASES)
 def test_forward_and_gradients_match_reference(dtype, length, reverse, groups, optional, softplus, backend):
-    inputs = make_inputs(length=length, groups=groups, dtype=dtype, seed=length)
+    inputs = scan_inputs(length=length, groups=groups, dtype=dtype, seed=length)
     if not optional:
         inputs.update(D=None, z=None, delta_bias=None)
     if not softplus:  # keep the step size delta + delta_bias positive, as softplus would
@@ -114,7 +62,7 @@ def test_forward_and_gradients_match_reference(dtype, length, reverse, groups, o
 
 
 def test_float16_forward_matches_reference():
-    inputs = make_inputs(length=50, dtype=torch.float16)
+    inputs = scan_inputs(length=50, dtype=torch.float16)
     out = selective_scan(**inputs, delta_softplus=True, backend="torch")
     expected = selective_scan_ref(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
     assert out.dtype == torch.float16
@@ -123,7 +71,7 @@ def test_float16_forward_matches_reference():
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gradcheck_float64(reverse):
-    inputs = leaves(make_inputs(batch=1, dim=4, state=3, length=11, groups=2, dtype=torch.float64))
+    inputs = leaves(scan_inputs(batch=1, dim=4, state=3, length=11, groups=2, dtype=torch.float64))
 
     def fn(u, delta, A, B, C, D, z, delta_bias):
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, reverse=reverse, backend="torch")
@@ -135,7 +83,7 @@ def test_gradcheck_float64(reverse):
 def test_float64_gradients_are_float64_exact(backend):
     """float64 takes the chunked path whatever the backend: every gradient, A's, D's and delta_bias's included, in
     float64 and as exact as autograd through the sequential reference (float32 rounding would miss by ~1e-8)."""
-    inputs = make_inputs(batch=2, dim=4, state=3, length=70, groups=2, dtype=torch.float64)
+    inputs = scan_inputs(batch=2, dim=4, state=3, length=70, groups=2, dtype=torch.float64)
     dout = torch.randn(2, 4, 70, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     out, grads = run_with_grads(lambda **x: selective_scan(**x, delta_softplus=True, backend=backend), leaves(inputs), dout)
     ref_out, ref_grads = run_with_grads(lambda **x: selective_scan_ref(**x, delta_softplus=True), leaves(inputs), dout)
@@ -147,7 +95,7 @@ def test_float64_gradients_are_float64_exact(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bidirectional_matches_two_reference_scans(backend):
-    inputs = make_inputs(state=64, length=90, groups=2, lead=(2,))  # N at its maximum, 64
+    inputs = scan_inputs(state=64, length=90, groups=2, lead=(2,))  # N at its maximum, 64
     dout = torch.randn(2, 2, 8, 90, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
     out, grads = run_with_grads(
@@ -166,7 +114,7 @@ def test_long_sequence_with_fast_and_slow_decay_is_stable(reverse, backend):
     B and C get no gradient here: the reference's per-step autograd makes them quadratic in L
     (their formulas are covered at shorter lengths above).
     """
-    inputs = make_inputs(batch=1, dim=4, state=4, length=4096, seed=7)
+    inputs = scan_inputs(batch=1, dim=4, state=4, length=4096, seed=7)
     inputs["A"][:, :2] *= 20.0
     inputs["A"][:, 2:] *= 1e-4
     dout = torch.randn(1, 4, 4096, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -191,7 +139,7 @@ def test_long_sequence_with_fast_and_slow_decay_is_stable(reverse, backend):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_checkpoints_hold_the_state_at_each_chunk_end(reverse, backend):
     length = 2 * CHUNK_SIZE + 13
-    x = make_inputs(length=length, groups=2, seed=5)
+    x = scan_inputs(length=length, groups=2, seed=5)
     canonical = (
         x["u"][None], x["delta"][None], x["A"][None], x["B"][None], x["C"][None], x["D"][None], x["z"],
         x["delta_bias"][None], True, reverse,
@@ -216,7 +164,7 @@ def test_checkpoints_hold_the_state_at_each_chunk_end(reverse, backend):
 
 def test_batch_slices_give_the_same_result(monkeypatch):
     """Inputs too big for one slice are processed in pieces of the batch: same values and gradients."""
-    inputs = make_inputs(batch=3, length=40, lead=(2,))
+    inputs = scan_inputs(batch=3, length=40, lead=(2,))
     dout = torch.randn(2, 3, 8, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 
     def fn(**x):
@@ -245,7 +193,7 @@ def test_linear_recurrence_matches_a_loop(reverse):
 
 def test_torch_compile_matches_eager():
     """fullgraph compile: the forward and (through AOT autograd) the backward custom op are traced."""
-    inputs = make_inputs(length=70, groups=2)
+    inputs = scan_inputs(length=70, groups=2)
     dout = torch.randn(2, 8, 70, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
 
     def scan(**x):
@@ -271,7 +219,7 @@ def test_torch_compile_matches_eager():
     ],
 )
 def test_bad_input_raises_value_error_naming_it(change, message):
-    inputs = {**make_inputs(), **change}
+    inputs = {**scan_inputs(), **change}
     with pytest.raises(ValueError, match=message):
         selective_scan(**inputs, backend="torch")
 
@@ -285,7 +233,7 @@ def test_bad_input_raises_value_error_naming_it(change, message):
 )
 def test_bidirectional_input_must_hold_two_directions(name, message):
     """One direction where two are expected is an error, not a silent single scan or a read past A's end."""
-    inputs = make_inputs(lead=(2,))
+    inputs = scan_inputs(lead=(2,))
     inputs[name] = inputs[name][:1]
     with pytest.raises(ValueError, match=message):
         bidirectional_selective_scan(**inputs, delta_softplus=True, backend="torch")

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_run_folder import tiny_config
 
 from vim.cli import main, run_lightning
 from vim.files import check_weights_file
 from vim.models.checkpoint import CheckpointError, read_checkpoint
 from vim.training.image_classifier import ImageClassifier
+
+from support.training import tiny_config
 
 
 class TouchOnUnpickle:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from vim.kernels import causal_conv1d_silu, causal_conv1d_silu_ref, conv_silu_native, scan_native
 from vim.kernels.conv_silu_reference import reference_backward
 
+from support.grads import leaves, run_with_grads
+
 TOLERANCES = {
     torch.float64: dict(rtol=1e-7, atol=1e-9),
     torch.float32: dict(rtol=1e-4, atol=1e-5),
@@ -52,7 +54,7 @@ def loop_definition(x, weight, bias=None, weight_b=None, bias_b=None) -> torch.T
     return torch.stack(outputs)
 
 
-def make_inputs(
+def conv_inputs(
     batch=2,
     length=11,
     channels=20,
@@ -85,25 +87,16 @@ def device_of(backend: str) -> str:
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
-def run_with_grads(fn, inputs: dict, dout: torch.Tensor):
-    """fn's output and the gradients of <output, dout> for every tensor input."""
-    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
-    out = fn(**leaves)
-    out.backward(dout.to(out.dtype))
-    return out, {k: v.grad for k, v in leaves.items()}
-
-
 def expected_with_grads(inputs: dict, dout: torch.Tensor):
     """The loop definition in float64 on the same (already rounded) values; x without its NaN half."""
-    as64 = {k: None if v is None else v.detach().double() for k, v in inputs.items()}
-    return run_with_grads(loop_definition, as64, dout.double())
+    return run_with_grads(loop_definition, leaves(inputs, torch.float64), dout.double())
 
 
 def assert_matches_definition(fn, inputs: dict, seed: int = 1):
     x = inputs["x"]
     directions = 1 if inputs.get("weight_b") is None else 2
     dout = torch.randn(directions, *x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
-    out, grads = run_with_grads(fn, inputs, dout)
+    out, grads = run_with_grads(fn, leaves(inputs), dout)
     expected, expected_grads = expected_with_grads(inputs, dout)
     assert out.shape == expected.shape and out.dtype == x.dtype and out.is_contiguous()
     torch.testing.assert_close(out.double(), expected, **TOLERANCES[x.dtype])
@@ -134,7 +127,7 @@ def backend_fn(backend: str):
 
 @pytest.mark.parametrize("length", [1, 3, 4, 9])
 def test_reference_is_the_loop_definition_forward_and_backward(length):
-    inputs = {k: None if v is None else v.double() for k, v in make_inputs(length=length, width=4).items()}
+    inputs = {k: None if v is None else v.double() for k, v in conv_inputs(length=length, width=4).items()}
     assert_matches_definition(causal_conv1d_silu_ref, inputs)
 
 
@@ -149,7 +142,7 @@ def grouped_conv_of_both_directions(x, weight, bias, weight_b, bias_b) -> torch.
 
 def test_reference_is_the_grouped_conv_of_both_directions():
     """A second, independent check: the grouped conv + stack a Vim mixer ran before the fused kernels."""
-    inputs = {k: v.double() for k, v in make_inputs(length=9).items()}
+    inputs = {k: v.double() for k, v in conv_inputs(length=9).items()}
     inputs["x"] = inputs["x"].contiguous()
     torch.testing.assert_close(causal_conv1d_silu_ref(**inputs), grouped_conv_of_both_directions(**inputs))
 
@@ -157,7 +150,7 @@ def test_reference_is_the_grouped_conv_of_both_directions():
 def test_written_out_backward_is_autograd_of_the_definition():
     """The "torch" backend's backward (no autograd inside a custom op), for both directions and one."""
     for directions in (1, 2):
-        inputs = {k: None if v is None else v.double() for k, v in make_inputs(length=9, directions=directions).items()}
+        inputs = {k: None if v is None else v.double() for k, v in conv_inputs(length=9, directions=directions).items()}
         dout = torch.randn(directions, 2, 9, 20, dtype=torch.float64)
         _, expected = expected_with_grads(inputs, dout)
         grads = reference_backward(dout, *(inputs.get(k) for k in ("x", "weight", "bias", "weight_b", "bias_b")))
@@ -181,7 +174,7 @@ def test_written_out_backward_is_autograd_of_the_definition():
 def test_cpu_backends_match_definition(backend, directions, length, dtype):
     skip_unless_available(backend)
     # 36 channels: two full blocks of 16 and a partial one in the C kernel
-    inputs = make_inputs(batch=2, length=length, channels=36, directions=directions, dtype=dtype, seed=length)
+    inputs = conv_inputs(batch=2, length=length, channels=36, directions=directions, dtype=dtype, seed=length)
     assert_matches_definition(backend_fn(backend), inputs)
 
 
@@ -190,7 +183,7 @@ def test_cpu_backends_match_definition(backend, directions, length, dtype):
 def test_triton_matches_definition(length, directions, dtype):
     skip_unless_available("triton")
     batch = 1 if length > 100 else 2  # the interpreter is slow
-    inputs = make_inputs(batch=batch, length=length, channels=20, directions=directions, dtype=dtype, seed=length,
+    inputs = conv_inputs(batch=batch, length=length, channels=20, directions=directions, dtype=dtype, seed=length,
                          device=device_of("triton"))  # fmt: skip
     assert_matches_definition(backend_fn("triton"), inputs)
 
@@ -200,7 +193,7 @@ def test_triton_matches_definition(length, directions, dtype):
 def test_any_width_up_to_eight(backend, width):
     """The C kernel's general path (W != 4) and the Triton kernels, unbiased, with weights in another dtype."""
     skip_unless_available(backend)
-    inputs = make_inputs(batch=1, length=13, channels=17, width=width, bias=False, dtype=torch.bfloat16,
+    inputs = conv_inputs(batch=1, length=13, channels=17, width=width, bias=False, dtype=torch.bfloat16,
                          weight_dtype=torch.float32, device=device_of(backend))  # fmt: skip
     assert_matches_definition(backend_fn(backend), inputs)
 
@@ -209,7 +202,7 @@ def test_any_width_up_to_eight(backend, width):
 def test_every_layout_of_x_and_dout(backend):
     """Contiguous x, x strided in time, x with channels 3 apart, and a dout that is not contiguous."""
     skip_unless_available(backend)
-    base = make_inputs(batch=2, length=10, channels=20, device=device_of(backend))
+    base = conv_inputs(batch=2, length=10, channels=20, device=device_of(backend))
     x = base["x"].contiguous()
     layouts = {
         "contiguous": x,
@@ -221,7 +214,7 @@ def test_every_layout_of_x_and_dout(backend):
     expected, expected_grads = expected_with_grads(base, dout)
     for name, strided in layouts.items():
         torch.testing.assert_close(strided, x, equal_nan=False, msg=name)
-        out, grads = run_with_grads(backend_fn(backend), {**base, "x": strided}, dout)
+        out, grads = run_with_grads(backend_fn(backend), leaves({**base, "x": strided}), dout)
         torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32], msg=name)
         for key, grad in grads.items():
             torch.testing.assert_close(grad.double(), expected_grads[key], rtol=1e-4, atol=1e-4, msg=f"{name}: d{key}")
@@ -235,13 +228,13 @@ def test_native_sequence_split_into_segments(threads):
     torch.set_num_threads(threads)
     try:
         assert conv_silu_native._segments(1, 100, 20, threads) > 1
-        assert_matches_definition(backend_fn("native"), make_inputs(batch=1, length=100, channels=20, seed=threads))
+        assert_matches_definition(backend_fn("native"), conv_inputs(batch=1, length=100, channels=20, seed=threads))
     finally:
         torch.set_num_threads(before)
 
 
 def test_float64_takes_the_pytorch_path_and_passes_gradcheck():
-    inputs = make_inputs(batch=1, length=5, channels=3, width=3)
+    inputs = conv_inputs(batch=1, length=5, channels=3, width=3)
     inputs = {k: None if v is None else v.double().requires_grad_() for k, v in inputs.items()}
     assert torch.autograd.gradcheck(lambda *t: causal_conv1d_silu(*t, backend="native"), tuple(inputs.values()))
 
@@ -255,7 +248,7 @@ def test_auto_picks_the_c_kernel_on_cpu_and_pytorch_without_a_compiler(monkeypat
 
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
     monkeypatch.setattr(conv_silu_native, "native_conv_forward", spy)
-    inputs = make_inputs(length=5)
+    inputs = conv_inputs(length=5)
     monkeypatch.setattr(scan_native, "_compiler", lambda: "/usr/bin/cc")
     causal_conv1d_silu(**inputs)
     assert calls == ["native"]
@@ -271,14 +264,13 @@ def test_auto_picks_the_c_kernel_on_cpu_and_pytorch_without_a_compiler(monkeypat
 def test_custom_ops_trace_under_torch_compile(backend):
     """opcheck (schema, fake, autograd registration) and a fullgraph compile, forward and backward."""
     skip_unless_available(backend)
-    inputs = make_inputs(batch=1, length=5, channels=20, device=device_of(backend))
+    inputs = conv_inputs(batch=1, length=5, channels=20, device=device_of(backend))
     taps = {k: v.squeeze(1) if k.startswith("weight") else v for k, v in inputs.items()}
-    leaves = {k: v.detach().requires_grad_() for k, v in taps.items()}
-    torch.library.opcheck(torch.ops.vim.conv1d_silu_fwd.default, (*leaves.values(), backend))
+    torch.library.opcheck(torch.ops.vim.conv1d_silu_fwd.default, (*leaves(taps).values(), backend))
     compiled = torch.compile(backend_fn(backend), fullgraph=True, backend="aot_eager")
     dout = torch.randn(2, 1, 5, 20, device=device_of(backend))
-    out, grads = run_with_grads(compiled, inputs, dout)
-    expected, expected_grads = run_with_grads(backend_fn(backend), inputs, dout)
+    out, grads = run_with_grads(compiled, leaves(inputs), dout)
+    expected, expected_grads = run_with_grads(backend_fn(backend), leaves(inputs), dout)
     torch.testing.assert_close(out, expected)
     for name in grads:
         torch.testing.assert_close(grads[name], expected_grads[name], msg=name)
@@ -298,6 +290,6 @@ def test_custom_ops_trace_under_torch_compile(backend):
     ],
 )
 def test_bad_input_raises_value_error_naming_it(change, message):
-    inputs = {**make_inputs(length=5), **change}
+    inputs = {**conv_inputs(length=5), **change}
     with pytest.raises(ValueError, match=message):
         causal_conv1d_silu(**inputs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
@@ -13,7 +11,8 @@ from vim.data.generated import write_moving_digits
 from vim.training.export import export_safetensors
 from vim.training.video import VideoClassifier, average_view_logits
 
-REPO = Path(__file__).resolve().parents[1]
+from support.paths import REPO
+
 SMALL = "{patch_size: 8, tubelet_size: 2, embed_dim: 16, depth: 1, d_state: 4}"
 
 

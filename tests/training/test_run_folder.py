@@ -10,40 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Callback
-from test_training import Recorder, write_tree
 
 from vim.cli import run_lightning
 from vim.training.run_folder import point_latest, resolve_checkpoint
 
-
-def tiny_config(tmp_path: Path, logger: str = "vim.training.run_folder.RunCSVLogger", every_n_train_steps: int = 4) -> str:
-    """A 2-block test_vim on 18 images: 4 batches of 4 per epoch, checkpoints every 4 steps, logs in runs/tiny."""
-    images = write_tree(tmp_path / "images")
-    trainer = dict(accelerator="cpu", devices=1, max_epochs=3, log_every_n_steps=1, enable_progress_bar=False)
-    trainer.update(
-        enable_model_summary=False,
-        logger=[{"class_path": logger, "init_args": {"save_dir": "runs", "name": "tiny"}}],
-        callbacks=[
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"save_last": True, "every_n_train_steps": every_n_train_steps},
-            }
-        ],
-    )
-    model = dict(model="test_vim", num_classes=3, img_size=16, model_kwargs={"patch_size": 4, "stride": 4, "depth": 2})
-    model.update(ema_decay=0.9, warmup_epochs=0.5, lr=1e-2)
-    data = dict(train_root=str(images), val_root=str(images), img_size=16, batch_size=4, num_workers=0, min_image_size=4)
-    config = {
-        "seed_everything": 0,
-        "trainer": trainer,
-        "model": {"class_path": "vim.training.image_classifier.ImageClassifier", "init_args": model},
-        "data": {"class_path": "vim.data.images.ImageDataModule", "init_args": data},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+from support.training import Recorder, tiny_config
 
 
 def printed(pattern: str, out: str) -> str:

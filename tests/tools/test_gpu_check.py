@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
+from support.paths import REPO
+
+SCRIPT = REPO / "tools" / "gpu_check.sh"
 STAGES = ["gpu_tests", "bench_scan", "bench_models_inference", "bench_models_training", "summary"]
 
 

@@ -14,6 +14,8 @@ import torch
 from vim.kernels import add_norm, add_norm_ref
 from vim.kernels.add_norm import MAX_DIM
 
+from support.grads import leaves, run_with_grads
+
 pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +40,7 @@ def block_norm(hidden, residual, weight, bias, eps, norm):
     return module(residual.to(weight.dtype)), residual
 
 
-def make_inputs(batch=2, length=5, dim=48, dtype=torch.float32, weight_dtype=None, residual=True, bias=False, seed=0):
+def add_norm_inputs(batch=2, length=5, dim=48, dtype=torch.float32, weight_dtype=None, residual=True, bias=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     weight_dtype = weight_dtype or dtype
 
@@ -51,13 +53,6 @@ def make_inputs(batch=2, length=5, dim=48, dtype=torch.float32, weight_dtype=Non
         weight=rand(dim, scale=0.2, shift=1.0, dtype=weight_dtype),
         bias=rand(dim, scale=0.2, dtype=weight_dtype) if bias else None,
     )
-
-
-def run_with_grads(fn, inputs: dict, cotangents: tuple):
-    leaves = {k: None if v is None else v.detach().requires_grad_() for k, v in inputs.items()}
-    outputs = fn(**leaves)
-    torch.autograd.backward([o for o, c in zip(outputs, cotangents) if c is not None], [c for c in cotangents if c is not None])
-    return outputs, {k: v.grad for k, v in leaves.items() if v is not None}
 
 
 def assert_close_scaled(actual, expected, dtype, name):
@@ -79,9 +74,9 @@ def assert_matches(inputs: dict, norm: str, backend: str = "triton", used: tuple
     def fused(**kw):
         return add_norm(**kw, eps=1e-5, norm=norm, backend=backend)
 
-    (normed, residual), grads = run_with_grads(fused, inputs, cotangents)
+    (normed, residual), grads = run_with_grads(fused, leaves(inputs), cotangents)
     (ref_normed, ref_residual), ref_grads = run_with_grads(
-        lambda **kw: add_norm_ref(**kw, eps=1e-5, norm=norm), inputs, cotangents
+        lambda **kw: add_norm_ref(**kw, eps=1e-5, norm=norm), leaves(inputs), cotangents
     )
     dtype = inputs["hidden"].dtype
     assert normed.dtype == inputs["weight"].dtype and residual.dtype == torch.float32
@@ -100,32 +95,32 @@ def assert_matches(inputs: dict, norm: str, backend: str = "triton", used: tuple
     list(itertools.product([torch.float32, torch.bfloat16], [False, True], ["rms", "layer"], [48, 192])),
 )
 def test_triton_matches_block_ops_forward_and_backward(dtype, residual, norm, dim):
-    inputs = make_inputs(dim=dim, dtype=dtype, residual=residual, bias=norm == "layer", seed=dim)
+    inputs = add_norm_inputs(dim=dim, dtype=dtype, residual=residual, bias=norm == "layer", seed=dim)
     assert_matches(inputs, norm)
 
 
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_mixed_precision_hidden_with_float32_weight(norm):
     """Autocast's arrangement: bf16 mixer output, fp32 stream and norm weight; an RMSNorm with a bias."""
-    inputs = make_inputs(dtype=torch.bfloat16, weight_dtype=torch.float32, bias=True)
+    inputs = add_norm_inputs(dtype=torch.bfloat16, weight_dtype=torch.float32, bias=True)
     assert_matches(inputs, norm)
 
 
 @pytest.mark.parametrize("used", [(True, False), (False, True)])
 def test_many_rows_split_over_programs_and_one_output_used(used):
     """74 rows: several backward programs each sum their rows' weight gradients; only one output gets a gradient."""
-    inputs = make_inputs(batch=2, length=37, dim=48, bias=True)
+    inputs = add_norm_inputs(batch=2, length=37, dim=48, bias=True)
     assert_matches(inputs, "layer", used=used)
 
 
 def test_strided_inputs_and_gradients():
-    inputs = make_inputs(dim=48)
+    inputs = add_norm_inputs(dim=48)
     inputs["hidden"] = inputs["hidden"].transpose(0, 1).contiguous().transpose(0, 1)
     inputs["residual"] = torch.cat([inputs["residual"], torch.full_like(inputs["residual"], float("nan"))], -1)[..., :48]
     shape = inputs["hidden"].shape
     cotangents = (torch.randn(shape[::-1]).to(DEVICE).permute(2, 1, 0), torch.randn(shape[::-1]).to(DEVICE).permute(2, 1, 0))
-    outs, grads = run_with_grads(lambda **kw: add_norm(**kw, backend="triton"), inputs, cotangents)
-    ref_outs, ref_grads = run_with_grads(lambda **kw: add_norm_ref(**kw), inputs, cotangents)
+    outs, grads = run_with_grads(lambda **kw: add_norm(**kw, backend="triton"), leaves(inputs), cotangents)
+    ref_outs, ref_grads = run_with_grads(lambda **kw: add_norm_ref(**kw), leaves(inputs), cotangents)
     for got, want in [*zip(outs, ref_outs), *((grads[k], ref_grads[k]) for k in grads)]:
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
@@ -133,7 +128,7 @@ def test_strided_inputs_and_gradients():
 def test_reference_is_the_block_arrangement():
     """add_norm_ref against the torch.nn modules (the tests above check the kernels against add_norm_ref)."""
     for norm, dtype in itertools.product(["rms", "layer"], [torch.float32, torch.bfloat16]):
-        inputs = make_inputs(dtype=dtype, bias=norm == "layer")
+        inputs = add_norm_inputs(dtype=dtype, bias=norm == "layer")
         for got, want in zip(add_norm_ref(**inputs, eps=1e-5, norm=norm), block_norm(**inputs, eps=1e-5, norm=norm)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -141,17 +136,17 @@ def test_reference_is_the_block_arrangement():
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU dispatch")
 def test_cpu_runs_the_pytorch_ops_unless_triton_is_asked(monkeypatch):
     monkeypatch.delenv("VIM_SCAN_BACKEND", raising=False)
-    inputs = {k: v.requires_grad_() if v is not None else v for k, v in make_inputs().items()}
+    inputs = {k: v.requires_grad_() if v is not None else v for k, v in add_norm_inputs().items()}
     assert "add_norm" not in type(add_norm(**inputs)[0].grad_fn).__name__
     assert "add_norm" in type(add_norm(**inputs, backend="triton")[0].grad_fn).__name__
-    wide = make_inputs(dim=MAX_DIM + 1)
+    wide = add_norm_inputs(dim=MAX_DIM + 1)
     wide = {k: v.requires_grad_() if v is not None else v for k, v in wide.items()}
     assert "add_norm" not in type(add_norm(**wide, backend="triton")[0].grad_fn).__name__, "too wide: PyTorch ops"
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_eps_none_is_rmsnorms_default(backend):
-    inputs = make_inputs(dtype=torch.bfloat16)
+    inputs = add_norm_inputs(dtype=torch.bfloat16)
     inputs["hidden"], inputs["residual"] = inputs["hidden"] * 1e-3, inputs["residual"] * 1e-3  # eps matters at this scale
     module = torch.nn.RMSNorm(48, device=DEVICE, dtype=torch.bfloat16)  # eps None: finfo(bfloat16).eps
     with torch.no_grad():
@@ -161,13 +156,12 @@ def test_eps_none_is_rmsnorms_default(backend):
 
 
 def test_custom_ops_trace_under_torch_compile():
-    inputs = make_inputs(dtype=torch.bfloat16, bias=True)
-    leaves = [v.detach().requires_grad_() for v in inputs.values()]
-    torch.library.opcheck(torch.ops.vim.add_norm_fwd.default, (*leaves, 1e-5, False))
+    inputs = add_norm_inputs(dtype=torch.bfloat16, bias=True)
+    torch.library.opcheck(torch.ops.vim.add_norm_fwd.default, (*leaves(inputs).values(), 1e-5, False))
     compiled = torch.compile(lambda **kw: add_norm(**kw, norm="layer", backend="triton"), fullgraph=True, backend="aot_eager")
     cotangents = (torch.randn(2, 5, 48).to(DEVICE, torch.bfloat16), torch.randn(2, 5, 48).to(DEVICE))
-    outs, grads = run_with_grads(compiled, inputs, cotangents)
-    ref_outs, ref_grads = run_with_grads(lambda **kw: add_norm(**kw, norm="layer", backend="triton"), inputs, cotangents)
+    outs, grads = run_with_grads(compiled, leaves(inputs), cotangents)
+    ref_outs, ref_grads = run_with_grads(lambda **kw: add_norm(**kw, norm="layer", backend="triton"), leaves(inputs), cotangents)
     for got, want in [*zip(outs, ref_outs), *((grads[k], ref_grads[k]) for k in grads)]:
         torch.testing.assert_close(got, want)
 
@@ -185,6 +179,6 @@ def test_custom_ops_trace_under_torch_compile():
     ],
 )
 def test_bad_input_raises_value_error_naming_it(change, message):
-    inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in make_inputs().items()}
+    inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in add_norm_inputs().items()}
     with pytest.raises(ValueError, match=message):
         add_norm(**{**inputs, **change})

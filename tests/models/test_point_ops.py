@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pointmamba_reference import bit_array_hilbert, pointnet2_kernel_fps
 
 from vim.models.point_ops import (
     farthest_point_sample,
@@ -17,6 +16,8 @@ from vim.models.point_ops import (
     serialization_order,
     z_order_encode,
 )
+
+from reference.pointmamba import bit_array_hilbert, pointnet2_kernel_fps
 
 
 def loop_fps(points: np.ndarray, count: int) -> list[int]:

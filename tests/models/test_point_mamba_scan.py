@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
-from pointmamba_reference import official_forward, official_shapes, official_state_dict, released_file
 
 import vim.models  # noqa: F401  (registers the models)
 from vim.models.point_mamba import PointMambaScan
 from vim.models.weights import released_weights
+
+from reference.pointmamba import official_forward, official_shapes, official_state_dict, released_file
+from support.paths import REPO
 
 TINY = dict(num_groups=16, group_size=8, embed_dim=32, depth=2, d_state=8, head_hidden_size=32)
 """A shrunk pointmamba_scan_small: the golden files are made for this size."""
@@ -155,7 +155,7 @@ def test_released_file_converts_to_safetensors_and_loads(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", Path(__file__).parents[1] / "tools" / "convert_checkpoint.py"
+        "convert_checkpoint", REPO / "tools" / "convert_checkpoint.py"
     )
     convert = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert)

@@ -15,7 +15,9 @@ from safetensors import safe_open
 import vim.models  # noqa: F401  (registers the models)
 from vim.models import load_official_checkpoint
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from support.paths import REPO
+
+TOOLS = REPO / "tools"
 
 
 def _load_tool(name: str):

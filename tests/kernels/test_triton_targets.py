@@ -14,10 +14,11 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
+
+from support.paths import REPO
 
 triton = pytest.importorskip("triton")
 
@@ -25,7 +26,7 @@ from vim.kernels import add_norm_triton, conv_silu_triton, scan_triton  # noqa: 
 from vim.kernels.add_norm import MAX_DIM  # noqa: E402
 from vim.kernels.conv_silu_reference import MAX_WIDTH  # noqa: E402
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "triton_resources.py"
+TOOL = REPO / "tools" / "triton_resources.py"
 STATE_SIZES = (4, 8, 16, 32, 64)
 SCAN_TILE = ("BLOCK_T", "BLOCK_D", "BLOCK_N", "num_warps")
 CONV_TILE = ("BLOCK_L", "BLOCK_C", "num_warps")

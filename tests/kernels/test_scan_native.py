@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_scan_cpu import TOLERANCES, assert_close_all, leaves, make_inputs, run_with_grads, two_reference_scans
 
 from vim.kernels import bidirectional_selective_scan, scan_cpu, scan_native, selective_scan, selective_scan_ref
+
+from support.grads import assert_close_all, leaves, run_with_grads
+from support.scans import TOLERANCES, scan_inputs, two_reference_scans
 
 pytestmark = pytest.mark.skipif(not scan_native.native_available(), reason="no C compiler to build the fused CPU scan")
 
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.skipif(not scan_native.native_available(), reason="no C
     ],
 )
 def test_channel_blocking_matches_reference(batch, dim, state, groups):
-    inputs = make_inputs(batch=batch, dim=dim, state=state, length=37, groups=groups, seed=dim)
+    inputs = scan_inputs(batch=batch, dim=dim, state=state, length=37, groups=groups, seed=dim)
     dout = torch.randn(batch, dim, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     out, grads = run_with_grads(lambda **x: selective_scan(**x, delta_softplus=True, backend="native"), leaves(inputs), dout)
     ref, ref_grads = run_with_grads(lambda **x: selective_scan_ref(**x, delta_softplus=True), leaves(inputs, torch.float64), dout)
@@ -45,7 +47,7 @@ def test_channel_blocking_matches_reference(batch, dim, state, groups):
 def test_any_thread_count_matches_reference(threads):
     """The channels are split over torch's thread count (more threads than blocks included); the per-thread
     sums of dB and dC add up to the whole."""
-    inputs = make_inputs(batch=2, dim=48, state=16, length=45, groups=None, seed=12)
+    inputs = scan_inputs(batch=2, dim=48, state=16, length=45, groups=None, seed=12)
     dout = torch.randn(2, 48, 45, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -81,7 +83,7 @@ def _layouts(inputs: dict) -> dict[str, dict]:
 def test_every_memory_layout_matches_reference_both_directions(groups):
     """Both directions in one call (dim 40: two full blocks of 16 channels and a partial one; groups of 20
     give each group a full and a partial block), for channels-last, contiguous and strided inputs, gradients too."""
-    inputs = make_inputs(batch=2, dim=40, state=16, length=70, groups=groups, lead=(2,), seed=11)
+    inputs = scan_inputs(batch=2, dim=40, state=16, length=70, groups=groups, lead=(2,), seed=11)
     dout = torch.randn(2, 2, 40, 70, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
     expected, expected_grads = run_with_grads(two_reference_scans, leaves(inputs, torch.float64), dout)
@@ -97,7 +99,7 @@ def test_every_memory_layout_matches_reference_both_directions(groups):
 
 
 def test_half_precision_is_widened_to_float32():
-    inputs = make_inputs(batch=1, dim=32, state=16, length=40, dtype=torch.float16, seed=4)
+    inputs = scan_inputs(batch=1, dim=32, state=16, length=40, dtype=torch.float16, seed=4)
     out = selective_scan(**inputs, delta_softplus=True, backend="native")
     widened = selective_scan(**{k: v.float() for k, v in inputs.items()}, delta_softplus=True, backend="native")
     assert out.dtype == torch.float16
@@ -106,7 +108,7 @@ def test_half_precision_is_widened_to_float32():
 
 def test_saturated_decays_stay_finite():
     """Decays far below 2^-126 flush to zero and large ones are clamped, instead of turning into inf or NaN."""
-    inputs = make_inputs(batch=1, dim=16, state=16, length=50, decay=(50.0, 200.0), seed=5)
+    inputs = scan_inputs(batch=1, dim=16, state=16, length=50, decay=(50.0, 200.0), seed=5)
     inputs["delta"] = inputs["delta"].abs() * 20
     out = selective_scan(**inputs, delta_softplus=True, backend="native")
     ref = selective_scan_ref(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
@@ -115,7 +117,7 @@ def test_saturated_decays_stay_finite():
 
 
 def test_float64_takes_the_exact_chunked_path():
-    inputs = make_inputs(length=20, dtype=torch.float64)
+    inputs = scan_inputs(length=20, dtype=torch.float64)
     out = selective_scan(**inputs, delta_softplus=True, backend="native")
     torch.testing.assert_close(out, selective_scan_ref(**inputs, delta_softplus=True), rtol=1e-12, atol=1e-12)
 
@@ -125,7 +127,7 @@ def test_without_a_compiler_it_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(scan_native, "_unavailable", None)
     monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    inputs = make_inputs(length=30, groups=1, seed=6)
+    inputs = scan_inputs(length=30, groups=1, seed=6)
     canonical = (*(inputs[k][None] for k in ("u", "delta", "A", "B", "C", "D")), inputs["z"], inputs["delta_bias"][None])
     canonical = (*canonical, True, False)
     with pytest.warns(UserWarning, match="fused CPU scan is unavailable"):
@@ -150,7 +152,7 @@ def test_build_on_its_own_threads_matches_reference(monkeypatch, tmp_path):
     monkeypatch.setattr(scan_native, "_unavailable", None)
     monkeypatch.setattr(scan_native, "_variants", lambda: [(("-O2", "-fPIC", "-pthread"), ("-pthread",))])
     monkeypatch.setenv("VIM_KERNEL_CACHE", str(tmp_path))
-    inputs = make_inputs(batch=3, dim=40, state=16, length=70, lead=(2,), seed=13)
+    inputs = scan_inputs(batch=3, dim=40, state=16, length=70, lead=(2,), seed=13)
     dout = torch.randn(2, 3, 40, 70, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
 
     before = torch.get_num_threads()
@@ -243,7 +245,7 @@ def test_cached_library_loads_without_a_compiler(monkeypatch, tmp_path):
         raise AssertionError(f"ran {args[0]}: a cached library needs no compiler")
 
     monkeypatch.setattr(scan_native.subprocess, "run", no_compiling)
-    inputs = make_inputs(length=20, seed=3)
+    inputs = scan_inputs(length=20, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither "no C compiler found" nor "the fused CPU scan is unavailable"
         assert scan_native.native_available()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_block.py"
+from support.paths import REPO
+
+TOOL = REPO / "tools" / "bench_block.py"
 
 
 @pytest.mark.slow

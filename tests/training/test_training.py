@@ -9,14 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from PIL import Image
 from torch.optim.lr_scheduler import LambdaLR
 
 from vim.data.images import ImageDataModule
@@ -27,18 +25,9 @@ from vim.training.classifier import classification_loss
 from vim.training.image_classifier import ImageClassifier
 from vim.training.schedule import WarmupCosine, WarmupCosineLR
 
+from support.training import Recorder, write_tree
+
 TINY_VIT = dict(patch_size=4, embed_dim=16, depth=1, num_heads=2)
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_tree(root: Path, classes: int = 3, per_class: int = 6, size: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 80, (size, size, 3)) + 60 * c  # class-dependent brightness
-            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
 
 
 def tiny_classifier(**recipe) -> ImageClassifier:
@@ -132,19 +121,6 @@ def test_the_class_count_comes_from_the_data_or_the_released_head():
         ImageClassifier("test_vim", img_size=16)
     with pytest.raises(ValueError, match=r"model.pretrained and model.pretrained_file both choose the initial weights"):
         ImageClassifier("test_vim", num_classes=3, pretrained=True, pretrained_file="weights.pth")
-
-
-class Recorder(Callback):
-    """Learning rate before each step and the model's weights after it."""
-
-    def __init__(self) -> None:
-        self.lrs, self.weights = [], []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
 
 
 def test_optimizer_groups_schedule_and_ema(tmp_path):
