@@ -42,7 +42,7 @@ from vim.data.points import PointCloudDataModule  # noqa: F401
 from vim.data.video import VideoClipDataModule  # noqa: F401
 from vim.data.workers import available_cores
 from vim.files import FolderInUseError, is_remote
-from vim.models.checkpoint import CheckpointError, read_checkpoint
+from vim.models.checkpoint import CheckpointError
 from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError, has_released_weights
 from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
@@ -108,12 +108,12 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
 
 
 def checkpoint_num_classes(ckpt_path: str | None) -> int | None:
-    """The ``num_classes`` hyper-parameter of the checkpoint file or URL ``ckpt_path`` (read safely, a URL downloaded
-    for it); None for no file (``"last"`` is resolved later, with the run folder) or a checkpoint without it."""
+    """The class count of the checkpoint file or URL ``ckpt_path`` (:func:`~vim.models.loading.read_training_checkpoint`:
+    read safely, a URL downloaded for it); None for no file (``"last"`` is resolved later, with the run folder) or a
+    checkpoint without it."""
     if ckpt_path is None or not (is_remote(ckpt_path) or Path(ckpt_path).is_file()):
         return None
-    checkpoint = read_checkpoint(ckpt_path, mmap=True)
-    return checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, {}).get("num_classes")
+    return read_training_checkpoint(ckpt_path, "--ckpt_path").num_classes
 
 
 class VimCLI(LightningCLI):

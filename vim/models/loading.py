@@ -33,7 +33,7 @@ import timm
 import torch
 from torch import nn
 
-from vim.files import check_weights_file
+from vim.files import check_weights_file, is_remote
 
 from .checkpoint import read_checkpoint
 from .weights import create_released_model, released_weights
@@ -60,7 +60,7 @@ class TrainingCheckpoint:
     """What a ``vimkit fit`` checkpoint records of its model.
 
     Attributes:
-        path: the file.
+        path: the file (absolute) or URL.
         model: the timm name it was trained as (None in a checkpoint of another LightningModule).
         model_kwargs: the ``create_model`` arguments besides the class count (``model_kwargs`` and the size arguments).
         num_classes: the classifier's outputs.
@@ -69,7 +69,7 @@ class TrainingCheckpoint:
         state_dict: the LightningModule's state dict (``model.*`` and, with EMA, ``ema.module.*``).
     """
 
-    path: Path
+    path: str
     model: str | None
     model_kwargs: dict[str, Any]
     num_classes: int | None
@@ -88,14 +88,16 @@ class TrainingCheckpoint:
         return weights
 
 
-def read_training_checkpoint(path: str | os.PathLike, argument: str = "checkpoint") -> TrainingCheckpoint:
-    """Read a ``vimkit fit`` checkpoint without running pickled code (``argument`` names the setting in errors).
+def read_training_checkpoint(source: str | os.PathLike, argument: str = "checkpoint") -> TrainingCheckpoint:
+    """Read a ``vimkit fit`` checkpoint, a local file (memory-mapped: tensors are read when used) or a URL (downloaded
+    into a temporary folder, as ``--ckpt_path`` takes it), without running pickled code; ``argument`` names the setting
+    in errors.
 
     Raises:
         ValueError: the file is missing or empty, holds objects that are not plain data, or is no Lightning checkpoint.
     """
-    path = check_weights_file(path, argument)
-    checkpoint = read_checkpoint(path)
+    path = source if is_remote(source) else check_weights_file(source, argument).resolve()
+    checkpoint = read_checkpoint(path, mmap=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{argument}: '{path}' is not a Lightning checkpoint (no 'state_dict')")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
@@ -103,7 +105,7 @@ def read_training_checkpoint(path: str | os.PathLike, argument: str = "checkpoin
     kwargs.pop("pretrained", None)  # the checkpoint's weights replace any released ones (older runs set it here)
     kwargs.update({key: hparams[key] for key in SIZE_ARGUMENTS if hparams.get(key) is not None})
     return TrainingCheckpoint(
-        path=path,
+        path=str(path),
         model=hparams.get("model"),
         model_kwargs=kwargs,
         num_classes=hparams.get("num_classes"),
@@ -186,7 +188,9 @@ def load_model(
     given = [source for source, on in sources.items() if on]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} each choose the weights: give one")
-    if weights is not None and Path(weights).suffix == CHECKPOINT_SUFFIX:
+    if weights is not None:
+        weights = check_weights_file(weights, argument)  # a local file: the commands that load models take no URL
+    if weights is not None and weights.suffix == CHECKPOINT_SUFFIX:
         checkpoint = read_training_checkpoint(weights, argument)
         return _from_training_checkpoint(name, checkpoint, num_classes, head, use_ema, model_kwargs)
     if name is None:
@@ -195,7 +199,7 @@ def load_model(
     classes = {"num_classes": 0 if not head else num_classes} if not head or num_classes is not None else {}
     if weights is not None:
         file_classes = num_classes if file_head and head else None
-        return _from_weights_file(name, check_weights_file(weights, argument), argument, kwargs, classes, file_classes)
+        return _from_weights_file(name, weights, argument, kwargs, classes, file_classes)
     if pretrained:
         info = released_weights(name)
         model = create_released_model(name, **kwargs, **classes)
@@ -224,7 +228,7 @@ def _from_training_checkpoint(
         )
     if not head:
         cast(Any, model).reset_classifier(0)  # every timm model has it; nn.Module does not declare it
-    return LoadedModel(model, name, kwargs, {"checkpoint": {"path": str(checkpoint.path.resolve())}}, checkpoint)
+    return LoadedModel(model, name, kwargs, {"checkpoint": {"path": checkpoint.path}}, checkpoint)
 
 
 def _from_weights_file(
