@@ -10,7 +10,7 @@ import torch
 
 from vim.cli import run_lightning
 from vim.data.generated import write_moving_digits
-from vim.training.export import export_safetensors
+from vim.deploy import export_safetensors
 from vim.training.video import VideoClassifier, average_view_logits
 
 REPO = Path(__file__).resolve().parents[1]
