@@ -27,9 +27,9 @@ def exportable(model: nn.Module) -> MambaBackbone:
     """``model`` as a :class:`MambaBackbone` whose family can be exported; ValueError saying why for any other model."""
     if not isinstance(model, MambaBackbone):
         raise ValueError(
-            f"cannot export a {type(model).__name__}: vim.deploy knows the inputs of vim's backbones (a MambaBackbone: "
-            "VisionMamba, VideoMamba, PointMamba) only; a features_only wrapper or another timm model has no input size "
-            "and output that it knows"
+            f"cannot export a {type(model).__name__}: vim.deploy knows the inputs of vim's backbones (MambaBackbone "
+            "models, which declare them) only; a features_only wrapper or another timm model has no input size and "
+            "output that it knows"
         )
     if model.export_refusal is not None:
         raise ValueError(f"cannot export a {type(model).__name__}: {model.export_refusal}")
