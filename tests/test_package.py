@@ -80,6 +80,16 @@ def test_import_vim_registers_models_without_lightning_or_video_readers(name, pa
     assert int(out.stdout.split()[-1]) == params
 
 
+def test_vimkit_export_imports_no_lightning():
+    """vim.deploy and its command (``vimkit export``) build models without Lightning: exporting is not training."""
+    code = (
+        "import sys, vim.deploy, vim.deploy.cli\n"
+        "assert 'lightning' not in sys.modules and 'pytorch_lightning' not in sys.modules, sorted(sys.modules)\n"
+        "assert vim.deploy.export_model is vim.deploy.cli.export_model\n"
+    )
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+
 def test_vim_extract_is_the_extraction_function():
     import vim
     from vim.extraction import extract, main  # noqa: F401  (binds the submodule on the package)

@@ -271,10 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         with errors_in_one_line(command):
             extract_main(args[1:])
     elif command == "export":
-        from vim.training import export
+        from vim.deploy.cli import main as export_main  # imported only when asked for
 
         with errors_in_one_line(command):
-            export.main(args[1:])
+            export_main(args[1:])
     elif command in LIGHTNING_COMMANDS:
         try:
             run_lightning(argv)  # None: LightningCLI reads the command line itself

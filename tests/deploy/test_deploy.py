@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from vim.cli import main
 from vim.deploy import (
     SCAN_OP,
+    ExportOptions,
+    ModelSource,
     decompose_scan,
     export_aoti,
     export_model,
@@ -25,6 +27,7 @@ from vim.deploy import (
     load_model,
     nominal_input_size,
     save_program,
+    set_input_size,
 )
 from vim.kernels import selective_scan_ref
 from vim.kernels.scan_decomposition import decomposed_scan_forward
@@ -171,7 +174,9 @@ def test_onnx_video_features_from_a_lightning_checkpoint(tmp_path):
     """The model name, its arguments and the EMA weights come from the checkpoint; without the head: pooled features."""
     ckpt = tmp_path / "last.ckpt"
     ema = _lightning_checkpoint(ckpt, "test_videomamba", 4, model_kwargs={"depth": 3})
-    out = export_model("onnx", tmp_path / "clips.onnx", checkpoint=ckpt, head=False, opset=18, progress=False)
+    out = export_model(
+        "onnx", tmp_path / "clips.onnx", ModelSource(checkpoint=ckpt, head=False), ExportOptions(opset=18, progress=False)
+    )
     model = load_model(checkpoint=ckpt, head=False)
     assert len(model.layers) == 3 and model.num_classes == 0
     clips = moving_digit_clips(3)
@@ -291,10 +296,51 @@ def test_an_unsupported_opset_is_refused_before_any_work(tmp_path, opset):
 
 def test_a_model_of_another_family_is_refused_with_the_reason(tmp_path):
     features = timm.create_model("test_vim", features_only=True, out_indices=(1,))
-    with pytest.raises(ValueError, match=r"cannot export a FeatureGetterNet: vim.deploy knows the inputs of VisionMamba"):
+    with pytest.raises(ValueError, match=r"cannot export a FeatureGetterNet: vim.deploy knows the inputs of vim's backbones"):
         export_onnx(features, tmp_path / "m.onnx", progress=False)
     with pytest.raises(ValueError, match="cannot export a Linear"):
         export_program(torch.nn.Linear(3, 3))
+
+
+def test_a_family_that_declares_an_export_refusal_is_refused_with_its_reason(tmp_path):
+    """The refusal is read off the model's contract (``export_refusal``), not off a list of classes."""
+    model = timm.create_model("test_vim")
+    model.export_refusal = "its tokenizer's size depends on the data"
+    with pytest.raises(ValueError, match="cannot export a VisionMamba: its tokenizer's size depends on the data"):
+        export_program(model)
+    with pytest.raises(ValueError, match="cannot export a VisionMamba: its tokenizer's size"):
+        save_program(model, tmp_path / "m.pt2")
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_set_input_size_takes_the_sizes_of_the_models_family_only():
+    """Each family's ``set_input_size`` sizes its input (the nominal size follows); another family's size is named."""
+    points = timm.create_model("test_pointmamba")
+    set_input_size(points, num_points=64)
+    assert nominal_input_size(points) == (64, 3)
+    clips = timm.create_model("test_videomamba")
+    set_input_size(clips, img_size=(16, 24), num_frames=2)
+    assert nominal_input_size(clips) == (3, 2, 16, 24)
+    with pytest.raises(ValueError, match="num_frames=4: a VisionMamba takes no clips; it takes images, sized by img_size"):
+        set_input_size(timm.create_model("test_vim"), num_frames=4)
+    with pytest.raises(
+        ValueError, match="img_size=32: a PointMamba takes no images or frames; it takes point clouds, sized by num_points"
+    ):
+        set_input_size(points, img_size=32)
+    assert nominal_input_size(points) == (64, 3), "a refused size changes nothing"
+
+
+def test_export_model_writes_a_program_at_the_size_asked_for(tmp_path):
+    """``export_model(format, out, ModelSource, ExportOptions)``: the model, sized by the options, traced at that size."""
+    torch.manual_seed(0)
+    source, options = ModelSource("test_videomamba", head=False), ExportOptions(img_size=16, num_frames=2)
+    program = torch.export.load(export_model("torch_export", tmp_path / "clips.pt2", source, options))
+    assert tuple(program.example_inputs[0][0].shape) == (2, 3, 2, 16, 16)
+    torch.manual_seed(0)  # the same random weights
+    model = load_model("test_videomamba", head=False, img_size=16, num_frames=2)
+    clips = moving_digit_clips(3, num_frames=2, size=16)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(clips), model(clips))
 
 
 def test_onnx_export_without_the_export_extra_names_it(tmp_path, monkeypatch):
@@ -329,7 +375,8 @@ def test_cli_refuses_unclear_requests(tmp_path, capsys):
     weights = tmp_path / "ten_classes.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("test_vim", num_classes=10).state_dict().items()}, str(weights))
     with pytest.raises(
-        ValueError, match=r"(?s)ten_classes.safetensors' does not fit test_vim \(num_classes=default\).*head.weight"
+        ValueError,
+        match=r"ten_classes.safetensors'.*'head.weight' has shape \(10, 32\), the model expects \(1000, 32\); pass num_classes",
     ):
         load_model("test_vim", checkpoint=weights)
 

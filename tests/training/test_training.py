@@ -201,8 +201,8 @@ def test_layer_decay_scales_each_layers_learning_rate(tmp_path):
 
 def test_missing_or_empty_weights_files_are_named(tmp_path):
     """A zero-byte .pth (or .ckpt) as weights: a message naming the setting and the file, not torch.load's EOFError."""
+    from vim.deploy import export_safetensors
     from vim.extraction import extract
-    from vim.training.export import export_safetensors
 
     empty = tmp_path / "weights.pth"
     empty.write_bytes(b"")

@@ -8,7 +8,7 @@ import torch
 
 from vim.cli import run_lightning
 from vim.data.generated import write_moving_digits
-from vim.training.export import export_safetensors
+from vim.deploy import export_safetensors
 from vim.training.video import VideoClassifier, average_view_logits
 
 from support.paths import REPO

@@ -58,7 +58,7 @@ subclass overrides ``_reset_head`` / ``forward_head``), ``no_weight_decay``, ``g
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast, get_args
 
 import torch
@@ -160,6 +160,9 @@ class MambaBackbone(nn.Module):
     input_kind: str = "inputs"
     export_refusal: str | None = None
     """Why the family cannot be exported (torch.export, ONNX, AOTInductor), or None when it can."""
+    set_input_size: Callable[..., None]
+    """Each family's own method: change the nominal input size by the keyword sizes it takes (``img_size``,
+    ``num_frames``, ``num_points``), None keeping one; declared here so that callers may use it on any backbone."""
     num_prefix_tokens: int = 1
     stem_no_weight_decay: tuple[str, ...] = ()
     stem_pattern: str = ""
