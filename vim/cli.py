@@ -43,6 +43,7 @@ from vim.data.video import VideoClipDataModule  # noqa: F401
 from vim.data.workers import available_cores
 from vim.files import FolderInUseError, is_remote
 from vim.models.checkpoint import CheckpointError
+from vim.models.loading import read_training_checkpoint
 from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError, has_released_weights
 from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
