@@ -9,7 +9,8 @@ from .selective_scan import BACKENDS, bidirectional_selective_scan, resolve_back
 __all__ = ["BACKENDS", "bidirectional_selective_scan", "resolve_backend", "selective_scan", "selective_scan_ref"]
 
 # fused conv + SiLU of both scan directions, and residual add + norm (Triton on CUDA; C or PyTorch on CPU)
-from .add_norm import add_norm, add_norm_ref
+from .add_norm import add_norm
+from .add_norm_reference import add_norm_ref
 from .conv_silu import causal_conv1d_silu
 from .conv_silu_reference import causal_conv1d_silu_ref
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .add_norm import MAX_DIM
+from .add_norm_reference import MAX_DIM
 from .scan_triton import KernelLaunch
 
 __all__ = ["backward_launch", "forward_launch", "triton_add_norm_backward", "triton_add_norm_forward"]

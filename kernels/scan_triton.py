@@ -457,7 +457,7 @@ class KernelLaunch:
     """One launch as the launchers issue it: the kernel, its grid, arguments and compile-time options.
 
     Built apart from running it, so that the exact variant a call picks can also be compiled for a GPU
-    target without a GPU (tests/test_triton_targets.py).
+    target without a GPU (tests/kernels/test_triton_targets.py).
     """
 
     kernel: triton.runtime.JITFunction

@@ -35,11 +35,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from benchmark_report import machine, markdown_table, version, write_json, write_markdown
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # for annotations: vim is imported inside the functions that use it
+    from vim.models.backbone import MambaBackbone
 
 DEFAULT_CONFIGS = ["vim_tiny_patch16_224:224", "vim_tiny_patch16_224:512", "videomamba_tiny:8x224"]
 RUNTIMES = ("onnxruntime", "eager", "compile")
@@ -58,15 +62,14 @@ def parse_config(config: str) -> tuple[str, list[int]]:
     return name, sizes
 
 
-def build(name: str, sizes: list[int]) -> tuple[torch.nn.Module, tuple[int, ...]]:
+def build(name: str, sizes: list[int]) -> tuple[MambaBackbone, tuple[int, ...]]:
     """The model (random weights, eval mode) at the configuration's size, and one sample's input shape."""
-    from vim.deploy import family_of, load_model, nominal_input_size, set_input_size
+    from vim.deploy import load_model, nominal_input_size, set_input_size
 
     model = load_model(name)
-    family = family_of(model).name
-    if family == "points":
-        return model, (sizes[-1], 3)
-    if family == "video" and len(sizes) == 2:
+    if model.modality == "points":
+        set_input_size(model, num_points=sizes[-1])
+    elif model.modality == "video" and len(sizes) == 2:
         set_input_size(model, num_frames=sizes[0], img_size=sizes[1])
     else:
         set_input_size(model, img_size=sizes[-1])
@@ -84,12 +87,12 @@ def median_seconds(run: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def prepare(runtime: str, model: torch.nn.Module, batch: torch.Tensor, threads: int, workdir: Path) -> tuple[Callable, dict]:
+def prepare(runtime: str, model: MambaBackbone, batch: torch.Tensor, threads: int, workdir: Path) -> tuple[Callable, dict]:
     """A call of ``runtime`` on ``batch`` returning its outputs as an array, and what preparing it cost."""
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
-        from vim.deploy import export_onnx, family_of
+        from vim.deploy import export_onnx
 
         start = time.perf_counter()
         path = export_onnx(model, workdir / "model.onnx", input_size=tuple(batch.shape[1:]), progress=False)
@@ -97,7 +100,7 @@ def prepare(runtime: str, model: torch.nn.Module, batch: torch.Tensor, threads: 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {family_of(model).name: batch.numpy()}
+        feed = {model.modality: batch.numpy()}  # the graph's input is named after it
         return (lambda: session.run(None, feed)[0]), dict(export_s=exported, onnx_mib=path.stat().st_size / 2**20)
     module = model if runtime == "eager" else torch.compile(model)
 
@@ -112,8 +115,6 @@ def prepare(runtime: str, model: torch.nn.Module, batch: torch.Tensor, threads: 
 
 def measure(config: str, runtime: str, args: argparse.Namespace, workdir: Path) -> dict:
     """One runtime on one configuration, in a process of its own; its outputs are saved to ``workdir/<runtime>.npy``."""
-    from vim.deploy import family_of
-
     torch.set_num_threads(args.threads)
     name, sizes = parse_config(config)
     torch.manual_seed(0)  # the same random weights in every runtime's process
@@ -123,7 +124,7 @@ def measure(config: str, runtime: str, args: argparse.Namespace, workdir: Path) 
     seconds = median_seconds(call, args.warmup, args.iters)
     np.save(workdir / f"{runtime}.npy", call())
     row = dict(model=name, input=list(sample), batch=args.batch, runtime=runtime, status="ok", median_ms=seconds * 1e3)
-    return dict(row, rate=args.batch / seconds, unit=UNITS[family_of(model).name], **info)
+    return dict(row, rate=args.batch / seconds, unit=UNITS[model.modality], **info)
 
 
 def measure_config(config: str, args: argparse.Namespace, bar: tqdm) -> list[dict]:

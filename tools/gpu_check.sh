@@ -46,11 +46,11 @@ stage() {
 }
 
 # kernels first, whole models next, the long compile last; any other test file with GPU tests in between
-gpu_test_files=(tests/test_scan_triton.py tests/test_scan_models.py)
-for file in $(grep -l "pytest.mark.gpu" tests/test_*.py); do
-    [[ " ${gpu_test_files[*]} tests/test_scan_compile.py " == *" $file "* ]] || gpu_test_files+=("$file")
+gpu_test_files=(tests/kernels/test_scan_triton.py tests/models/test_scan_models.py)
+for file in $(grep -rl --include="test_*.py" "pytest.mark.gpu" tests | sort); do
+    [[ " ${gpu_test_files[*]} tests/kernels/test_scan_compile.py " == *" $file "* ]] || gpu_test_files+=("$file")
 done
-gpu_test_files+=(tests/test_scan_compile.py)
+gpu_test_files+=(tests/kernels/test_scan_compile.py)
 
 vim_pair=(vim_tiny_patch16_224 deit_tiny_patch16_224)
 training_pair=(vim_small_patch16_224 deit_small_patch16_224)
@@ -81,7 +81,7 @@ stage bench_models_inference "${limits[2]}" "$python" tools/bench_models.py --mo
 stage bench_models_training "${limits[3]}" "$python" tools/bench_models.py --models "${models[@]}" --modes training \
     "${training_args[@]}" "${timing[@]}" --fit-batch --same-process --out-dir "$out" --tag training
 if ((dry_run)); then
-    echo "== triton_resources: skipped in a dry run (CI compiles every variant in tests/test_triton_targets.py)"
+    echo "== triton_resources: skipped in a dry run (CI compiles every variant in tests/kernels/test_triton_targets.py)"
 else
     stage triton_resources 45 env -u TRITON_INTERPRET "$python" tools/triton_resources.py --json "$out/triton_resources.json"
 fi

@@ -42,7 +42,8 @@ from vim.data.points import PointCloudDataModule  # noqa: F401
 from vim.data.video import VideoClipDataModule  # noqa: F401
 from vim.data.workers import available_cores
 from vim.files import FolderInUseError, is_remote
-from vim.models.checkpoint import CheckpointError, read_checkpoint
+from vim.models.checkpoint import CheckpointError
+from vim.models.loading import read_training_checkpoint
 from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError, has_released_weights
 from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
@@ -108,12 +109,12 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
 
 
 def checkpoint_num_classes(ckpt_path: str | None) -> int | None:
-    """The ``num_classes`` hyper-parameter of the checkpoint file or URL ``ckpt_path`` (read safely, a URL downloaded
-    for it); None for no file (``"last"`` is resolved later, with the run folder) or a checkpoint without it."""
+    """The class count of the checkpoint file or URL ``ckpt_path`` (:func:`~vim.models.loading.read_training_checkpoint`:
+    read safely, a URL downloaded for it); None for no file (``"last"`` is resolved later, with the run folder) or a
+    checkpoint without it."""
     if ckpt_path is None or not (is_remote(ckpt_path) or Path(ckpt_path).is_file()):
         return None
-    checkpoint = read_checkpoint(ckpt_path, mmap=True)
-    return checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, {}).get("num_classes")
+    return read_training_checkpoint(ckpt_path, "--ckpt_path").num_classes
 
 
 class VimCLI(LightningCLI):
@@ -271,10 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         with errors_in_one_line(command):
             extract_main(args[1:])
     elif command == "export":
-        from vim.training import export
+        from vim.deploy.cli import main as export_main  # imported only when asked for
 
         with errors_in_one_line(command):
-            export.main(args[1:])
+            export_main(args[1:])
     elif command in LIGHTNING_COMMANDS:
         try:
             run_lightning(argv)  # None: LightningCLI reads the command line itself

@@ -6,5 +6,7 @@
   module.
 - :mod:`vim.data.folders` (the class-folder layout), :mod:`vim.data.samples` (what datasets hand their loaders),
   :mod:`vim.data.sampling` (seeded, resumable sampling), :mod:`vim.data.workers` (loader processes).
+- :mod:`vim.data.modalities`: the modality table (each modality's file extensions, a model's evaluation preprocessing,
+  the dataset of a list of files), read by feature extraction through the family's declared ``modality``.
 - :mod:`vim.data.generated`: the quickstarts' generated datasets.
 """

@@ -11,15 +11,15 @@ from . import point_mamba, video_mamba  # noqa: F401  (register the PointMamba a
 from .backbone import MambaBackbone, drop_path_schedule
 from .block import MambaBlock
 from .checkpoint import load_checkpoint_into, load_official_checkpoint
-from .mixer import BiMambaMixer
+from .mixer import MambaMixer
 from .patch_embed import StridedPatchEmbed
 from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed, split_middle_token
 from .vision_mamba import VisionMamba, checkpoint_filter_fn
 
 __all__ = [
-    "BiMambaMixer",
     "MambaBackbone",
     "MambaBlock",
+    "MambaMixer",
     "StridedPatchEmbed",
     "VisionMamba",
     "checkpoint_filter_fn",
@@ -31,3 +31,12 @@ __all__ = [
     "resample_middle_token_pos_embed",
     "split_middle_token",
 ]
+
+
+def __getattr__(name: str) -> type:
+    """The old name ``BiMambaMixer`` of :class:`MambaMixer`, with a FutureWarning (see :mod:`.mixer`)."""
+    if name == "BiMambaMixer":
+        from . import mixer
+
+        return mixer.BiMambaMixer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         pool_types = ("token", "avg", "")                                         # the default; "max" also works
         stem_no_weight_decay = ("pos_embed", "cls_token")                         # no_weight_decay()
         stem_pattern = r"^cls_token|^pos_embed|^patch_embed"                      # group_matcher's stem
+        modality = "images"                                                       # its data, and the exported input's name
         input_kind = "images"                                                     # named in input-shape errors
 
         def __init__(self, ..., device=None, dtype=None):
@@ -23,6 +24,9 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         def input_axes(self):                                                     # the input's shape, checked on entry
             return ("B", (self.in_chans, "channels"), "H", "W")
 
+        def nominal_input_shape(self):                                            # one sample at the nominal size
+            return (self.in_chans, *self.patch_embed.img_size)                    # what export traces with
+
         def _embed(self, x):                                                      # (B, L, D) tokens; forward_features
             ...                                                                   # runs the trunk on them
 
@@ -37,6 +41,11 @@ backbone's top level so official checkpoints map 1:1 (``layers.{i}.mixer.*``, ``
 ``token_grid`` ("NCHW" for images, "NCTHW" for clips) or left as "NLC".
 ``forward_features`` and ``forward_intermediates`` first check the input against ``input_axes``
 (:func:`check_input_shape`), so an unbatched input or a wrong channel count is named, whatever the family.
+
+Each family declares its input contract here, in one place that prediction, extraction and export read: ``modality``
+(which data code of :mod:`vim.data.modalities` turns files into its inputs, and the name of an exported graph's input),
+``input_kind`` and ``input_axes`` (the layout, checked on entry), ``nominal_input_shape`` and ``set_input_size`` (the
+size export traces with, and how to change it), and ``export_refusal`` (why a family cannot be exported, if it cannot).
 It also provides the drop-path schedule, gradient checkpointing and weight init of the trunk, and
 timm's model API on top of it: the head attributes (``num_classes``, ``global_pool`` checked against
 ``pool_types``, ``num_features``, ``head_hidden_size``, ``embed_dim``), ``pool``, ``forward_head``,
@@ -49,19 +58,18 @@ subclass overrides ``_reset_head`` / ``forward_head``), ``no_weight_decay``, ``g
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast, get_args
 
 import torch
 from timm.layers import DropPath, register_notrace_function, trunc_normal_
-from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .block import MambaBlock, NormLayer, add_and_norm, create_norm
 from .checkpoint import load_checkpoint_into, unwrap_state_dict
 
-__all__ = ["InputAxis", "MambaBackbone", "PoolType", "check_input_shape", "drop_path_schedule"]
+__all__ = ["InputAxis", "MambaBackbone", "PoolType", "check_input_shape", "drop_path_schedule", "take_indices"]
 
 PoolType = Literal["token", "avg", ""]
 
@@ -70,6 +78,26 @@ SPATIAL_FORMATS = {2: "NCHW", 3: "NCTHW"}
 
 Intermediate = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 """One of ``forward_intermediates``' outputs: the tokens, or (tokens, class token) with ``return_prefix_tokens``."""
+
+
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """The block indices ``forward_intermediates`` takes, counted from the first block, and the largest of them.
+
+    As timm's feature indices: None takes every block, an int ``n`` the last ``n``, a sequence the blocks it names
+    (negative ones counted from the end). ValueError naming an index out of range.
+    """
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices={indices}: take the last 1 to {num_blocks} blocks")
+        taken = list(range(num_blocks - indices, num_blocks))
+    else:
+        taken = [num_blocks + i if i < 0 else i for i in indices]
+        wrong = [i for i, absolute in zip(indices, taken) if not 0 <= absolute < num_blocks]
+        if wrong or not taken:
+            raise ValueError(f"indices={list(indices)}: the model has blocks 0..{num_blocks - 1} (or -{num_blocks}..-1)")
+    return taken, max(taken)
 
 
 InputAxis = str | tuple[int, str]
@@ -127,7 +155,14 @@ class MambaBackbone(nn.Module):
     """Base class holding the residual Mamba trunk and timm's model API; see the module docstring."""
 
     pool_types: tuple[str, ...] = get_args(PoolType)
+    modality: str = ""
+    """What the model takes: "images", "video" or "points" (the data code that reads its inputs, the exported input's name)."""
     input_kind: str = "inputs"
+    export_refusal: str | None = None
+    """Why the family cannot be exported (torch.export, ONNX, AOTInductor), or None when it can."""
+    set_input_size: Callable[..., None]
+    """Each family's own method: change the nominal input size by the keyword sizes it takes (``img_size``,
+    ``num_frames``, ``num_points``), None keeping one; declared here so that callers may use it on any backbone."""
     num_prefix_tokens: int = 1
     stem_no_weight_decay: tuple[str, ...] = ()
     stem_pattern: str = ""
@@ -164,7 +199,7 @@ class MambaBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: NormLayer = "rmsnorm",
         norm_eps: float = 1e-5,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
         **mixer_kwargs,
@@ -177,19 +212,19 @@ class MambaBackbone(nn.Module):
             drop_path_rate: stochastic-depth rate of the last block and of the final norm.
             norm_layer: "rmsnorm" (Vim, VideoMamba) or "layernorm" (PointMamba), in every block and ``norm_f``.
             norm_eps: the norms' epsilon.
-            scan_backend: backend of every kernel (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
-            mixer_kwargs: forwarded to every :class:`BiMambaMixer` (d_state, expand, directions, divide_out, ...).
+            kernel_backend: backend of every kernel (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
+            mixer_kwargs: forwarded to every :class:`MambaMixer` (d_state, expand, directions, divide_out, ...).
         """
         dd = {"device": device, "dtype": dtype}
         self.depth = depth
-        self.scan_backend = scan_backend
+        self.kernel_backend = kernel_backend
         self.layers = nn.ModuleList(
             MambaBlock(
                 embed_dim,
                 drop_path=rate,
                 norm_layer=norm_layer,
                 norm_eps=norm_eps,
-                scan_backend=scan_backend,
+                kernel_backend=kernel_backend,
                 **mixer_kwargs,
                 **dd,
             )
@@ -230,7 +265,7 @@ class MambaBackbone(nn.Module):
         """``norm_f`` of the float32 residual stream ``residual + hidden``, computed in the norm's dtype."""
         if isinstance(self.norm_f, nn.Identity):  # pruned away
             return hidden if residual is None else residual + hidden
-        return add_and_norm(self.norm_f, hidden, residual, self.scan_backend)[0]
+        return add_and_norm(self.norm_f, hidden, residual, self.kernel_backend)[0]
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """``norm_f(residual + drop_path(hidden))``."""
@@ -270,13 +305,13 @@ class MambaBackbone(nn.Module):
             The normalised tokens after the last block run (B, L, D), and one (B, L, D) tensor per
             taken block, in block order.
         """
-        take_indices, _ = feature_take_indices(len(self.layers), indices)
-        num_blocks = max(take_indices) + 1 if stop_early else len(self.layers)
+        taken, last = take_indices(len(self.layers), indices)
+        num_blocks = last + 1 if stop_early else len(self.layers)
         hidden, residual = x, None
         intermediates = []
         for i, layer in enumerate(self.blocks[:num_blocks]):
             hidden, residual = self._run_block(layer, hidden, residual)
-            if i in take_indices:
+            if i in taken:
                 intermediates.append(self._norm_f(hidden, residual) if norm else (residual + hidden).to(hidden.dtype))
         return self._final_norm(hidden, residual), intermediates
 
@@ -294,6 +329,10 @@ class MambaBackbone(nn.Module):
 
     def input_axes(self) -> tuple[InputAxis, ...]:
         """The axes of the modality's input, the batch axis first (see :func:`check_input_shape`)."""
+        raise NotImplementedError
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """One sample of the nominal input, without the batch axis: (C, H, W), (C, T, H, W) or (N, 3)."""
         raise NotImplementedError
 
     @property
@@ -438,10 +477,10 @@ class MambaBackbone(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the final norm / classifier); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[: max_index + 1]
+        taken, last = take_indices(len(self.layers), indices)
+        self.layers = self.layers[: last + 1]
         if prune_norm:
             self.norm_f = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
-        return take_indices
+        return taken

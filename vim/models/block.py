@@ -25,7 +25,7 @@ from torch import nn
 
 from vim.kernels import add_norm
 
-from .mixer import BiMambaMixer
+from .mixer import MambaMixer
 
 __all__ = ["NORM_LAYERS", "MambaBlock", "NormLayer", "add_and_norm", "create_norm"]
 
@@ -64,14 +64,14 @@ def add_and_norm(
 
 
 class MambaBlock(nn.Module):
-    """Residual block around a :class:`BiMambaMixer`.
+    """Residual block around a :class:`MambaMixer`.
 
     Args:
         dim: token width D.
         drop_path: stochastic-depth rate applied to the incoming mixer output.
         norm_layer: "rmsnorm" or "layernorm".
         norm_eps: the norm's epsilon.
-        mixer_kwargs: forwarded to :class:`BiMambaMixer` (d_state, expand, directions, divide_out, ...).
+        mixer_kwargs: forwarded to :class:`MambaMixer` (d_state, expand, directions, divide_out, ...).
     """
 
     def __init__(
@@ -87,7 +87,7 @@ class MambaBlock(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm = create_norm(norm_layer, dim, eps=norm_eps, **dd)
-        self.mixer = BiMambaMixer(dim, **mixer_kwargs, **dd)
+        self.mixer = MambaMixer(dim, **mixer_kwargs, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,5 +103,5 @@ class MambaBlock(nn.Module):
         """
         if residual is not None:
             hidden_states = self.drop_path(hidden_states)
-        normed, residual = add_and_norm(self.norm, hidden_states, residual, self.mixer.scan_backend)
+        normed, residual = add_and_norm(self.norm, hidden_states, residual, self.mixer.kernel_backend)
         return self.mixer(normed), residual

@@ -4,7 +4,6 @@ API::
 
     state_dict = load_official_checkpoint("vim_t_midclstok_76p1acc.pth")   # any family's .pth, or a .safetensors file
     load_checkpoint_into(model, "finetune_modelnet.pth")                    # read, map (the family's filter), load
-    model = build_backbone(VisionMamba, "vim_tiny_patch16_224", pretrained, **kwargs)   # the families' timm builder
 
 The released files are training checkpoints: the weights sit under ``"model"`` (Vim, VideoMamba; also
 ``"model_ema"`` when EMA was on, which is read only on request: the published accuracies are those of
@@ -14,7 +13,7 @@ the one reader of every torch checkpoint in vim (Lightning ``.ckpt`` files inclu
 ``torch.load(weights_only=True)``, allowing only :data:`SAFE_GLOBALS`, so no pickled code runs; a file that holds
 anything else is refused with :class:`CheckpointError`.
 
-Every registered model of ours is built by :func:`build_backbone`, which sets timm's ``custom_load``: timm
+Every registered model of ours is built by :func:`vim.models.builder.build_backbone`, which sets timm's ``custom_load``: timm
 resolves the weight source as usual (a ``pretrained_cfg_overlay`` file, a URL downloaded into torch hub's
 cache, a Hugging Face Hub file downloaded into its cache) and hands the local file to the model's
 ``load_pretrained``, which calls :func:`load_checkpoint_into`. So a file is read the same way whether it came
@@ -36,23 +35,19 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import fsspec
 import torch
-from timm.models import adapt_input_conv, build_model_with_cfg
-from torch import nn
+from timm.models import adapt_input_conv
 
 from vim.files import is_remote
-
-if TYPE_CHECKING:
-    from .backbone import MambaBackbone
 
 __all__ = [
     "CUSTOM_LOAD",
     "SAFE_GLOBALS",
     "CheckpointError",
-    "build_backbone",
+    "FilteredModel",
     "checked",
     "classifier_keys",
     "load_checkpoint_into",
@@ -73,6 +68,18 @@ WEIGHT_KEYS = ("model", "base_model", "state_dict")
 
 CUSTOM_LOAD = "hf"
 """timm's ``custom_load`` value that sends every source, Hugging Face Hub included, to ``model.load_pretrained``."""
+
+
+class FilteredModel(Protocol):
+    """What :func:`load_checkpoint_into` needs of a model: timm's ``nn.Module`` API and its family's checkpoint filter."""
+
+    num_classes: int
+
+    def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
 
 
 class CheckpointError(ValueError):
@@ -197,7 +204,7 @@ def square_grid(num_patches: int, key: str) -> tuple[int, int]:
     return side, side
 
 
-def classifier_keys(model: nn.Module, keys: Any) -> list[str]:
+def classifier_keys(model: object, keys: Any) -> list[str]:
     """The entries of ``keys`` under the classifier that ``model.pretrained_cfg["classifier"]`` names ("head" without a cfg)."""
     names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
     names = (names,) if isinstance(names, str) else tuple(names)
@@ -223,7 +230,7 @@ def _fits(key: str, value: torch.Tensor, target: torch.Tensor) -> bool:
     return value.shape == target.shape
 
 
-def _adapt_input_conv(model: nn.Module, state_dict: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+def _adapt_input_conv(model: object, state_dict: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
     """timm's adaptation of a 2-D first conv to the model's input channels (e.g. RGB weights for a grey model)."""
     first_conv = getattr(model, "pretrained_cfg", {}).get("first_conv")
     key = f"{first_conv}.weight"
@@ -233,7 +240,7 @@ def _adapt_input_conv(model: nn.Module, state_dict: dict[str, torch.Tensor], exp
             state_dict[key] = adapt_input_conv(channels, state_dict[key], base_chans=state_dict[key].shape[1])
 
 
-def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool = False, strict: bool = True) -> list[str]:
+def load_checkpoint_into(model: FilteredModel, path: str | Path, use_ema: bool = False, strict: bool = True) -> list[str]:
     """Load a released or exported weights file into ``model`` through its family's filter.
 
     The file is read by :func:`load_official_checkpoint`, mapped by ``model.checkpoint_filter`` (the family's
@@ -296,28 +303,3 @@ def load_checkpoint_into(model: MambaBackbone, path: str | Path, use_ema: bool =
 
 def _listed(keys: list[str], limit: int = 8) -> str:
     return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
-
-
-def _filter_with_model(state_dict: Mapping, model: MambaBackbone) -> dict[str, torch.Tensor]:
-    return model.checkpoint_filter(state_dict)
-
-
-def build_backbone(model_cls: type[nn.Module], variant: str, pretrained: bool = False, feature_cfg: dict | None = None, **kwargs):
-    """timm's ``build_model_with_cfg`` for our families, with every weight source read by :func:`load_checkpoint_into`.
-
-    ``custom_load`` is set on the resolved pretrained cfg, including when ``pretrained_cfg_overlay`` names a file
-    (timm resets it there otherwise); a ``state_dict`` overlay goes through the family's filter as well.
-    ``out_indices`` (default 3) and ``feature_cfg`` configure ``features_only`` (intermediates through
-    ``forward_intermediates``).
-    """
-    out_indices = kwargs.pop("out_indices", 3)
-    overlay = {**(kwargs.pop("pretrained_cfg_overlay", None) or {}), "custom_load": CUSTOM_LOAD}
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=overlay,
-        pretrained_filter_fn=_filter_with_model,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter", **(feature_cfg or {})),
-        **kwargs,
-    )

@@ -2,8 +2,8 @@
 
 API::
 
-    mixer = BiMambaMixer(d_model, d_state=16, d_conv=4, expand=2, divide_out=True)   # two directions
-    mixer = BiMambaMixer(d_model, directions=1)                                       # Mamba's own mixer
+    mixer = MambaMixer(d_model, d_state=16, d_conv=4, expand=2, divide_out=True)   # two directions (Vim)
+    mixer = MambaMixer(d_model, directions=1)                                     # Mamba's own mixer (PointMamba)
     y = mixer(x)              # x, y: (B, L, d_model)
     mixer.reset_parameters()  # Mamba initialisation of every parameter (used after ``to_empty``)
 
@@ -25,6 +25,7 @@ the same kernels (:func:`vim.kernels.selective_scan` for the scan).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,15 @@ from torch import nn
 
 from vim.kernels import bidirectional_selective_scan, causal_conv1d_silu, selective_scan
 
-__all__ = ["BiMambaMixer"]
+__all__ = ["MambaMixer"]
+
+
+def __getattr__(name: str) -> type:
+    """``BiMambaMixer``, the mixer's old name (it also runs one direction), still importable with a FutureWarning."""
+    if name == "BiMambaMixer":
+        warnings.warn("vim.models.mixer.BiMambaMixer is now called MambaMixer", FutureWarning, stacklevel=2)
+        return MambaMixer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ScanWeights(NamedTuple):
@@ -47,7 +56,7 @@ class ScanWeights(NamedTuple):
 
 
 @register_notrace_module
-class BiMambaMixer(nn.Module):
+class MambaMixer(nn.Module):
     """Selective-state-space token mixer over one or both directions, (B, L, d_model) -> (B, L, d_model).
 
     Args:
@@ -59,7 +68,7 @@ class BiMambaMixer(nn.Module):
         directions: 2 (forward and backward, Vim / VideoMamba) or 1 (forward only, Mamba / PointMamba).
         divide_out: average the two directions (Vim) instead of summing them (VideoMamba).
         dt_min, dt_max, dt_init_floor: range of the initial step sizes.
-        scan_backend: backend of the selective scan and the conv + SiLU, None for ``$VIM_SCAN_BACKEND`` or "auto".
+        kernel_backend: backend of the selective scan and the conv + SiLU, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     conv1d_b: nn.Conv1d | None
@@ -80,7 +89,7 @@ class BiMambaMixer(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -96,7 +105,7 @@ class BiMambaMixer(nn.Module):
         self.directions = directions
         self.divide_out = divide_out
         self.dt_range = (dt_min, dt_max, dt_init_floor)
-        self.scan_backend = scan_backend
+        self.kernel_backend = kernel_backend
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False, **dd)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **dd)
@@ -185,7 +194,7 @@ class BiMambaMixer(nn.Module):
             self.conv1d.bias,
             None if backward is None else backward.weight,
             None if backward is None else backward.bias,
-            backend=self.scan_backend,
+            backend=self.kernel_backend,
         )
 
     def _project(self, u: torch.Tensor, weights: ScanWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,7 +222,7 @@ class BiMambaMixer(nn.Module):
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, d_inner) each
         u = self._conv(x)  # (K, B, L, d_inner)
         delta, B, C = self._project(u, weights)
-        scan_args = dict(z=z.transpose(1, 2), delta_softplus=True, backend=self.scan_backend)
+        scan_args = dict(z=z.transpose(1, 2), delta_softplus=True, backend=self.kernel_backend)
         if self.directions == 1:
             y = selective_scan(
                 u[0].transpose(-1, -2),

@@ -50,7 +50,8 @@ from torch import nn
 
 from .backbone import InputAxis, MambaBackbone, init_linear_, new_classifier
 from .block import NormLayer
-from .checkpoint import CUSTOM_LOAD, build_backbone, checked, classifier_keys, unwrap_state_dict
+from .builder import build_backbone
+from .checkpoint import CUSTOM_LOAD, checked, classifier_keys, unwrap_state_dict
 from .point_ops import ORDERS, gather_points, group_points, serialization_order
 
 __all__ = [
@@ -162,13 +163,14 @@ class PointMamba(MambaBackbone):
         drop_rate: dropout inside the MLP head.
         drop_path_rate: stochastic depth of the last block and of the final norm.
         norm_eps: the norms' epsilon.
-        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
+        kernel_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     pool_types = get_args(PoolType)
     num_prefix_tokens = 0
     stem_no_weight_decay = ("order_scale", "order_shift")
     stem_pattern = r"^encoder|^pos_embed|^order_"
+    modality = "points"
     input_kind = "point clouds"
 
     def __init__(
@@ -191,7 +193,7 @@ class PointMamba(MambaBackbone):
         drop_rate: float = 0.5,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -216,7 +218,7 @@ class PointMamba(MambaBackbone):
         self.order_shift = nn.Parameter(torch.empty(len(orders), embed_dim, **dd))
         self.build_trunk(
             embed_dim, depth, drop_path_rate=drop_path_rate, norm_layer=norm_layer, norm_eps=norm_eps,
-            d_state=d_state, expand=expand, directions=directions, divide_out=True, scan_backend=scan_backend, **dd,
+            d_state=d_state, expand=expand, directions=directions, divide_out=True, kernel_backend=kernel_backend, **dd,
         )  # fmt: skip
         self.head = self._new_head(num_classes, **dd)
         self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=1) for i in range(depth)]
@@ -273,6 +275,19 @@ class PointMamba(MambaBackbone):
         """(B, N, 3): N points of 3 coordinates (xyz)."""
         return ("B", "N", (3, "coordinates"))
 
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """(N, 3): the cloud size of the pretrained config (``input_size[-1]``), at least :attr:`min_points`."""
+        input_size = getattr(self, "pretrained_cfg", {}).get("input_size")
+        return (max(input_size[-1] if input_size else 0, self.min_points), 3)
+
+    def set_input_size(self, num_points: int | None = None) -> None:
+        """Change the nominal cloud size (``pretrained_cfg["input_size"]``); the model itself takes any size from
+        :attr:`min_points` on. None keeps it."""
+        if num_points is not None:
+            if num_points < self.min_points:
+                raise ValueError(f"num_points={num_points}: {self.model_name} takes clouds of at least {self.min_points} points")
+            self.pretrained_cfg = {**getattr(self, "pretrained_cfg", {}), "input_size": (3, 1, num_points)}
+
     def _embed(self, points: torch.Tensor) -> torch.Tensor:
         """(B, N, 3) points -> (B, S * G, D) tokens: each order's serialised group tokens, order-scaled, plus position."""
         check_point_batch(points, self.min_points)
@@ -305,6 +320,11 @@ class PointMambaScan(PointMamba):
     """
 
     pool_types = ("avg", "max", "catavgmax", "")
+    export_refusal = (
+        "its serialisation takes the space-filling curve's depth from each cloud's extent, as upstream PointMamba does: "
+        "a size that depends on the data, which torch.export (and so ONNX and AOTInductor) cannot trace. Run it in "
+        "PyTorch, or export a pointmamba_small model"
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**{**RELEASED_ARCHITECTURE, **kwargs})

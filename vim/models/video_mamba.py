@@ -35,9 +35,7 @@ VideoMamba's image model inflated with its own layout.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,12 +46,11 @@ from timm.models import generate_default_cfgs, register_model, resolve_pretraine
 from torch import nn
 
 from .backbone import InputAxis, MambaBackbone, PoolType
+from .builder import build_backbone
 from .checkpoint import (
     CUSTOM_LOAD,
-    build_backbone,
     checked,
     classifier_keys,
-    load_checkpoint_into,
     square_grid,
     unwrap_state_dict,
 )
@@ -64,7 +61,6 @@ __all__ = [
     "VideoMamba",
     "checkpoint_filter_fn",
     "inflate_image_state_dict",
-    "load_video_checkpoint",
     "resample_spatial_pos_embed",
     "resample_temporal_pos_embed",
 ]
@@ -178,11 +174,12 @@ class VideoMamba(MambaBackbone):
         norm_eps: RMSNorm epsilon.
         dynamic_img_size: accept any frame count (multiple of the tubelet) and frame size, resampling the
             position embeddings to the clip's token grid.
-        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
+        kernel_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     stem_no_weight_decay = ("pos_embed", "cls_token", "temporal_pos_embedding")
     stem_pattern = r"^cls_token|^pos_embed|^temporal_pos_embedding|^patch_embed"
+    modality = "video"
     input_kind = "clips"
 
     def __init__(
@@ -203,7 +200,7 @@ class VideoMamba(MambaBackbone):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
         dynamic_img_size: bool = False,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -229,7 +226,7 @@ class VideoMamba(MambaBackbone):
             d_state=d_state,
             expand=expand,
             divide_out=False,
-            scan_backend=scan_backend,
+            kernel_backend=kernel_backend,
             **dd,
         )
         self.head_drop = nn.Dropout(drop_rate)
@@ -284,6 +281,10 @@ class VideoMamba(MambaBackbone):
     def input_axes(self) -> tuple[InputAxis, ...]:
         """(B, C, T, H, W), C the tubelet embedding's input channels."""
         return ("B", (self.patch_embed.proj.in_channels, "channels"), "T", "H", "W")
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """(C, T, H, W) at the nominal clip length and frame size."""
+        return (self.patch_embed.proj.in_channels, self.patch_embed.num_frames, *self.patch_embed.img_size)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) clips -> (B, 1 + T' * H' * W', D) tokens, class token first, spatial-first order."""
@@ -374,24 +375,9 @@ def checkpoint_filter_fn(state_dict: Mapping, model: VideoMamba) -> dict[str, to
     return out
 
 
-def load_video_checkpoint(model: VideoMamba, path: str | Path, use_ema: bool = False, strict: bool = True) -> None:
-    """Load a released VideoMamba / Vim ``.pth`` (or a ``.safetensors`` file) into ``model``, safely.
-
-    :func:`~vim.models.checkpoint.load_checkpoint_into` reads the file (no pickled code runs) and maps it with
-    :func:`checkpoint_filter_fn`; a classifier for another class count is skipped with a warning.
-    """
-    dropped = load_checkpoint_into(model, path, use_ema=use_ema, strict=strict)
-    if dropped:
-        warnings.warn(
-            f"{path}: the checkpoint's classifier ({', '.join(sorted(dropped))}) does not fit "
-            f"num_classes={model.num_classes}; the head keeps its initialisation",
-            stacklevel=2,
-        )
-
-
 # --------------------------------------------------------------------------------------------- registry
 def _create_video_mamba(variant: str, pretrained: bool = False, **kwargs) -> VideoMamba:
-    """Build through :func:`~vim.models.checkpoint.build_backbone`; a ``_f<T>`` tag sets the default ``num_frames``."""
+    """Build through :func:`~vim.models.builder.build_backbone`; a ``_f<T>`` tag sets the default ``num_frames``."""
     tag = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg")).tag or ""
     clip_length = re.search(r"_f(\d+)$", tag)
     if clip_length:

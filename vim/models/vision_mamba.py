@@ -34,7 +34,8 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .backbone import InputAxis, MambaBackbone, PoolType
-from .checkpoint import CUSTOM_LOAD, build_backbone, checked, classifier_keys, square_grid, unwrap_state_dict
+from .builder import build_backbone
+from .checkpoint import CUSTOM_LOAD, checked, classifier_keys, square_grid, unwrap_state_dict
 from .patch_embed import StridedPatchEmbed
 from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed
 
@@ -65,11 +66,12 @@ class VisionMamba(MambaBackbone):
         drop_path_rate: stochastic depth of the last block and of the final norm.
         norm_eps: RMSNorm epsilon.
         dynamic_img_size: accept any image size, resampling the position embedding to its grid.
-        scan_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
+        kernel_backend: backend of the kernels (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
     stem_no_weight_decay = ("pos_embed", "cls_token")
     stem_pattern = r"^cls_token|^pos_embed|^patch_embed"
+    modality = "images"
     input_kind = "images"
 
     def __init__(
@@ -89,7 +91,7 @@ class VisionMamba(MambaBackbone):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
         dynamic_img_size: bool = False,
-        scan_backend: str | None = None,
+        kernel_backend: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -120,7 +122,7 @@ class VisionMamba(MambaBackbone):
             d_state=d_state,
             expand=expand,
             divide_out=True,
-            scan_backend=scan_backend,
+            kernel_backend=kernel_backend,
             **dd,
         )
         self.head_drop = nn.Dropout(drop_rate)
@@ -153,6 +155,10 @@ class VisionMamba(MambaBackbone):
     def input_axes(self) -> tuple[InputAxis, ...]:
         """(B, C, H, W), C the patch embedding's input channels."""
         return ("B", (self.patch_embed.proj.in_channels, "channels"), "H", "W")
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) at the nominal image size."""
+        return (self.patch_embed.proj.in_channels, *self.patch_embed.img_size)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, M + 1, D) tokens with the class token at M // 2, position embedded."""

@@ -44,6 +44,13 @@ __all__ = [
 ]
 
 
+WEIGHTS_FILE_OPTIONS = (
+    "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)), vim.models.loading.load_model(name, "
+    "PATH), vimkit fit --model.pretrained_file PATH, vimkit extract --checkpoint PATH, vimkit export --ckpt PATH"
+)
+"""Every way to give a weights file instead of released weights, for the error messages."""
+
+
 class NoReleasedWeightsError(ValueError):
     """The model name has no released weights (unknown name, or a tag without a file)."""
 
@@ -91,10 +98,8 @@ class ReleasedWeights:
 
     def unavailable_message(self, reason: object) -> str:
         """What was looked for, where, and where to put the file."""
-        explicit = (
-            f"or pass the file itself: timm.create_model({self.name!r}, pretrained=True, "
-            "pretrained_cfg_overlay=dict(file=PATH)) (the commands take a weights file too)"
-        )
+        explicit = f"or pass the file itself: {WEIGHTS_FILE_OPTIONS}"
+
         if self.hf_hub_id:
             from huggingface_hub import constants
 
@@ -164,8 +169,8 @@ def _require(name: str) -> ReleasedWeights:
         with_weights = [tag for tag in _tags(architecture) if released_weights(f"{architecture}.{tag}") is not None]
         hint = f"; its tags with weights: {', '.join(with_weights)}" if with_weights else "; no tag of it has any"
         raise NoReleasedWeightsError(
-            f"model {name!r} has no released weights{hint}. Give a weights file, or create it with pretrained=False "
-            "for random weights"
+            f"model {name!r} has no released weights{hint}. Give a weights file ({WEIGHTS_FILE_OPTIONS}), or use random "
+            "weights (pretrained=False; vimkit extract --random-weights)"
         )
     return info
 

@@ -25,7 +25,6 @@ for (B, C, H, W) images and (B, C, T, H, W) clips; leave them at 0 for point clo
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import os
 from collections.abc import Iterator
@@ -33,7 +32,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -49,9 +47,9 @@ from typing_extensions import Self
 
 import vim.models  # noqa: F401  (registers the Vim backbones in timm)
 from vim.data.sampling import mix_seed, seed_everything_from
-from vim.files import check_weights_file
 from vim.models.checkpoint import safely_unpickled
-from vim.models.weights import create_released_model, released_weights
+from vim.models.loading import load_model
+from vim.models.weights import released_weights
 from vim.training.schedule import WarmupCosine, WarmupCosineLR
 
 _WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
@@ -67,15 +65,6 @@ def weights_from_checkpoint() -> Iterator[None]:
         yield
     finally:
         _WEIGHTS_FROM_CHECKPOINT.reset(token)
-
-
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, **kwargs)``; an unknown name raises ValueError listing the closest known names."""
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
-        hint = f"; close names: {', '.join(close)}" if close else "; see timm.list_models()"
-        raise ValueError(f"model '{name}' is not a registered timm model{hint}")
-    return timm.create_model(name, **kwargs)
 
 
 def check_image_fits_patch(model: nn.Module, img_size: int | tuple[int, int] | None) -> None:
@@ -217,17 +206,15 @@ class Classifier(LightningModule):
         return {}
 
     def build_model(self, initial_weights: bool = True) -> nn.Module:
-        """The timm model with released weights (``pretrained``), a weights file (``pretrained_file``) or, without
-        either or without ``initial_weights``, a random initialisation."""
+        """The timm model (:func:`vim.models.loading.load_model`) with released weights (``pretrained``), a weights file
+        (``pretrained_file``) or, without either or without ``initial_weights``, a random initialisation."""
         hp = self.hparams
         kwargs = {**self.model_kwargs(), **(hp.model_kwargs or {})}
         kwargs.update(num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate)
-        if hp.pretrained and initial_weights:
-            return create_released_model(hp.model, **kwargs)
-        if hp.pretrained_file is not None and initial_weights:
-            check_weights_file(hp.pretrained_file, "model.pretrained_file")
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": hp.pretrained_file})
-        return create_model(hp.model, **kwargs)
+        weights = hp.pretrained_file if initial_weights else None
+        pretrained = bool(hp.pretrained and initial_weights)
+        loaded = load_model(hp.model, weights, pretrained=pretrained, file_head=False, argument="model.pretrained_file", **kwargs)
+        return loaded.model
 
     def released_class_names(self) -> list[str]:
         """The classes of the released head that ``pretrained`` loads (ImageNet's by name, others by number), for a

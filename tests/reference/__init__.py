@@ -1,0 +1,1 @@
+"""Independent re-implementations of upstream code, the references the golden tests compare against."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests (importable because pyproject's pytest settings put tests/ on the path)."""

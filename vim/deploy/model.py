@@ -1,0 +1,112 @@
+"""The model to export: loaded with its weights, checked to be one of vim's exportable backbones, and sized.
+
+Export reads each family's input contract (:class:`~vim.models.backbone.MambaBackbone`): ``modality`` names the graph's
+input, ``nominal_input_shape`` gives the size it is traced at, ``set_input_size`` changes that size and
+``export_refusal`` says why a family cannot be exported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+from torch import nn
+
+from vim.models import loading
+from vim.models.backbone import MambaBackbone
+
+__all__ = ["INPUT_SIZES", "exportable", "input_sizes", "load_model", "nominal_input_size", "set_input_size"]
+
+INPUT_SIZES = {"img_size": "images or frames", "num_frames": "clips", "num_points": "point clouds"}
+"""The size arguments of the families' ``set_input_size`` and what each one sizes (for the error naming a size a family
+does not take)."""
+
+
+def exportable(model: nn.Module) -> MambaBackbone:
+    """``model`` as a :class:`MambaBackbone` whose family can be exported; ValueError saying why for any other model."""
+    if not isinstance(model, MambaBackbone):
+        raise ValueError(
+            f"cannot export a {type(model).__name__}: vim.deploy knows the inputs of vim's backbones (MambaBackbone "
+            "models, which declare them) only; a features_only wrapper or another timm model has no input size and "
+            "output that it knows"
+        )
+    if model.export_refusal is not None:
+        raise ValueError(f"cannot export a {type(model).__name__}: {model.export_refusal}")
+    return model
+
+
+def nominal_input_size(model: nn.Module) -> tuple[int, ...]:
+    """The model's nominal input for one sample: (C, H, W), (C, T, H, W) or (N, 3)."""
+    return tuple(exportable(model).nominal_input_shape())
+
+
+def input_sizes(model: MambaBackbone) -> list[str]:
+    """The size arguments of :data:`INPUT_SIZES` that the model's ``set_input_size`` takes (e.g. ``["num_points"]``)."""
+    parameters = inspect.signature(model.set_input_size).parameters
+    return [key for key in INPUT_SIZES if key in parameters]
+
+
+def set_input_size(
+    model: nn.Module,
+    img_size: int | tuple[int, int] | None = None,
+    num_frames: int | None = None,
+    num_points: int | None = None,
+) -> None:
+    """Change the nominal frame size (images, video), clip length (video) or cloud size (points) through the family's
+    ``set_input_size`` (which resamples the position embeddings); None keeps a size.
+
+    Raises:
+        ValueError: naming a size the model's family does not take, and the ones it does.
+    """
+    backbone = exportable(model)
+    given = {key: value for key, value in zip(INPUT_SIZES, (img_size, num_frames, num_points)) if value is not None}
+    if not given:
+        return
+    taken = input_sizes(backbone)
+    for key, value in given.items():
+        if key not in taken:
+            raise ValueError(
+                f"{key}={value}: a {type(model).__name__} takes no {INPUT_SIZES[key]}; it takes {backbone.input_kind}, "
+                f"sized by {', '.join(taken)}"
+            )
+    backbone.set_input_size(**given)
+
+
+def load_model(
+    name: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    head: bool = True,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    num_frames: int | None = None,
+    use_ema: bool = True,
+    **model_kwargs: Any,
+) -> MambaBackbone:
+    """A registered backbone with its weights (:func:`vim.models.loading.load_model`), in eval mode, ready to export.
+
+    Args:
+        name: timm model name, with a pretrained tag for ``pretrained`` (e.g. ``vim_tiny_patch16_224.in1k``);
+            may be left out with a Lightning checkpoint, which records it.
+        checkpoint: a Lightning ``.ckpt`` of a vim Classifier (its model settings, class count, (EMA) weights and, for
+            points, the cloud size it trained on), or a weights file (``.safetensors`` from ``vimkit export``, an
+            official ``.pth``) loaded through timm's pretrained path (position embeddings resampled, shapes checked).
+        pretrained: load the timm tag's weights (timm downloads them).
+        head: keep the classifier; False: the model outputs its pooled pre-logits features.
+        num_classes: size of the classifier in a weights file (default: the model's default).
+        img_size: frame size to export at; the position embeddings are resampled (images and video).
+        num_frames: clip length to export at (video).
+        use_ema: take a Lightning checkpoint's EMA weights when it has them.
+        model_kwargs: more ``timm.create_model`` arguments.
+    """
+    loaded = loading.load_model(
+        name, checkpoint, pretrained=pretrained, num_classes=num_classes, head=head, use_ema=use_ema, argument="checkpoint",
+        **model_kwargs,
+    )  # fmt: skip
+    model = exportable(loaded.model)
+    trained_points = loaded.checkpoint.data_settings.get("num_points") if loaded.checkpoint is not None else None
+    if trained_points and "num_points" in input_sizes(model):  # a point run's cloud size: what it trained and validated on
+        set_input_size(model, num_points=trained_points)
+    set_input_size(model, img_size, num_frames)
+    return model.eval()
