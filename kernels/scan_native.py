@@ -327,12 +327,18 @@ def _launch(entry, threads: int, inputs: tuple, **buffers: Tensor | None) -> Non
         raise MemoryError("the fused CPU scan could not allocate its scratch buffers")
 
 
-def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
+def _columns(orders) -> bool:  # until the C kernel reads the orders: any but today's go to the chunked path
+    return orders is not None and tuple(orders) not in ((0,), (0, 2))
+
+
+def native_forward(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, orders=None, grid=None
+) -> tuple[Tensor, Tensor]:
     """Forward pass in the canonical form (see scan_layout): ``out`` (K, batch, dim, L), ``checkpoints``."""
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     library = _load()
-    if library is None:
-        return chunked_forward(*inputs)
+    if library is None or _columns(orders):
+        return chunked_forward(*inputs, orders=orders, grid=grid)
     K, batch, dim, length = u.shape
     out = empty_channels_last(K, batch, dim, length, like=u, dtype=torch.float32)
     checkpoints = empty_checkpoints(u, K, batch, length, dim, A.shape[-1])
@@ -341,7 +347,7 @@ def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
 
 
 def native_backward(
-    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints
+    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints, orders=None, grid=None
 ) -> tuple[Tensor, ...]:
     """Backward pass in the canonical form (see scan_layout): (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias).
 
@@ -349,8 +355,8 @@ def native_backward(
     """
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     library = _load()
-    if library is None:
-        return chunked_backward(dout, *inputs, checkpoints)
+    if library is None or _columns(orders):
+        return chunked_backward(dout, *inputs, checkpoints, orders=orders, grid=grid)
     K, batch, dim, length = u.shape
     groups, n_state = B.shape[2], A.shape[-1]
     threads = torch.get_num_threads()  # the sums of dB and dC are sized for it

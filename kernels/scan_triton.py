@@ -559,7 +559,7 @@ def backward_launch(
     return KernelLaunch(_selective_scan_bwd_kernel, (n_programs, n_dir), args, flags), buffers
 
 
-def triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool):
+def triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, orders=None, grid=None):
     """Selective scan forward in the canonical form of :mod:`.scan_layout`.
 
     Args:
@@ -570,13 +570,17 @@ def triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, re
         ``out`` (K, batch, dim, L) in ``u.dtype``, channels-last, and ``checkpoints``
         (K, batch, num_chunks(L), dim, N) float32: the state after each chunk of CHUNK_SIZE steps.
     """
+    if orders is not None and tuple(orders) not in ((0,), (0, 2)):
+        raise NotImplementedError("the Triton scan reads rows only (0, 2) for now")
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     launch, out, checkpoints = forward_launch(*inputs, limits=device_limits(u.device))
     launch(u.device)
     return out, checkpoints
 
 
-def triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints):
+def triton_backward(
+    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints, orders=None, grid=None
+):
     """Gradients of :func:`triton_forward` for every input, recomputing states from ``checkpoints``.
 
     Args:
