@@ -1,12 +1,14 @@
 """Public selective-scan API: validation, backend dispatch and the ``torch.library`` ops.
 
-Two entry points share one pair of custom ops (``vim::selective_scan_fwd`` and
+Three entry points share one pair of custom ops (``vim::selective_scan_fwd`` and
 ``vim::selective_scan_bwd``), so ``torch.compile`` traces any model that calls them without a
 graph break:
 
 * :func:`selective_scan` has the signature and semantics of mamba_ssm's ``selective_scan_fn``;
 * :func:`bidirectional_selective_scan` runs a forward and a reversed scan with different
-  parameters in one launch, as a bidirectional Vision Mamba block needs.
+  parameters in one launch, as a bidirectional Vision Mamba block needs;
+* :func:`cross_selective_scan` scans a 2-D token grid in up to four directions (rows, columns, both
+  reversed) in one launch and sums them back in grid order, as VMamba's SS2D does.
 
 Layouts: tensors are indexed ``(batch, dim, L)`` as in mamba_ssm, but the kernels read any
 strides, and the native (fastest) memory layout is channels-last: a ``(batch, dim, L)`` view of a

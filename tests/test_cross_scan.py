@@ -112,9 +112,17 @@ def expected_scan(inputs: dict, case: Case) -> torch.Tensor:
     return merged
 
 
-def leaves(inputs: dict, dtype: torch.dtype | None = None) -> dict:
-    """Copies of ``inputs`` (strides kept, optionally cast) that collect gradients."""
-    return {name: None if x is None else x.detach().clone().to(dtype or x.dtype).requires_grad_() for name, x in inputs.items()}
+def device_of(backend: str) -> str:
+    """Where a backend's inputs live: the GPU for Triton where there is one (else its interpreter on CPU), else CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def leaves(inputs: dict, dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
+    """Copies of ``inputs`` (strides kept, optionally cast or moved) that collect gradients."""
+    return {
+        name: None if x is None else x.detach().clone().to(device, dtype or x.dtype).requires_grad_()
+        for name, x in inputs.items()
+    }
 
 
 def run_against_reference(case: Case, backend: str) -> None:
@@ -124,18 +132,19 @@ def run_against_reference(case: Case, backend: str) -> None:
     dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7))
     expected.backward(dout.double())
 
-    tested = leaves(inputs)
+    tested = leaves(inputs, device=device_of(backend))
     out = cross_selective_scan(
         **tested, delta_softplus=case.softplus, grid=(case.height, case.width), orders=case.orders, backend=backend
     )
     assert out.shape == (case.batch, case.dim, case.length) and out.dtype == case.dtype
     tolerance = TOLERANCES[case.dtype]
-    torch.testing.assert_close(out.double(), expected, **tolerance)
-    out.backward(dout.to(out.dtype))
+    torch.testing.assert_close(out.cpu().double(), expected, **tolerance)
+    out.backward(dout.to(out.device, out.dtype))
     for name, x in tested.items():
         if x is not None:
             assert x.grad.dtype == x.dtype and torch.isfinite(x.grad).all(), name
-            torch.testing.assert_close(x.grad.double(), ref_inputs[name].grad, **tolerance, msg=lambda m, n=name: f"d{n}: {m}")
+            expected_grad = ref_inputs[name].grad
+            torch.testing.assert_close(x.grad.cpu().double(), expected_grad, **tolerance, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 CASES = {
@@ -160,7 +169,7 @@ def test_every_backend_matches_the_scan_of_explicit_cross_scanned_copies(name: s
 
 
 @pytest.mark.parametrize("backend", ("torch", "native", "triton"))
-def test_triton_and_c_cross_scans_longer_than_a_chunk(backend: str):
+def test_cross_scans_longer_than_a_chunk(backend: str):
     """Column-major steps over several checkpoint chunks: the backward passes restart from the checkpoints."""
     case = Case(10, 7, n_state=2, batch=1, dim=2, has_z=False)
     assert case.length > CHUNK_SIZE
@@ -171,24 +180,25 @@ def test_triton_and_c_cross_scans_longer_than_a_chunk(backend: str):
 def test_row_orders_are_bit_identical_to_the_one_and_two_direction_api(backend: str):
     """A cross scan with row orders only is today's scan: the same bits as selective_scan and the bidirectional call."""
     case = Case(3, 5, orders=(0, 2), shared_u=False)
-    inputs = make_inputs(case)
+    inputs = leaves(make_inputs(case), device=device_of(backend))
     grid = (case.height, case.width)
 
-    old, new = leaves(inputs), leaves(inputs)
+    old, new = leaves(inputs, device=device_of(backend)), leaves(inputs, device=device_of(backend))
     both = bidirectional_selective_scan(**old, delta_softplus=True, backend=backend)
     merged = cross_selective_scan(**new, grid=grid, orders=(0, 2), backend=backend)
     assert torch.equal(merged, both.sum(0))
-    dout = torch.randn(merged.shape, generator=torch.Generator().manual_seed(3))
+    dout = torch.randn(merged.shape, generator=torch.Generator().manual_seed(3)).to(merged.device)
     both.backward(dout.expand_as(both))
     merged.backward(dout)
     for name, x in old.items():
         if x is not None:
             assert torch.equal(new[name].grad, x.grad), name
 
-    one = {name: None if x is None else x[1] for name, x in make_inputs(case).items() if name != "z"}
-    reversed_scan = selective_scan(**one, z=inputs["z"], delta_softplus=True, reverse=True, backend=backend)
+    one = {name: None if x is None else x.detach()[1] for name, x in inputs.items() if name != "z"}
+    z = inputs["z"].detach()
+    reversed_scan = selective_scan(**one, z=z, delta_softplus=True, reverse=True, backend=backend)
     as_cross = cross_selective_scan(
-        **{name: None if x is None else x[None] for name, x in one.items()}, z=inputs["z"], grid=grid, orders=(2,),
+        **{name: None if x is None else x[None] for name, x in one.items()}, z=z, grid=grid, orders=(2,),
         backend=backend,
     )  # fmt: skip
     assert torch.equal(as_cross, reversed_scan)
