@@ -4,9 +4,16 @@ Installed as ``vim.kernels``; this package imports nothing from the rest of ``vi
 """
 
 from .scan_reference import selective_scan_ref
-from .selective_scan import BACKENDS, bidirectional_selective_scan, resolve_backend, selective_scan
+from .selective_scan import BACKENDS, bidirectional_selective_scan, cross_selective_scan, resolve_backend, selective_scan
 
-__all__ = ["BACKENDS", "bidirectional_selective_scan", "resolve_backend", "selective_scan", "selective_scan_ref"]
+__all__ = [
+    "BACKENDS",
+    "bidirectional_selective_scan",
+    "cross_selective_scan",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_ref",
+]
 
 # fused conv + SiLU of both scan directions, and residual add + norm (Triton on CUDA; C or PyTorch on CPU)
 from .add_norm import add_norm

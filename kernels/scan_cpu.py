@@ -10,7 +10,10 @@ step, with no division by cumulative products (long sequences with fast decay st
 
 Reversed directions never flip anything: they walk the same time-major buffers from the last
 step to the first. Padding steps (``t >= L``) have ``a = 1`` and ``b = 0``, so they change no
-state in either direction.
+state in either direction. Column-major directions of a 2-D grid (order codes 1 and 3) are the one
+place where this path copies in step order: their time-major buffers are gathered column by column
+(``index_select``; the buffers are copies anyway) and their results scattered back into grid
+order, which keeps the recurrence code the same for every order.
 
 The backward pass recomputes the states from scratch in the compute dtype (it does not need the
 float32 checkpoints, so float64 gradients stay exact), runs the adjoint recurrence
@@ -32,7 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scan_layout import CHUNK_SIZE, empty_channels_last, empty_checkpoints, num_chunks
+from .scan_layout import (
+    CHUNK_SIZE,
+    COLUMN,
+    ROW_REVERSED,
+    direction_orders,
+    empty_channels_last,
+    empty_checkpoints,
+    grid_shape,
+    num_chunks,
+    step_tokens,
+)
 
 __all__ = ["chunked_backward", "chunked_forward", "linear_recurrence_"]
 
@@ -116,9 +129,14 @@ class _Direction:
 
     Shapes: ``delta``, ``u``, ``delta_u`` (b, Lp, dim); ``B``, ``C`` (b, Lp, G, N); ``A`` (G, dim // G, N);
     ``D`` (dim,) or None; ``softplus_slope`` (b, Lp, dim), d softplus / d input, or None.
+
+    Time-major buffers are in the direction's row-major step order: token order, walked backwards if
+    ``reverse``. A column-major direction has them gathered column by column: ``columns`` (L,) holds the
+    token of each such step (None for a row-major direction), see :meth:`read` and :meth:`to_tokens`.
     """
 
     reverse: bool
+    columns: Tensor | None
     chunk: int
     length: int
     delta: Tensor
@@ -131,34 +149,50 @@ class _Direction:
     softplus_slope: Tensor | None
 
     @classmethod
-    def prepare(cls, u, delta, A, B, C, D, delta_bias, delta_softplus, reverse, k, rows, dtype, for_backward) -> _Direction:
-        """Direction ``k`` of the canonical inputs (see scan_layout), batch elements ``rows``.
+    def prepare(cls, u, delta, A, B, C, D, delta_bias, delta_softplus, order, grid, k, rows, dtype, for_backward) -> _Direction:
+        """Direction ``k`` of the canonical inputs (see scan_layout), walked in ``order`` over ``grid``, batch elements
+        ``rows``.
 
         ``for_backward`` also keeps the slope of the softplus (if any) for the gradient of delta.
         """
         length = u.shape[-1]
         padded = padded_length(length)
         groups = B.shape[2]
-        delta_t = _time_major(delta[k, rows], padded, dtype)
+        columns = step_tokens(order & ~ROW_REVERSED, grid, u.device) if order & COLUMN else None
+
+        def read(x: Tensor) -> Tensor:  # per-token (b, ..., L) in the direction's forward step order, time-major
+            return _time_major(x if columns is None else x.index_select(-1, columns), padded, dtype)
+
+        delta_t = read(delta[k, rows])
         if delta_bias is not None:
             delta_t[:, :length] += delta_bias[k].to(dtype)
         slope = torch.sigmoid(delta_t[:, :length]) if delta_softplus and for_backward else None
         if delta_softplus:
             delta_t[:, :length] = F.softplus(delta_t[:, :length])
-        u_t = _time_major(u[k, rows], padded, dtype)
+        u_t = read(u[k, rows])
         return cls(
-            reverse=reverse != (k == 1),
+            reverse=bool(order & ROW_REVERSED),
+            columns=columns,
             chunk=chunk_length(length),
             length=length,
             delta=delta_t,
             u=u_t,
             delta_u=delta_t * u_t,
-            B=_time_major(B[k, rows], padded, dtype),
-            C=_time_major(C[k, rows], padded, dtype),
+            B=read(B[k, rows]),
+            C=read(C[k, rows]),
             A=A[k].to(dtype).unflatten(0, (groups, -1)),
             D=_optional(D, k, dtype),
             softplus_slope=slope,
         )
+
+    def read(self, x: Tensor) -> Tensor:
+        """A time-major (b, L, ...) tensor in grid order, in this direction's step order (a column-major direction's
+        is gathered)."""
+        return x if self.columns is None else x.index_select(1, self.columns)
+
+    def to_tokens(self, x: Tensor) -> Tensor:
+        """A time-major (b, L, ...) result in this direction's step order, back in grid order."""
+        return x if self.columns is None else x.index_select(1, torch.argsort(self.columns))
 
     @property
     def grouped_shape(self) -> tuple[int, ...]:
@@ -286,9 +320,12 @@ def _channels_first(x: Tensor) -> Tensor:
     return x.transpose(1, 2)
 
 
-def chunked_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
+def chunked_forward(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, orders=None, grid=None
+) -> tuple[Tensor, Tensor]:
     """Forward pass in the canonical form: ``out`` (K, batch, dim, L) and ``checkpoints`` (K, batch, chunks, dim, N)."""
     K, batch, dim, length = u.shape
+    codes, grid = direction_orders(K, reverse, orders), grid_shape(length, grid)
     state = A.shape[-1]
     dtype = _compute_dtype(u)
     out = empty_channels_last(K, batch, dim, length, like=u)
@@ -296,17 +333,19 @@ def chunked_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, r
     for rows in _batch_slices(batch, length, dim, state):
         gate = None if z is None else F.silu(_channels_first(z[rows]).to(dtype))
         for k in range(K):
-            direction = _Direction.prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse, k, rows, dtype, False)
+            direction = _Direction.prepare(
+                u, delta, A, B, C, D, delta_bias, delta_softplus, codes[k], grid, k, rows, dtype, False
+            )
             a, _ = direction.decays(spare_step=False)
             h = direction.states(a)
-            y = direction.output(h)[:, :length]
+            y = direction.to_tokens(direction.output(h)[:, :length])
             _channels_first(out[k, rows]).copy_(y if gate is None else y * gate)
             checkpoints[k, rows] = h[:, _checkpoint_steps(length, direction.reverse)].flatten(2, 3)
     return out, checkpoints
 
 
 def chunked_backward(
-    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints
+    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints, orders=None, grid=None
 ) -> tuple[Tensor, ...]:
     """Backward pass in the canonical form: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias).
 
@@ -314,6 +353,7 @@ def chunked_backward(
     """
     del checkpoints
     K, batch, dim, length = u.shape
+    codes, grid = direction_orders(K, reverse, orders), grid_shape(length, grid)
     state = A.shape[-1]
     dtype = _compute_dtype(u)
     grads = {
@@ -330,15 +370,17 @@ def chunked_backward(
         z_rows = None if z is None else _channels_first(z[rows]).to(dtype)
         dz_rows = None if z_rows is None else torch.zeros_like(z_rows)
         for k in range(K):
-            direction = _Direction.prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, reverse, k, rows, dtype, True)
-            dy = _time_major(dout[k, rows], direction.u.shape[1], dtype)
+            direction = _Direction.prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, codes[k], grid, k, rows, dtype, True)
+            dy = _time_major(dout[k, rows], direction.u.shape[1], dtype)  # in grid order
             a, buffer = direction.decays(spare_step=True)
             h = direction.states(a)
             if z_rows is not None and dz_rows is not None:  # both or neither
-                y = direction.output(h)[:, :length]
+                y = direction.to_tokens(direction.output(h)[:, :length])
                 dz_rows += dy[:, :length] * y * _silu_slope(z_rows)
                 dy[:, :length] *= F.silu(z_rows)
+            dy[:, :length] = direction.read(dy[:, :length])  # in step order, as the recurrence reads it
             found = direction.gradients(dy, a, buffer, h)
+            found |= {name: direction.to_tokens(found[name]) for name in _PER_STEP}
             _channels_first(grads["u"][k, rows]).copy_(found["u"])
             _channels_first(grads["delta"][k, rows]).copy_(found["delta"])
             grads["B"][k, rows] = found["B"].permute(0, 2, 3, 1)
@@ -354,6 +396,10 @@ def chunked_backward(
         u.new_empty(0, dtype=torch.float32) if dz is None else dz,
         _parameter_or_empty(grads["delta_bias"], like=u),
     )  # fmt: skip
+
+
+_PER_STEP = ("u", "delta", "B", "C")
+"""The gradients :meth:`_Direction.gradients` gives per step (the others are summed over the steps)."""
 
 
 def _parameter_or_empty(grad: Tensor | None, like: Tensor) -> Tensor:

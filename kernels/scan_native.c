@@ -19,6 +19,11 @@
  *
  * Inputs are read with their own strides (in elements), so the caller copies nothing: channels-
  * last u, delta and z (channel stride 1) take the vector path, any other strides a gather path.
+ *
+ * Directions of a 2-D grid (scan_layout.py's order codes): every tensor stays in grid order, and
+ * step s of a direction reads token time_of(s). A column-major direction looks its token up in a
+ * table of the grid's column-major order that each worker fills once (no division per step);
+ * a row-major one needs none, so the scans of one sequence run exactly as before.
  */
 #include <math.h>
 #include <pthread.h>
@@ -29,11 +34,14 @@
 #define LANES 16
 #define MAX_STATE 64
 #define MAX_THREADS 256
+#define MAX_DIRECTIONS 4
 
 /* The canonical form of scan_layout.py, float32; strides in elements. Keep in step with ScanArgs in scan_native.py. */
 typedef struct {
     int64_t length, batch, dim, groups, n_state, directions, chunk, threads;
-    int64_t reverse, delta_softplus; /* reverse: whether direction 0 runs from the last token to the first */
+    int64_t reverse, delta_softplus; /* reverse: swaps forward and reversed in every direction's order */
+    int64_t height, width;           /* the grid, height * width == length ((1, length) for a sequence) */
+    int64_t orders[MAX_DIRECTIONS];  /* order code of each direction: 0 row, 1 column, 2 and 3 reversed */
     const float *u, *delta, *z, *B, *C;
     const float *A, *D, *bias; /* A (K, dim, N); D and bias (K, dim) or NULL: dense */
     float *out;                /* forward: (K, batch, L, dim) dense, the gated output */
@@ -81,11 +89,13 @@ typedef struct {
     const float *u, *delta, *z, *B, *C, *dout;
     int64_t u_lane, delta_lane, z_lane, dout_lane; /* strides between channels (1 on the vector path) */
     int64_t u_step, delta_step, z_step, dout_step, B_state, B_step, C_state, C_step;
+    const int64_t *columns; /* column-major directions: the token of each forward step; NULL for row-major */
     int64_t d0, b, k, g;
     int reverse, width;
 } Block;
 
-INLINE Block block_of(const ScanArgs *a, int64_t k, int64_t b, int64_t g, int64_t d0, int width, const int unit) {
+INLINE Block block_of(const ScanArgs *a, int64_t k, int64_t b, int64_t g, int64_t d0, int width, const int unit,
+                      const int64_t *columns) {
     const int64_t *us = a->u_stride, *ds = a->delta_stride, *os = a->dout_stride, *zs = a->z_stride;
     return (Block){
         .u = a->u + k * us[0] + b * us[1] + d0 * us[2],
@@ -97,7 +107,8 @@ INLINE Block block_of(const ScanArgs *a, int64_t k, int64_t b, int64_t g, int64_
         .u_lane = unit ? 1 : us[2], .delta_lane = unit ? 1 : ds[2], .z_lane = unit ? 1 : zs[1], .dout_lane = unit ? 1 : os[2],
         .u_step = us[3], .delta_step = ds[3], .z_step = zs[2], .dout_step = os[3],
         .B_state = a->B_stride[3], .B_step = a->B_stride[4], .C_state = a->C_stride[3], .C_step = a->C_stride[4],
-        .d0 = d0, .b = b, .k = k, .g = g, .reverse = (int)a->reverse != (k == 1), .width = width,
+        .columns = a->orders[k] & 1 ? columns : NULL,
+        .d0 = d0, .b = b, .k = k, .g = g, .reverse = (int)a->reverse != (a->orders[k] >= 2), .width = width,
     };
 }
 
@@ -124,7 +135,25 @@ INLINE float lane(const float *x, int64_t t, int64_t step, int j, int64_t lane_s
     return j < width ? x[t * step + j * lane_stride] : 0.0f;
 }
 
-INLINE int64_t time_of(const Block *v, int64_t length, int64_t step) { return v->reverse ? length - 1 - step : step; }
+/* The token that logical step `step` of the block's direction reads. */
+INLINE int64_t time_of(const Block *v, int64_t length, int64_t step) {
+    const int64_t s = v->reverse ? length - 1 - step : step;
+    return v->columns ? v->columns[s] : s;
+}
+
+/* The grid's tokens in column-major order: step s = w * height + h holds token h * width + w. */
+static void fill_columns(const ScanArgs *a, int64_t *columns) {
+    int64_t s = 0;
+    for (int64_t w = 0; w < a->width; w++)
+        for (int64_t h = 0; h < a->height; h++) columns[s++] = h * a->width + w;
+}
+
+/* Whether a direction of the launch reads the grid column by column. */
+INLINE int any_columns(const ScanArgs *a) {
+    int found = 0;
+    for (int64_t k = 0; k < a->directions; k++) found |= (int)(a->orders[k] & 1);
+    return found;
+}
 
 #define STATE_ROWS(n_state) ((n_state) <= 16 ? 16 : MAX_STATE)
 
@@ -277,24 +306,33 @@ INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, 
 /* Jobs: blocks of up to LANES channels that never straddle a group, (batch element, group, block) in order. */
 INLINE int64_t blocks_per_group(const ScanArgs *a) { return (a->dim / a->groups + LANES - 1) / LANES; }
 
-/* Run job `job` over every direction. `scratch` holds (2 * L + (2 * chunk + 1) * N) * LANES floats. */
-static void run_job(const ScanArgs *a, int64_t job, int64_t worker, int backward, float *scratch) {
+/* One direction of a full block of channel-contiguous tensors, inlined with the state size `n_state` a constant. */
+INLINE void vector_block(const ScanArgs *a, const Block *v, int64_t worker, int backward, const int64_t n_state, float *dt,
+                         float *ddt, float *states, float *decays) {
+    if (backward) backward_block(a, v, worker, LANES, n_state, dt, ddt, states, decays);
+    else forward_block(a, v, LANES, n_state, dt);
+}
+
+/* Run job `job` over every direction. `scratch` holds (2 * L + (2 * chunk + 1) * N) * LANES floats; `columns` the
+ * column-major tokens (or NULL where no direction needs them). */
+static void run_job(const ScanArgs *a, int64_t job, int64_t worker, int backward, float *scratch, const int64_t *columns) {
     const int64_t per_group = blocks_per_group(a), group_size = a->dim / a->groups;
     const int64_t b = job / (a->groups * per_group), g = job / per_group % a->groups, block = job % per_group;
     const int64_t d0 = g * group_size + block * LANES;
     const int width = (int)(group_size - block * LANES < LANES ? group_size - block * LANES : LANES);
     const int unit = a->u_stride[2] == 1 && a->delta_stride[2] == 1 && (!a->z || a->z_stride[1] == 1)
                      && (!backward || a->dout_stride[2] == 1);
-    const int fast = unit && width == LANES && a->n_state == 16; /* compiled with N and the strides known */
+    /* compiled with N and the strides known: N = 16 (Vim's) and N = 1 (VMamba's) */
+    const int fast = unit && width == LANES && (a->n_state == 16 || a->n_state == 1);
     float *dt = scratch, *ddt = dt + a->length * LANES, *states = ddt + a->length * LANES;
     float *decays = states + (a->chunk + 1) * a->n_state * LANES;
     for (int64_t k = 0; k < a->directions; k++) {
         if (fast) {
-            const Block v = block_of(a, k, b, g, d0, LANES, 1);
-            if (backward) backward_block(a, &v, worker, LANES, 16, dt, ddt, states, decays);
-            else forward_block(a, &v, LANES, 16, dt);
+            const Block v = block_of(a, k, b, g, d0, LANES, 1, columns);
+            if (a->n_state == 16) vector_block(a, &v, worker, backward, 16, dt, ddt, states, decays);
+            else vector_block(a, &v, worker, backward, 1, dt, ddt, states, decays);
         } else {
-            const Block v = block_of(a, k, b, g, d0, width, 0);
+            const Block v = block_of(a, k, b, g, d0, width, 0, columns);
             if (backward) backward_block(a, &v, worker, width, a->n_state, dt, ddt, states, decays);
             else forward_block(a, &v, width, a->n_state, dt);
         }
@@ -311,12 +349,17 @@ static void *work(void *arg) {
     Worker *w = arg;
     const ScanArgs *a = w->args;
     float *scratch = malloc(sizeof(float) * LANES * (2 * a->length + (2 * a->chunk + 1) * a->n_state));
-    if (!scratch) {
+    int64_t *columns = any_columns(a) ? malloc(sizeof(int64_t) * a->length) : NULL;
+    if (!scratch || (any_columns(a) && !columns)) {
+        free(scratch);
+        free(columns);
         w->status = -2;
         return NULL;
     }
-    for (int64_t job = w->first; job < w->last; job++) run_job(a, job, w->index, w->backward, scratch);
+    if (columns) fill_columns(a, columns);
+    for (int64_t job = w->first; job < w->last; job++) run_job(a, job, w->index, w->backward, scratch, columns);
     free(scratch);
+    free(columns);
     return NULL;
 }
 

@@ -53,7 +53,15 @@ import torch
 from torch import Tensor
 
 from .scan_cpu import chunked_backward, chunked_forward
-from .scan_layout import CHUNK_SIZE, MAX_STATE, empty_channels_last, empty_checkpoints
+from .scan_layout import (
+    CHUNK_SIZE,
+    MAX_DIRECTIONS,
+    MAX_STATE,
+    direction_orders,
+    empty_channels_last,
+    empty_checkpoints,
+    grid_shape,
+)
 
 __all__ = ["native_available", "native_backward", "native_forward"]
 
@@ -78,6 +86,9 @@ class ScanArgs(ctypes.Structure):
         *((name, ctypes.c_int64) for name in ("length", "batch", "dim", "groups", "n_state", "directions", "chunk", "threads")),
         ("reverse", ctypes.c_int64),
         ("delta_softplus", ctypes.c_int64),
+        ("height", ctypes.c_int64),
+        ("width", ctypes.c_int64),
+        ("orders", ctypes.c_int64 * MAX_DIRECTIONS),
         *((name, ctypes.c_void_p) for name in POINTERS),
         ("u_stride", ctypes.c_int64 * 4),
         ("delta_stride", ctypes.c_int64 * 4),
@@ -301,14 +312,16 @@ def _pointer(x: Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
-def _launch(entry, threads: int, inputs: tuple, **buffers: Tensor | None) -> None:
+def _launch(entry, threads: int, inputs: tuple, orders, grid, **buffers: Tensor | None) -> None:
     """Run ``entry`` (the library's forward or backward) on up to ``threads`` threads.
 
-    ``inputs`` are the canonical ``(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)``; ``buffers``
-    the other tensors, named as in ScanArgs (float32 outputs, and for the backward ``dout`` and ``checkpoints``).
+    ``inputs`` are the canonical ``(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)``, ``orders`` and
+    ``grid`` those of the contract; ``buffers`` the other tensors, named as in ScanArgs (float32 outputs, and for the
+    backward ``dout`` and ``checkpoints``).
     """
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse = inputs
     K, batch, dim, length = u.shape
+    height, width = grid_shape(length, grid)
     tensors = dict(zip(("u", "delta", "z", "B", "C"), (_float32(x) for x in (u, delta, z, B, C))))
     tensors |= dict(zip(("A", "D", "bias"), (_dense_float32(x) for x in (A, D, delta_bias))))
     tensors |= {name: _float32(x) for name, x in buffers.items()}
@@ -318,6 +331,7 @@ def _launch(entry, threads: int, inputs: tuple, **buffers: Tensor | None) -> Non
     args = ScanArgs(
         length=length, batch=batch, dim=dim, groups=B.shape[2], n_state=A.shape[-1], directions=K, chunk=CHUNK_SIZE,
         threads=threads, reverse=int(reverse), delta_softplus=int(delta_softplus),
+        height=height, width=width, orders=(ctypes.c_int64 * MAX_DIRECTIONS)(*direction_orders(K, False, orders)),
         **{name: _pointer(x) for name, x in tensors.items()}, **strides,
     )  # fmt: skip
     status = entry(ctypes.byref(args))
@@ -327,21 +341,23 @@ def _launch(entry, threads: int, inputs: tuple, **buffers: Tensor | None) -> Non
         raise MemoryError("the fused CPU scan could not allocate its scratch buffers")
 
 
-def native_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[Tensor, Tensor]:
+def native_forward(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, orders=None, grid=None
+) -> tuple[Tensor, Tensor]:
     """Forward pass in the canonical form (see scan_layout): ``out`` (K, batch, dim, L), ``checkpoints``."""
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     library = _load()
     if library is None:
-        return chunked_forward(*inputs)
+        return chunked_forward(*inputs, orders=orders, grid=grid)
     K, batch, dim, length = u.shape
     out = empty_channels_last(K, batch, dim, length, like=u, dtype=torch.float32)
     checkpoints = empty_checkpoints(u, K, batch, length, dim, A.shape[-1])
-    _launch(library.vim_scan_forward, torch.get_num_threads(), inputs, out=out, checkpoints=checkpoints)
+    _launch(library.vim_scan_forward, torch.get_num_threads(), inputs, orders, grid, out=out, checkpoints=checkpoints)
     return out.to(u.dtype), checkpoints
 
 
 def native_backward(
-    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints
+    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints, orders=None, grid=None
 ) -> tuple[Tensor, ...]:
     """Backward pass in the canonical form (see scan_layout): (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias).
 
@@ -350,7 +366,7 @@ def native_backward(
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     library = _load()
     if library is None:
-        return chunked_backward(dout, *inputs, checkpoints)
+        return chunked_backward(dout, *inputs, checkpoints, orders=orders, grid=grid)
     K, batch, dim, length = u.shape
     groups, n_state = B.shape[2], A.shape[-1]
     threads = torch.get_num_threads()  # the sums of dB and dC are sized for it
@@ -369,7 +385,7 @@ def native_backward(
     dD = None if D is None else buffer(K, batch, dim)
     dbias = None if delta_bias is None else buffer(K, batch, dim)
     _launch(
-        library.vim_scan_backward, threads, inputs, checkpoints=checkpoints, dout=dout,
+        library.vim_scan_backward, threads, inputs, orders, grid, checkpoints=checkpoints, dout=dout,
         du=du, ddelta=ddelta, dz=dz, dB=dB, dC=dC, dA=dA, dD=dD, dbias=dbias,
     )  # fmt: skip
 

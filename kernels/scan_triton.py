@@ -1,7 +1,8 @@
-"""Triton selective-scan kernels, forward and backward, for one or two scan directions per launch.
+"""Triton selective-scan kernels, forward and backward, for up to four scan directions per launch.
 
 Both functions follow the canonical contract of :mod:`vim.kernels.scan_layout` (leading direction
-axis ``K``; direction ``k`` runs in reverse iff ``reverse != (k == 1)``; ``z`` shared).
+axis ``K``; direction ``k`` walks the tokens in its order code, by default ``(0, 2)[:K]``, and
+``reverse`` swaps forward and reversed; ``z`` shared).
 
 Design
 ------
@@ -10,7 +11,10 @@ element, for one direction (the second grid axis). Every channel of a program us
 group, so B and C are loaded once per time step as ``(BLOCK_T, BLOCK_N)`` tiles. Tensors are read
 through their strides (no copies); with channels-last memory (``stride(dim) == 1``) a
 ``(BLOCK_T, BLOCK_D)`` tile is coalesced. A reversed direction reads time index ``t = L - 1 - s`` at
-logical step ``s``: nothing is flipped.
+logical step ``s``: nothing is flipped. A column-major direction of an ``(H, W)`` grid reads token
+``(s % H) * W + s // H`` (of ``s`` reversed or not) by index arithmetic on the tile's ``BLOCK_T``
+step indices: nothing is cross-scanned into a copy. The order codes reach the kernels as one
+runtime integer (two bits per direction) with the grid, so no variant is added for them.
 
 Forward: the state ``h`` (BLOCK_D, BLOCK_N) lives in fp32 registers. The sequence is walked in tiles
 of ``BLOCK_T`` logical steps; per tile ``a = 2^(delta * A * log2 e)`` and ``b = delta * u * B`` are
@@ -44,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scan_layout import CHUNK_SIZE, empty_channels_last, empty_checkpoints
+from .scan_layout import CHUNK_SIZE, direction_orders, empty_channels_last, empty_checkpoints, grid_shape
 
 __all__ = [
     "GPU_LIMITS", "GpuLimits", "Tiles", "backward_launch", "forward_launch", "tile_choices", "triton_backward", "triton_forward",
@@ -87,10 +91,22 @@ def _program_channels(dim_per_group, n_groups, dim_blocks, BLOCK_D: tl.constexpr
 
 
 @triton.jit
-def _tile_steps(first_step, length, is_reversed, BLOCK_T: tl.constexpr):
-    """Time indices (BLOCK_T,) of logical steps ``first_step ...`` and the mask of steps < length."""
+def _direction_order(orders, direction, REVERSE: tl.constexpr):
+    """(whether it runs in reverse, whether it reads column by column) of ``direction``, whose order code is
+    bits ``2 direction`` and up of ``orders`` (see scan_layout)."""
+    order = (orders >> (2 * direction)) & 3
+    return (order >= 2) != REVERSE, (order & 1) == 1
+
+
+@triton.jit
+def _tile_steps(first_step, length, is_reversed, is_column, height, width, BLOCK_T: tl.constexpr):
+    """Token indices (BLOCK_T,) read at logical steps ``first_step ...`` and the mask of steps < length.
+
+    Column-major step ``s = w * height + h`` reads token ``h * width + w`` of the (height, width) grid.
+    """
     steps = first_step + tl.arange(0, BLOCK_T)
-    return tl.where(is_reversed, length - 1 - steps, steps), steps < length
+    s = tl.where(is_reversed, length - 1 - steps, steps)
+    return tl.where(is_column, (s % height) * width + s // height, s), steps < length
 
 
 @triton.jit
@@ -147,7 +163,7 @@ def _row(x, index, BLOCK_T: tl.constexpr):
 @triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
-    length, n_state, dim_per_group, n_groups, dim_blocks,
+    length, n_state, dim_per_group, n_groups, dim_blocks, orders, height, width,
     stride_u_dir, stride_u_batch, stride_u_dim, stride_u_len,
     stride_delta_dir, stride_delta_batch, stride_delta_dim, stride_delta_len,
     stride_A_dir, stride_A_dim, stride_A_state,
@@ -164,7 +180,7 @@ def _selective_scan_fwd_kernel(
 ):  # fmt: skip
     direction = tl.program_id(1)
     batch_idx, group, d, d_mask = _program_channels(dim_per_group, n_groups, dim_blocks, BLOCK_D)
-    is_reversed = (direction == 1) != REVERSE
+    is_reversed, is_column = _direction_order(orders, direction, REVERSE)
     k = direction.to(tl.int64)
     b = batch_idx.to(tl.int64)
     n = tl.arange(0, BLOCK_N)
@@ -186,7 +202,7 @@ def _selective_scan_fwd_kernel(
 
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for first_step in range(0, length, BLOCK_T):
-        t, t_mask = _tile_steps(first_step, length, is_reversed, BLOCK_T)
+        t, t_mask = _tile_steps(first_step, length, is_reversed, is_column, height, width, BLOCK_T)
         td_mask = t_mask[:, None] & d_mask[None, :]
         tn_mask = t_mask[:, None] & n_mask[None, :]
         u, _, _, _, a, b_in = _tile_dynamics(
@@ -214,7 +230,7 @@ def _selective_scan_fwd_kernel(
 def _selective_scan_bwd_kernel(
     dout_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    length, n_state, dim_per_group, n_groups, dim_blocks,
+    length, n_state, dim_per_group, n_groups, dim_blocks, orders, height, width,
     stride_dout_dir, stride_dout_batch, stride_dout_dim, stride_dout_len,
     stride_u_dir, stride_u_batch, stride_u_dim, stride_u_len,
     stride_delta_dir, stride_delta_batch, stride_delta_dim, stride_delta_len,
@@ -238,7 +254,7 @@ def _selective_scan_bwd_kernel(
     TILES_PER_CHUNK: tl.constexpr = CHUNK // BLOCK_T
     direction = tl.program_id(1)
     batch_idx, group, d, d_mask = _program_channels(dim_per_group, n_groups, dim_blocks, BLOCK_D)
-    is_reversed = (direction == 1) != REVERSE
+    is_reversed, is_column = _direction_order(orders, direction, REVERSE)
     k = direction.to(tl.int64)
     b = batch_idx.to(tl.int64)
     n = tl.arange(0, BLOCK_N)
@@ -281,7 +297,7 @@ def _selective_scan_bwd_kernel(
             tl.store(scratch_ptr + tile * (BLOCK_D * BLOCK_N), h)
             first_step = chunk * CHUNK + tile * BLOCK_T
             if first_step < length:
-                t, t_mask = _tile_steps(first_step, length, is_reversed, BLOCK_T)
+                t, t_mask = _tile_steps(first_step, length, is_reversed, is_column, height, width, BLOCK_T)
                 _, _, _, _, a, b_in = _tile_dynamics(
                     u_ptr, delta_ptr, B_ptr, bias, A2, t, d, n,
                     t_mask[:, None] & d_mask[None, :], t_mask[:, None] & n_mask[None, :],
@@ -295,7 +311,7 @@ def _selective_scan_bwd_kernel(
             tile = TILES_PER_CHUNK - 1 - tile_from_end
             first_step = chunk * CHUNK + tile * BLOCK_T
             if first_step < length:
-                t, t_mask = _tile_steps(first_step, length, is_reversed, BLOCK_T)
+                t, t_mask = _tile_steps(first_step, length, is_reversed, is_column, height, width, BLOCK_T)
                 td_mask = t_mask[:, None] & d_mask[None, :]
                 tn_mask = t_mask[:, None] & n_mask[None, :]
                 u, delta_pre, delta, Bt, a, b_in = _tile_dynamics(
@@ -318,7 +334,7 @@ def _selective_scan_bwd_kernel(
                     tl.store(dz_ptr + dz_offsets, dz, mask=td_mask)
 
                 # adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, with a_{t+1} from delta one logical step ahead
-                t_ahead, ahead_mask = _tile_steps(first_step + 1, length, is_reversed, BLOCK_T)
+                t_ahead, ahead_mask = _tile_steps(first_step + 1, length, is_reversed, is_column, height, width, BLOCK_T)
                 ahead_mask = ahead_mask[:, None] & d_mask[None, :]
                 _, delta_ahead = _load_delta(
                     delta_ptr, bias, t_ahead, d, ahead_mask, stride_delta_len, stride_delta_dim, SOFTPLUS
@@ -489,9 +505,17 @@ def _flags(D, z, delta_bias, delta_softplus: bool, reverse: bool, tiles: Tiles) 
     )  # fmt: skip
 
 
+def _order_arguments(directions: int, length: int, orders, grid) -> tuple[int, int, int]:
+    """The kernels' runtime ``orders, height, width``: each direction's order code packed in two bits (direction
+    ``k`` at bit ``2 k``; ``REVERSE`` still applies on top), and the grid."""
+    packed = sum(code << 2 * k for k, code in enumerate(direction_orders(directions, False, orders)))
+    return (packed, *grid_shape(length, grid))
+
+
 def forward_launch(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, limits: GpuLimits, tiles: Tiles | None = None
-):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, limits: GpuLimits, tiles: Tiles | None = None,
+    orders=None, grid=None,
+):  # fmt: skip
     """The forward launch for the canonical inputs (see :func:`triton_forward`), with its outputs allocated.
 
     ``tiles`` (one of :func:`tile_choices`) overrides the choice for ``limits``' GPU.
@@ -507,7 +531,7 @@ def forward_launch(
     checkpoints = empty_checkpoints(u, n_dir, batch, length, dim, n_state)
     args = (
         u, delta, A, B, C, D, z, delta_bias, out, checkpoints,
-        length, n_state, dim // n_groups, n_groups, dim_blocks,
+        length, n_state, dim // n_groups, n_groups, dim_blocks, *_order_arguments(n_dir, length, orders, grid),
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         *_strides(D, 2), *_strides(z, 3), *_strides(delta_bias, 2), *out.stride(), *checkpoints.stride(),
     )  # fmt: skip
@@ -518,7 +542,7 @@ def forward_launch(
 
 def backward_launch(
     dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints,
-    limits: GpuLimits, tiles: Tiles | None = None,
+    limits: GpuLimits, tiles: Tiles | None = None, orders=None, grid=None,
 ):  # fmt: skip
     """The backward launch for the canonical inputs (see :func:`triton_backward`), with its buffers allocated.
 
@@ -549,7 +573,7 @@ def backward_launch(
     args = (
         dout, u, delta, A, B, C, D, z, delta_bias, checkpoints, scratch,
         du, ddelta, dA, dB, dC, dD_part, dz, dbias_part,
-        length, n_state, dim // n_groups, n_groups, dim_blocks,
+        length, n_state, dim // n_groups, n_groups, dim_blocks, *_order_arguments(n_dir, length, orders, grid),
         *dout.stride(), *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
         *_strides(D, 2), *_strides(z, 3), *_strides(delta_bias, 2), *checkpoints.stride(),
         *du.stride(), *ddelta.stride(), *_strides(dz, 4), *dB.stride(), *dA.stride(),
@@ -559,24 +583,27 @@ def backward_launch(
     return KernelLaunch(_selective_scan_bwd_kernel, (n_programs, n_dir), args, flags), buffers
 
 
-def triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool):
+def triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, orders=None, grid=None):
     """Selective scan forward in the canonical form of :mod:`.scan_layout`.
 
     Args:
         u, delta: (K, batch, dim, L); A: (K, dim, N); B, C: (K, batch, G, N, L);
-        D, delta_bias: (K, dim) or None; z: (batch, dim, L) or None.
+        D, delta_bias: (K, dim) or None; z: (batch, dim, L) or None; orders: K order codes or None;
+        grid: (H, W) or None (see :mod:`.scan_layout`).
 
     Returns:
         ``out`` (K, batch, dim, L) in ``u.dtype``, channels-last, and ``checkpoints``
         (K, batch, num_chunks(L), dim, N) float32: the state after each chunk of CHUNK_SIZE steps.
     """
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    launch, out, checkpoints = forward_launch(*inputs, limits=device_limits(u.device))
+    launch, out, checkpoints = forward_launch(*inputs, limits=device_limits(u.device), orders=orders, grid=grid)
     launch(u.device)
     return out, checkpoints
 
 
-def triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints):
+def triton_backward(
+    dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool, checkpoints, orders=None, grid=None
+):
     """Gradients of :func:`triton_forward` for every input, recomputing states from ``checkpoints``.
 
     Args:
@@ -586,7 +613,7 @@ def triton_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: b
         ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` as documented in :mod:`.scan_layout`.
     """
     inputs = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    launch, grads = backward_launch(dout, *inputs, checkpoints, limits=device_limits(u.device))
+    launch, grads = backward_launch(dout, *inputs, checkpoints, limits=device_limits(u.device), orders=orders, grid=grid)
     launch(u.device)
 
     def summed(name: str, axis: int) -> torch.Tensor:

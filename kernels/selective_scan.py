@@ -1,12 +1,14 @@
 """Public selective-scan API: validation, backend dispatch and the ``torch.library`` ops.
 
-Two entry points share one pair of custom ops (``vim::selective_scan_fwd`` and
+Three entry points share one pair of custom ops (``vim::selective_scan_fwd`` and
 ``vim::selective_scan_bwd``), so ``torch.compile`` traces any model that calls them without a
 graph break:
 
 * :func:`selective_scan` has the signature and semantics of mamba_ssm's ``selective_scan_fn``;
 * :func:`bidirectional_selective_scan` runs a forward and a reversed scan with different
-  parameters in one launch, as a bidirectional Vision Mamba block needs.
+  parameters in one launch, as a bidirectional Vision Mamba block needs;
+* :func:`cross_selective_scan` scans a 2-D token grid in up to four directions (rows, columns, both
+  reversed) in one launch and sums them back in grid order, as VMamba's SS2D does.
 
 Layouts: tensors are indexed ``(batch, dim, L)`` as in mamba_ssm, but the kernels read any
 strides, and the native (fastest) memory layout is channels-last: a ``(batch, dim, L)`` view of a
@@ -35,10 +37,20 @@ import os
 import torch
 from torch import Tensor
 
-from .scan_layout import MAX_STATE, as_channels_last, empty_channels_last, empty_checkpoints
+from .scan_layout import (
+    CROSS_SCAN_ORDERS,
+    MAX_DIRECTIONS,
+    MAX_STATE,
+    as_channels_last,
+    direction_orders,
+    empty_channels_last,
+    empty_checkpoints,
+    grid_shape,
+    step_tokens,
+)
 from .scan_reference import selective_scan_ref
 
-__all__ = ["BACKENDS", "bidirectional_selective_scan", "selective_scan"]
+__all__ = ["BACKENDS", "bidirectional_selective_scan", "cross_selective_scan", "selective_scan"]
 
 BACKENDS = ("auto", "triton", "native", "torch", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -113,14 +125,16 @@ def _scan_fwd(
     delta_softplus: bool,
     reverse: bool,
     backend: str,
+    orders: list[int],
+    grid: list[int],
 ) -> tuple[Tensor, Tensor]:
     forward, _ = _implementation(resolve_backend(u.device, backend), u.dtype)
-    out, checkpoints = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    out, checkpoints = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, orders=orders, grid=grid)
     return as_channels_last(out), checkpoints.contiguous()
 
 
 @_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, orders, grid):
     K, batch, dim, length = u.shape
     out = empty_channels_last(K, batch, dim, length, like=u)
     checkpoints = empty_checkpoints(u, K, batch, length, dim, A.shape[-1])
@@ -142,10 +156,12 @@ def _scan_bwd(
     reverse: bool,
     backend: str,
     checkpoints: Tensor,
+    orders: list[int],
+    grid: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, backward = _implementation(resolve_backend(u.device, backend), u.dtype)
     du, ddelta, dA, dB, dC, dD, dz, dbias = backward(
-        dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, checkpoints
+        dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, checkpoints, orders=orders, grid=grid
     )
     return (
         as_channels_last(du),
@@ -160,7 +176,7 @@ def _scan_bwd(
 
 
 @_scan_bwd.register_fake
-def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints):
+def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints, orders, grid):
     K, batch, dim, length = u.shape
     empty = u.new_empty(0, dtype=torch.float32)
     parameter_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32  # float64 input: chunked, exact
@@ -177,17 +193,17 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backen
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, orders, grid = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
-    ctx.flags = (delta_softplus, reverse, backend)
+    ctx.flags = (delta_softplus, reverse, backend, orders, grid)
 
 
 def _backward(ctx, dout, _dcheckpoints):
     u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
-    delta_softplus, reverse, backend = ctx.flags
+    delta_softplus, reverse, backend, orders, grid = ctx.flags
     # every backend reads dout through its strides: no copy into channels-last
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
-        dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints
+        dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, backend, checkpoints, orders, grid
     )
     return (
         du,
@@ -198,6 +214,8 @@ def _backward(ctx, dout, _dcheckpoints):
         None if D is None else dD.to(D.dtype),
         None if z is None else dz,
         None if delta_bias is None else dbias.to(delta_bias.dtype),
+        None,
+        None,
         None,
         None,
         None,
@@ -220,11 +238,12 @@ def _check_shape(name: str, x: Tensor | None, expected: tuple, hint: str) -> Non
 def _validate(u, delta, A, B, C, D, z, delta_bias, lead: tuple) -> None:
     """Raise ValueError naming the argument and the shapes for any inconsistent input.
 
-    ``lead`` is ``()`` for :func:`selective_scan` and ``(2,)`` for the bidirectional call.
+    ``lead`` is ``()`` for :func:`selective_scan`, ``(2,)`` for the bidirectional call and ``(K,)`` for the cross scan.
     """
     k = len(lead)
     if u.dim() != 3 + k or tuple(u.shape[:k]) != lead:
-        raise ValueError(f"selective_scan: u must be {'(2, ' if k else '('}batch, dim, L), got shape {tuple(u.shape)}")
+        axes = ", ".join([*map(str, lead), "batch", "dim", "L"])
+        raise ValueError(f"selective_scan: u must be ({axes}), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape[k:]
     if length < 1:
         raise ValueError(f"selective_scan: the sequence is empty (u has shape {tuple(u.shape)})")
@@ -362,6 +381,8 @@ def selective_scan(
         delta_softplus,
         reverse,
         backend,
+        list(direction_orders(1, False)),
+        list(grid_shape(u.shape[-1])),
     )
     out = out.squeeze(0)
     return (out, checkpoints[0, :, -1].detach()) if return_last_state else out
@@ -416,5 +437,98 @@ def bidirectional_selective_scan(
                 for k in range(2)
             ]
         )
-    out, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, backend)
+    orders, grid = list(direction_orders(2, False)), list(grid_shape(u.shape[-1]))
+    out, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, backend, orders, grid)
     return out
+
+
+def _validate_cross(u: Tensor, delta: Tensor, grid, orders) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """The grid (H, W) and the order codes of a cross scan, checked against ``delta`` (K, batch, dim, L) and ``u``."""
+    if delta.dim() != 4:
+        raise ValueError(f"cross_selective_scan: delta must be (K, batch, dim, L), got shape {tuple(delta.shape)}")
+    if u.dim() not in (3, 4):
+        raise ValueError(
+            f"cross_selective_scan: u must be (batch, dim, L), shared by the directions, or (K, batch, dim, L), "
+            f"got shape {tuple(u.shape)}"
+        )
+    directions, length = delta.shape[0], delta.shape[-1]
+    codes = tuple(orders)
+    if len(codes) != directions or not 1 <= directions <= MAX_DIRECTIONS:
+        raise ValueError(
+            f"cross_selective_scan: {len(codes)} orders {codes} for delta of shape {tuple(delta.shape)}: "
+            f"expected one order per direction, 1 to {MAX_DIRECTIONS} directions"
+        )
+    if any(code not in CROSS_SCAN_ORDERS for code in codes):
+        raise ValueError(f"cross_selective_scan: orders {codes} must be codes in {CROSS_SCAN_ORDERS}")
+    if len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] != length:
+        raise ValueError(f"cross_selective_scan: grid {tuple(grid)} is not (H, W) with H * W == L = {length}")
+    return grid_shape(length, grid), codes
+
+
+def _cross_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grid, orders) -> Tensor:
+    """The sequential reference of :func:`cross_selective_scan`, by definition: each direction's tokens copied into
+    its step order, scanned forward, put back in grid order, and the directions summed."""
+    merged = []
+    for k, order in enumerate(orders):
+        steps = step_tokens(order, grid, u.device)
+        tokens = torch.argsort(steps)  # the step at which each token is read
+
+        def read(x: Tensor, steps=steps) -> Tensor:
+            return x.index_select(-1, steps)
+
+        out = selective_scan_ref(
+            read(u[k]), read(delta[k]), A[k], read(B[k]), read(C[k]), None if D is None else D[k],
+            None if z is None else read(z), None if delta_bias is None else delta_bias[k], delta_softplus,
+        )  # fmt: skip
+        merged.append(out.index_select(-1, tokens))
+    return torch.stack(merged).sum(0)
+
+
+def cross_selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    *,
+    grid: tuple[int, int],
+    orders: tuple[int, ...] = CROSS_SCAN_ORDERS,
+    backend: str | None = None,
+) -> Tensor:
+    """Selective scans of an (H, W) token grid in K directions (VMamba's SS2D), in one launch, merged in grid order.
+
+    Direction ``k`` walks the grid in the order ``orders[k]``: 0 row by row, 1 column by column, 2 and 3 the same
+    reversed (see :mod:`vim.kernels.scan_layout`); the default is VMamba's cross scan. Every tensor stays in grid
+    (row-major token) order: each direction reads its steps through index arithmetic and writes its output at
+    the tokens' own positions, so nothing is cross-scanned into a copy (the "torch" backend excepted, and the
+    "reference" backend, which is the definition). The K outputs are summed (VMamba's cross-merge).
+
+    Args:
+        u: (batch, dim, L) shared by the K directions (as VMamba's one conv output), or (K, batch, dim, L).
+        delta: (K, batch, dim, L), ``L = H * W``; any strides, channels-last is native.
+        A: (K, dim, N) float32.
+        B, C: (K, batch, N, L), grouped (K, batch, G, N, L) with dim divisible by G, or time-invariant (K, dim, N).
+        D, delta_bias: (K, dim).
+        z: (batch, dim, L), the gate shared by the directions.
+        delta_softplus: apply softplus to ``delta + delta_bias`` (VMamba does).
+        grid: (H, W) with ``H * W == L``.
+        orders: one order code per direction, 1 to 4 directions.
+        backend: as for :func:`selective_scan`.
+
+    Returns:
+        (batch, dim, L) in ``u.dtype``: the sum of the K directions' gated outputs.
+    """
+    grid, orders = _validate_cross(u, delta, grid, orders)
+    if u.dim() == 3:
+        u = u.expand(delta.shape[0], *u.shape)  # a stride-0 view: every direction reads the same memory
+    _validate(u, delta, A, B, C, D, z, delta_bias, lead=(delta.shape[0],))
+    B, C = _canonical_B_C(B, C, 1, u.shape[1], u.shape[-1])
+    backend = requested_backend(u.device, backend)
+    if backend == "reference":
+        return _cross_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grid, orders)
+    out, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, backend, list(orders), list(grid))
+    return out.sum(0)

@@ -335,9 +335,9 @@ def test_backward_reads_dout_in_place_in_any_layout(backend, monkeypatch):
     def recording(name, dtype):
         forward, backward = implementation(name, dtype)
 
-        def backward_recording(dout, *args):
+        def backward_recording(dout, *args, **kwargs):
             received.append(dout.stride())
-            return backward(dout, *args)
+            return backward(dout, *args, **kwargs)
 
         return forward, backward_recording
 
