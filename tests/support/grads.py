@@ -5,9 +5,13 @@ from __future__ import annotations
 import torch
 
 
-def leaves(inputs: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Copies that require grad (optionally converted to ``dtype``); None entries stay None."""
-    return {k: None if v is None else v.detach().to(dtype or v.dtype).requires_grad_() for k, v in inputs.items()}
+def leaves(inputs: dict, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Copies that require grad (optionally converted to ``dtype`` or moved to ``device``; strides kept); None entries
+    stay None."""
+    return {
+        k: None if v is None else v.detach().to(device or v.device, dtype or v.dtype).requires_grad_()
+        for k, v in inputs.items()
+    }
 
 
 def run_with_grads(fn, inputs: dict, cotangents) -> tuple:

@@ -19,6 +19,8 @@ import torch
 from vim.kernels import bidirectional_selective_scan, cross_selective_scan, selective_scan, selective_scan_ref
 from vim.kernels.scan_layout import CHUNK_SIZE
 
+from support.grads import leaves
+
 TOLERANCES = {
     torch.float32: dict(rtol=6e-4, atol=2e-3),
     torch.float16: dict(rtol=3e-2, atol=5e-2),
@@ -50,7 +52,7 @@ class Case:
         return self.height * self.width
 
 
-def make_inputs(case: Case, seed: int = 0) -> dict:
+def cross_scan_inputs(case: Case, seed: int = 0) -> dict:
     """Keyword arguments of cross_selective_scan: per-token tensors in grid order, channels-last as a block makes them."""
     gen = torch.Generator().manual_seed(seed)
     K, batch, dim, n, length, groups = len(case.orders), case.batch, case.dim, case.n_state, case.length, case.groups
@@ -117,16 +119,8 @@ def device_of(backend: str) -> str:
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
-def leaves(inputs: dict, dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
-    """Copies of ``inputs`` (strides kept, optionally cast or moved) that collect gradients."""
-    return {
-        name: None if x is None else x.detach().clone().to(device, dtype or x.dtype).requires_grad_()
-        for name, x in inputs.items()
-    }
-
-
 def run_against_reference(case: Case, backend: str) -> None:
-    inputs = make_inputs(case)
+    inputs = cross_scan_inputs(case)
     ref_inputs = leaves(inputs, torch.float64)
     expected = expected_scan(ref_inputs, case)
     dout = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7))
@@ -180,7 +174,7 @@ def test_cross_scans_longer_than_a_chunk(backend: str):
 def test_row_orders_are_bit_identical_to_the_one_and_two_direction_api(backend: str):
     """A cross scan with row orders only is today's scan: the same bits as selective_scan and the bidirectional call."""
     case = Case(3, 5, orders=(0, 2), shared_u=False)
-    inputs = leaves(make_inputs(case), device=device_of(backend))
+    inputs = leaves(cross_scan_inputs(case), device=device_of(backend))
     grid = (case.height, case.width)
 
     old, new = leaves(inputs, device=device_of(backend)), leaves(inputs, device=device_of(backend))
@@ -207,7 +201,7 @@ def test_row_orders_are_bit_identical_to_the_one_and_two_direction_api(backend: 
 def test_compiles_into_one_graph_with_its_gradients():
     """The cross scan goes through the same custom ops: torch.compile traces it with no graph break."""
     case = Case(3, 4, n_state=2)
-    inputs = make_inputs(case)
+    inputs = cross_scan_inputs(case)
 
     def scan(u, delta, A, B, C, D, z, delta_bias):
         return cross_selective_scan(u, delta, A, B, C, D, z, delta_bias, grid=(3, 4), backend="torch")
@@ -231,6 +225,6 @@ def test_compiles_into_one_graph_with_its_gradients():
     ],
 )
 def test_a_grid_or_orders_that_do_not_fit_are_named(change: dict, message: str):
-    inputs = make_inputs(Case(3, 4))
+    inputs = cross_scan_inputs(Case(3, 4))
     with pytest.raises(ValueError, match=message):
         cross_selective_scan(**inputs, **(dict(grid=(3, 4), backend="torch") | change))
