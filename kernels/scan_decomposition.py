@@ -10,7 +10,8 @@ which the ONNX exporter turns into one ONNX ``Scan`` node. It is a drop-in decom
     table[torch.ops.vim.selective_scan_fwd.default] = decomposed_scan_forward
     program = torch.export.export(model, (x,)).run_decompositions(table)   # no vim op left in the graph
 
-Formulation: reversed directions are flipped in time once, so that every direction and every batch
+Formulation: reversed directions are flipped in time once (a column-major direction of a 2-D grid is gathered by
+its constant token indices), so that every direction and every batch
 row advance together, one step per iteration, through one loop over the ``L`` steps whose body does
 a whole step of the recurrence: ``h = exp(delta_t * A) * h + delta_t * u_t * B_t``, ``y_t = C_t . h``.
 Nothing of size ``(L, dim, N)`` is stored, and the graph has the same few nodes for any sequence length
@@ -40,18 +41,40 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._higher_order_ops.scan import scan
 
-from .scan_layout import CHUNK_SIZE, num_chunks
+from .scan_layout import CHUNK_SIZE, ROW, ROW_REVERSED, direction_orders, grid_shape, num_chunks, step_tokens
 
 __all__ = ["decomposed_scan_forward"]
 
 Step = Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
 
 
-def _in_scan_order(x: Tensor, reversed_directions: list[bool]) -> Tensor:
-    """(K, batch, L, ...): each reversed direction flipped in time (its own inverse: it also flips back)."""
-    if not any(reversed_directions):
+def _to_steps(x: Tensor, codes: tuple[int, ...], grid: tuple[int, int]) -> Tensor:
+    """(K, batch, L, ...) in grid (token) order -> each direction in its step order (see :func:`step_tokens`): reversed
+    row directions flipped in time, column directions gathered by their constant token indices."""
+    if all(code == ROW for code in codes):
         return x
-    return torch.stack([x[k].flip(1) if flip else x[k] for k, flip in enumerate(reversed_directions)])
+    return torch.stack([_direction_to_steps(x[k], code, grid) for k, code in enumerate(codes)])
+
+
+def _direction_to_steps(x: Tensor, code: int, grid: tuple[int, int]) -> Tensor:
+    if code == ROW:
+        return x
+    if code == ROW_REVERSED:
+        return x.flip(1)
+    return x.index_select(1, step_tokens(code, grid, x.device))
+
+
+def _to_tokens(y: Tensor, codes: tuple[int, ...], grid: tuple[int, int]) -> Tensor:
+    """The inverse of :func:`_to_steps`: (K, batch, L, ...) in each direction's step order -> grid order."""
+    if all(code == ROW for code in codes):
+        return y
+    return torch.stack([_direction_to_tokens(y[k], code, grid) for k, code in enumerate(codes)])
+
+
+def _direction_to_tokens(y: Tensor, code: int, grid: tuple[int, int]) -> Tensor:
+    if code in (ROW, ROW_REVERSED):
+        return _direction_to_steps(y, code, grid)  # a flip is its own inverse
+    return y.index_select(1, torch.argsort(step_tokens(code, grid, y.device)))
 
 
 def _recurrence_step(A: Tensor, batch: int, keep_state: bool) -> Step:
@@ -85,6 +108,8 @@ def decomposed_scan_forward(
     delta_softplus: bool,
     reverse: bool,
     backend: str = "",
+    orders: list[int] | None = None,
+    grid: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``vim::selective_scan_fwd`` in standard ops: the same arguments (canonical form, see scan_layout) and outputs.
 
@@ -95,8 +120,11 @@ def decomposed_scan_forward(
         D, delta_bias: (K, dim) or None.
         z: (batch, dim, L) or None, shared by the K directions.
         delta_softplus: apply softplus to ``delta + delta_bias``.
-        reverse: direction ``k`` runs last token first iff ``reverse != (k == 1)``.
+        reverse: direction ``k`` runs last token first iff ``reverse != (k == 1)`` (without ``orders``), or each of
+            ``orders`` reversed.
         backend: ignored (the op's choice of kernel means nothing here).
+        orders, grid: each direction's order code over the ``(H, W)`` token grid (see :mod:`vim.kernels.scan_layout`);
+            None: rows, directions 0 and 1 (one row of ``L`` tokens).
 
     Returns:
         ``out`` (K, batch, dim, L) in ``u.dtype`` with channels-last memory, and ``checkpoints``
@@ -106,11 +134,11 @@ def decomposed_scan_forward(
     K, batch, dim, length = u.shape
     groups, n_state = B.shape[2], B.shape[3]
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
-    reversed_directions = [reverse != (k == 1) for k in range(K)]
+    codes, cells = direction_orders(K, reverse, orders), grid_shape(length, grid)
 
     def scan_order(x: Tensor) -> Tensor:
         """(K, batch, ..., L) -> (K, batch, L, ...) in the compute dtype, each direction in the order it scans."""
-        return _in_scan_order(x.to(compute).movedim(-1, 2), reversed_directions)
+        return _to_steps(x.to(compute).movedim(-1, 2), codes, cells)
 
     def time_major(x: Tensor, *shape: int) -> Tensor:
         """(K, batch, L, ...) -> (L, K * batch, *shape): the loop runs over axis 0."""
@@ -136,7 +164,7 @@ def decomposed_scan_forward(
     y = y.movedim(0, 2).reshape(K, batch, length, dim)
     if D is not None:
         y = y + D.to(compute)[:, None, None, :] * u_t
-    y = _in_scan_order(y, reversed_directions)  # back in time order
+    y = _to_tokens(y, codes, cells)  # back in grid order
     if z is not None:
         y = y * F.silu(z.to(compute).transpose(1, 2))
 
