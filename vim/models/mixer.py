@@ -47,7 +47,12 @@ def __getattr__(name: str) -> type:
 
 @torch.no_grad()
 def init_scan_parameters(
-    dt_weight: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, dt_min: float, dt_max: float,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    dt_min: float,
+    dt_max: float,
     dt_init_floor: float,
 ) -> None:
     """Mamba's initialisation of one direction's scan parameters, in place (VMamba's ``ssm_init="v0"`` is the same).
