@@ -36,13 +36,16 @@ view (no copy) and the scan reads its native layout, a ``(B, D_inner, L)`` view 
 
 No cross-scanned copy is made: ``x_proj`` and ``dt_projs`` are per-token maps, so they are applied to the tokens
 in grid order, and :func:`vim.kernels.cross_selective_scan` reads each direction's steps from those tensors
-through index arithmetic and writes each output back at its tokens' own positions, all four in one launch.
+through index arithmetic and writes each output back at its tokens' own positions, all four in one launch (on
+the "native" and "triton" backends; "torch" gathers the column orders into its own buffers, "reference" scans
+explicit copies).
 
-Numerics: the scan computes in float32 whatever the input dtype. Upstream's scan kernel (``oflex``) returns
-float32 for fp16 / bf16 input and merges the directions and runs ``out_norm`` in float32, casting back to the
-activations' dtype before ``out_proj``; here the scan reads the conv output as float32, so it too returns and
-merges in float32 (one float32 copy of the conv output under mixed precision), ``out_norm`` runs in its weight's
-dtype (float32 under autocast) and the result is cast back to the conv output's dtype before ``out_proj``.
+Numerics: the scan computes in float32 (float64 for float64 input) whatever the input dtype. Upstream's scan
+kernel (``oflex``) returns float32 for fp16 / bf16 input and merges the directions and runs ``out_norm`` in
+float32, casting back to the activations' dtype before ``out_proj``; here the scan reads the conv output as
+float32, so it too returns and merges in float32 (one float32 copy of the conv output under mixed precision),
+``out_norm`` runs in its weight's dtype (float32 under autocast) and the result is cast back to the conv output's
+dtype before ``out_proj``.
 """
 
 from __future__ import annotations
