@@ -34,7 +34,7 @@ from torch import nn
 
 from vim.kernels import bidirectional_selective_scan, causal_conv1d_silu, selective_scan
 
-__all__ = ["MambaMixer"]
+__all__ = ["MambaMixer", "init_scan_parameters"]
 
 
 def __getattr__(name: str) -> type:
@@ -43,6 +43,35 @@ def __getattr__(name: str) -> type:
         warnings.warn("vim.models.mixer.BiMambaMixer is now called MambaMixer", FutureWarning, stacklevel=2)
         return MambaMixer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@torch.no_grad()
+def init_scan_parameters(
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    dt_min: float,
+    dt_max: float,
+    dt_init_floor: float,
+) -> None:
+    """Mamba's initialisation of one direction's scan parameters, in place (VMamba's ``ssm_init="v0"`` is the same).
+
+    Args:
+        dt_weight: (d_inner, R) the step-size projection, uniform in ``[-R ** -0.5, R ** -0.5]``.
+        dt_bias: (d_inner,) the inverse softplus of step sizes log-uniform in ``[dt_min, dt_max]``, at least
+            ``dt_init_floor``, so that ``softplus(dt_bias)`` starts in that range.
+        A_log: (d_inner, N) ``log(1..N)`` on every channel (S4D-real: ``A = -exp(A_log) = -(1..N)``).
+        D: (d_inner,) ones.
+    """
+    rank = dt_weight.shape[-1]
+    nn.init.uniform_(dt_weight, -(rank**-0.5), rank**-0.5)
+    log_dt = torch.rand(dt_bias.shape, device=dt_bias.device) * (math.log(dt_max) - math.log(dt_min))
+    dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_init_floor)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+    state_index = torch.arange(1, A_log.shape[-1] + 1, dtype=torch.float32, device=A_log.device)
+    A_log.copy_(torch.log(state_index).expand_as(A_log))
+    D.fill_(1.0)
 
 
 class ScanWeights(NamedTuple):
@@ -157,13 +186,7 @@ class MambaMixer(nn.Module):
         for layer in layers:
             layer.reset_parameters()
         for _, _, dt_proj, A_log, D in directions:
-            nn.init.uniform_(dt_proj.weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
-            log_dt = torch.rand(self.d_inner, device=dt_proj.bias.device) * (math.log(dt_max) - math.log(dt_min))
-            dt = torch.exp(log_dt + math.log(dt_min)).clamp(min=dt_floor)
-            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
-            state_index = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=dt_proj.bias.device)
-            A_log.copy_(torch.log(state_index).expand(self.d_inner, -1))
-            D.fill_(1.0)
+            init_scan_parameters(dt_proj.weight, dt_proj.bias, A_log, D, dt_min, dt_max, dt_floor)
 
     def _scan_weights(self) -> ScanWeights:
         # a few KiB per block, stacked on each call: about 50 us a block on one CPU thread, 1% of a Vim-Ti forward
