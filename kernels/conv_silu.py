@@ -155,7 +155,7 @@ def causal_conv1d_silu(
     backend: str | None = None,
     padding: str = "causal",
 ) -> Tensor:
-    """Depthwise causal conv + SiLU of one direction, or of both directions of a bidirectional block.
+    """Depthwise causal conv + SiLU of one direction, or of both directions of a bidirectional block (or centred: ``padding``).
 
     ``out[0, b, t] = silu(bias + sum_i weight[:, i] * x[b, t - (W-1) + i])`` (the causal conv) and, with
     ``weight_b``, ``out[1, b, t] = silu(bias_b + sum_i weight_b[:, i] * x[b, t + (W-1) - i])``: the backward
@@ -181,7 +181,7 @@ def causal_conv1d_silu(
     lookahead = _lookahead(padding, weight, weight_b)
     if lookahead:
         # the centred conv at t is the causal conv at t + lookahead of x followed by lookahead zero rows: the
-        # fused kernels run unchanged (about 10% over a causal conv of x on CPU, against 3x for F.conv1d's backward)
+        # fused kernels run unchanged (forward+backward on CPU: 10% over a causal conv of x; F.conv1d took twice as long)
         x = F.pad(x, (0, 0, 0, lookahead))
     if backend == "reference":
         out = causal_conv1d_silu_ref(x, weight, bias, weight_b, bias_b)
