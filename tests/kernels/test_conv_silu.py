@@ -5,10 +5,13 @@ differentiated by autograd. Every backend ("native": the C kernel; "triton": in 
 without CUDA; "torch"; "reference") is checked against it, forward and backward, for the layout a
 mixer hands over (x the first half of a (B, L, 2C) projection, the other half NaN, so a kernel that
 reads past its channels fails). Uninitialised memory is filled with NaN, so an output element a
-kernel forgets to write shows up.
+kernel forgets to write shows up. ``padding="same"`` (the centred conv) is checked the same way against a
+centred loop, itself checked against ``F.conv1d(padding="same")``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -54,6 +57,14 @@ def loop_definition(x, weight, bias=None, weight_b=None, bias_b=None) -> torch.T
     return torch.stack(outputs)
 
 
+def centred_loop_definition(x, weight, bias=None) -> torch.Tensor:
+    """(1, B, L, C): silu of sum_i w[:, i] x[t - (W-1)//2 + i] (+ b), the taps centred on the token."""
+    width = weight.shape[-1]
+    w = weight.reshape(weight.shape[0], width)
+    pre = sum(w[:, i] * shifted(x, i - (width - 1) // 2) for i in range(width))
+    return F.silu(pre if bias is None else pre + bias)[None]
+
+
 def conv_inputs(
     batch=2,
     length=11,
@@ -87,18 +98,20 @@ def device_of(backend: str) -> str:
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
-def expected_with_grads(inputs: dict, dout: torch.Tensor):
+def expected_with_grads(inputs: dict, dout: torch.Tensor, definition=loop_definition):
     """The loop definition in float64 on the same (already rounded) values; x without its NaN half."""
-    return run_with_grads(loop_definition, leaves(inputs, torch.float64), dout.double())
+    return run_with_grads(definition, leaves(inputs, torch.float64), dout.double())
 
 
-def assert_matches_definition(fn, inputs: dict, seed: int = 1):
+def assert_matches_definition(fn, inputs: dict, seed: int = 1, definition=loop_definition):
     x = inputs["x"]
     directions = 1 if inputs.get("weight_b") is None else 2
     dout = torch.randn(directions, *x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
     out, grads = run_with_grads(fn, leaves(inputs), dout)
-    expected, expected_grads = expected_with_grads(inputs, dout)
-    assert out.shape == expected.shape and out.dtype == x.dtype and out.is_contiguous()
+    expected, expected_grads = expected_with_grads(inputs, dout, definition)
+    assert out.shape == expected.shape and out.dtype == x.dtype
+    # the centred conv gives back a view of the causal kernel's longer output: rows still channels-last
+    assert out.is_contiguous() if definition is loop_definition else out.stride()[-2:] == (x.shape[-1], 1)
     torch.testing.assert_close(out.double(), expected, **TOLERANCES[x.dtype])
     for name, grad in grads.items():
         assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, name
@@ -145,6 +158,16 @@ def test_reference_is_the_grouped_conv_of_both_directions():
     inputs = {k: v.double() for k, v in conv_inputs(length=9).items()}
     inputs["x"] = inputs["x"].contiguous()
     torch.testing.assert_close(causal_conv1d_silu_ref(**inputs), grouped_conv_of_both_directions(**inputs))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_centred_definition_is_pytorchs_same_padding(width):
+    """The centred loop against PyTorch's own reading of padding="same" (its split of the W - 1 zeros)."""
+    inputs = {k: v.double().contiguous() for k, v in conv_inputs(length=6, width=width, directions=1).items()}
+    x, weight, bias = inputs["x"], inputs["weight"], inputs["bias"]
+    expected = F.silu(F.conv1d(x.transpose(1, 2), weight, bias, padding="same", groups=x.shape[-1])).transpose(1, 2)
+    torch.testing.assert_close(centred_loop_definition(**inputs)[0], expected)
 
 
 def test_written_out_backward_is_autograd_of_the_definition():
@@ -220,6 +243,18 @@ def test_every_layout_of_x_and_dout(backend):
             torch.testing.assert_close(grad.double(), expected_grads[key], rtol=1e-4, atol=1e-4, msg=f"{name}: d{key}")
 
 
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("length", [1, 2, 7])
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "triton"])
+def test_same_padding_matches_the_centred_definition(backend, length, width):
+    """padding="same" (MambaVision's centred conv) on every backend, forward and backward, odd and even widths."""
+    skip_unless_available(backend)
+    inputs = conv_inputs(batch=2, length=length, channels=20, width=width, directions=1, seed=width,
+                         device=device_of(backend))  # fmt: skip
+    same = functools.partial(causal_conv1d_silu, backend=backend, padding="same")
+    assert_matches_definition(same, inputs, definition=centred_loop_definition)
+
+
 @needs_compiler
 @pytest.mark.parametrize("threads", [1, 3])
 def test_native_sequence_split_into_segments(threads):
@@ -287,6 +322,8 @@ def test_custom_ops_trace_under_torch_compile(backend):
         (dict(bias_b=torch.zeros(20), weight_b=None), r"bias_b is given without weight_b"),
         (dict(bias=torch.zeros(21)), r"bias has shape \(21,\), expected \(20,\)"),
         (dict(x=torch.zeros(2, 5, 20, dtype=torch.int64)), r"x must be a floating tensor"),
+        (dict(padding="valid"), r"padding must be 'causal' or 'same', got 'valid'"),
+        (dict(padding="same"), r"padding='same' runs one direction; weight_b is given"),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(change, message):

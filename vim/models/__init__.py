@@ -1,8 +1,8 @@
 """Vision Mamba backbones; importing this package registers the models with timm.
 
 Modules: :mod:`.mixer` (the Mamba mixer, one or two directions), :mod:`.ss2d` (VMamba's mixer, four directions
-of a token grid), :mod:`.block` (the residual block), :mod:`.backbone` (the trunk shared by every modality),
-:mod:`.patch_embed`, :mod:`.pos_embed`
+of a token grid), :mod:`.mambavision_mixer` and :mod:`.attention` (MambaVision's two token mixers), :mod:`.block`
+(the residual block), :mod:`.backbone` (the trunk shared by every modality), :mod:`.patch_embed`, :mod:`.pos_embed`
 (middle class token), :mod:`.vision_mamba` (the timm image backbones), :mod:`.checkpoint`
 (the safe reader and loading path of released checkpoints), :mod:`.weights` (released weights by name),
 and the video / point-cloud backbones :mod:`.video_mamba`, :mod:`.point_mamba`.
@@ -12,6 +12,7 @@ from . import point_mamba, video_mamba  # noqa: F401  (register the PointMamba a
 from .backbone import MambaBackbone, drop_path_schedule
 from .block import MambaBlock
 from .checkpoint import load_checkpoint_into, load_official_checkpoint
+from .mambavision_mixer import MambaVisionMixer
 from .mixer import MambaMixer
 from .patch_embed import StridedPatchEmbed
 from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed, split_middle_token
@@ -23,6 +24,7 @@ __all__ = [
     "MambaBackbone",
     "MambaBlock",
     "MambaMixer",
+    "MambaVisionMixer",
     "StridedPatchEmbed",
     "VisionMamba",
     "checkpoint_filter_fn",
