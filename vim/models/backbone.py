@@ -57,8 +57,8 @@ subclass overrides ``_reset_head`` / ``forward_head``), ``no_weight_decay``, ``g
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal, cast, get_args
 
 import torch
@@ -66,8 +66,9 @@ from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .block import MambaBlock, NormLayer, add_and_norm, create_norm
+from .block import MambaBlock, NormLayer, add_and_norm, norm_factory, reset_part
 from .checkpoint import load_checkpoint_into, unwrap_state_dict
+from .mixer import MambaMixer
 
 __all__ = ["InputAxis", "MambaBackbone", "PoolType", "check_input_shape", "drop_path_schedule", "take_indices"]
 
@@ -168,7 +169,7 @@ class MambaBackbone(nn.Module):
     stem_pattern: str = ""
 
     layers: nn.ModuleList
-    norm_f: nn.RMSNorm | nn.LayerNorm | nn.Identity  # Identity once pruned
+    norm_f: nn.Module  # nn.RMSNorm or nn.LayerNorm; nn.Identity once pruned
     drop_path: nn.Module
     grad_checkpointing: bool
     head: nn.Module
@@ -218,19 +219,13 @@ class MambaBackbone(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.depth = depth
         self.kernel_backend = kernel_backend
+        norm_cls = norm_factory(norm_layer, norm_eps)
+        mixer_cls = partial(MambaMixer, kernel_backend=kernel_backend, **mixer_kwargs)
         self.layers = nn.ModuleList(
-            MambaBlock(
-                embed_dim,
-                drop_path=rate,
-                norm_layer=norm_layer,
-                norm_eps=norm_eps,
-                kernel_backend=kernel_backend,
-                **mixer_kwargs,
-                **dd,
-            )
+            MambaBlock(embed_dim, mixer_cls, norm_cls=norm_cls, drop_path=rate, kernel_backend=kernel_backend, **dd)
             for rate in drop_path_schedule(drop_path_rate, depth)
         )
-        self.norm_f = create_norm(norm_layer, embed_dim, eps=norm_eps, **dd)
+        self.norm_f = norm_cls(embed_dim, **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.grad_checkpointing = False
 
@@ -241,13 +236,10 @@ class MambaBackbone(nn.Module):
 
     @torch.no_grad()
     def init_trunk_weights(self) -> None:
-        """Mamba's init of every block, ``out_proj`` rescaled by ``1 / sqrt(depth)`` (GPT-2 scheme)."""
+        """Each block's parts by their own init (Mamba's for the mixer), ``out_proj`` divided by ``sqrt(depth)`` (GPT-2)."""
         for layer in self.blocks:
-            layer.norm.reset_parameters()
-            layer.mixer.reset_parameters()  # out_proj: kaiming-uniform(a=sqrt(5)), PyTorch's Linear default
-            layer.mixer.out_proj.weight.div_(math.sqrt(self.depth))
-        if not isinstance(self.norm_f, nn.Identity):
-            self.norm_f.reset_parameters()
+            layer.reset_parameters(depth=self.depth)
+        reset_part(self.norm_f)  # nothing to reset once pruned to nn.Identity
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
