@@ -66,7 +66,7 @@ from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .block import MambaBlock, NormLayer, add_and_norm, norm_factory, reset_part
+from .block import MambaBlock, NormLayer, PartFactory, add_and_norm, norm_factory, reset_part
 from .checkpoint import load_checkpoint_into, unwrap_state_dict
 from .mixer import MambaMixer
 
@@ -132,6 +132,20 @@ def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
     Block ``i`` applies its rate to the output of block ``i - 1``; the final norm uses the full rate.
     """
     return [0.0, *torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()][:depth]
+
+
+def layer_mixer_factories(
+    depth: int, mixer_cls: PartFactory, layer_mixers: Mapping[int, PartFactory] | None = None
+) -> list[PartFactory]:
+    """The mixer factory of each of ``depth`` blocks: ``mixer_cls``, or ``layer_mixers[i]`` at block ``i``.
+
+    ValueError naming the indices of ``layer_mixers`` that are not blocks 0..depth - 1.
+    """
+    layer_mixers = layer_mixers or {}
+    wrong = sorted(i for i in layer_mixers if not 0 <= i < depth)
+    if wrong:
+        raise ValueError(f"layer_mixers names blocks {wrong}, but the trunk has blocks 0..{depth - 1}")
+    return [layer_mixers.get(i, mixer_cls) for i in range(depth)]
 
 
 def init_linear_(module: nn.Linear | nn.Conv1d) -> None:
@@ -201,6 +215,8 @@ class MambaBackbone(nn.Module):
         norm_layer: NormLayer = "rmsnorm",
         norm_eps: float = 1e-5,
         kernel_backend: str | None = None,
+        mlp_cls: PartFactory | None = None,
+        layer_mixers: Mapping[int, PartFactory] | None = None,
         device=None,
         dtype=None,
         **mixer_kwargs,
@@ -214,16 +230,19 @@ class MambaBackbone(nn.Module):
             norm_layer: "rmsnorm" (Vim, VideoMamba) or "layernorm" (PointMamba), in every block and ``norm_f``.
             norm_eps: the norms' epsilon.
             kernel_backend: backend of every kernel (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
-            mixer_kwargs: forwarded to every :class:`MambaMixer` (d_state, expand, directions, divide_out, ...).
+            mlp_cls: an MLP's factory for every block (see :class:`MambaBlock`), None for blocks without one.
+            layer_mixers: another mixer's factory at given block indices (mamba_ssm's ``attn_layer_idx``), e.g.
+                ``{1: partial(timm.layers.Attention, num_heads=2)}``: block 1 mixes by self-attention.
+            mixer_kwargs: forwarded to every other block's :class:`MambaMixer` (d_state, expand, directions, divide_out, ...).
         """
         dd = {"device": device, "dtype": dtype}
         self.depth = depth
         self.kernel_backend = kernel_backend
         norm_cls = norm_factory(norm_layer, norm_eps)
-        mixer_cls = partial(MambaMixer, kernel_backend=kernel_backend, **mixer_kwargs)
+        mixers = layer_mixer_factories(depth, partial(MambaMixer, kernel_backend=kernel_backend, **mixer_kwargs), layer_mixers)
         self.layers = nn.ModuleList(
-            MambaBlock(embed_dim, mixer_cls, norm_cls=norm_cls, drop_path=rate, kernel_backend=kernel_backend, **dd)
-            for rate in drop_path_schedule(drop_path_rate, depth)
+            MambaBlock(embed_dim, mixer_cls, mlp_cls, norm_cls, drop_path=rate, kernel_backend=kernel_backend, **dd)
+            for mixer_cls, rate in zip(mixers, drop_path_schedule(drop_path_rate, depth))
         )
         self.norm_f = norm_cls(embed_dim, **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
