@@ -173,14 +173,14 @@ def test_take_indices_as_timm(indices):
     """Our block selection against timm's own (a private helper there, so ours is kept apart)."""
     from timm.models._features import feature_take_indices
 
-    from vim.models.backbone import take_indices
+    from vim.models.timm_api import take_indices
 
     assert take_indices(12, indices) == feature_take_indices(12, indices)
 
 
 @pytest.mark.parametrize("indices", [0, 13, [12], [-13], []])
 def test_take_indices_out_of_range(indices):
-    from vim.models.backbone import take_indices
+    from vim.models.timm_api import take_indices
 
     with pytest.raises(ValueError, match="indices="):
         take_indices(12, indices)
