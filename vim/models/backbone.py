@@ -141,7 +141,7 @@ class MambaBackbone(TimmBackbone):
         """``layers``, every block."""
         return list(self.blocks)
 
-    def forward_trunk(
+    def forward_trunk_intermediates(
         self, x: torch.Tensor, grid: tuple[int, ...] | None = None, taken: Collection[int] = (), stop: int | None = None,
         norm: bool = False,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, tuple[int, ...] | None]]]:  # fmt: skip

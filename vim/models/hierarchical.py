@@ -142,7 +142,7 @@ class HierarchicalBackbone(TimmBackbone):
         """Every stage's blocks, stage after stage."""
         return [block for stage in self.stage_list for block in stage.block_list]
 
-    def forward_trunk(
+    def forward_trunk_intermediates(
         self, x: torch.Tensor, grid: tuple[int, ...] | None = None, taken: Collection[int] = (), stop: int | None = None,
         norm: bool = False,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, tuple[int, ...] | None]]]:  # fmt: skip

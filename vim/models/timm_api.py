@@ -7,7 +7,7 @@ API (a base class; a trunk layout subclasses it, a family subclasses the layout 
         block_groups = ((r"^layers\.(\d+)", None),)    # group_matcher's blocks before norm_f
 
         def trunk_blocks(self): ...                   # every block, for the init
-        def forward_trunk(self, x, grid, taken=(), stop=None, norm=False): ...   # final tokens, [(tokens, grid)]
+        def forward_trunk_intermediates(self, x, grid, taken=(), stop=None, norm=False): ...  # final, [(y, grid)]
 
 A family declares its input contract here, in one place that prediction, extraction and export read: ``modality``
 (which data code of :mod:`vim.data.modalities` turns files into its inputs, and the name of an exported graph's input),
@@ -16,7 +16,7 @@ size export traces with, and how to change it), and ``export_refusal`` (why a fa
 ``forward_features`` and ``forward_intermediates`` first check the input against ``input_axes``
 (:func:`check_input_shape`), so an unbatched input or a wrong channel count is named, whatever the family.
 
-timm's model API is implemented once, on top of the layout's ``forward_trunk``: an intermediate is the output of
+timm's model API is implemented once, on top of the layout's ``forward_trunk_intermediates``: an intermediate is the output of
 block i of a flat trunk (one token grid, every block at the patch stride) and the output of stage i of a
 hierarchical one (a grid per stage, reductions 4 / 8 / 16 / 32), as timm numbers its hierarchical models.
 :meth:`~TimmBackbone.forward_intermediates` serves every modality and layout: the class token split off
@@ -180,7 +180,7 @@ class TimmBackbone(nn.Module):
         """Every block of the trunk, in order (all stages' for a hierarchical one)."""
         raise NotImplementedError
 
-    def forward_trunk(
+    def forward_trunk_intermediates(
         self, x: torch.Tensor, grid: tuple[int, ...] | None = None, taken: Collection[int] = (), stop: int | None = None,
         norm: bool = False,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, tuple[int, ...] | None]]]:  # fmt: skip
@@ -197,6 +197,10 @@ class TimmBackbone(nn.Module):
             The final tokens (B, L', D') and, for each taken index in order, its tokens (B, L_i, D_i) and their grid.
         """
         raise NotImplementedError
+
+    def forward_trunk(self, x: torch.Tensor, grid: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Run the whole trunk on (B, L, D) embedded tokens on ``grid``: the final normalised tokens (B, L', D')."""
+        return self.forward_trunk_intermediates(x, grid)[0]
 
     @property
     def num_intermediates(self) -> int:
@@ -278,7 +282,7 @@ class TimmBackbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The modality's input -> (B, L, D) normalised tokens (see the subclass's ``_embed`` for the layout)."""
         self.check_input(x)
-        return self.forward_trunk(self._embed(x), self.token_grid(x))[0]
+        return self.forward_trunk(self._embed(x), self.token_grid(x))
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, ...] | None:
         """The grid of the non-class tokens of input ``x``: (H', W') for images, (T', H', W') for clips, None without one."""
@@ -321,7 +325,7 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"output_fmt must be one of {formats} for {type(self).__name__}, got {output_fmt!r}")
         taken, last = take_indices(self.num_intermediates, indices)
         stop = last + 1 if stop_early else None
-        final, intermediates = self.forward_trunk(self._embed(x), grid, taken, stop, norm)
+        final, intermediates = self.forward_trunk_intermediates(self._embed(x), grid, taken, stop, norm)
         outputs: list[Intermediate] = []
         for y, y_grid in intermediates:
             prefix, patches = self.split_prefix_tokens(y)
