@@ -13,6 +13,8 @@ from torch import nn
 
 from vim.models import MambaBackbone, MambaMixer
 
+from support.norms import randomize_norms
+
 
 class TokenBackbone(MambaBackbone):
     """The trunk alone on (B, L, D) tokens: no class token, no stem."""
@@ -45,13 +47,7 @@ class TokenBackbone(MambaBackbone):
 
 
 def _randomize_norms(model: nn.Module) -> None:
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+    randomize_norms(model, torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize(("norm_layer", "norm_type"), [("layernorm", nn.LayerNorm), ("rmsnorm", nn.RMSNorm)])

@@ -13,6 +13,8 @@ from torch import nn
 from vim.models import MambaMixer
 from vim.models.block import MambaBlock, norm_factory
 
+from support.norms import randomize_norms
+
 WIDTH = 8
 
 
@@ -20,15 +22,6 @@ def _block(mlp: bool, drop_path: float = 0.0, norm_layer: str = "layernorm") -> 
     mixer_cls = partial(MambaMixer, d_state=4, kernel_backend="torch")
     mlp_cls = partial(Mlp, hidden_features=2 * WIDTH) if mlp else None
     return MambaBlock(WIDTH, mixer_cls, mlp_cls, norm_factory(norm_layer), drop_path=drop_path, kernel_backend="torch")
-
-
-def _randomize_norms(block: nn.Module, generator: torch.Generator) -> None:
-    with torch.no_grad():
-        for module in block.modules():
-            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -42,7 +35,7 @@ def test_blocks_with_an_mlp_chain_two_pre_norm_residual_steps() -> None:
     torch.manual_seed(0)
     blocks = [_block(mlp=True).eval() for _ in range(2)]
     for block in blocks:
-        _randomize_norms(block, generator)
+        randomize_norms(block, generator)
     x = torch.randn(2, 5, WIDTH, generator=generator)
     expected = x
     for block in blocks:
