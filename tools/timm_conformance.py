@@ -20,6 +20,9 @@ the way a ViT does, and this script adds it to those lists (nothing else in the 
 * ``EXCLUDE_JIT_FILTERS``: no TorchScript; the selective scan is a ``torch.library`` custom op
   called from Python (``torch.compile`` traces it; TorchScript cannot).
 
+The models are Vim's image backbones and ``test_hier_mamba``, the hierarchical test model that proves the timm
+API on stages (its ``embed_dim`` is the first stage's width, ``depth`` the blocks per stage).
+
 It also runs timm's ``test_model_init_weights_after_to_empty`` (parametrized upstream with a fixed
 list of models) on every model, with the small-config kwargs of :data:`TO_EMPTY_KWARGS`.
 """
@@ -37,8 +40,8 @@ import timm
 import torch
 
 DEFAULT_CACHE = Path(os.environ.get("VIM_CACHE_DIR", Path.home() / ".cache" / "vim")) / "timm-sdist"
-MODEL_MODULE = "vision_mamba"
-NAME_PATTERNS = ["vim_*", "test_vim*"]
+MODEL_MODULES = ["vision_mamba", "hierarchical"]
+NAME_PATTERNS = ["vim_*", "test_vim*", "test_hier_mamba"]
 TO_EMPTY_KWARGS = dict(img_size=64, embed_dim=32, depth=2, d_state=4)
 """Small overrides for the init-after-``to_empty`` test, which runs at 64 px."""
 
@@ -133,7 +136,7 @@ def _insert_after(text: str, anchor: str, addition: str) -> str:
 def adapt_test_file(text: str) -> str:
     """Add the Vision Mamba models to the model-family lists of timm's test file."""
     text = _insert_after(text, "NON_STD_FILTERS = [", f"NON_STD_FILTERS += {NAME_PATTERNS!r}  # vim: token-sequence output\n")
-    text = _insert_after(text, "FEAT_INTER_FILTERS = [", f"FEAT_INTER_FILTERS += [{MODEL_MODULE!r}]  # vim\n")
+    text = _insert_after(text, "FEAT_INTER_FILTERS = [", f"FEAT_INTER_FILTERS += {MODEL_MODULES!r}  # vim\n")
     text = _insert_after(text, "EXCLUDE_JIT_FILTERS = [", f"EXCLUDE_JIT_FILTERS += {NAME_PATTERNS!r}  # vim: custom-op scan\n")
     anchor = "EXCLUDE_FEAT_FILTERS = NON_STD_FILTERS[:]"
     keep_features = f"EXCLUDE_FEAT_FILTERS = [f for f in EXCLUDE_FEAT_FILTERS if f not in {NAME_PATTERNS!r}]  # vim: NCHW maps\n"

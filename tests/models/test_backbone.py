@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import pytest
 import timm
 import torch
+from timm.layers import Attention
 from torch import nn
 
-from vim.models import MambaBackbone
+from vim.models import MambaBackbone, MambaMixer
+
+from support.norms import randomize_norms
 
 
 class TokenBackbone(MambaBackbone):
@@ -25,12 +29,15 @@ class TokenBackbone(MambaBackbone):
         global_pool: str = "avg",
         kernel_backend: str = "torch",
         drop_path_rate: float = 0.0,
+        depth: int = 3,
+        **trunk_kwargs,
     ) -> None:
         super().__init__()
         self.init_head_attributes(3, global_pool, 16)
         self.build_trunk(
-            16, 3, drop_path_rate, norm_layer=norm_layer, directions=directions, d_state=4, kernel_backend=kernel_backend
-        )
+            16, depth, drop_path_rate, norm_layer=norm_layer, directions=directions, d_state=4, kernel_backend=kernel_backend,
+            **trunk_kwargs,
+        )  # fmt: skip
         self.head_drop = nn.Identity()
         self.head = self.linear_head(3)
         self.init_trunk_weights()
@@ -40,13 +47,7 @@ class TokenBackbone(MambaBackbone):
 
 
 def _randomize_norms(model: nn.Module) -> None:
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=generator))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+    randomize_norms(model, torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize(("norm_layer", "norm_type"), [("layernorm", nn.LayerNorm), ("rmsnorm", nn.RMSNorm)])
@@ -71,6 +72,29 @@ def test_trunk_is_the_pre_norm_residual_chain(norm_layer: str, norm_type: type, 
     expected = norm(expected, model.norm_f)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_trunk_places_another_mixer_at_given_layers() -> None:
+    """layer_mixers={1: attention, 3: attention}: self-attention mixes in blocks 1 and 3, Mamba in 0 and 2, each block
+    still the pre-norm residual step; forward and backward reach every block's parameters."""
+    torch.manual_seed(0)
+    attention = partial(Attention, num_heads=2, qkv_bias=True)
+    model = TokenBackbone(depth=4, layer_mixers={1: attention, 3: attention})
+    assert [type(layer.mixer) for layer in model.layers] == [MambaMixer, Attention, MambaMixer, Attention]
+    assert {"layers.1.mixer.qkv.weight", "layers.3.mixer.proj.bias", "layers.2.mixer.A_b_log"} <= set(model.state_dict())
+    x = torch.randn(2, 7, 16)
+    expected = x
+    for layer in model.layers:
+        expected = expected + layer.mixer(nn.functional.rms_norm(expected, (16,), layer.norm.weight, 1e-5))
+    features = model.forward_features(x)
+    torch.testing.assert_close(features, nn.functional.rms_norm(expected, (16,), model.norm_f.weight, 1e-5))
+    features.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.layers.parameters())
+
+
+def test_layer_mixers_outside_the_trunk_are_named() -> None:
+    with pytest.raises(ValueError, match=r"layer_mixers names blocks \[-1, 3\], but the trunk has blocks 0..2"):
+        TokenBackbone(layer_mixers={3: Attention, -1: Attention})
 
 
 @pytest.mark.parametrize("norm_layer", ["rmsnorm", "layernorm"])
@@ -145,14 +169,14 @@ def test_take_indices_as_timm(indices):
     """Our block selection against timm's own (a private helper there, so ours is kept apart)."""
     from timm.models._features import feature_take_indices
 
-    from vim.models.backbone import take_indices
+    from vim.models.timm_api import take_indices
 
     assert take_indices(12, indices) == feature_take_indices(12, indices)
 
 
 @pytest.mark.parametrize("indices", [0, 13, [12], [-13], []])
 def test_take_indices_out_of_range(indices):
-    from vim.models.backbone import take_indices
+    from vim.models.timm_api import take_indices
 
     with pytest.raises(ValueError, match="indices="):
         take_indices(12, indices)

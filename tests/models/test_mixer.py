@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import timm
@@ -149,7 +150,7 @@ def test_mamba_initialisation() -> None:
 
 def test_block_keeps_an_fp32_residual_and_matches_its_definition() -> None:
     torch.manual_seed(0)
-    block = MambaBlock(8, d_state=4, kernel_backend="torch").to(torch.bfloat16)
+    block = MambaBlock(8, partial(MambaMixer, d_state=4, kernel_backend="torch"), kernel_backend="torch").to(torch.bfloat16)
     x = torch.randn(2, 5, 8, dtype=torch.bfloat16)
     previous = torch.randn(2, 5, 8)
     hidden, residual = block(x, previous)

@@ -2,13 +2,14 @@
 
 Modules: :mod:`.mixer` (the Mamba mixer, one or two directions), :mod:`.ss2d` (VMamba's mixer, four directions
 of a token grid), :mod:`.mambavision_mixer` and :mod:`.attention` (MambaVision's two token mixers), :mod:`.block`
-(the residual block), :mod:`.backbone` (the trunk shared by every modality), :mod:`.patch_embed`, :mod:`.pos_embed`
-(middle class token), :mod:`.vision_mamba` (the timm image backbones), :mod:`.checkpoint`
-(the safe reader and loading path of released checkpoints), :mod:`.weights` (released weights by name),
-and the video / point-cloud backbones :mod:`.video_mamba`, :mod:`.point_mamba`.
+(the residual block from its parts), :mod:`.backbone` (the flat trunk shared by every modality), :mod:`.hierarchical`
+(the trunk in stages, and its ``test_hier_mamba``), :mod:`.timm_api` (the input contract and timm's model API both
+trunks share), :mod:`.patch_embed`, :mod:`.pos_embed` (middle class token), :mod:`.vision_mamba` (the timm image
+backbones), :mod:`.checkpoint` (the safe reader and loading path of released checkpoints), :mod:`.weights` (released
+weights by name), and the video / point-cloud backbones :mod:`.video_mamba`, :mod:`.point_mamba`.
 """
 
-from . import point_mamba, video_mamba  # noqa: F401  (register the PointMamba and VideoMamba models with timm)
+from . import hierarchical, point_mamba, video_mamba  # noqa: F401  (register the PointMamba, VideoMamba and test models)
 from .backbone import MambaBackbone, drop_path_schedule
 from .block import MambaBlock
 from .checkpoint import load_checkpoint_into, load_official_checkpoint

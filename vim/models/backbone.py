@@ -1,4 +1,5 @@
-"""The residual Mamba trunk and the timm model API shared by the image, video and point-cloud backbones.
+"""The flat residual Mamba trunk (one token grid, one block after another) that the image, video and point-cloud
+backbones share.
 
 API (a base class; a modality's backbone subclasses it and adds its own tokenizer and head)::
 
@@ -16,6 +17,7 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
             self.build_trunk(embed_dim, depth, drop_path_rate=0.1, divide_out=True, device=device, dtype=dtype)
             self.head_drop = nn.Dropout(drop_rate)
             self.head = self.linear_head(num_classes, device=device, dtype=dtype)  # or override _reset_head
+            self.feature_info = self.describe_features([embed_dim] * depth, [patch_stride] * depth)
             self.init_trunk_weights()
 
         def class_token_index(self, num_tokens):                                  # for global_pool="token"
@@ -33,96 +35,30 @@ API (a base class; a modality's backbone subclasses it and adds its own tokenize
         def token_grid(self, x):                                                  # for forward_intermediates
             return self.patch_embed.dynamic_feat_size(x.shape[-2:])               # (H', W'); None: no grid
 
-The trunk owns ``layers`` (a ModuleList of :class:`MambaBlock`), ``norm_f`` (the final
-RMSNorm or LayerNorm) and ``drop_path`` (the full-rate stochastic depth before ``norm_f``), all at the
-backbone's top level so official checkpoints map 1:1 (``layers.{i}.mixer.*``, ``norm_f.weight``).
-:meth:`~MambaBackbone.forward_intermediates` serves every modality: the class token split off
-(``class_token_index``; none when ``num_prefix_tokens`` is 0) and the other tokens reshaped to the
-``token_grid`` ("NCHW" for images, "NCTHW" for clips) or left as "NLC".
-``forward_features`` and ``forward_intermediates`` first check the input against ``input_axes``
-(:func:`check_input_shape`), so an unbatched input or a wrong channel count is named, whatever the family.
-
-Each family declares its input contract here, in one place that prediction, extraction and export read: ``modality``
-(which data code of :mod:`vim.data.modalities` turns files into its inputs, and the name of an exported graph's input),
-``input_kind`` and ``input_axes`` (the layout, checked on entry), ``nominal_input_shape`` and ``set_input_size`` (the
-size export traces with, and how to change it), and ``export_refusal`` (why a family cannot be exported, if it cannot).
-It also provides the drop-path schedule, gradient checkpointing and weight init of the trunk, and
-timm's model API on top of it: the head attributes (``num_classes``, ``global_pool`` checked against
-``pool_types``, ``num_features``, ``head_hidden_size``, ``embed_dim``), ``pool``, ``forward_head``,
-``forward``, ``get_classifier``, ``reset_classifier`` (a linear ``head`` with ``head_drop`` unless a
-subclass overrides ``_reset_head`` / ``forward_head``), ``no_weight_decay``, ``group_matcher`` and
-``prune_intermediate_layers``; and the weight loading every family shares (``load_pretrained``, timm's
-``custom_load`` hook, through the family's ``checkpoint_filter``).
+The trunk owns ``layers`` (a ModuleList of :class:`~vim.models.block.MambaBlock`, a :class:`MambaMixer` in each unless
+``layer_mixers`` places another mixer at given indices, optionally an MLP in each), ``norm_f`` (the final RMSNorm or
+LayerNorm) and ``drop_path`` (the full-rate stochastic depth before ``norm_f``), all at the backbone's top level so
+official checkpoints map 1:1 (``layers.{i}.mixer.*``, ``norm_f.weight``). It provides the drop-path schedule; the input
+contract, timm's model API (block i's output is intermediate i, every block at the patch stride) and the weight loading
+come from :class:`~vim.models.timm_api.TimmBackbone`, which a hierarchical trunk
+(:class:`~vim.models.hierarchical.HierarchicalBackbone`) shares.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, cast, get_args
+from collections.abc import Collection, Mapping, Sequence
+from functools import partial
+from typing import cast
 
 import torch
-from timm.layers import DropPath, register_notrace_function, trunc_normal_
+from timm.layers import DropPath
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .block import MambaBlock, NormLayer, add_and_norm, create_norm
-from .checkpoint import load_checkpoint_into, unwrap_state_dict
+from .block import MambaBlock, NormLayer, PartFactory, norm_factory
+from .mixer import MambaMixer
+from .timm_api import TimmBackbone
 
-__all__ = ["InputAxis", "MambaBackbone", "PoolType", "check_input_shape", "drop_path_schedule", "take_indices"]
-
-PoolType = Literal["token", "avg", ""]
-
-SPATIAL_FORMATS = {2: "NCHW", 3: "NCTHW"}
-"""timm's ``output_fmt`` of intermediates on a 2-D (image) or 3-D (clip) token grid."""
-
-Intermediate = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-"""One of ``forward_intermediates``' outputs: the tokens, or (tokens, class token) with ``return_prefix_tokens``."""
-
-
-def take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
-    """The block indices ``forward_intermediates`` takes, counted from the first block, and the largest of them.
-
-    As timm's feature indices: None takes every block, an int ``n`` the last ``n``, a sequence the blocks it names
-    (negative ones counted from the end). ValueError naming an index out of range.
-    """
-    if indices is None:
-        indices = num_blocks
-    if isinstance(indices, int):
-        if not 0 < indices <= num_blocks:
-            raise ValueError(f"indices={indices}: take the last 1 to {num_blocks} blocks")
-        taken = list(range(num_blocks - indices, num_blocks))
-    else:
-        taken = [num_blocks + i if i < 0 else i for i in indices]
-        wrong = [i for i, absolute in zip(indices, taken) if not 0 <= absolute < num_blocks]
-        if wrong or not taken:
-            raise ValueError(f"indices={list(indices)}: the model has blocks 0..{num_blocks - 1} (or -{num_blocks}..-1)")
-    return taken, max(taken)
-
-
-InputAxis = str | tuple[int, str]
-"""An axis of a model's input: a free size by its letter ("B", "H"), or a fixed size and what it counts ``(3, "channels")``."""
-
-
-@register_notrace_function  # branches on the input's shape; torch.fx keeps it as one call (wrapped in this module)
-def check_input_shape(x: torch.Tensor, model: str, kind: str, axes: tuple[InputAxis, ...]) -> None:
-    """ValueError naming ``model``, the expected shape and the mismatch unless ``x`` has the axes ``axes``.
-
-    Args:
-        x: the model's input, e.g. (B, 3, H, W) images.
-        model: the model's name, for the message.
-        kind: what the input holds ("images", "clips", "point clouds"), for the message.
-        axes: the expected axes, the batch axis first; fixed sizes are checked, free ones are not.
-    """
-    layout = "(" + ", ".join(axis if isinstance(axis, str) else str(axis[0]) for axis in axes) + ")"
-    expected = f"{model} expects {kind} of shape {layout}, got {tuple(x.shape)}"
-    if x.dim() == len(axes) - 1:
-        raise ValueError(f"{expected}; add a batch dimension with x.unsqueeze(0)")
-    if x.dim() != len(axes):
-        raise ValueError(expected)
-    for index, (axis, size) in enumerate(zip(axes, x.shape)):
-        if not isinstance(axis, str) and size != axis[0]:
-            raise ValueError(f"{expected}: axis {index} ({axis[1]}) has size {size}, expected {axis[0]}")
+__all__ = ["MambaBackbone", "drop_path_schedule", "layer_mixer_factories"]
 
 
 def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
@@ -133,64 +69,27 @@ def drop_path_schedule(drop_path_rate: float, depth: int) -> list[float]:
     return [0.0, *torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()][:depth]
 
 
-def init_linear_(module: nn.Linear | nn.Conv1d) -> None:
-    """The init of the models' own linear layers (heads, PointMamba's tokenizer): weights truncated-normal (std 0.02),
-    biases zero."""
-    trunc_normal_(module.weight, std=0.02)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
+def layer_mixer_factories(
+    depth: int, mixer_cls: PartFactory, layer_mixers: Mapping[int, PartFactory] | None = None
+) -> list[PartFactory]:
+    """The mixer factory of each of ``depth`` blocks: ``mixer_cls``, or ``layer_mixers[i]`` at block ``i``.
+
+    ValueError naming the indices of ``layer_mixers`` that are not blocks 0..depth - 1.
+    """
+    layer_mixers = layer_mixers or {}
+    wrong = sorted(i for i in layer_mixers if not 0 <= i < depth)
+    if wrong:
+        raise ValueError(f"layer_mixers names blocks {wrong}, but the trunk has blocks 0..{depth - 1}")
+    return [layer_mixers.get(i, mixer_cls) for i in range(depth)]
 
 
-def new_classifier(in_features: int, num_classes: int, like: torch.Tensor) -> nn.Module:
-    """An initialised (in_features -> num_classes) linear classifier on ``like``'s device and dtype; identity for 0."""
-    if num_classes <= 0:
-        return nn.Identity()
-    head = nn.Linear(in_features, num_classes, device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        init_linear_(head)
-    return head
+class MambaBackbone(TimmBackbone):
+    """Base class of the flat trunk's backbones: the trunk here, the model API from :class:`TimmBackbone`; see the
+    module docstring."""
 
-
-class MambaBackbone(nn.Module):
-    """Base class holding the residual Mamba trunk and timm's model API; see the module docstring."""
-
-    pool_types: tuple[str, ...] = get_args(PoolType)
-    modality: str = ""
-    """What the model takes: "images", "video" or "points" (the data code that reads its inputs, the exported input's name)."""
-    input_kind: str = "inputs"
-    export_refusal: str | None = None
-    """Why the family cannot be exported (torch.export, ONNX, AOTInductor), or None when it can."""
-    set_input_size: Callable[..., None]
-    """Each family's own method: change the nominal input size by the keyword sizes it takes (``img_size``,
-    ``num_frames``, ``num_points``), None keeping one; declared here so that callers may use it on any backbone."""
-    num_prefix_tokens: int = 1
-    stem_no_weight_decay: tuple[str, ...] = ()
-    stem_pattern: str = ""
-
+    intermediate_container = "layers"
+    block_groups = ((r"^layers\.(\d+)", None),)
     layers: nn.ModuleList
-    norm_f: nn.RMSNorm | nn.LayerNorm | nn.Identity  # Identity once pruned
-    drop_path: nn.Module
-    grad_checkpointing: bool
-    head: nn.Module
-    head_drop: nn.Module
-    pretrained_cfg: dict[str, Any]  # set by timm's build_model_with_cfg
-
-    def init_head_attributes(
-        self, num_classes: int, global_pool: str, embed_dim: int, head_hidden_size: int | None = None
-    ) -> None:
-        """Check ``global_pool``; set ``num_classes``, ``global_pool``, ``num_features``, ``embed_dim``, ``head_hidden_size``.
-
-        ``head_hidden_size`` defaults to ``embed_dim`` (a linear head on the pooled token).
-        """
-        self._check_pool(global_pool)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
-        self.head_hidden_size = embed_dim if head_hidden_size is None else head_hidden_size
-
-    def _check_pool(self, global_pool: str) -> None:
-        if global_pool not in self.pool_types:
-            raise ValueError(f"global_pool must be one of {self.pool_types}, got {global_pool!r}")
 
     def build_trunk(
         self,
@@ -200,6 +99,8 @@ class MambaBackbone(nn.Module):
         norm_layer: NormLayer = "rmsnorm",
         norm_eps: float = 1e-5,
         kernel_backend: str | None = None,
+        mlp_cls: PartFactory | None = None,
+        layer_mixers: Mapping[int, PartFactory] | None = None,
         device=None,
         dtype=None,
         **mixer_kwargs,
@@ -213,24 +114,21 @@ class MambaBackbone(nn.Module):
             norm_layer: "rmsnorm" (Vim, VideoMamba) or "layernorm" (PointMamba), in every block and ``norm_f``.
             norm_eps: the norms' epsilon.
             kernel_backend: backend of every kernel (scan, conv + SiLU, add + norm), None for ``$VIM_SCAN_BACKEND`` or "auto".
-            mixer_kwargs: forwarded to every :class:`MambaMixer` (d_state, expand, directions, divide_out, ...).
+            mlp_cls: an MLP's factory for every block (see :class:`MambaBlock`), None for blocks without one.
+            layer_mixers: another mixer's factory at given block indices (mamba_ssm's ``attn_layer_idx``), e.g.
+                ``{1: partial(timm.layers.Attention, num_heads=2)}``: block 1 mixes by self-attention.
+            mixer_kwargs: forwarded to every other block's :class:`MambaMixer` (d_state, expand, directions, divide_out, ...).
         """
         dd = {"device": device, "dtype": dtype}
         self.depth = depth
         self.kernel_backend = kernel_backend
+        norm_cls = norm_factory(norm_layer, norm_eps)
+        mixers = layer_mixer_factories(depth, partial(MambaMixer, kernel_backend=kernel_backend, **mixer_kwargs), layer_mixers)
         self.layers = nn.ModuleList(
-            MambaBlock(
-                embed_dim,
-                drop_path=rate,
-                norm_layer=norm_layer,
-                norm_eps=norm_eps,
-                kernel_backend=kernel_backend,
-                **mixer_kwargs,
-                **dd,
-            )
-            for rate in drop_path_schedule(drop_path_rate, depth)
+            MambaBlock(embed_dim, mixer_cls, mlp_cls, norm_cls, drop_path=rate, kernel_backend=kernel_backend, **dd)
+            for mixer_cls, rate in zip(mixers, drop_path_schedule(drop_path_rate, depth))
         )
-        self.norm_f = create_norm(norm_layer, embed_dim, eps=norm_eps, **dd)
+        self.norm_f = norm_cls(embed_dim, **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.grad_checkpointing = False
 
@@ -239,248 +137,34 @@ class MambaBackbone(nn.Module):
         """``layers`` as what it holds, the blocks (a ModuleList is typed as holding any Module)."""
         return cast("Sequence[MambaBlock]", self.layers)
 
-    @torch.no_grad()
-    def init_trunk_weights(self) -> None:
-        """Mamba's init of every block, ``out_proj`` rescaled by ``1 / sqrt(depth)`` (GPT-2 scheme)."""
-        for layer in self.blocks:
-            layer.norm.reset_parameters()
-            layer.mixer.reset_parameters()  # out_proj: kaiming-uniform(a=sqrt(5)), PyTorch's Linear default
-            layer.mixer.out_proj.weight.div_(math.sqrt(self.depth))
-        if not isinstance(self.norm_f, nn.Identity):
-            self.norm_f.reset_parameters()
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.grad_checkpointing = enable
-
-    def _run_block(
-        self, layer: MambaBlock, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(layer, hidden, residual, use_reentrant=False)
-        return layer(hidden, residual)
-
-    def _norm_f(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """``norm_f`` of the float32 residual stream ``residual + hidden``, computed in the norm's dtype."""
-        if isinstance(self.norm_f, nn.Identity):  # pruned away
-            return hidden if residual is None else residual + hidden
-        return add_and_norm(self.norm_f, hidden, residual, self.kernel_backend)[0]
-
-    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """``norm_f(residual + drop_path(hidden))``."""
-        return self._norm_f(self.drop_path(hidden), residual)
-
-    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Run every block and the final norm.
-
-        Args:
-            x: (B, L, D) embedded tokens.
-
-        Returns:
-            (B, L, D) normalised tokens.
-        """
-        hidden, residual = x, None
-        for layer in self.blocks:
-            hidden, residual = self._run_block(layer, hidden, residual)
-        return self._final_norm(hidden, residual)
+    def trunk_blocks(self) -> list[MambaBlock]:
+        """``layers``, every block."""
+        return list(self.blocks)
 
     def forward_trunk_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
+        self, x: torch.Tensor, grid: tuple[int, ...] | None = None, taken: Collection[int] = (), stop: int | None = None,
         norm: bool = False,
-        stop_early: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the blocks, collecting the residual stream after the blocks that ``indices`` selects.
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, tuple[int, ...] | None]]]:  # fmt: skip
+        """Run the blocks (those before ``stop``) and the final norm, collecting the residual stream after the blocks
+        ``taken``.
 
         Args:
             x: (B, L, D) embedded tokens.
-            indices: as timm's ``forward_intermediates`` takes them: the last ``n`` blocks for an int, else
-                block indices (negative ones count from the end); None: every block.
+            grid: the grid of the non-class tokens, passed on with each intermediate (every block keeps it).
+            taken: block indices whose residual stream to collect.
+            stop: run the blocks before this index only (None: all).
             norm: pass each intermediate through ``norm_f``.
-            stop_early: stop after the last selected block.
 
         Returns:
-            The normalised tokens after the last block run (B, L, D), and one (B, L, D) tensor per
-            taken block, in block order.
+            The normalised tokens after the last block run (B, L, D), and (B, L, D) tokens with ``grid`` per taken block.
         """
-        taken, last = take_indices(len(self.layers), indices)
-        num_blocks = last + 1 if stop_early else len(self.layers)
         hidden, residual = x, None
         intermediates = []
-        for i, layer in enumerate(self.blocks[:num_blocks]):
+        for i, layer in enumerate(self.blocks):
+            if i == stop:
+                break
             hidden, residual = self._run_block(layer, hidden, residual)
             if i in taken:
-                intermediates.append(self._norm_f(hidden, residual) if norm else (residual + hidden).to(hidden.dtype))
+                stream = self._norm_f(hidden, residual) if norm else (residual + hidden).to(hidden.dtype)
+                intermediates.append((stream, grid))
         return self._final_norm(hidden, residual), intermediates
-
-    def class_token_index(self, num_tokens: int) -> int:
-        """Position of the class token in a sequence of ``num_tokens`` tokens (for ``num_prefix_tokens`` = 1)."""
-        raise NotImplementedError(f"{type(self).__name__} has no class token")
-
-    def split_prefix_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, D) -> the class token (B, num_prefix_tokens, D) and the other tokens (B, L - num_prefix_tokens, D)."""
-        if self.num_prefix_tokens == 0:
-            return x[:, :0], x
-        index = self.class_token_index(x.shape[1])
-        rest = x[:, 1:] if index == 0 else torch.cat([x[:, :index], x[:, index + 1 :]], dim=1)
-        return x[:, index : index + 1], rest
-
-    def input_axes(self) -> tuple[InputAxis, ...]:
-        """The axes of the modality's input, the batch axis first (see :func:`check_input_shape`)."""
-        raise NotImplementedError
-
-    def nominal_input_shape(self) -> tuple[int, ...]:
-        """One sample of the nominal input, without the batch axis: (C, H, W), (C, T, H, W) or (N, 3)."""
-        raise NotImplementedError
-
-    @property
-    def model_name(self) -> str:
-        """The registered name the model was created by (``test_vim``), else its class name."""
-        return getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """ValueError naming the model, the expected shape and the mismatch for an input of another shape."""
-        check_input_shape(x, self.model_name, self.input_kind, self.input_axes())
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The modality's input -> (B, L, D) embedded tokens (the tokenizer and position embeddings)."""
-        raise NotImplementedError
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The modality's input -> (B, L, D) normalised tokens (see the subclass's ``_embed`` for the layout)."""
-        self.check_input(x)
-        return self.forward_trunk(self._embed(x))
-
-    def token_grid(self, x: torch.Tensor) -> tuple[int, ...] | None:
-        """The grid of the non-class tokens of input ``x``: (H', W') for images, (T', H', W') for clips, None without one."""
-        return None
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str | None = None,
-        intermediates_only: bool = False,
-    ) -> list[Intermediate] | tuple[torch.Tensor, list[Intermediate]]:
-        """Forward pass that also returns the residual stream after selected blocks, as timm formats it.
-
-        Args:
-            x: the model's input ((B, C, H, W) images, (B, C, T, H, W) clips, (B, N, 3) points).
-            indices: the last n blocks if an int, these blocks if a list, all if None.
-            return_prefix_tokens: pair each intermediate with its class token (B, num_prefix_tokens, D).
-            norm: apply the final norm to the intermediates.
-            stop_early: skip the blocks after the last selected one.
-            output_fmt: "NCHW" (B, D, H', W') on an image's 2-D token grid, "NCTHW" (B, D, T', H', W') on a clip's
-                3-D one, or "NLC" (B, L - num_prefix_tokens, D); the class token is removed in every format.
-                None: the grid's format, "NLC" without a grid (point clouds).
-            intermediates_only: return the intermediates only.
-
-        Returns:
-            ``(final_tokens (B, L, D), intermediates)`` or the intermediates alone.
-        """
-        self.check_input(x)
-        grid = self.token_grid(x)
-        formats = ("NLC",) if grid is None else (SPATIAL_FORMATS[len(grid)], "NLC")
-        output_fmt = output_fmt or formats[0]
-        if output_fmt not in formats:
-            raise ValueError(f"output_fmt must be one of {formats} for {type(self).__name__}, got {output_fmt!r}")
-        final, intermediates = self.forward_trunk_intermediates(self._embed(x), indices, norm=norm, stop_early=stop_early)
-        outputs: list[Intermediate] = []
-        for y in intermediates:
-            prefix, patches = self.split_prefix_tokens(y)
-            if grid is not None and output_fmt != "NLC":
-                patches = patches.unflatten(1, grid).movedim(-1, 1).contiguous()  # no -1: B may be 0
-            outputs.append((patches, prefix) if return_prefix_tokens else patches)
-        return outputs if intermediates_only else (final, outputs)
-
-    def linear_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
-        """A (D -> num_classes) linear classifier, the identity for ``num_classes == 0``."""
-        return nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
-
-    def _init_head(self) -> None:
-        if isinstance(self.head, nn.Linear):
-            init_linear_(self.head)
-
-    def _reset_head(self, num_classes: int) -> None:
-        """A new, initialised linear ``head`` on the device and dtype of the model's parameters."""
-        self.head = new_classifier(self.embed_dim, num_classes, like=next(self.parameters()))
-
-    def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
-        """Map a released or exported state dict onto this model; each family calls its ``checkpoint_filter_fn``."""
-        return unwrap_state_dict(state_dict)
-
-    @torch.jit.ignore
-    def load_pretrained(self, checkpoint_path: str) -> None:
-        """timm's ``custom_load`` hook: load the local file timm resolved (given, or downloaded from a URL or the Hub).
-
-        See :func:`~vim.models.checkpoint.load_checkpoint_into`; every source goes through the same safe reader.
-        """
-        load_checkpoint_into(self, checkpoint_path)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """The stem's ``stem_no_weight_decay``: with timm's rule (no decay on 1-D parameters: biases, norms, the SSM's
-        D), the parameters that take no weight decay. The SSM's ``A_log`` (2-D) takes it, as in the Vim, VideoMamba and
-        PointMamba trainings: their timm-style optimizer factories group by shape and never read mamba_ssm's
-        ``_no_weight_decay`` flag."""
-        return set(self.stem_no_weight_decay)
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Parameter groups for layer-wise learning-rate decay: the stem, one per block, ``norm_f`` last."""
-        return dict(stem=self.stem_pattern, blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a new (initialised) one for ``num_classes`` outputs (0: none)."""
-        if global_pool is not None:
-            self._check_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self._reset_head(num_classes)
-        self.head.train(self.training)
-
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        """(B, L, D) tokens -> (B, D) (or the tokens unchanged for pool type ""), ``global_pool`` if None.
-
-        "token" takes the class token at ``class_token_index(L)``, "avg" the mean and "max" the maximum of all
-        tokens; "catavgmax" concatenates mean and maximum, (B, 2 D), as timm's pooling of that name does.
-        """
-        pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type == "token":
-            return x[:, self.class_token_index(x.shape[1])]
-        if pool_type == "avg":
-            return x.mean(dim=1)
-        if pool_type == "max":
-            return x.amax(dim=1)
-        if pool_type == "catavgmax":
-            return torch.cat([x.mean(dim=1), x.amax(dim=1)], dim=1)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, L, D) tokens -> logits (B, num_classes), or the pooled (B, D) with ``pre_logits``."""
-        x = self.head_drop(self.pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the blocks after the last of ``indices`` (and the final norm / classifier); returns the kept indices."""
-        taken, last = take_indices(len(self.layers), indices)
-        self.layers = self.layers[: last + 1]
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return taken

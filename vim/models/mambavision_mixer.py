@@ -32,7 +32,7 @@ from torch import nn
 
 from vim.kernels import causal_conv1d_silu, selective_scan
 
-from .backbone import init_linear_
+from .timm_api import init_linear_
 
 __all__ = ["MambaVisionMixer"]
 

@@ -48,11 +48,12 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .backbone import InputAxis, MambaBackbone, init_linear_, new_classifier
+from .backbone import MambaBackbone
 from .block import NormLayer
 from .builder import build_backbone
 from .checkpoint import CUSTOM_LOAD, checked, classifier_keys, unwrap_state_dict
 from .point_ops import ORDERS, gather_points, group_points, serialization_order
+from .timm_api import InputAxis, init_linear_, new_classifier
 
 __all__ = [
     "PointGroupEncoder",
@@ -221,7 +222,7 @@ class PointMamba(MambaBackbone):
             d_state=d_state, expand=expand, directions=directions, divide_out=True, kernel_backend=kernel_backend, **dd,
         )  # fmt: skip
         self.head = self._new_head(num_classes, **dd)
-        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=1) for i in range(depth)]
+        self.feature_info = self.describe_features([embed_dim] * depth, [1] * depth)  # tokens without a grid
         self.init_weights()
 
     @property

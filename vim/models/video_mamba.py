@@ -45,7 +45,7 @@ from timm.layers import lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from torch import nn
 
-from .backbone import InputAxis, MambaBackbone, PoolType
+from .backbone import MambaBackbone
 from .builder import build_backbone
 from .checkpoint import (
     CUSTOM_LOAD,
@@ -55,6 +55,7 @@ from .checkpoint import (
     unwrap_state_dict,
 )
 from .pos_embed import split_middle_token
+from .timm_api import InputAxis, PoolType
 
 __all__ = [
     "TubeletEmbed",
@@ -232,7 +233,7 @@ class VideoMamba(MambaBackbone):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self.linear_head(num_classes, **dd)
 
-        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.feature_info = self.describe_features([embed_dim] * depth, [patch_size] * depth)
         self.init_weights()
 
     @torch.no_grad()

@@ -33,11 +33,12 @@ from timm.layers import lecun_normal_, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .backbone import InputAxis, MambaBackbone, PoolType
+from .backbone import MambaBackbone
 from .builder import build_backbone
 from .checkpoint import CUSTOM_LOAD, checked, classifier_keys, square_grid, unwrap_state_dict
 from .patch_embed import StridedPatchEmbed
 from .pos_embed import insert_middle_token, middle_token_index, resample_middle_token_pos_embed
+from .timm_api import InputAxis, PoolType
 
 __all__ = ["VisionMamba", "checkpoint_filter_fn"]
 
@@ -128,8 +129,7 @@ class VisionMamba(MambaBackbone):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self.linear_head(num_classes, **dd)
 
-        reduction = self.patch_embed.feat_ratio()
-        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.feature_info = self.describe_features([embed_dim] * depth, [max(self.patch_embed.stride)] * depth)
         self.init_weights()
 
     @torch.no_grad()

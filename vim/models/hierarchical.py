@@ -1,0 +1,291 @@
+r"""The hierarchical Mamba trunk (stages at reductions 4 / 8 / 16 / 32, strided-conv downsampling between them) and a
+tiny image model built from the shared parts, registered with timm as ``test_hier_mamba``.
+
+API::
+
+    class MyHierarchicalBackbone(HierarchicalBackbone):      # the input contract as a MambaBackbone family declares it
+        def __init__(self, ...):
+            super().__init__()
+            self.init_head_attributes(num_classes, "avg", dims[-1])
+            self.patch_embed = ...                            # stem to stride 4: _embed gives (B, H/4 * W/4, dims[0])
+            self.build_stages(dims, depths, d_state=8)        # MambaBlocks per stage; layer_mixers per stage, an MLP
+            self.feature_info = self.describe_features(dims, [4, 8, 16, 32])
+
+    import vim, timm
+    model = timm.create_model("test_hier_mamba", features_only=True)   # 4 NCHW maps at reductions 4, 8, 16, 32
+    final, maps = timm.create_model("test_hier_mamba").forward_intermediates(images)   # one map per stage
+
+``stages`` holds one :class:`MambaStage` per reduction: a :class:`GridDownsample` (none in the first stage; the stem
+reduces by 4) and a sequence of :class:`~vim.models.block.MambaBlock` over the flattened stage grid, their residual
+stream in float32. A stage's output is its residual stream, which the next stage downsamples; ``norm_f`` (after
+``drop_path``) normalises the last stage's. timm's model API comes from :class:`~vim.models.timm_api.TimmBackbone`,
+with intermediates numbered by stage: ``forward_intermediates`` gives each stage's output on its own grid,
+``prune_intermediate_layers`` drops stages, ``group_matcher`` groups each stage's downsampling and blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from functools import partial
+from typing import Any, cast
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath
+from timm.models import generate_default_cfgs, register_model
+from torch import nn
+
+from .backbone import drop_path_schedule, layer_mixer_factories
+from .block import MambaBlock, NormLayer, PartFactory, norm_factory, reset_part
+from .builder import build_backbone
+from .mixer import MambaMixer
+from .patch_embed import StridedPatchEmbed
+from .timm_api import InputAxis, TimmBackbone
+
+__all__ = ["GridDownsample", "HierarchicalBackbone", "HierarchicalMamba", "MambaStage"]
+
+STEM_REDUCTION = 4
+
+
+class GridDownsample(nn.Module):
+    """Halve a token grid: a Conv2d of kernel 2 and stride 2, (B, H * W, C_in) on (H, W) -> (B, H/2 * W/2, C_out)."""
+
+    def __init__(self, in_dim: int, out_dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, H * W, C_in) tokens on ``grid`` (H, W) -> (B, H' * W', C_out) tokens and their grid (H', W')."""
+        x = self.conv(x.unflatten(1, grid).movedim(-1, 1))  # (B, C_out, H', W'), floor for an odd side
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+class MambaStage(nn.Module):
+    """One stage: ``downsample`` (None in the first stage) and ``blocks``, a ModuleList of MambaBlock."""
+
+    downsample: GridDownsample | None
+
+    def __init__(self, blocks: Sequence[MambaBlock], downsample: GridDownsample | None = None) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+
+    @property
+    def block_list(self) -> Sequence[MambaBlock]:
+        """``blocks`` as what it holds (a ModuleList is typed as holding any Module)."""
+        return cast("Sequence[MambaBlock]", self.blocks)
+
+
+class HierarchicalBackbone(TimmBackbone):
+    """Base class of hierarchical backbones: the stages here, the model API from :class:`TimmBackbone`; see the module
+    docstring. Tokens carry no class token; ``_embed`` gives the stem's tokens on ``token_grid``."""
+
+    intermediate_container = "stages"
+    block_groups = ((r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None))
+    pool_types = ("avg", "max", "")
+    num_prefix_tokens = 0
+    stages: nn.ModuleList
+
+    def build_stages(
+        self,
+        dims: Sequence[int],
+        depths: Sequence[int],
+        drop_path_rate: float = 0.0,
+        norm_layer: NormLayer = "layernorm",
+        norm_eps: float = 1e-5,
+        kernel_backend: str | None = None,
+        mlp_cls: PartFactory | None = None,
+        layer_mixers: Sequence[Mapping[int, PartFactory]] | None = None,
+        device=None,
+        dtype=None,
+        **mixer_kwargs,
+    ) -> None:
+        """Create ``stages``, ``norm_f`` and ``drop_path``.
+
+        Args:
+            dims: each stage's token width.
+            depths: each stage's number of blocks (at least 1).
+            drop_path_rate: stochastic-depth rate of the last block and of the final norm (the schedule runs over
+                all stages' blocks, as a flat trunk's).
+            norm_layer, norm_eps, kernel_backend, mlp_cls: as :meth:`MambaBackbone.build_trunk` takes them.
+            layer_mixers: per stage, another mixer's factory at given block indices of that stage (MambaVision's
+                attention blocks); None: Mamba mixers everywhere.
+            mixer_kwargs: forwarded to every other block's :class:`MambaMixer`.
+        """
+        if len(dims) != len(depths) or min(depths, default=0) < 1:
+            raise ValueError(f"dims={list(dims)} and depths={list(depths)}: one width and at least one block per stage")
+        dd = {"device": device, "dtype": dtype}
+        self.depth = sum(depths)
+        self.kernel_backend = kernel_backend
+        norm_cls = norm_factory(norm_layer, norm_eps)
+        mamba = partial(MambaMixer, kernel_backend=kernel_backend, **mixer_kwargs)
+        rates = iter(drop_path_schedule(drop_path_rate, self.depth))
+        stages = []
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            mixers = layer_mixer_factories(depth, mamba, layer_mixers[i] if layer_mixers else None)
+            blocks = [
+                MambaBlock(dim, mixer_cls, mlp_cls, norm_cls, drop_path=next(rates), kernel_backend=kernel_backend, **dd)
+                for mixer_cls in mixers
+            ]
+            stages.append(MambaStage(blocks, None if i == 0 else GridDownsample(dims[i - 1], dim, **dd)))
+        self.stages = nn.ModuleList(stages)
+        self.norm_f = norm_cls(dims[-1], **dd)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
+        self.grad_checkpointing = False
+
+    @property
+    def stage_list(self) -> Sequence[MambaStage]:
+        """``stages`` as what it holds (a ModuleList is typed as holding any Module)."""
+        return cast("Sequence[MambaStage]", self.stages)
+
+    def trunk_blocks(self) -> list[MambaBlock]:
+        """Every stage's blocks, stage after stage."""
+        return [block for stage in self.stage_list for block in stage.block_list]
+
+    def forward_trunk_intermediates(
+        self, x: torch.Tensor, grid: tuple[int, ...] | None = None, taken: Collection[int] = (), stop: int | None = None,
+        norm: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, tuple[int, ...] | None]]]:  # fmt: skip
+        """Run the stages (those before ``stop``), collecting the outputs of the stages ``taken``.
+
+        Args:
+            x: (B, H * W, C_0) the stem's tokens on ``grid`` (H, W).
+            grid: the stem's token grid (required).
+            taken: stage indices whose output to collect.
+            stop: run the stages before this index only (None: all).
+            norm: pass the last stage's output through ``norm_f`` (the other stages have their own widths).
+
+        Returns:
+            ``norm_f`` of the last stage's stream (B, L_3, C_3), or the output of the last stage run when it stops
+            earlier, and for each taken stage its output (B, L_i, C_i) and grid (H_i, W_i).
+        """
+        if grid is None:
+            raise ValueError(f"{type(self).__name__} runs its stages on the token grid: give the stem's grid")
+        intermediates = []
+        last_stage = len(self.stages) - 1
+        hidden, residual = x, None
+        for i, stage in enumerate(self.stage_list):
+            if i == stop:
+                break
+            if stage.downsample is not None:
+                x, grid = stage.downsample(x, grid)
+            hidden, residual = x, None
+            for block in stage.block_list:
+                hidden, residual = self._run_block(block, hidden, residual)
+            # the stage's last branch enters the stream through its block's stochastic depth
+            x = hidden if residual is None else (residual + stage.block_list[-1].drop_path(hidden)).to(hidden.dtype)
+            if i in taken:
+                intermediates.append((self._norm_f(hidden, residual) if norm and i == last_stage else x, grid))
+        final = self._final_norm(hidden, residual) if stop is None or stop > last_stage else x
+        return final, intermediates
+
+
+class HierarchicalMamba(HierarchicalBackbone):
+    """A hierarchical Mamba image classifier from the shared parts: a stride-4 conv stem, stages of width
+    ``embed_dim * 2**i`` with ``depth`` blocks each (MambaMixer over the flattened stage grid), mean pooling, a linear
+    head. Registered as the tiny ``test_hier_mamba`` only: it proves the hierarchical layout, it is no family.
+
+    Args:
+        img_size: nominal image size.
+        in_chans: input channels.
+        num_classes: classifier outputs, 0 for none.
+        global_pool: "avg", "max" or "".
+        embed_dim: the first stage's width; stage i has ``embed_dim * 2**i``.
+        depth: blocks per stage.
+        num_stages: stages, reductions 4, 8, 16, ... .
+        d_state: SSM state size N.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth of the last block and of the final norm.
+        kernel_backend: backend of the kernels, None for ``$VIM_SCAN_BACKEND`` or "auto".
+    """
+
+    stem_pattern = r"^patch_embed"
+    modality = "images"
+    input_kind = "images"
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 64,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 16,
+        depth: int = 1,
+        num_stages: int = 4,
+        d_state: int = 8,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        kernel_backend: str | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        dims = [embed_dim * 2**i for i in range(num_stages)]
+        self.init_head_attributes(num_classes, global_pool, dims[-1])
+        self.patch_embed = StridedPatchEmbed(
+            img_size=img_size, patch_size=STEM_REDUCTION, in_chans=in_chans, embed_dim=dims[0], output_fmt="NHWC",
+            strict_img_size=False, **dd,
+        )  # fmt: skip
+        self.build_stages(dims, [depth] * num_stages, drop_path_rate, d_state=d_state, kernel_backend=kernel_backend, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self.linear_head(num_classes, **dd)
+        self.feature_info = self.describe_features(dims, [STEM_REDUCTION * 2**i for i in range(num_stages)])
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, mode: str = "") -> None:
+        """PyTorch's default init of the stem and the downsampling convs, Mamba's of the blocks (``mode`` for timm)."""
+        reset_part(self.patch_embed.proj)
+        for stage in self.stage_list:
+            if stage.downsample is not None:
+                reset_part(stage.downsample)
+        self._init_head()
+        self.init_trunk_weights()
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None) -> None:
+        """Change the nominal image size (the model takes any size of at least 4 * 2**(num_stages - 1) pixels)."""
+        self.patch_embed.set_input_size(img_size=img_size)
+
+    def input_axes(self) -> tuple[InputAxis, ...]:
+        """(B, C, H, W), C the stem's input channels."""
+        return ("B", (self.patch_embed.proj.in_channels, "channels"), "H", "W")
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) at the nominal image size."""
+        return (self.patch_embed.proj.in_channels, *self.patch_embed.img_size)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, H/4 * W/4, dims[0]) stem tokens."""
+        return self.patch_embed(x).flatten(1, 2)
+
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The stem's (H/4, W/4) grid of (B, C, H, W) images."""
+        return self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "test_hier_mamba.untrained": {
+            "url": "",
+            "num_classes": 1000,
+            "input_size": (3, 64, 64),
+            "min_input_size": (3, 32, 32),
+            "pool_size": None,
+            "crop_pct": 1.0,
+            "interpolation": "bicubic",
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "license": "apache-2.0",
+        }
+    }
+)
+
+
+@register_model
+def test_hier_mamba(pretrained: bool = False, **kwargs: Any) -> HierarchicalMamba:
+    """A tiny hierarchical Mamba for tests: 4 stages of widths 16 / 32 / 64 / 128, one block each, reductions 4 to 32."""
+    kwargs.setdefault("out_indices", 4)  # features_only: every stage, as timm's hierarchical models
+    return build_backbone(HierarchicalMamba, "test_hier_mamba", pretrained, **kwargs)
