@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from safetensors.torch import save_file
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
 import vim.files
 import vim.models  # registers the models in timm
@@ -568,3 +568,23 @@ def test_released_scanobjectnn_weights_take_the_scans_as_they_are():
     assert evaluation_preprocessing(scan)["normalize"] is False
     assert evaluation_preprocessing(modelnet)["normalize"] is True
     assert evaluation_preprocessing(scan, {"normalize": True})["normalize"] is True  # a run's own data module wins
+
+
+def test_layers_of_a_hierarchical_model_are_its_stages(tmp_path):
+    """``layers`` numbers what forward_intermediates numbers: for a model in stages, the stages (each its own width and
+    grid), compared with the model's own intermediates computed here."""
+    folder = image_folder(tmp_path / "images")
+    options = dict(random_weights=True, seed=0, layers=[0, 3], model_kwargs={"img_size": 32}, progress=False)
+    extract("test_hier_mamba", folder, tmp_path / "out", **options)
+    torch.manual_seed(0)
+    model = timm.create_model("test_hier_mamba", img_size=32, num_classes=0).eval()
+    config = resolve_data_config({}, model=model)  # its evaluation transform, at the size it was created with
+    transform = create_transform(32, **{key: config[key] for key in ("crop_pct", "interpolation", "mean", "std")})
+    batch = torch.stack([transform(Image.open(folder / f"{i}.png").convert("RGB")) for i in range(3)])
+    with torch.no_grad():
+        _, (first, last) = model.forward_intermediates(batch, indices=[0, 3], output_fmt="NLC")
+    np.testing.assert_allclose(read_features(tmp_path / "out", "layer0")[0], first.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(read_features(tmp_path / "out", "layer3")[0], last.numpy(), rtol=1e-4, atol=1e-5)
+    assert first.shape[1:] == (64, 16) and last.shape[1:] == (1, 128)  # stride 4 of 32 px: 8 x 8; stride 32: 1 x 1
+    with pytest.raises(ValueError, match=r"has intermediates 0..3 \(blocks or stages\)"):
+        extract("test_hier_mamba", folder, tmp_path / "bad", **{**options, "layers": [4]})

@@ -44,15 +44,16 @@ class ExtractionModel:
         return model_modality(self.network)
 
     def check_layers(self, layers: Sequence[int]) -> list[int]:
-        """``layers`` sorted, once each; ValueError unless the model is a vim backbone with those blocks."""
+        """``layers`` sorted, once each; ValueError unless the model is a vim backbone with those intermediates (the
+        blocks of a flat trunk, the stages of a hierarchical one: what its ``forward_intermediates`` numbers)."""
         layers = sorted(set(int(i) for i in layers))
         if not layers:
             return layers
         if not getattr(self.network, "modality", None):  # the input contract every vim family declares
             raise ValueError(f"layers={layers}: model '{self.name}' is not a vim backbone, whose blocks the layers number")
-        blocks = len(cast(Any, self.network).blocks)  # a vim backbone's; nn.Module does not declare them
-        if not all(0 <= i < blocks for i in layers):
-            raise ValueError(f"layers={layers}: model '{self.name}' has blocks 0..{blocks - 1}")
+        count = cast(Any, self.network).num_intermediates  # a vim backbone's; nn.Module does not declare it
+        if not all(0 <= i < count for i in layers):
+            raise ValueError(f"layers={layers}: model '{self.name}' has intermediates 0..{count - 1} (blocks or stages)")
         return layers
 
 
