@@ -75,11 +75,12 @@ class GridDownsample(nn.Module):
 
 
 class MambaStage(nn.Module):
-    """One stage: ``downsample`` (None in the first stage) and ``blocks``, a ModuleList of MambaBlock."""
+    """One stage: ``downsample`` (a :class:`GridDownsample` or alike; None in the first stage) and ``blocks``, a
+    ModuleList of MambaBlock."""
 
-    downsample: GridDownsample | None
+    downsample: nn.Module | None
 
-    def __init__(self, blocks: Sequence[MambaBlock], downsample: GridDownsample | None = None) -> None:
+    def __init__(self, blocks: Sequence[MambaBlock], downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.ModuleList(blocks)

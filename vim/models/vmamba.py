@@ -151,6 +151,7 @@ class VMamba(HierarchicalBackbone):
         dd = {"device": device, "dtype": dtype}
         norm_cls = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
         self.img_size = _pair(img_size)
+        self.in_chans = in_chans
         self.init_head_attributes(num_classes, global_pool, dims[-1])
         self.patch_embed = patch_embed_v2(in_chans, dims[0], norm_cls, **dd)
         self.build_stages(
@@ -185,10 +186,6 @@ class VMamba(HierarchicalBackbone):
     def input_axes(self) -> tuple[InputAxis, ...]:
         """(B, C, H, W), C the stem's input channels."""
         return ("B", (self.in_chans, "channels"), "H", "W")
-
-    @property
-    def in_chans(self) -> int:
-        return self.patch_embed[0].in_channels
 
     def nominal_input_shape(self) -> tuple[int, ...]:
         """(C, H, W) at the nominal image size."""
