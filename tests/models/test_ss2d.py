@@ -178,6 +178,20 @@ def test_bad_input_is_named() -> None:
         SS2D(16, d_conv=4)
 
 
+def test_tokens_on_a_grid_are_the_channels_last_forward() -> None:
+    """(B, H * W, C) tokens with their grid, as a hierarchical trunk's block passes them: the same numbers as the
+    (B, H, W, C) forward of the reference, flattened row-major; a grid that does not hold the tokens is named."""
+    generator = torch.Generator().manual_seed(3)
+    state = official_ss2d_state_dict(official_ss2d_shapes(8, 1, 2.0), generator)
+    mixer = SS2D(8, d_state=1, ssm_ratio=2.0, dtype=torch.float64)
+    mixer.load_state_dict(state)
+    x = torch.randn(2, 8, 3, 5, generator=generator, dtype=torch.float64)  # channels-first, as the reference takes it
+    out = mixer(x.flatten(2).transpose(1, 2), grid=(3, 5))  # (B, 15, 8)
+    torch.testing.assert_close(out, official_ss2d_forward(state, x).flatten(2).transpose(1, 2), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"tokens of shape \(2, 15, 8\) do not lie on the grid \(4, 4\)"):
+        mixer(out, grid=(4, 4))
+
+
 class _Holder(torch.nn.Module):
     """A module holding just the mixer, as a block would."""
 

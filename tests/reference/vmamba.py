@@ -1,4 +1,5 @@
-"""Upstream VMamba's SS2D mixer, re-written for the tests from its released code: parameter shapes and the forward.
+"""Upstream VMamba's SS2D mixer and whole classifier (``VSSM``), re-written for the tests from its released code:
+parameter shapes and the forward.
 
 Nothing here uses ``vim.models`` or ``vim.kernels``: the tests compare :class:`vim.models.ss2d.SS2D` against these
 functions. Upstream is MzeroMiko/VMamba ``classification/models/vmamba.py`` (``SS2D`` built by ``__initv2__`` with
@@ -10,6 +11,10 @@ functions. Upstream is MzeroMiko/VMamba ``classification/models/vmamba.py`` (``S
 * :func:`official_ss2d_state_dict`: random values of sensible size for those keys.
 * :func:`official_ss2d_forward`: the forward pass in float64, channels-first as upstream's ln2d models run it,
   with explicit cross-scan copies, the sequential scan, an explicit cross-merge, LayerNorm2d and the projections.
+* :func:`official_vssm_shapes`, :func:`official_vssm_state_dict`, :func:`official_vssm_forward`: the same for the
+  whole ``VSSM`` of the released v2 classifiers (``vmamba_tiny_s1l8`` and co.: ``patchembed_version="v2"``,
+  ``downsample_version="v3"``, ``norm_layer="ln2d"``, ``mlp_ratio`` 4 with GELU, ``classifier`` = norm, average
+  pool, head), its keys as upstream's ``nn.Sequential`` indices name them.
 """
 
 from __future__ import annotations
@@ -111,8 +116,92 @@ def official_ss2d_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch
     )
     y = _cross_merge(ys.view(batch, K, inner, length), height, width).view(batch, inner, height, width)
 
-    y = y.permute(0, 2, 3, 1)  # LayerNorm2d: over the channels of each token
-    mean = y.mean(-1, keepdim=True)
-    var = ((y - mean) ** 2).mean(-1, keepdim=True)
-    y = ((y - mean) / torch.sqrt(var + 1e-5) * sd["out_norm.weight"] + sd["out_norm.bias"]).permute(0, 3, 1, 2)
+    y = _layer_norm_2d(y, sd["out_norm.weight"], sd["out_norm.bias"])
     return F.conv2d(y, sd["out_proj.weight"][:, :, None, None])  # Linear2d
+
+
+def _layer_norm_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """LayerNorm2d (eps 1e-5): over the channels of each position, (B, C, H, W) -> (B, C, H, W)."""
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * weight[:, None, None] + bias[:, None, None]
+
+
+def _conv3x3_s2(x: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """nn.Conv2d(kernel_size=3, stride=2, padding=1) with bias: the patch embed's and downsample v3's convs."""
+    return F.conv2d(x, sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], stride=2, padding=1)
+
+
+def _norm_shapes(prefix: str, dim: int) -> dict[str, tuple]:
+    return {f"{prefix}.weight": (dim,), f"{prefix}.bias": (dim,)}
+
+
+def official_vssm_shapes(
+    dims: list[int], depths: list[int], ssm_ratio: float, in_chans: int = 3, num_classes: int = 1000, mlp_ratio: float = 4.0
+) -> dict[str, tuple]:
+    """The keys and shapes of ``VSSM(dims, depths, ssm_d_state=1, ssm_ratio, ssm_conv=3, ssm_conv_bias=False,
+    forward_type="v05_noz", patchembed_version="v2", downsample_version="v3", norm_layer="ln2d")``'s state dict."""
+    half = dims[0] // 2
+    shapes = {
+        "patch_embed.0.weight": (half, in_chans, 3, 3), "patch_embed.0.bias": (half,), **_norm_shapes("patch_embed.2", half),
+        "patch_embed.5.weight": (dims[0], half, 3, 3), "patch_embed.5.bias": (dims[0],),
+        **_norm_shapes("patch_embed.7", dims[0]),
+    }  # fmt: skip
+    for i, (dim, depth) in enumerate(zip(dims, depths)):
+        hidden = int(dim * mlp_ratio)
+        for j in range(depth):
+            block = f"layers.{i}.blocks.{j}"
+            shapes.update(_norm_shapes(f"{block}.norm", dim))
+            shapes.update({f"{block}.op.{key}": shape for key, shape in official_ss2d_shapes(dim, 1, ssm_ratio).items()})
+            shapes.update(_norm_shapes(f"{block}.norm2", dim))
+            shapes.update({
+                f"{block}.mlp.fc1.weight": (hidden, dim), f"{block}.mlp.fc1.bias": (hidden,),
+                f"{block}.mlp.fc2.weight": (dim, hidden), f"{block}.mlp.fc2.bias": (dim,),
+            })  # fmt: skip
+        if i < len(dims) - 1:  # the last layer's downsample is an nn.Identity
+            shapes[f"layers.{i}.downsample.1.weight"] = (dims[i + 1], dim, 3, 3)
+            shapes[f"layers.{i}.downsample.1.bias"] = (dims[i + 1],)
+            shapes.update(_norm_shapes(f"layers.{i}.downsample.3", dims[i + 1]))
+    shapes.update(_norm_shapes("classifier.norm", dims[-1]))
+    shapes.update({"classifier.head.weight": (num_classes, dims[-1]), "classifier.head.bias": (num_classes,)})
+    return shapes
+
+
+def official_vssm_state_dict(shapes: dict[str, tuple], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random float32 values for :func:`official_vssm_shapes`: each SS2D's as :func:`official_ss2d_state_dict`, norms
+    near (1, 0), biases small, weights of fan-in scale."""
+    ss2d = official_ss2d_state_dict({key: shape for key, shape in shapes.items() if ".op." in key}, generator)
+    out = {}
+    for key, shape in shapes.items():
+        noise = torch.randn(shape, generator=generator)
+        if ".op." in key:
+            out[key] = ss2d[key]
+        elif key.endswith(".bias"):
+            out[key] = 0.1 * noise
+        elif len(shape) == 1:  # a norm's weight
+            out[key] = 1 + 0.2 * noise
+        else:
+            out[key] = noise / math.sqrt(math.prod(shape[1:]))
+    return out
+
+
+def official_vssm_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depths: list[int]) -> torch.Tensor:
+    """VSSM.forward of the ln2d v2 classifiers in float64, channels-first: (B, C, H, W) images -> (B, num_classes)."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x = _conv3x3_s2(x.double(), sd, "patch_embed.0")
+    x = F.gelu(_layer_norm_2d(x, sd["patch_embed.2.weight"], sd["patch_embed.2.bias"]))
+    x = _conv3x3_s2(x, sd, "patch_embed.5")
+    x = _layer_norm_2d(x, sd["patch_embed.7.weight"], sd["patch_embed.7.bias"])
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            block = f"layers.{i}.blocks.{j}"
+            op = {key.removeprefix(f"{block}.op."): v for key, v in sd.items() if key.startswith(f"{block}.op.")}
+            x = x + official_ss2d_forward(op, _layer_norm_2d(x, sd[f"{block}.norm.weight"], sd[f"{block}.norm.bias"]))
+            h = _layer_norm_2d(x, sd[f"{block}.norm2.weight"], sd[f"{block}.norm2.bias"])
+            h = F.gelu(F.conv2d(h, sd[f"{block}.mlp.fc1.weight"][:, :, None, None], sd[f"{block}.mlp.fc1.bias"]))
+            x = x + F.conv2d(h, sd[f"{block}.mlp.fc2.weight"][:, :, None, None], sd[f"{block}.mlp.fc2.bias"])
+        if i < len(depths) - 1:
+            x = _conv3x3_s2(x, sd, f"layers.{i}.downsample.1")
+            x = _layer_norm_2d(x, sd[f"layers.{i}.downsample.3.weight"], sd[f"layers.{i}.downsample.3.bias"])
+    x = _layer_norm_2d(x, sd["classifier.norm.weight"], sd["classifier.norm.bias"]).mean(dim=(2, 3))
+    return F.linear(x, sd["classifier.head.weight"], sd["classifier.head.bias"])

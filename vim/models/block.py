@@ -149,12 +149,16 @@ class MambaBlock(nn.Module):
                 if isinstance(projection, nn.Linear):
                     projection.weight.div_(math.sqrt(depth * self.branches))
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, grid: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance the residual stream by one block.
 
         Args:
             hidden_states: (B, L, D) the previous block's last branch output, or the embedded tokens for the first block.
             residual: (B, L, D) the residual stream, None for the first block.
+            grid: the tokens' grid (H, W), given to a mixer that reads it as ``mixer(x, grid=grid)`` (VMamba's SS2D);
+                None: the mixer is called on the tokens alone.
 
         Returns:
             This block's last branch output (B, L, D) (the mixer's, or the MLP's) and the float32 residual stream (B, L, D).
@@ -162,7 +166,7 @@ class MambaBlock(nn.Module):
         if residual is not None:
             hidden_states = self.drop_path(hidden_states)
         normed, residual = add_and_norm(self.norm, hidden_states, residual, self.kernel_backend)
-        hidden_states = self.mixer(normed)
+        hidden_states = self.mixer(normed) if grid is None else self.mixer(normed, grid=grid)
         if self.mlp is not None:
             assert self.norm2 is not None
             normed, residual = add_and_norm(self.norm2, self.drop_path(hidden_states), residual, self.kernel_backend)

@@ -48,24 +48,39 @@ STEM_REDUCTION = 4
 
 
 class GridDownsample(nn.Module):
-    """Halve a token grid: a Conv2d of kernel 2 and stride 2, (B, H * W, C_in) on (H, W) -> (B, H/2 * W/2, C_out)."""
+    """Halve a token grid: a stride-2 Conv2d, then ``norm`` if given, (B, H * W, C_in) on (H, W) -> (B, H' * W', C_out).
 
-    def __init__(self, in_dim: int, out_dim: int, device=None, dtype=None) -> None:
+    Args:
+        in_dim, out_dim: token widths C_in, C_out.
+        kernel_size: 2 (no padding: H' = floor(H / 2)) or 3 (padding 1: H' = ceil(H / 2), VMamba's "v3").
+        norm_cls: a norm over C_out after the conv (VMamba's LayerNorm), None for none.
+    """
+
+    norm: nn.Module | None
+
+    def __init__(
+        self, in_dim: int, out_dim: int, kernel_size: int = 2, norm_cls: PartFactory | None = None, device=None, dtype=None
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2, device=device, dtype=dtype)
+        dd = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride=2, padding=(kernel_size - 1) // 2, **dd)
+        self.norm = None if norm_cls is None else norm_cls(out_dim, **dd)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, H * W, C_in) tokens on ``grid`` (H, W) -> (B, H' * W', C_out) tokens and their grid (H', W')."""
-        x = self.conv(x.unflatten(1, grid).movedim(-1, 1))  # (B, C_out, H', W'), floor for an odd side
-        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+        x = self.conv(x.unflatten(1, grid).movedim(-1, 1))  # (B, C_out, H', W')
+        new_grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        return (x if self.norm is None else self.norm(x)), new_grid
 
 
 class MambaStage(nn.Module):
-    """One stage: ``downsample`` (None in the first stage) and ``blocks``, a ModuleList of MambaBlock."""
+    """One stage: ``downsample`` (a :class:`GridDownsample` or alike; None in the first stage) and ``blocks``, a
+    ModuleList of MambaBlock."""
 
-    downsample: GridDownsample | None
+    downsample: nn.Module | None
 
-    def __init__(self, blocks: Sequence[MambaBlock], downsample: GridDownsample | None = None) -> None:
+    def __init__(self, blocks: Sequence[MambaBlock], downsample: nn.Module | None = None) -> None:
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.ModuleList(blocks)
@@ -84,6 +99,8 @@ class HierarchicalBackbone(TimmBackbone):
     block_groups = ((r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None))
     pool_types = ("avg", "max", "")
     num_prefix_tokens = 0
+    grid_mixers = False
+    """The blocks' mixers read the stage's token grid (VMamba's SS2D): each block is given it."""
     stages: nn.ModuleList
 
     def build_stages(
@@ -96,6 +113,8 @@ class HierarchicalBackbone(TimmBackbone):
         kernel_backend: str | None = None,
         mlp_cls: PartFactory | None = None,
         layer_mixers: Sequence[Mapping[int, PartFactory]] | None = None,
+        mixer_cls: PartFactory | None = None,
+        downsample_cls: PartFactory = GridDownsample,
         device=None,
         dtype=None,
         **mixer_kwargs,
@@ -109,8 +128,11 @@ class HierarchicalBackbone(TimmBackbone):
                 all stages' blocks, as a flat trunk's).
             norm_layer, norm_eps, kernel_backend, mlp_cls: as :meth:`MambaBackbone.build_trunk` takes them.
             layer_mixers: per stage, another mixer's factory at given block indices of that stage (MambaVision's
-                attention blocks); None: Mamba mixers everywhere.
-            mixer_kwargs: forwarded to every other block's :class:`MambaMixer`.
+                attention blocks); None: the default mixer everywhere.
+            mixer_cls: the default mixer's factory, None for :class:`MambaMixer` (``mixer_kwargs`` apply to either).
+            downsample_cls: the downsampling's factory between stages, called as ``downsample_cls(C_in, C_out,
+                device=, dtype=)`` with ``forward(x, grid) -> (x, grid)`` as :class:`GridDownsample`.
+            mixer_kwargs: forwarded to every other block's mixer.
         """
         if len(dims) != len(depths) or min(depths, default=0) < 1:
             raise ValueError(f"dims={list(dims)} and depths={list(depths)}: one width and at least one block per stage")
@@ -118,7 +140,7 @@ class HierarchicalBackbone(TimmBackbone):
         self.depth = sum(depths)
         self.kernel_backend = kernel_backend
         norm_cls = norm_factory(norm_layer, norm_eps)
-        mamba = partial(MambaMixer, kernel_backend=kernel_backend, **mixer_kwargs)
+        mamba = partial(mixer_cls or MambaMixer, kernel_backend=kernel_backend, **mixer_kwargs)
         rates = iter(drop_path_schedule(drop_path_rate, self.depth))
         stages = []
         for i, (dim, depth) in enumerate(zip(dims, depths)):
@@ -127,7 +149,7 @@ class HierarchicalBackbone(TimmBackbone):
                 MambaBlock(dim, mixer_cls, mlp_cls, norm_cls, drop_path=next(rates), kernel_backend=kernel_backend, **dd)
                 for mixer_cls in mixers
             ]
-            stages.append(MambaStage(blocks, None if i == 0 else GridDownsample(dims[i - 1], dim, **dd)))
+            stages.append(MambaStage(blocks, None if i == 0 else downsample_cls(dims[i - 1], dim, **dd)))
         self.stages = nn.ModuleList(stages)
         self.norm_f = norm_cls(dims[-1], **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
@@ -171,7 +193,7 @@ class HierarchicalBackbone(TimmBackbone):
                 x, grid = stage.downsample(x, grid)
             hidden, residual = x, None
             for block in stage.block_list:
-                hidden, residual = self._run_block(block, hidden, residual)
+                hidden, residual = self._run_block(block, hidden, residual, grid if self.grid_mixers else None)
             # the stage's last branch enters the stream through its block's stochastic depth
             x = hidden if residual is None else (residual + stage.block_list[-1].drop_path(hidden)).to(hidden.dtype)
             if i in taken:

@@ -4,6 +4,7 @@ API::
 
     mixer = SS2D(d_model, d_state=1, ssm_ratio=1.0)   # VMamba-T (s1l8); ssm_ratio=2.0 for VMamba-S / -B (s2l15)
     y = mixer(x)               # x, y: (B, H, W, d_model), channels-last
+    y = mixer(tokens, grid=(H, W))   # tokens, y: (B, H * W, d_model), as a block of a hierarchical trunk calls it
     mixer.reset_parameters()   # VMamba's ``ssm_init="v0"`` (used after ``to_empty``)
 
 Forward (upstream MzeroMiko/VMamba ``classification/models/vmamba.py``, ``SS2D.forwardv2`` with
@@ -166,8 +167,13 @@ class SS2D(nn.Module):
         delta = torch.bmm(dt, self.dt_projs_weight.transpose(1, 2))  # (K, B * L, D_inner)
         return delta.view(DIRECTIONS, batch, length, self.d_inner).transpose(-1, -2), B, C
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, d_model) -> (B, H, W, d_model), channels-last."""
+    def forward(self, x: torch.Tensor, grid: tuple[int, ...] | None = None) -> torch.Tensor:
+        """(B, H, W, d_model) -> (B, H, W, d_model), channels-last; or (B, H * W, d_model) tokens on ``grid`` (H, W)
+        -> (B, H * W, d_model), as a :class:`~vim.models.block.MambaBlock` in a hierarchical trunk calls it."""
+        if grid is not None:
+            if x.dim() != 3 or x.shape[1] != math.prod(grid):
+                raise ValueError(f"SS2D: tokens of shape {tuple(x.shape)} do not lie on the grid {tuple(grid)}")
+            return self.forward(x.unflatten(1, grid)).flatten(1, 2)
         if x.dim() != 4 or x.shape[-1] != self.d_model:
             raise ValueError(f"SS2D expects channels-last tokens (B, H, W, {self.d_model}), got shape {tuple(x.shape)}")
         batch, height, width, _ = x.shape

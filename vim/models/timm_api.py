@@ -230,11 +230,12 @@ class TimmBackbone(nn.Module):
         self.grad_checkpointing = enable
 
     def _run_block(
-        self, layer: MambaBlock, hidden: torch.Tensor, residual: torch.Tensor | None
+        self, layer: MambaBlock, hidden: torch.Tensor, residual: torch.Tensor | None, grid: tuple[int, ...] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block, ``grid`` passed on to a mixer that reads it (None: the tokens alone)."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(layer, hidden, residual, use_reentrant=False)
-        return layer(hidden, residual)
+            return checkpoint(layer, hidden, residual, grid, use_reentrant=False)
+        return layer(hidden, residual, grid)
 
     def _norm_f(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """``norm_f`` of the float32 residual stream ``residual + hidden``, computed in the norm's dtype."""
