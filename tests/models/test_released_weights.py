@@ -289,3 +289,22 @@ def test_predict_without_a_checkpoint_uses_the_released_weights_and_classes(cach
             probs = model(transform(Image.open(photos / f"{i}.png").convert("RGB"))[None]).softmax(-1)[0]
         assert rows[f"{i}.png"]["class1"] == names[int(probs.argmax())]
         assert float(rows[f"{i}.png"]["prob1"]) == pytest.approx(float(probs.max()), abs=2e-4)
+
+
+def test_vmamba_tag_loads_its_github_release_file_from_the_torch_hub_cache(caches) -> None:
+    """VMamba's releases are GitHub files under upstream's key names (``{"model": ...}`` beside the run's state): timm's
+    URL path finds the cached file and our safe reader and filter load it; offline without it, the error names it."""
+    from vim.models.vmamba import to_official_state_dict
+
+    torch.manual_seed(0)
+    small = dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1))
+    info = released_weights("vmamba_tiny_s1l8.in1k")
+    assert info.source == "url" and info.filename == "vssm1_tiny_0230s_ckpt_epoch_264.pth"
+    with pytest.raises(WeightsUnavailableError, match=r"vssm1_tiny_0230s_ckpt_epoch_264\.pth"):
+        resolve_pretrained(info.name)
+    ours = training_checkpoint(timm.create_model("vmamba_tiny_s1l8", **small))["model"]
+    caches["urls"].mkdir(parents=True, exist_ok=True)
+    released = {**training_checkpoint(torch.nn.Identity()), "model": to_official_state_dict(ours)}
+    torch.save(released, caches["urls"] / info.filename)
+    assert_loaded(timm.create_model("vmamba_tiny_s1l8.in1k", pretrained=True, **small), ours)
+    assert_loaded(create_released_model("vmamba_tiny_s1l8.in1k", **small), ours)
