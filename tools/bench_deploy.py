@@ -43,7 +43,7 @@ from benchmark_report import machine, markdown_table, version, write_json, write
 from tqdm import tqdm
 
 if TYPE_CHECKING:  # for annotations: vim is imported inside the functions that use it
-    from vim.models.backbone import MambaBackbone
+    from vim.models.timm_api import TimmBackbone
 
 DEFAULT_CONFIGS = ["vim_tiny_patch16_224:224", "vim_tiny_patch16_224:512", "videomamba_tiny:8x224"]
 RUNTIMES = ("onnxruntime", "eager", "compile")
@@ -62,7 +62,7 @@ def parse_config(config: str) -> tuple[str, list[int]]:
     return name, sizes
 
 
-def build(name: str, sizes: list[int]) -> tuple[MambaBackbone, tuple[int, ...]]:
+def build(name: str, sizes: list[int]) -> tuple[TimmBackbone, tuple[int, ...]]:
     """The model (random weights, eval mode) at the configuration's size, and one sample's input shape."""
     from vim.deploy import load_model, nominal_input_size, set_input_size
 
@@ -87,7 +87,7 @@ def median_seconds(run: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def prepare(runtime: str, model: MambaBackbone, batch: torch.Tensor, threads: int, workdir: Path) -> tuple[Callable, dict]:
+def prepare(runtime: str, model: TimmBackbone, batch: torch.Tensor, threads: int, workdir: Path) -> tuple[Callable, dict]:
     """A call of ``runtime`` on ``batch`` returning its outputs as an array, and what preparing it cost."""
     if runtime == "onnxruntime":
         import onnxruntime as ort

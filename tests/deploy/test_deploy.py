@@ -148,7 +148,7 @@ def _assert_onnx_matches(
     """Default domain only at ``opset``, one Scan per block, dynamic batch; onnxruntime (CPU) within PARITY of PyTorch."""
     proto = onnx.load(str(path))
     assert [(entry.domain, entry.version) for entry in proto.opset_import] == [("", opset)], "no custom op domain"
-    assert sum(node.op_type == "Scan" for node in proto.graph.node) == len(model.layers)
+    assert sum(node.op_type == "Scan" for node in proto.graph.node) == len(model.trunk_blocks())
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (graph_input,), (graph_output,) = session.get_inputs(), session.get_outputs()
     assert (graph_input.name, graph_output.name) == (input_name, output_name)
@@ -245,6 +245,20 @@ def test_torch_export_keeps_one_scan_node_per_block_and_a_dynamic_batch(tmp_path
     with torch.no_grad():
         for rows in (batch[:1], batch):
             torch.testing.assert_close(program.module()(rows), model(rows))
+
+
+@pytest.mark.slow  # an ONNX export
+def test_a_hierarchical_family_exports_with_its_four_direction_scans(tmp_path):
+    """VMamba through the same export path: one scan node per SS2D block (its four directions in one op) with a dynamic
+    batch in torch.export, and in ONNX the decomposed scan (column orders gathered) within PARITY of PyTorch."""
+    model = load_model("test_vmamba")
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    program = torch.export.load(save_program(model, tmp_path / "vmamba.pt2"))
+    assert _count_scan_ops(program) == len(model.trunk_blocks())
+    with torch.no_grad():
+        for rows in (images[:1], images):
+            torch.testing.assert_close(program.module()(rows), model(rows))
+    _assert_onnx_matches(export_onnx(model, tmp_path / "vmamba.onnx", progress=False), model, images, "images", "logits")
 
 
 # ---------------------------------------------------------------------------------------------- AOTInductor

@@ -17,7 +17,8 @@ API::
 Command line: ``vimkit export --format onnx|torch_export|aoti --model NAME [--ckpt FILE] --out FILE`` (see
 :mod:`vim.deploy.cli`; :func:`export_model` is the same in Python).
 
-Any of vim's backbones (a :class:`~vim.models.backbone.MambaBackbone`) exports through its input contract:
+Any of vim's backbones (a :class:`~vim.models.timm_api.TimmBackbone`: a flat or hierarchical trunk) exports through
+its input contract:
 :class:`~vim.models.VisionMamba` takes images ``(B, C, H, W)``, :class:`~vim.models.video_mamba.VideoMamba` clips
 ``(B, C, T, H, W)`` and :class:`~vim.models.point_mamba.PointMamba` clouds ``(B, N, 3)``; the graph's input is named
 after the family's ``modality``, and a family with an ``export_refusal`` is refused with its reason. Every export has a

@@ -1,8 +1,8 @@
 """The model to export: loaded with its weights, checked to be one of vim's exportable backbones, and sized.
 
-Export reads each family's input contract (:class:`~vim.models.backbone.MambaBackbone`): ``modality`` names the graph's
-input, ``nominal_input_shape`` gives the size it is traced at, ``set_input_size`` changes that size and
-``export_refusal`` says why a family cannot be exported.
+Export reads each family's input contract (:class:`~vim.models.timm_api.TimmBackbone`, flat or hierarchical):
+``modality`` names the graph's input, ``nominal_input_shape`` gives the size it is traced at, ``set_input_size``
+changes that size and ``export_refusal`` says why a family cannot be exported.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from vim.models import loading
-from vim.models.backbone import MambaBackbone
+from vim.models.timm_api import TimmBackbone
 
 __all__ = ["INPUT_SIZES", "exportable", "input_sizes", "load_model", "nominal_input_size", "set_input_size"]
 
@@ -23,11 +23,11 @@ INPUT_SIZES = {"img_size": "images or frames", "num_frames": "clips", "num_point
 does not take)."""
 
 
-def exportable(model: nn.Module) -> MambaBackbone:
-    """``model`` as a :class:`MambaBackbone` whose family can be exported; ValueError saying why for any other model."""
-    if not isinstance(model, MambaBackbone):
+def exportable(model: nn.Module) -> TimmBackbone:
+    """``model`` as a :class:`TimmBackbone` whose family can be exported; ValueError saying why for any other model."""
+    if not isinstance(model, TimmBackbone):
         raise ValueError(
-            f"cannot export a {type(model).__name__}: vim.deploy knows the inputs of vim's backbones (MambaBackbone "
+            f"cannot export a {type(model).__name__}: vim.deploy knows the inputs of vim's backbones (TimmBackbone "
             "models, which declare them) only; a features_only wrapper or another timm model has no input size and "
             "output that it knows"
         )
@@ -41,7 +41,7 @@ def nominal_input_size(model: nn.Module) -> tuple[int, ...]:
     return tuple(exportable(model).nominal_input_shape())
 
 
-def input_sizes(model: MambaBackbone) -> list[str]:
+def input_sizes(model: TimmBackbone) -> list[str]:
     """The size arguments of :data:`INPUT_SIZES` that the model's ``set_input_size`` takes (e.g. ``["num_points"]``)."""
     parameters = inspect.signature(model.set_input_size).parameters
     return [key for key in INPUT_SIZES if key in parameters]
@@ -83,7 +83,7 @@ def load_model(
     num_frames: int | None = None,
     use_ema: bool = True,
     **model_kwargs: Any,
-) -> MambaBackbone:
+) -> TimmBackbone:
     """A registered backbone with its weights (:func:`vim.models.loading.load_model`), in eval mode, ready to export.
 
     Args:

@@ -58,7 +58,7 @@ def export_onnx(
     The metadata records the model name and its preprocessing (``mean``, ``std``).
 
     Args:
-        model: one of vim's backbones (a ``MambaBackbone`` of an exportable family; put in eval mode).
+        model: one of vim's backbones (a ``TimmBackbone`` of an exportable family; put in eval mode).
         path: the ``.onnx`` file.
         input_size: one sample's input shape; default :func:`~vim.deploy.model.nominal_input_size`.
         opset: ONNX opset, in :data:`ONNX_OPSETS`.
