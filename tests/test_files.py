@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from vim.files import atomic_write
 
 
@@ -36,3 +39,19 @@ def test_a_write_removes_the_temporary_files_of_dead_writers_of_that_file_only(t
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         path.name for path in (target, running, other_file, *not_ours)
     )  # nothing of this write is left either
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    """safetensors creates its file 0600; what atomic_write leaves behind has open()'s mode under the umask."""
+    from safetensors.torch import save_file
+
+    previous = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == expected

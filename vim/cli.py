@@ -63,7 +63,7 @@ LIGHTNING_COMMANDS = {
 }
 COMMANDS = {
     **LIGHTNING_COMMANDS,
-    "export": "write a checkpoint's (EMA) weights as .safetensors for timm",
+    "export": "ONNX, torch.export or AOTInductor model; .safetensors weights",
     "extract": "write features of images, video clips or point clouds",
 }
 

@@ -33,7 +33,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
 
     The rename is atomic on one filesystem, so ``path`` holds either its previous content or the complete
     new one; the temporary file is removed if writing fails, and those of killed writers of ``path`` are removed
-    first (:func:`remove_stale_temporaries`).
+    first (:func:`remove_stale_temporaries`). The file gets the permissions a plain ``open(path, "w")`` would give it
+    (``0o666`` less the umask), whatever mode the writer created the temporary file with (safetensors uses 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,10 +44,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         write(tmp)
         with tmp.open("rb+") as file:
             os.fsync(file.fileno())
+        tmp.chmod(0o666 & ~current_umask())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back: the only way the OS offers)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def is_remote(path: str | os.PathLike) -> bool:
