@@ -196,15 +196,15 @@ def load_model(
     if name is None:
         raise ValueError(f"no model: pass a timm model name, or a {CHECKPOINT_SUFFIX} file of vimkit fit that records one")
     kwargs = dict(model_kwargs)
-    classes = {"num_classes": 0 if not head else num_classes} if not head or num_classes is not None else {}
+    classes = {} if head and num_classes is None else {"num_classes": num_classes if head else 0}
     if weights is not None:
         file_classes = num_classes if file_head and head else None
         return _from_weights_file(name, weights, argument, kwargs, classes, file_classes)
     if pretrained:
+        model = create_released_model(name, **kwargs, **classes)  # NoReleasedWeightsError for a name without any
         info = released_weights(name)
-        model = create_released_model(name, **kwargs, **classes)
-        source = f"hf-hub:{info.hf_hub_id}/{info.filename}" if info and info.hf_hub_id else info.url if info else None
-        return LoadedModel(model, name, kwargs, {"released": {"tag": info.name if info else name, "source": source}})
+        assert info is not None  # create_released_model found them
+        return LoadedModel(model, name, kwargs, {"released": {"tag": info.name, "source": info.location}})
     if seed is not None:
         torch.manual_seed(seed)
     return LoadedModel(create_model(name, **kwargs, **classes), name, kwargs, {"random": {"seed": seed}})

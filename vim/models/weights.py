@@ -83,6 +83,11 @@ class ReleasedWeights:
         return "hf-hub" if self.hf_hub_id else "url"
 
     @property
+    def location(self) -> str:
+        """The file itself: ``hf-hub:<repository>/<filename>`` for a Hub file, else its URL."""
+        return f"hf-hub:{self.hf_hub_id}/{self.filename}" if self.hf_hub_id else str(self.url)
+
+    @property
     def url_cache_file(self) -> Path:
         """Where timm keeps a file downloaded from :attr:`url`: ``<torch hub dir>/checkpoints/<filename>``."""
         return Path(torch.hub.get_dir()) / "checkpoints" / self.filename
