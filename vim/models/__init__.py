@@ -6,11 +6,11 @@ of a token grid), :mod:`.mambavision_mixer` and :mod:`.attention` (MambaVision's
 (the trunk in stages, and its ``test_hier_mamba``), :mod:`.timm_api` (the input contract and timm's model API both
 trunks share), :mod:`.patch_embed`, :mod:`.pos_embed` (middle class token), :mod:`.vision_mamba` (the timm image
 backbones), :mod:`.checkpoint` (the safe reader and loading path of released checkpoints), :mod:`.weights` (released
-weights by name), the hierarchical VMamba :mod:`.vmamba`, and the video / point-cloud backbones :mod:`.video_mamba`,
-:mod:`.point_mamba`.
+weights by name), the hierarchical families VMamba :mod:`.vmamba` and MambaVision :mod:`.mambavision`, and the video /
+point-cloud backbones :mod:`.video_mamba`, :mod:`.point_mamba`.
 """
 
-from . import hierarchical, point_mamba, video_mamba, vmamba  # noqa: F401  (register PointMamba, VideoMamba, VMamba, test models)
+from . import hierarchical, mambavision, point_mamba, video_mamba, vmamba  # noqa: F401  (register the families, test models)
 from .backbone import MambaBackbone, drop_path_schedule
 from .block import MambaBlock
 from .checkpoint import load_checkpoint_into, load_official_checkpoint

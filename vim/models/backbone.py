@@ -54,7 +54,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from .block import MambaBlock, NormLayer, PartFactory, norm_factory
+from .block import MambaBlock, NormLayer, PartFactory, TrunkBlock, norm_factory
 from .mixer import MambaMixer
 from .timm_api import TimmBackbone
 
@@ -137,7 +137,7 @@ class MambaBackbone(TimmBackbone):
         """``layers`` as what it holds, the blocks (a ModuleList is typed as holding any Module)."""
         return cast("Sequence[MambaBlock]", self.layers)
 
-    def trunk_blocks(self) -> list[MambaBlock]:
+    def trunk_blocks(self) -> list[TrunkBlock]:
         """``layers``, every block."""
         return list(self.blocks)
 

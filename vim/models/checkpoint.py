@@ -33,13 +33,14 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import fsspec
 import torch
 from timm.models import adapt_input_conv
+from torch import nn
 
 from vim.files import is_remote
 
@@ -48,11 +49,14 @@ __all__ = [
     "SAFE_GLOBALS",
     "CheckpointError",
     "FilteredModel",
+    "KeyRules",
     "checked",
     "classifier_keys",
     "load_checkpoint_into",
     "load_official_checkpoint",
     "read_checkpoint",
+    "rename_key",
+    "renamed_state_dict",
     "safely_unpickled",
     "square_grid",
     "unwrap_state_dict",
@@ -209,6 +213,29 @@ def classifier_keys(model: object, keys: Any) -> list[str]:
     names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
     names = (names,) if isinstance(names, str) else tuple(names)
     return [key for key in keys if any(key.startswith(f"{name}.") for name in names)]
+
+
+KeyRules = list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]]
+"""Renaming rules of a family's checkpoint filter: a key prefix's pattern and the new prefix from its match."""
+
+
+def rename_key(key: str, rules: KeyRules) -> str:
+    """``key`` with the prefix of the first matching rule replaced (unchanged when none matches)."""
+    for pattern, replacement in rules:
+        match = pattern.match(key)
+        if match:
+            return replacement(match) + key[match.end() :]
+    return key
+
+
+def renamed_state_dict(state_dict: Mapping, model: nn.Module, rules: KeyRules) -> dict[str, torch.Tensor]:
+    """A family's checkpoint filter from its key ``rules``: the weights of ``state_dict`` (see :func:`unwrap_state_dict`)
+    under the model's names, each tensor :func:`checked` against ``model`` (ValueError naming a key that cannot fit);
+    keys no rule matches (our own, an exported model's) pass unchanged."""
+    state_dict = {rename_key(key, rules): value for key, value in unwrap_state_dict(state_dict).items()}
+    expected = model.state_dict()
+    classifier = classifier_keys(model, state_dict)
+    return {key: checked(key, value, expected, classifier) for key, value in state_dict.items()}
 
 
 def checked(key: str, value: torch.Tensor, expected: Mapping[str, torch.Tensor], classifier: Any = ()) -> torch.Tensor:

@@ -17,7 +17,10 @@ API::
 
 ``stages`` holds one :class:`MambaStage` per reduction: a :class:`GridDownsample` (none in the first stage; the stem
 reduces by 4) and a sequence of :class:`~vim.models.block.MambaBlock` over the flattened stage grid, their residual
-stream in float32. A stage's output is its residual stream, which the next stage downsamples; ``norm_f`` (after
+stream in float32, or of another block with the same call (:class:`~vim.models.block.ConvBlock`: MambaVision's conv
+stages). A stage with a ``window_size`` runs its blocks on square windows of the grid, each window a sequence of its
+own (MambaVision's: the grid zero-padded to whole windows, windows in raster order, tokens in raster order inside).
+A stage's output is its residual stream, which the next stage downsamples; ``norm_f`` (after
 ``drop_path``) normalises the last stage's. timm's model API comes from :class:`~vim.models.timm_api.TimmBackbone`,
 with intermediates numbered by stage: ``forward_intermediates`` gives each stage's output on its own grid,
 ``prune_intermediate_layers`` drops stages, ``group_matcher`` groups each stage's downsampling and blocks.
@@ -30,19 +33,29 @@ from functools import partial
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath
+from timm.layers import DropPath, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .backbone import drop_path_schedule, layer_mixer_factories
-from .block import MambaBlock, NormLayer, PartFactory, norm_factory, reset_part
+from .block import MambaBlock, NormLayer, PartFactory, TrunkBlock, norm_factory, reset_part
 from .builder import build_backbone
 from .mixer import MambaMixer
 from .patch_embed import StridedPatchEmbed
 from .timm_api import InputAxis, TimmBackbone
 
-__all__ = ["GridDownsample", "HierarchicalBackbone", "HierarchicalMamba", "MambaStage"]
+__all__ = [
+    "GridDownsample",
+    "HierarchicalBackbone",
+    "HierarchicalImageBackbone",
+    "HierarchicalMamba",
+    "MambaStage",
+    "halved",
+    "merge_windows",
+    "partition_windows",
+]
 
 STEM_REDUCTION = 4
 
@@ -52,18 +65,26 @@ class GridDownsample(nn.Module):
 
     Args:
         in_dim, out_dim: token widths C_in, C_out.
-        kernel_size: 2 (no padding: H' = floor(H / 2)) or 3 (padding 1: H' = ceil(H / 2), VMamba's "v3").
-        norm_cls: a norm over C_out after the conv (VMamba's LayerNorm), None for none.
+        kernel_size: 2 (no padding: H' = floor(H / 2)) or 3 (padding 1: H' = ceil(H / 2), VMamba's "v3", MambaVision's).
+        norm_cls: a norm over C_out after the conv (VMamba's LayerNorm), None for none (MambaVision).
+        bias: give the conv a bias (MambaVision's has none).
     """
 
     norm: nn.Module | None
 
     def __init__(
-        self, in_dim: int, out_dim: int, kernel_size: int = 2, norm_cls: PartFactory | None = None, device=None, dtype=None
+        self,
+        in_dim: int,
+        out_dim: int,
+        kernel_size: int = 2,
+        norm_cls: PartFactory | None = None,
+        bias: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride=2, padding=(kernel_size - 1) // 2, **dd)
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride=2, padding=(kernel_size - 1) // 2, bias=bias, **dd)
         self.norm = None if norm_cls is None else norm_cls(out_dim, **dd)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -74,21 +95,61 @@ class GridDownsample(nn.Module):
         return (x if self.norm is None else self.norm(x)), new_grid
 
 
+def halved(side: int) -> int:
+    """A grid side after a 3x3 conv of stride 2 and padding 1 (VMamba's and MambaVision's stems): ceil(side / 2)."""
+    return (side + 1) // 2
+
+
+def partition_windows(x: torch.Tensor, grid: tuple[int, ...], window: int) -> torch.Tensor:
+    """Cut tokens on a grid into square windows, the grid first zero-padded at its bottom and right to whole windows.
+
+    Args:
+        x: (B, H * W, C) tokens on ``grid`` (H, W), row-major.
+        window: the windows' side w.
+
+    Returns:
+        (B * n_h * n_w, w * w, C): the windows of each image in raster order (n_h = ceil(H / w) rows of
+        n_w = ceil(W / w)), each window's tokens row-major.
+    """
+    batch, _, channels = x.shape
+    height, width = grid
+    rows, cols = -(-height // window), -(-width // window)
+    x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, cols * window - width, 0, rows * window - height))
+    x = x.view(batch, rows, window, cols, window, channels).transpose(2, 3)
+    return x.reshape(batch * rows * cols, window * window, channels)
+
+
+def merge_windows(windows: torch.Tensor, grid: tuple[int, ...], window: int) -> torch.Tensor:
+    """The inverse of :func:`partition_windows`: (B * n_h * n_w, w * w, C) windows -> (B, H * W, C) tokens on ``grid``,
+    the padding dropped."""
+    height, width = grid
+    rows, cols = -(-height // window), -(-width // window)
+    channels = windows.shape[-1]
+    batch = windows.shape[0] // (rows * cols)
+    x = windows.view(batch, rows, cols, window, window, channels).transpose(2, 3)
+    x = x.reshape(batch, rows * window, cols * window, channels)[:, :height, :width]
+    return x.reshape(batch, height * width, channels)
+
+
 class MambaStage(nn.Module):
     """One stage: ``downsample`` (a :class:`GridDownsample` or alike; None in the first stage) and ``blocks``, a
-    ModuleList of MambaBlock."""
+    ModuleList of MambaBlock (or :class:`~vim.models.block.ConvBlock`), run on windows of ``window_size`` when given."""
 
     downsample: nn.Module | None
 
-    def __init__(self, blocks: Sequence[MambaBlock], downsample: nn.Module | None = None) -> None:
+    def __init__(self, blocks: Sequence[TrunkBlock], downsample: nn.Module | None = None, window_size: int | None = None) -> None:
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.ModuleList(blocks)
+        self.window_size = window_size
 
     @property
-    def block_list(self) -> Sequence[MambaBlock]:
+    def block_list(self) -> Sequence[TrunkBlock]:
         """``blocks`` as what it holds (a ModuleList is typed as holding any Module)."""
-        return cast("Sequence[MambaBlock]", self.blocks)
+        return cast("Sequence[TrunkBlock]", self.blocks)
+
+    def extra_repr(self) -> str:
+        return "" if self.window_size is None else f"window_size={self.window_size}"
 
 
 class HierarchicalBackbone(TimmBackbone):
@@ -99,8 +160,6 @@ class HierarchicalBackbone(TimmBackbone):
     block_groups = ((r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None))
     pool_types = ("avg", "max", "")
     num_prefix_tokens = 0
-    grid_mixers = False
-    """The blocks' mixers read the stage's token grid (VMamba's SS2D): each block is given it."""
     stages: nn.ModuleList
 
     def build_stages(
@@ -115,6 +174,10 @@ class HierarchicalBackbone(TimmBackbone):
         layer_mixers: Sequence[Mapping[int, PartFactory]] | None = None,
         mixer_cls: PartFactory | None = None,
         downsample_cls: PartFactory = GridDownsample,
+        stage_blocks: Sequence[PartFactory | None] | None = None,
+        window_sizes: Sequence[int | None] | None = None,
+        layer_scale: float | None = None,
+        norm_f_cls: PartFactory | None = None,
         device=None,
         dtype=None,
         **mixer_kwargs,
@@ -132,10 +195,18 @@ class HierarchicalBackbone(TimmBackbone):
             mixer_cls: the default mixer's factory, None for :class:`MambaMixer` (``mixer_kwargs`` apply to either).
             downsample_cls: the downsampling's factory between stages, called as ``downsample_cls(C_in, C_out,
                 device=, dtype=)`` with ``forward(x, grid) -> (x, grid)`` as :class:`GridDownsample`.
+            stage_blocks: per stage, None for MambaBlocks, or the factory of another block, called as
+                ``block(dim, drop_path=rate, device=, dtype=)`` with MambaBlock's forward (MambaVision's ConvBlock).
+            window_sizes: per stage, the side of the square windows its blocks run on, None for the whole grid.
+            layer_scale: the MambaBlocks' layer scale (their ``ls1`` / ``ls2``), None for none.
+            norm_f_cls: the final norm's factory (MambaVision's BatchNorm), None for ``norm_layer``'s.
             mixer_kwargs: forwarded to every other block's mixer.
         """
         if len(dims) != len(depths) or min(depths, default=0) < 1:
             raise ValueError(f"dims={list(dims)} and depths={list(depths)}: one width and at least one block per stage")
+        for name, per_stage in (("stage_blocks", stage_blocks), ("window_sizes", window_sizes), ("layer_mixers", layer_mixers)):
+            if per_stage is not None and len(per_stage) != len(dims):
+                raise ValueError(f"{name} has {len(per_stage)} entries for {len(dims)} stages")
         dd = {"device": device, "dtype": dtype}
         self.depth = sum(depths)
         self.kernel_backend = kernel_backend
@@ -144,14 +215,20 @@ class HierarchicalBackbone(TimmBackbone):
         rates = iter(drop_path_schedule(drop_path_rate, self.depth))
         stages = []
         for i, (dim, depth) in enumerate(zip(dims, depths)):
-            mixers = layer_mixer_factories(depth, mamba, layer_mixers[i] if layer_mixers else None)
-            blocks = [
-                MambaBlock(dim, mixer_cls, mlp_cls, norm_cls, drop_path=next(rates), kernel_backend=kernel_backend, **dd)
-                for mixer_cls in mixers
-            ]
-            stages.append(MambaStage(blocks, None if i == 0 else downsample_cls(dims[i - 1], dim, **dd)))
+            block_cls = stage_blocks[i] if stage_blocks else None
+            blocks: list[TrunkBlock]
+            if block_cls is not None:
+                blocks = [cast("TrunkBlock", block_cls(dim, drop_path=next(rates), **dd)) for _ in range(depth)]
+            else:
+                mixers = layer_mixer_factories(depth, mamba, layer_mixers[i] if layer_mixers else None)
+                blocks = [
+                    MambaBlock(dim, mixer_cls, mlp_cls, norm_cls, next(rates), layer_scale, kernel_backend=kernel_backend, **dd)
+                    for mixer_cls in mixers
+                ]
+            downsample = None if i == 0 else downsample_cls(dims[i - 1], dim, **dd)
+            stages.append(MambaStage(blocks, downsample, window_sizes[i] if window_sizes else None))
         self.stages = nn.ModuleList(stages)
-        self.norm_f = norm_cls(dims[-1], **dd)
+        self.norm_f = (norm_f_cls or norm_cls)(dims[-1], **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0.0 else nn.Identity()
         self.grad_checkpointing = False
 
@@ -160,7 +237,7 @@ class HierarchicalBackbone(TimmBackbone):
         """``stages`` as what it holds (a ModuleList is typed as holding any Module)."""
         return cast("Sequence[MambaStage]", self.stages)
 
-    def trunk_blocks(self) -> list[MambaBlock]:
+    def trunk_blocks(self) -> list[TrunkBlock]:
         """Every stage's blocks, stage after stage."""
         return [block for stage in self.stage_list for block in stage.block_list]
 
@@ -191,15 +268,53 @@ class HierarchicalBackbone(TimmBackbone):
                 break
             if stage.downsample is not None:
                 x, grid = stage.downsample(x, grid)
-            hidden, residual = x, None
+            window = stage.window_size
+            hidden, residual = (x, None) if window is None else (partition_windows(x, grid, window), None)
             for block in stage.block_list:
-                hidden, residual = self._run_block(block, hidden, residual, grid if self.grid_mixers else None)
+                hidden, residual = self._run_block(block, hidden, residual, grid if window is None else (window, window))
+            if window is not None:
+                hidden = merge_windows(hidden, grid, window)
+                residual = None if residual is None else merge_windows(residual, grid, window)
             # the stage's last branch enters the stream through its block's stochastic depth
             x = hidden if residual is None else (residual + stage.block_list[-1].drop_path(hidden)).to(hidden.dtype)
             if i in taken:
                 intermediates.append((self._norm_f(hidden, residual) if norm and i == last_stage else x, grid))
         final = self._final_norm(hidden, residual) if stop is None or stop > last_stage else x
         return final, intermediates
+
+
+class HierarchicalImageBackbone(HierarchicalBackbone):
+    """An image backbone whose stem halves each side twice with 3x3 stride-2 convs (VMamba's, MambaVision's): the input
+    contract of such a family. A subclass sets ``img_size`` and ``in_chans``, builds ``patch_embed`` ((B, C, H, W) ->
+    (B, H/4 * W/4, C_0) tokens) and ``checkpoint_filter``. Any image size works."""
+
+    stem_pattern = r"^patch_embed"
+    modality = "images"
+    input_kind = "images"
+    img_size: tuple[int, int]
+    in_chans: int
+    patch_embed: nn.Module
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None) -> None:
+        """Change the nominal image size (the model takes any size)."""
+        if img_size is not None:
+            self.img_size = to_2tuple(img_size)
+
+    def input_axes(self) -> tuple[InputAxis, ...]:
+        """(B, C, H, W), C the stem's input channels."""
+        return ("B", (self.in_chans, "channels"), "H", "W")
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) at the nominal image size."""
+        return (self.in_chans, *self.img_size)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, H/4 * W/4, C_0) stem tokens."""
+        return self.patch_embed(x)
+
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The stem's grid of (B, C, H, W) images: each side halved twice, rounded up (H/4, W/4 for multiples of 4)."""
+        return halved(halved(x.shape[-2])), halved(halved(x.shape[-1]))
 
 
 class HierarchicalMamba(HierarchicalBackbone):

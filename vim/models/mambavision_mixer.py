@@ -9,8 +9,10 @@ API::
 Unlike Mamba's mixer it scans in one direction without a gate and its convs are centred, not causal:
 ``in_proj`` (no bias) splits each token into halves ``x`` and ``z`` of width ``d_inner / 2``; each half gets a
 depthwise conv with ``padding="same"`` (no bias) and a SiLU; ``x`` alone goes through ``x_proj`` and
-``dt_proj`` into the selective scan (``D`` skip, ``delta_bias``, softplus, no ``z`` gate); the scan's output is
-concatenated with the conv'd ``z`` (not multiplied) and ``out_proj`` (no bias) maps it back to ``d_model``.
+``dt_proj`` into the selective scan (``D`` skip, softplus, no ``z`` gate); the scan's output is concatenated with
+the conv'd ``z`` (not multiplied) and ``out_proj`` (no bias) maps it back to ``d_model``. Upstream adds
+``dt_proj.bias`` twice, once inside ``dt_proj`` and once more as the scan's ``delta_bias``: the step size is
+``softplus(dt_proj.weight @ dt + 2 * dt_proj.bias)``, and the released weights were trained that way, so it is kept.
 
 The centred convs run on the fused conv + SiLU kernels (:func:`vim.kernels.causal_conv1d_silu` with
 ``padding="same"``: the causal kernel on ``x`` with ``d_conv // 2`` zero rows appended, output shifted), both halves
@@ -121,7 +123,7 @@ class MambaVisionMixer(nn.Module):
         half = self.d_inner // 2
         x, z = self._conv_silu(self.in_proj(hidden_states)).split(half, dim=-1)  # (B, L, d_inner / 2) each
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight)  # its bias goes to the scan as delta_bias
+        delta = F.linear(dt, self.dt_proj.weight)  # the bias, counted twice as upstream counts it, is the scan's delta_bias
         y = selective_scan(
             x.transpose(1, 2),
             delta.transpose(1, 2),
@@ -129,7 +131,7 @@ class MambaVisionMixer(nn.Module):
             B.transpose(1, 2),
             C.transpose(1, 2),
             D=self.D.float(),
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=2 * self.dt_proj.bias.float(),
             delta_softplus=True,
             backend=self.kernel_backend,
         )  # (B, d_inner / 2, L)

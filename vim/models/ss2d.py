@@ -83,6 +83,9 @@ class SS2D(nn.Module):
         kernel_backend: backend of the selective scan, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
 
+    takes_grid = True
+    """A :class:`~vim.models.block.MambaBlock` gives it the tokens' grid."""
+
     def __init__(
         self,
         d_model: int,

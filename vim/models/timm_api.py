@@ -41,7 +41,7 @@ from timm.layers import register_notrace_function, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .block import MambaBlock, add_and_norm, reset_part
+from .block import TrunkBlock, add_and_norm, reset_part
 from .checkpoint import load_checkpoint_into, unwrap_state_dict
 
 __all__ = [
@@ -148,7 +148,7 @@ class TimmBackbone(nn.Module):
     "layers" (a flat trunk's blocks) or "stages" (a hierarchical trunk's stages)."""
     block_groups: tuple[tuple[str, tuple[int, ...] | None], ...]
     """``group_matcher``'s block patterns before ``norm_f``: one group per block, or per stage and block."""
-    norm_f: nn.Module  # nn.RMSNorm or nn.LayerNorm; nn.Identity once pruned
+    norm_f: nn.Module  # nn.RMSNorm or nn.LayerNorm (fused with the add), another norm; nn.Identity once pruned
     drop_path: nn.Module
     kernel_backend: str | None
     depth: int
@@ -176,7 +176,7 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"global_pool must be one of {self.pool_types}, got {global_pool!r}")
 
     # ------------------------------------------------------------------------------------- the trunk's layout
-    def trunk_blocks(self) -> list[MambaBlock]:
+    def trunk_blocks(self) -> list[TrunkBlock]:
         """Every block of the trunk, in order (all stages' for a hierarchical one)."""
         raise NotImplementedError
 
@@ -219,7 +219,7 @@ class TimmBackbone(nn.Module):
     @torch.no_grad()
     def init_trunk_weights(self) -> None:
         """Each block's parts by their own init (Mamba's for the mixer), the branches' last projections divided by
-        ``sqrt(depth)`` (GPT-2, see :meth:`MambaBlock.reset_parameters`)."""
+        ``sqrt(depth)`` (GPT-2, see :meth:`~vim.models.block.MambaBlock.reset_parameters`)."""
         for layer in self.trunk_blocks():
             layer.reset_parameters(depth=self.depth)
         reset_part(self.norm_f)  # nothing to reset once pruned to nn.Identity
@@ -230,7 +230,7 @@ class TimmBackbone(nn.Module):
         self.grad_checkpointing = enable
 
     def _run_block(
-        self, layer: MambaBlock, hidden: torch.Tensor, residual: torch.Tensor | None, grid: tuple[int, ...] | None = None
+        self, layer: TrunkBlock, hidden: torch.Tensor, residual: torch.Tensor | None, grid: tuple[int, ...] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block, ``grid`` passed on to a mixer that reads it (None: the tokens alone)."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -238,10 +238,12 @@ class TimmBackbone(nn.Module):
         return layer(hidden, residual, grid)
 
     def _norm_f(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """``norm_f`` of the float32 residual stream ``residual + hidden``, computed in the norm's dtype."""
-        if isinstance(self.norm_f, nn.Identity):  # pruned away
-            return hidden if residual is None else residual + hidden
-        return add_and_norm(self.norm_f, hidden, residual, self.kernel_backend)[0]
+        """``norm_f`` of the float32 residual stream ``residual + hidden``, computed in the norm's dtype: one fused add +
+        norm for an RMSNorm or LayerNorm, the sum then the module for another norm (MambaVision's BatchNorm) or the
+        ``nn.Identity`` left by pruning."""
+        if isinstance(self.norm_f, (nn.RMSNorm, nn.LayerNorm)):
+            return add_and_norm(self.norm_f, hidden, residual, self.kernel_backend)[0]
+        return self.norm_f(hidden if residual is None else residual + hidden)
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """``norm_f(residual + drop_path(hidden))``."""

@@ -42,22 +42,21 @@ upstream                                    here
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .block import PartFactory, reset_part
+from .block import PartFactory, gelu_mlp, reset_part
 from .builder import build_backbone
-from .checkpoint import checked, classifier_keys, unwrap_state_dict
-from .hierarchical import GridDownsample, HierarchicalBackbone
+from .checkpoint import KeyRules, rename_key, renamed_state_dict
+from .hierarchical import GridDownsample, HierarchicalImageBackbone
 from .ss2d import SS2D
-from .timm_api import InputAxis
 
 __all__ = ["VMamba", "checkpoint_filter_fn", "to_official_state_dict"]
 
@@ -77,10 +76,11 @@ class Permute(nn.Module):
 
 
 def patch_embed_v2(in_chans: int, embed_dim: int, norm_cls: PartFactory, device=None, dtype=None) -> nn.Sequential:
-    """Upstream's ``_make_patch_embed_v2`` (patch size 4), channels-last out: (B, C, H, W) -> (B, H/4, W/4, embed_dim).
+    """Upstream's ``_make_patch_embed_v2`` (patch size 4), tokens out: (B, C, H, W) -> (B, H/4 * W/4, embed_dim).
 
     conv 3x3 stride 2 (C -> embed_dim / 2) -> LayerNorm -> GELU -> conv 3x3 stride 2 -> LayerNorm; parameters at
-    upstream's Sequential indices 0, 2, 5, 7 (the permutes sit where its channels-last variant has them).
+    upstream's Sequential indices 0, 2, 5, 7 (the permutes sit where its channels-last variant has them), then the
+    (H/4, W/4) grid flattened.
     """
     dd = {"device": device, "dtype": dtype}
     half = embed_dim // 2
@@ -93,15 +93,11 @@ def patch_embed_v2(in_chans: int, embed_dim: int, norm_cls: PartFactory, device=
         nn.Conv2d(half, embed_dim, kernel_size=3, stride=2, padding=1, **dd),
         Permute(0, 2, 3, 1),
         norm_cls(embed_dim, **dd),
+        nn.Flatten(1, 2),
     )
 
 
-def vmamba_mlp(dim: int, mlp_ratio: float = 4.0, device=None, dtype=None) -> Mlp:
-    """Upstream's ``Mlp`` (``fc1`` -> GELU -> ``fc2``, hidden ``int(dim * mlp_ratio)``) as timm's, (B, L, D) -> (B, L, D)."""
-    return Mlp(dim, int(dim * mlp_ratio), device=device, dtype=dtype)
-
-
-class VMamba(HierarchicalBackbone):
+class VMamba(HierarchicalImageBackbone):
     """VMamba's ``VSSM`` (the v2 classifiers: ``v05_noz`` SS2D, patch embed v2, downsample v3); see the module docstring.
 
     Args:
@@ -121,11 +117,6 @@ class VMamba(HierarchicalBackbone):
         drop_path_rate: stochastic depth of the last block (linspace over all blocks from 0).
         kernel_backend: backend of the kernels, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
-
-    stem_pattern = r"^patch_embed"
-    modality = "images"
-    input_kind = "images"
-    grid_mixers = True
 
     def __init__(
         self,
@@ -150,13 +141,13 @@ class VMamba(HierarchicalBackbone):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         norm_cls = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         self.in_chans = in_chans
         self.init_head_attributes(num_classes, global_pool, dims[-1])
         self.patch_embed = patch_embed_v2(in_chans, dims[0], norm_cls, **dd)
         self.build_stages(
             dims, depths, drop_path_rate, "layernorm", LAYER_NORM_EPS, kernel_backend,
-            mlp_cls=partial(vmamba_mlp, mlp_ratio=mlp_ratio),
+            mlp_cls=partial(gelu_mlp, mlp_ratio=mlp_ratio),
             mixer_cls=SS2D,
             downsample_cls=partial(GridDownsample, kernel_size=3, norm_cls=norm_cls),
             d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank, d_conv=d_conv, conv_bias=conv_bias, **dd,
@@ -178,43 +169,13 @@ class VMamba(HierarchicalBackbone):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def set_input_size(self, img_size: int | tuple[int, int] | None = None) -> None:
-        """Change the nominal image size (the model takes any size)."""
-        if img_size is not None:
-            self.img_size = _pair(img_size)
-
-    def input_axes(self) -> tuple[InputAxis, ...]:
-        """(B, C, H, W), C the stem's input channels."""
-        return ("B", (self.in_chans, "channels"), "H", "W")
-
-    def nominal_input_shape(self) -> tuple[int, ...]:
-        """(C, H, W) at the nominal image size."""
-        return (self.in_chans, *self.img_size)
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, H/4 * W/4, dims[0]) stem tokens."""
-        return self.patch_embed(x).flatten(1, 2)
-
-    def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """The stem's grid of (B, C, H, W) images: each side halved twice, rounded up (H/4, W/4 for multiples of 4)."""
-        return _halved(_halved(x.shape[-2])), _halved(_halved(x.shape[-1]))
-
     def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
         return checkpoint_filter_fn(state_dict, self)
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _halved(side: int) -> int:
-    """A side after a 3x3 conv of stride 2 and padding 1."""
-    return (side + 1) // 2
-
-
 _DOWNSAMPLE_PARTS = {"1": "conv", "3": "norm"}  # upstream's Sequential(Permute, Conv2d, Permute, LayerNorm)
 
-_TO_OURS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+_TO_OURS: KeyRules = [
     (re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.op\."), lambda m: f"stages.{m[1]}.blocks.{m[2]}.mixer."),
     (re.compile(r"^layers\.(\d+)\.blocks\."), lambda m: f"stages.{m[1]}.blocks."),
     (
@@ -224,7 +185,7 @@ _TO_OURS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
     (re.compile(r"^classifier\.norm\."), lambda m: "norm_f."),
     (re.compile(r"^classifier\.head\."), lambda m: "head."),
 ]
-_TO_OFFICIAL: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+_TO_OFFICIAL: KeyRules = [
     (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.mixer\."), lambda m: f"layers.{m[1]}.blocks.{m[2]}.op."),
     (re.compile(r"^stages\.(\d+)\.blocks\."), lambda m: f"layers.{m[1]}.blocks."),
     (
@@ -236,15 +197,6 @@ _TO_OFFICIAL: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
 ]
 
 
-def _renamed(key: str, rules: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]]) -> str:
-    """``key`` with the prefix of the first matching rule replaced (unchanged when none matches)."""
-    for pattern, replacement in rules:
-        match = pattern.match(key)
-        if match:
-            return replacement(match) + key[match.end() :]
-    return key
-
-
 def checkpoint_filter_fn(state_dict: Mapping, model: VMamba) -> dict[str, torch.Tensor]:
     """Map an official VMamba state dict (or a whole training checkpoint: weights under ``"model"``) onto ``model``.
 
@@ -254,15 +206,12 @@ def checkpoint_filter_fn(state_dict: Mapping, model: VMamba) -> dict[str, torch.
         ValueError: naming the key and both shapes, when a tensor cannot fit the model. The classifier and the stem's
             input channels are left to the loader, which adapts them to ``num_classes`` / ``in_chans``.
     """
-    state_dict = {_renamed(key, _TO_OURS): value for key, value in unwrap_state_dict(state_dict).items()}
-    expected = model.state_dict()
-    classifier = classifier_keys(model, state_dict)
-    return {key: checked(key, value, expected, classifier) for key, value in state_dict.items()}
+    return renamed_state_dict(state_dict, model, _TO_OURS)
 
 
 def to_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our VMamba state dict under upstream's key names (loads into its ``VSSM`` of the same config)."""
-    return {_renamed(key, _TO_OFFICIAL): value for key, value in state_dict.items()}
+    return {rename_key(key, _TO_OFFICIAL): value for key, value in state_dict.items()}
 
 
 _RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/"
