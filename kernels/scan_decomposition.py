@@ -77,23 +77,32 @@ def _direction_to_tokens(y: Tensor, code: int, grid: tuple[int, int]) -> Tensor:
     return y.index_select(1, torch.argsort(step_tokens(code, grid, y.device)))
 
 
-def _recurrence_step(A: Tensor, batch: int, keep_state: bool) -> Step:
+def _recurrence_step(A: Tensor, batch: int | torch.SymInt | None, keep_state: bool) -> Step:
     """The loop body: ``(h, (delta_t, delta_u_t, B_t, C_t)) -> (h', y_t)``, or ``(h', h')`` with ``keep_state``.
 
-    Shapes: ``h`` (K, batch, G, dim // G, N); ``A`` (K, 1, G, dim // G, N); per step, ``delta_t`` and
-    ``delta_u_t`` (K * batch, G, dim // G), ``B_t`` and ``C_t`` (K * batch, G, N); ``y_t`` (K, batch, G, dim // G).
+    Shapes: ``h`` (K, batch, G, dim // G, N); ``A`` (K, 1, G, dim // G, N), broadcast over the batch; per step,
+    ``delta_t`` and ``delta_u_t`` (K, batch, G, dim // G), ``B_t`` and ``C_t`` (K, batch, G, N); ``y_t``
+    (K, batch, G, dim // G).
 
-    The body splits the rows into (K, batch) itself, so that each direction's ``A`` broadcasts over its
-    batch. Using ``batch`` inside the body also makes it an input of the loop: Inductor needs that to
-    lower the loop when the batch size is symbolic (a dynamic batch axis).
+    The body views its inputs at ``batch`` (a no-op): that makes the batch size an input of the loop, which Inductor
+    needs to lower the loop when the size is a symbol (a dynamic batch axis). A size that is an expression of symbols
+    (MambaVision's windows: the dynamic batch times the windows per image) cannot be a loop input; for it ``batch``
+    is None and the body reads no size, which torch.export and ONNX take (an AOTInductor build does not).
     """
 
     def step(state: Tensor, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        delta_t, delta_u_t, B_t, C_t = (x.unflatten(0, (-1, batch)) for x in inputs)
+        if batch is not None:
+            inputs = tuple(x.view(x.shape[0], batch, *x.shape[2:]) for x in inputs)
+        delta_t, delta_u_t, B_t, C_t = inputs
         state = torch.exp(delta_t.unsqueeze(-1) * A) * state + delta_u_t.unsqueeze(-1) * B_t.unsqueeze(-2)
         return state, state.clone() if keep_state else (state * C_t.unsqueeze(-2)).sum(-1)
 
     return step
+
+
+def _loop_size(size: int | torch.SymInt) -> int | torch.SymInt | None:
+    """``size`` when a loop body may read it (a number, or a single symbol), else None (see :func:`_recurrence_step`)."""
+    return size if not isinstance(size, torch.SymInt) or size.node.expr.is_Symbol else None
 
 
 def decomposed_scan_forward(
@@ -141,8 +150,8 @@ def decomposed_scan_forward(
         return _to_steps(x.to(compute).movedim(-1, 2), codes, cells)
 
     def time_major(x: Tensor, *shape: int) -> Tensor:
-        """(K, batch, L, ...) -> (L, K * batch, *shape): the loop runs over axis 0."""
-        return x.reshape(K * batch, length, *shape).transpose(0, 1)
+        """(K, batch, L, ...) -> (L, K, batch, *shape): the loop runs over axis 0."""
+        return x.reshape(K, batch, length, *shape).movedim(2, 0).contiguous()
 
     delta = delta.to(compute)
     if delta_bias is not None:
@@ -160,7 +169,7 @@ def decomposed_scan_forward(
     A = A.to(compute).reshape(K, 1, *grouped, n_state)
     initial = A.new_zeros(K, batch, *grouped, n_state)
 
-    _, y = scan(_recurrence_step(A, batch, keep_state=False), initial, inputs)  # (L, K, batch, G, dim // G)
+    _, y = scan(_recurrence_step(A, _loop_size(batch), keep_state=False), initial, inputs)  # (L, K, batch, G, dim // G)
     y = y.movedim(0, 2).reshape(K, batch, length, dim)
     if D is not None:
         y = y + D.to(compute)[:, None, None, :] * u_t
@@ -168,7 +177,7 @@ def decomposed_scan_forward(
     if z is not None:
         y = y * F.silu(z.to(compute).transpose(1, 2))
 
-    _, states = scan(_recurrence_step(A, batch, keep_state=True), initial, inputs)  # (L, K, batch, G, dim // G, N)
+    _, states = scan(_recurrence_step(A, _loop_size(batch), keep_state=True), initial, inputs)  # (L, K, batch, G, dim // G, N)
     last_steps = [min((j + 1) * CHUNK_SIZE, length) - 1 for j in range(num_chunks(length))]
     checkpoints = states[last_steps].movedim(0, 2).reshape(K, batch, len(last_steps), dim, n_state)
     return y.to(u.dtype).transpose(-1, -2), checkpoints.float()

@@ -21,8 +21,9 @@ the way a ViT does, and this script adds it to those lists (nothing else in the 
   called from Python (``torch.compile`` traces it; TorchScript cannot).
 
 The models are Vim's image backbones, ``test_hier_mamba``, the hierarchical test model that proves the timm
-API on stages (its ``embed_dim`` is the first stage's width, ``depth`` the blocks per stage), and VMamba's
-(``vmamba_*``, ``test_vmamba``: stage widths ``dims``, blocks per stage ``depths``).
+API on stages (its ``embed_dim`` is the first stage's width, ``depth`` the blocks per stage), VMamba's
+(``vmamba_*``, ``test_vmamba``: stage widths ``dims``, blocks per stage ``depths``) and MambaVision's
+(``mambavision_*``, ``test_mambavision``: first width ``dim``, blocks per stage ``depths``).
 
 It also runs timm's ``test_model_init_weights_after_to_empty`` (parametrized upstream with a fixed
 list of models) on every model, with the small-config kwargs of :data:`TO_EMPTY_KWARGS` for its family.
@@ -42,10 +43,11 @@ import timm
 import torch
 
 DEFAULT_CACHE = Path(os.environ.get("VIM_CACHE_DIR", Path.home() / ".cache" / "vim")) / "timm-sdist"
-MODEL_MODULES = ["vision_mamba", "hierarchical", "vmamba"]
-NAME_PATTERNS = ["vim_*", "test_vim*", "test_hier_mamba", "vmamba_*", "test_vmamba"]
+MODEL_MODULES = ["vision_mamba", "hierarchical", "vmamba", "mambavision"]
+NAME_PATTERNS = ["vim_*", "test_vim*", "test_hier_mamba", "vmamba_*", "test_vmamba", "mambavision_*", "test_mambavision"]
 TO_EMPTY_KWARGS: dict[str, dict[str, Any]] = {
     "vmamba": dict(img_size=64, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)),
+    "mambavision": dict(img_size=64, dim=16, in_dim=8, depths=(1, 1, 2, 2), num_heads=(1, 1, 2, 2)),
     "": dict(img_size=64, embed_dim=32, depth=2, d_state=4),
 }
 """Small overrides for the init-after-``to_empty`` test, which runs at 64 px: by a model's module (its family's

@@ -109,8 +109,17 @@ def save_16_bit_png(path: Path, values: np.ndarray, color_type: int) -> None:
 def high_depth_files(folder: Path) -> dict[str, Path]:
     """The gradient in each high-depth form, by the PIL mode it opens in (16-bit RGB PNG: 'RGB;16')."""
     v16 = GRADIENT_8.astype(np.uint16) * 257  # 0 -> 0, 255 -> 65535: the same picture in 16 bits
-    files = {name: folder / f"{name.replace(';', '_')}{suffix}" for name, suffix in
-             [("I;16", ".png"), ("I;16B", ".tif"), ("I", ".pgm"), ("I 32-bit", ".tif"), ("F", ".tif"), ("RGB;16", ".png")]}
+    files = {
+        name: folder / f"{name.replace(';', '_')}{suffix}"
+        for name, suffix in [
+            ("I;16", ".png"),
+            ("I;16B", ".tif"),
+            ("I", ".pgm"),
+            ("I 32-bit", ".tif"),
+            ("F", ".tif"),
+            ("RGB;16", ".png"),
+        ]
+    }
     Image.fromarray(v16).save(files["I;16"])
     Image.frombytes("I;16B", v16.shape[::-1], v16.astype(">u2").tobytes()).save(files["I;16B"])
     files["I"].write_bytes(b"P5\n%d %d\n65535\n" % v16.shape[::-1] + v16.astype(">u2").tobytes())  # PIL reads mode I

@@ -32,6 +32,7 @@ from vim.deploy import (
 from vim.kernels import selective_scan_ref
 from vim.kernels.scan_decomposition import decomposed_scan_forward
 from vim.kernels.scan_layout import CHUNK_SIZE, num_chunks
+from vim.models import SS2D, MambaMixer, MambaVisionMixer
 
 from support.paths import REPO
 from support.scans import scan_inputs
@@ -142,13 +143,18 @@ def _count_scan_ops(program: torch.export.ExportedProgram) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- ONNX in onnxruntime
+def _scanning_blocks(model: torch.nn.Module) -> int:
+    """The number of blocks whose mixer scans (every block of a flat trunk; MambaVision's conv and attention blocks do not)."""
+    return sum(isinstance(module, (MambaMixer, SS2D, MambaVisionMixer)) for module in model.modules())
+
+
 def _assert_onnx_matches(
     path, model: torch.nn.Module, inputs: torch.Tensor, input_name: str, output_name: str, opset: int = 20
 ) -> None:
     """Default domain only at ``opset``, one Scan per block, dynamic batch; onnxruntime (CPU) within PARITY of PyTorch."""
     proto = onnx.load(str(path))
     assert [(entry.domain, entry.version) for entry in proto.opset_import] == [("", opset)], "no custom op domain"
-    assert sum(node.op_type == "Scan" for node in proto.graph.node) == len(model.trunk_blocks())
+    assert sum(node.op_type == "Scan" for node in proto.graph.node) == _scanning_blocks(model)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (graph_input,), (graph_output,) = session.get_inputs(), session.get_outputs()
     assert (graph_input.name, graph_output.name) == (input_name, output_name)
@@ -248,17 +254,19 @@ def test_torch_export_keeps_one_scan_node_per_block_and_a_dynamic_batch(tmp_path
 
 
 @pytest.mark.slow  # an ONNX export
-def test_a_hierarchical_family_exports_with_its_four_direction_scans(tmp_path):
-    """VMamba through the same export path: one scan node per SS2D block (its four directions in one op) with a dynamic
-    batch in torch.export, and in ONNX the decomposed scan (column orders gathered) within PARITY of PyTorch."""
-    model = load_model("test_vmamba")
-    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    program = torch.export.load(save_program(model, tmp_path / "vmamba.pt2"))
-    assert _count_scan_ops(program) == len(model.trunk_blocks())
+@pytest.mark.parametrize("name", ["test_vmamba", "test_mambavision"])
+def test_a_hierarchical_family_exports_with_one_scan_per_mamba_block(tmp_path, name):
+    """The hierarchical families through the same export path: one scan node per Mamba block (VMamba's four directions
+    in one op; MambaVision's conv and attention blocks have none, its windows are plain reshapes) with a dynamic batch
+    in torch.export, and in ONNX the decomposed scan within PARITY of PyTorch."""
+    model = load_model(name)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # the nominal size, which exports fix
+    program = torch.export.load(save_program(model, tmp_path / f"{name}.pt2"))
+    assert _count_scan_ops(program) == _scanning_blocks(model) > 0
     with torch.no_grad():
         for rows in (images[:1], images):
             torch.testing.assert_close(program.module()(rows), model(rows))
-    _assert_onnx_matches(export_onnx(model, tmp_path / "vmamba.onnx", progress=False), model, images, "images", "logits")
+    _assert_onnx_matches(export_onnx(model, tmp_path / f"{name}.onnx", progress=False), model, images, "images", "logits")
 
 
 # ---------------------------------------------------------------------------------------------- AOTInductor

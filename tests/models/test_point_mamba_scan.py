@@ -154,9 +154,7 @@ def test_released_file_converts_to_safetensors_and_loads(tmp_path):
     """tools/convert_checkpoint.py checks an upstream file against the architecture through the family's filter."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", REPO / "tools" / "convert_checkpoint.py"
-    )
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools" / "convert_checkpoint.py")
     convert = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert)
     weights = official_state_dict(official_shapes(10, d=32, depth=2, d_state=8, head_width=32), torch.Generator().manual_seed(5))

@@ -131,8 +131,6 @@ def test_names_without_released_weights() -> None:
         released_weights("videomamba_tiny.k400_f12")
 
 
-
-
 @pytest.mark.parametrize(
     ("config", "hub_file", "classes"),
     [
@@ -308,3 +306,61 @@ def test_vmamba_tag_loads_its_github_release_file_from_the_torch_hub_cache(cache
     torch.save(released, caches["urls"] / info.filename)
     assert_loaded(timm.create_model("vmamba_tiny_s1l8.in1k", pretrained=True, **small), ours)
     assert_loaded(create_released_model("vmamba_tiny_s1l8.in1k", **small), ours)
+
+
+def test_mambavision_tag_loads_its_hub_file_in_upstreams_layout(caches) -> None:
+    """MambaVision's releases are ``.pth.tar`` files on the Hub (``nvidia/MambaVision-T-1K``) with upstream's key names
+    under ``"state_dict"``: timm's Hub path finds the cached file and our safe reader and filter load it."""
+    from vim.models.mambavision import to_official_state_dict
+
+    torch.manual_seed(0)
+    small = dict(dim=16, in_dim=8)
+    info = released_weights("mambavision_tiny.in1k")
+    assert (info.hf_hub_id, info.filename) == ("nvidia/MambaVision-T-1K", "mambavision_tiny_1k.pth.tar")
+    ours = training_checkpoint(timm.create_model("mambavision_tiny", **small))["model"]
+    checkpoint = {"state_dict": to_official_state_dict(ours), "epoch": 309, "args": argparse.Namespace(lr=5e-3)}
+    put_in_hub_cache(caches["hub"], info.hf_hub_id, info.filename, checkpoint)
+    assert_loaded(timm.create_model("mambavision_tiny.in1k", pretrained=True, **small), ours)
+    assert_loaded(create_released_model("mambavision_tiny.in1k", **small), ours)
+
+
+@pytest.mark.parametrize(
+    ("config", "name", "release"),
+    [
+        ("finetune_vmamba", "vmamba_tiny_s1l8", ("url", "vssm1_tiny_0230s_ckpt_epoch_264.pth")),
+        ("finetune_mambavision", "mambavision_tiny", ("hf-hub", "nvidia/MambaVision-T-1K", "mambavision_tiny_1k.pth.tar")),
+    ],
+)
+def test_hierarchical_finetune_configs_start_from_the_released_weights(caches, config, name, release):
+    """The VMamba and MambaVision fine-tuning configs build their model from the tag's released file in upstream's
+    layout (fabricated here, shrunk through model_kwargs) with a new head for the data's classes."""
+    from vim.cli import run_lightning
+    from vim.models import mambavision, vmamba
+
+    torch.manual_seed(0)
+    small = dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)) if config == "finetune_vmamba" else dict(dim=16, in_dim=8)
+    family = vmamba if config == "finetune_vmamba" else mambavision
+    ours = training_checkpoint(timm.create_model(name, **small))["model"]
+    if release[0] == "url":
+        caches["urls"].mkdir(parents=True)
+        torch.save({"model": family.to_official_state_dict(ours)}, caches["urls"] / release[1])
+    else:
+        put_in_hub_cache(caches["hub"], release[1], release[2], {"state_dict": family.to_official_state_dict(ours)})
+    classes_root = caches["hub"].parent / "data"
+    for c in range(4):
+        (classes_root / f"class{c}").mkdir(parents=True)
+    cli = run_lightning(
+        [
+            "--config",
+            str(REPO / "configs" / f"{config}.yaml"),
+            f"--model.init_args.model_kwargs={json.dumps(small)}",
+            f"--data.init_args.train_root={classes_root}",
+        ],
+        run=False,
+    )
+    model = cli.model.model
+    state = model.state_dict()
+    for key in ("stages.2.blocks.0.mixer.out_proj.weight", "stages.3.downsample.conv.weight", "norm_f.weight"):
+        torch.testing.assert_close(state[key], ours[key], rtol=0, atol=0, msg=key)
+    assert model.get_classifier().out_features == cli.model.num_classes == 4
+    assert cli.model.hparams.layer_decay == 0.9

@@ -9,8 +9,7 @@ def leaves(inputs: dict, dtype: torch.dtype | None = None, device: str | torch.d
     """Copies that require grad (optionally converted to ``dtype`` or moved to ``device``; strides kept); None entries
     stay None."""
     return {
-        k: None if v is None else v.detach().to(device or v.device, dtype or v.dtype).requires_grad_()
-        for k, v in inputs.items()
+        k: None if v is None else v.detach().to(device or v.device, dtype or v.dtype).requires_grad_() for k, v in inputs.items()
     }
 
 

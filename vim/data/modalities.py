@@ -75,7 +75,8 @@ def _image_preprocessing(model: Any, data_settings: dict[str, Any]) -> dict[str,
     from timm.data import resolve_data_config
 
     config = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or config["input_size"][1:]
+    nominal = getattr(model, "nominal_input_shape", None)  # a family's input contract; timm's cfg for another model
+    img_size = nominal()[-2:] if callable(nominal) else config["input_size"][-2:]
     settings = {"img_size": tuple(img_size), **{key: config[key] for key in TRANSFORM_KEYS}}
     settings.update({key: data_settings[key] for key in TRANSFORM_KEYS if data_settings.get(key) is not None})
     return settings

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerScale, to_2tuple, trunc_normal_
+from timm.layers import LayerScale, register_notrace_module, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
@@ -84,6 +84,7 @@ class ConvStem(nn.Module):
         return self.conv_down(x).flatten(2).transpose(1, 2)
 
 
+@register_notrace_module  # a leaf for torch.fx: BatchNorm1d checks the input's rank in Python
 class TokenBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the channels of (B, L, C) tokens: upstream's ``BatchNorm2d`` of the (B, C, H, W) map, the same
     statistics (over B, H and W) and the same state dict."""

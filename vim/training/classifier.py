@@ -38,7 +38,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.parsing import AttributeDict
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.data import ImageNetInfo, Mixup, infer_imagenet_subset
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MetricCollection
@@ -115,7 +115,7 @@ class Classifier(LightningModule):
             through timm's pretrained loading (a classifier head of another size is re-initialized).
         drop_path_rate: stochastic depth rate.
         lr: peak learning rate (after any batch-size scaling).
-        weight_decay: AdamW weight decay (not applied to 1-D parameters and ``no_weight_decay()``).
+        weight_decay: the optimizer's weight decay (not applied to 1-D parameters and ``no_weight_decay()``).
         layer_decay: layer-wise learning-rate decay (e.g. 0.75, as VideoMamba fine-tunes): the head trains at
             ``lr``, the last block (with the final norm, as timm groups it) at ``lr * layer_decay``, each block
             below at ``layer_decay`` times the one above, the patch and position embeddings lowest. Layers come
@@ -127,6 +127,8 @@ class Classifier(LightningModule):
         mixup_alpha: Mixup beta-distribution alpha (0 disables).
         cutmix_alpha: CutMix alpha (0 disables).
         ema_decay: EMA decay per optimizer step (e.g. 0.99996); None disables EMA.
+        optimizer: timm's optimizer by name (``timm.optim.list_optimizers()``): "adamw" (Vim, VideoMamba, PointMamba,
+            VMamba), "lamb" (MambaVision), ...
 
     A checkpoint holds every weight: it is saved with ``pretrained`` off and no ``pretrained_file``, so restoring it
     (resume, ``load_from_checkpoint``, ``vimkit extract --checkpoint``) reads neither the released nor the initial file.
@@ -154,6 +156,7 @@ class Classifier(LightningModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         ema_decay: float | None = None,
+        optimizer: str = "adamw",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -161,6 +164,9 @@ class Classifier(LightningModule):
             raise ValueError("model.pretrained and model.pretrained_file both choose the initial weights: set one")
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
+        optimizers = [str(name) for name in list_optimizers()]
+        if optimizer.lower() not in optimizers:
+            raise ValueError(f"optimizer {optimizer!r} is not one of timm's: {', '.join(optimizers)}")
         self.class_names = self.released_class_names() if num_classes is None else [str(i) for i in range(num_classes)]
         self.hparams.num_classes = num_classes = len(self.class_names)
         self.model = self.build_model(initial_weights=not _WEIGHTS_FROM_CHECKPOINT.get())
@@ -284,7 +290,7 @@ class Classifier(LightningModule):
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         optimizer = create_optimizer_v2(
-            self.model, opt="adamw", lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
+            self.model, opt=hp.get("optimizer", "adamw"), lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay
         )
         for group in optimizer.param_groups:  # timm leaves a layer's scale to its own schedulers; LambdaLR needs it in lr
             group["lr"] = hp.lr * group.get("lr_scale", 1.0)
