@@ -1,9 +1,16 @@
-"""Throughput and peak memory of Vision Mamba against DeiT across image resolutions.
+"""Throughput and peak memory of Vision Mamba against DeiT (or any timm model) across image resolutions.
 
 Usage::
 
     python tools/bench_models.py                                   # GPU: Vim-Ti/S/B vs DeiT-Ti/S/B, 224 ... 1248 px
     python tools/bench_models.py --models vim_tiny_patch16_224 deit_tiny_patch16_224 --sizes 224 512 --batch 2 --iters 3
+    python tools/bench_models.py --models vmamba_tiny_s1l8 mambavision_tiny swin_tiny_patch4_window7_224 convnext_tiny \
+        --sizes 224 --batch 8 --rounds 3 --baseline swin_tiny_patch4_window7_224 --tag cpu_hierarchical
+
+A model given as ``NAME:BACKEND`` runs its kernels on that backend (``vmamba_tiny_s1l8:reference``: the sequential
+scan, what upstream VMamba falls back to on CPU). ``--rounds R`` measures the whole list R times, round after round
+(so that a busy spell of a shared machine hits every model alike), and keeps each configuration's median round;
+``--baseline`` adds each model's images/s over the baseline's at the same size and mode.
 
 For every model and image size it measures inference (no grad) and training (forward, cross
 entropy, backward, AdamW step) images/s (from the median step time, robust to a busy machine)
@@ -84,10 +91,24 @@ def measure(
     return result
 
 
-def _measure(model_name, size, mode, batch, warmup, iters, device, dtype, threads, isolated) -> dict:
+def _create(spec: str, size: int):
+    """The timm model of ``spec`` (``NAME`` or ``NAME:BACKEND``) for ``size`` px images: ``img_size`` is passed unless
+    the model takes no such argument (ConvNeXt, ResNet and other CNNs take any size as they are)."""
     import timm
 
     import vim.models  # noqa: F401  (registers the Vim models)
+
+    name, _, backend = spec.partition(":")
+    kwargs: dict = {"kernel_backend": backend} if backend else {}
+    try:
+        return timm.create_model(name, num_classes=1000, img_size=size, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return timm.create_model(name, num_classes=1000, **kwargs)
+
+
+def _measure(model_name, size, mode, batch, warmup, iters, device, dtype, threads, isolated) -> dict:
 
     dev = torch.device(device)
     if threads:
@@ -97,7 +118,7 @@ def _measure(model_name, size, mode, batch, warmup, iters, device, dtype, thread
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     try:
-        model = timm.create_model(model_name, img_size=size, num_classes=1000).to(dev)
+        model = _create(model_name, size).to(dev)
         images = torch.randn(batch, 3, size, size, device=dev)
         labels = torch.randint(0, 1000, (batch,), device=dev)
         autocast = torch.autocast(dev.type, dtype=getattr(torch, dtype), enabled=dev.type == "cuda")
@@ -156,6 +177,27 @@ def _in_own_process(context, job: tuple) -> dict:
             return dict(model=model_name, size=size, mode=mode, batch=batch, status="crashed")
 
 
+def median_round(runs: list[dict]) -> dict:
+    """The run of median images/s among one configuration's rounds, with every round's images/s beside it."""
+    done = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["images_per_s"])
+    if not done:
+        return runs[-1]
+    return {**done[(len(done) - 1) // 2], "rounds_images_per_s": [r.get("images_per_s") for r in runs]}
+
+
+def with_ratios(results: list[dict], baseline: str | None) -> list[dict]:
+    """``results`` with ``vs_baseline``: images/s over the baseline model's at the same size and mode."""
+    if baseline is None:
+        return results
+    reference = {(r["size"], r["mode"]): r.get("images_per_s") for r in results if r["model"] == baseline}
+    out = []
+    for r in results:
+        base = reference.get((r["size"], r["mode"]))
+        ratio = r["images_per_s"] / base if r["status"] == "ok" and base else None
+        out.append({**r, "vs_baseline": ratio, "baseline": baseline})
+    return out
+
+
 def environment(device: str, args: argparse.Namespace) -> dict:
     """The machine (see :func:`benchmark_report.machine`), the scan backend and the run's settings."""
     from vim.kernels import resolve_backend
@@ -170,6 +212,7 @@ def environment(device: str, args: argparse.Namespace) -> dict:
         batch=args.batch,
         warmup=args.warmup,
         iters=args.iters,
+        rounds=args.rounds,
         dtype=args.dtype if dev.type == "cuda" else "float32",
     )
 
@@ -180,19 +223,24 @@ def write_markdown_table(path: Path, env: dict, results: list[dict]) -> None:
         f"Device: {env['device']} · load average {env['load_average']} at the start · "
         f"torch {env['torch']} · triton {env['triton']} · "
         f"timm {env['timm']} · scan backend `{env['scan_backend']}` · {env['dtype']} · batch {env['batch']} · "
-        f"median of {env['iters']} timed steps after {env['warmup']} warm-up · {env['date']}"
+        f"median of {env['iters']} timed steps after {env['warmup']} warm-up"
+        f"{f', median of {rounds} interleaved rounds' if (rounds := env.get('rounds', 1)) > 1 else ''} · {env['date']}"
     )
+    baseline = next((r["baseline"] for r in results if "baseline" in r), None)
     rows = []
     for r in results:
         first = [r["model"], r["size"], r["mode"], r.get("batch", env["batch"])]
+        ratio = [] if baseline is None else ["-" if r.get("vs_baseline") is None else f"{r['vs_baseline']:.2f}"]
         if r["status"] == "ok":
             peak = "not measured" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
-            rows.append([*first, f"{r['images_per_s']:.2f}", peak])
+            rows.append([*first, f"{r['images_per_s']:.2f}", *ratio, peak])
         else:
-            rows.append([*first, r["status"], r["status"]])
-    columns = ["model", "size", "mode", "batch", "images/s", "peak memory (MiB)"]
-    table = markdown_table(columns, rows, right_aligned={"size", "batch", "images/s", "peak memory (MiB)"})
-    write_markdown(path, "Vision Mamba vs DeiT: throughput and peak memory", [settings], table)
+            rows.append([*first, r["status"], *ratio, r["status"]])
+    ratio_column = [] if baseline is None else [f"vs {baseline}"]
+    columns = ["model", "size", "mode", "batch", "images/s", *ratio_column, "peak memory (MiB)"]
+    aligned = {"size", "batch", "images/s", "peak memory (MiB)", *ratio_column}
+    table = markdown_table(columns, rows, right_aligned=aligned)
+    write_markdown(path, "Vision Mamba against other timm models: throughput and peak memory", [settings], table)
 
 
 def plot(path: Path, env: dict, results: list[dict]) -> None:
@@ -242,13 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--same-process", action="store_true", help="no process per configuration (CPU peaks unmeasured)")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
     parser.add_argument("--tag", help="output file suffix (default: the device type)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every configuration this many times, interleaved")
+    parser.add_argument("--baseline", help="a model of --models: report each model's images/s over its")
     args = parser.parse_args(argv)
     on_cuda = torch.device(args.device).type == "cuda"
     args.batch = args.batch or (32 if on_cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
     args.iters = args.iters or (10 if on_cuda else 2)
-    if min(args.batch, args.iters, *args.sizes) < 1:
-        parser.error("--batch, --iters and --sizes must be positive")
+    if min(args.batch, args.iters, args.rounds, *args.sizes) < 1:
+        parser.error("--batch, --iters, --rounds and --sizes must be positive")
+    if args.baseline is not None and args.baseline not in args.models:
+        parser.error(f"--baseline {args.baseline} is not one of --models")
 
     from tqdm import tqdm
 
@@ -256,17 +308,22 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"models_{args.tag or torch.device(args.device).type}"
     configs = [(m, s, mode) for m in args.models for s in args.sizes for mode in args.modes]
-    results = []
+    rounds: dict[tuple, list[dict]] = {config: [] for config in configs}
     context = multiprocessing.get_context("spawn")
-    with tqdm(configs, desc="benchmark", unit="config") as progress:
-        for model_name, size, mode in progress:
-            progress.set_postfix_str(f"{model_name} {size}px {mode}")
-            batch = max(1, args.batch * 224**2 // max(size, 224) ** 2) if args.scale_batch else args.batch
-            job = (model_name, size, mode, batch, args.warmup, args.iters, args.device, args.dtype, args.threads, args.fit_batch)
-            results.append(measure(*job, isolated=False) if args.same_process else _in_own_process(context, job))
-            # rewritten after every configuration, so an interrupted run keeps what it measured
-            write_json(stem.with_suffix(".json"), environment=env, results=results)
-            write_markdown_table(stem.with_suffix(".md"), env, results)
+    with tqdm(total=len(configs) * args.rounds, desc="benchmark", unit="config") as progress:
+        for round_index in range(args.rounds):
+            for model_name, size, mode in configs:
+                progress.set_postfix_str(f"round {round_index + 1}: {model_name} {size}px {mode}")
+                batch = max(1, args.batch * 224**2 // max(size, 224) ** 2) if args.scale_batch else args.batch
+                job = (model_name, size, mode, batch, args.warmup, args.iters, args.device, args.dtype, args.threads,
+                       args.fit_batch)  # fmt: skip
+                result = measure(*job, isolated=False) if args.same_process else _in_own_process(context, job)
+                rounds[(model_name, size, mode)].append(result)
+                progress.update()
+                # rewritten after every configuration, so an interrupted run keeps what it measured
+                results = with_ratios([median_round(runs) for runs in rounds.values() if runs], args.baseline)
+                write_json(stem.with_suffix(".json"), environment=env, results=results)
+                write_markdown_table(stem.with_suffix(".md"), env, results)
     plot(stem.with_suffix(".png"), env, results)
     print(f"wrote {stem}.json, .md and .png")
     return 0

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prove the kernels and models on a GPU and measure them, in one call: everything goes to OUTDIR.
 #
-#   bash tools/gpu_check.sh OUTDIR              # a GPU machine after `pip install -e . --no-deps` (at most ~8 minutes:
-#                                               # the stages' limits add up to 7.6)
+#   bash tools/gpu_check.sh OUTDIR              # a GPU machine after `pip install -e . --no-deps` (at most ~9 minutes:
+#                                               # the stages' limits add up to 8.6)
 #   bash tools/gpu_check.sh OUTDIR --dry-run    # the whole script on CPU: tiny shapes, CPU backends (CI runs this)
 #
 # Stages, each with its own time limit; a stage that fails or runs out of time is recorded and the next runs:
@@ -12,6 +12,7 @@
 #   bench_scan             dim 768, N 16, bf16, batch of 2^18 tokens per length, L 197..16384: ms, GB/s, roofline
 #   bench_models_inference Vim-Ti/S vs DeiT-Ti/S at 224, 512, 1024, 1248 px (bf16 autocast; the batch each ran with)
 #   bench_models_training  the same models training at 224 px (forward, backward, AdamW)
+#   bench_hierarchical     VMamba-T vs Swin-T and MambaVision-T vs ConvNeXt-T at 224 px, inference and training
 #   triton_resources       every Triton kernel variant compiled for sm_80 and sm_90 with this machine's Triton
 #   summary                OUTDIR/summary.txt: PASS/FAIL, ratios, device, driver and versions
 # $PYTHON (default python3) runs everything.
@@ -58,19 +59,23 @@ if ((dry_run)); then
     # tiny shapes and CPU backends; the GPU tests are collected and skip
     vim_pair=(test_vim test_vit)
     training_pair=(test_vim test_vit)
+    hierarchical_pairs=(test_vmamba test_vit test_mambavision test_vit)
     models=("${vim_pair[@]}")
     scan_args=(--lengths 8 20 --dim 16 --state 4 --batch 1 --backends native torch)
     inference_args=(--sizes 32 --batch 2)
     training_args=(--sizes 32 --batch 2)
     timing=(--warmup 1 --iters 1)
-    limits=(120 60 60 60)
+    hierarchical_args=(--sizes 32 --batch 2)
+    limits=(120 60 60 60 90)
 else
     models=(vim_tiny_patch16_224 vim_small_patch16_224 deit_tiny_patch16_224 deit_small_patch16_224)
+    hierarchical_pairs=(vmamba_tiny_s1l8 swin_tiny_patch4_window7_224 mambavision_tiny convnext_tiny)
+    hierarchical_args=(--sizes 224 --batch 128)
     scan_args=()
     inference_args=(--sizes 224 512 1024 1248 --batch 128 --scale-batch)
     training_args=(--sizes 224 --batch 64)
     timing=(--warmup 2 --iters 5)
-    limits=(210 45 90 45)
+    limits=(210 45 90 45 60)
 fi
 
 stage gpu_tests "${limits[0]}" "$python" -m pytest -m gpu -x -q -rA -p no:cacheprovider --continue-on-collection-errors \
@@ -80,12 +85,15 @@ stage bench_models_inference "${limits[2]}" "$python" tools/bench_models.py --mo
     "${inference_args[@]}" "${timing[@]}" --fit-batch --same-process --out-dir "$out" --tag inference
 stage bench_models_training "${limits[3]}" "$python" tools/bench_models.py --models "${models[@]}" --modes training \
     "${training_args[@]}" "${timing[@]}" --fit-batch --same-process --out-dir "$out" --tag training
+stage bench_hierarchical "${limits[4]}" "$python" tools/bench_models.py --models $(printf "%s\n" "${hierarchical_pairs[@]}" | awk '!seen[$0]++') \
+    "${hierarchical_args[@]}" "${timing[@]}" --fit-batch --same-process --out-dir "$out" --tag hierarchical
 if ((dry_run)); then
     echo "== triton_resources: skipped in a dry run (CI compiles every variant in tests/kernels/test_triton_targets.py)"
 else
     stage triton_resources 45 env -u TRITON_INTERPRET "$python" tools/triton_resources.py --json "$out/triton_resources.json"
 fi
-stage summary 30 "$python" tools/gpu_check_summary.py "$out" --speed-pair "${vim_pair[@]}" --training-pair "${training_pair[@]}"
+stage summary 30 "$python" tools/gpu_check_summary.py "$out" --speed-pair "${vim_pair[@]}" --training-pair "${training_pair[@]}" \
+    --hierarchical-pairs "${hierarchical_pairs[@]}"
 cat "$out/summary.txt" 2>/dev/null || cat "$out/summary.log"
 # exit status 1 if any stage failed or ran out of time (summary.txt says which)
 ! awk '$2 != 0 { failed = 1 } END { exit !failed }' "$out/stages.txt"

@@ -116,6 +116,10 @@ def scan(out: Path) -> list[str]:
     return lines
 
 
+MODES = ("inference", "training")
+HIERARCHICAL_PAIRS = ("vmamba_tiny_s1l8", "swin_tiny_patch4_window7_224", "mambavision_tiny", "convnext_tiny")
+
+
 def _rows(found: dict | None, model: str, mode: str) -> dict[int, dict]:
     """Successful results of one model and mode by image size."""
     if found is None:
@@ -169,6 +173,22 @@ def models(out: Path, speed_pair: list[str], training_pair: list[str]) -> list[s
     return lines
 
 
+def hierarchical(out: Path, pairs: list[str]) -> list[str]:
+    """The hierarchical families against the models a user would pick instead (VMamba-T vs Swin-T, MambaVision-T vs
+    ConvNeXt-T; ``pairs`` flat, two names a pair): images/s of each, and the ratio, per mode at 224 px."""
+    found = _load(out / "models_hierarchical.json")
+    if found is None:
+        return ["hierarchical model benchmark: no results (see bench_hierarchical.log)"]
+    lines = [f"{r['mode']} {r['model']} {r['size']} px batch {r.get('batch')}: {_speed_and_memory(r)}" for r in found["results"]]
+    for ours, theirs in zip(pairs[::2], pairs[1::2]):
+        for mode in MODES:
+            a, b = _rows(found, ours, mode), _rows(found, theirs, mode)
+            for size in sorted(a.keys() & b.keys()):
+                speed = _ratio(a[size]["images_per_s"], b[size]["images_per_s"])
+                lines.append(f"RATIO {ours} vs {theirs} {mode} at {size} px: {speed} images/s")
+    return lines
+
+
 def resources(out: Path) -> list[str]:
     """The Triton kernel variants compiled for sm_80/sm_90 on this machine's Triton: spills and registers."""
     found = _load(out / "triton_resources.json")
@@ -188,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--speed-pair", nargs=2, default=["vim_tiny_patch16_224", "deit_tiny_patch16_224"])
     parser.add_argument("--training-pair", nargs=2, default=["vim_small_patch16_224", "deit_small_patch16_224"])
+    parser.add_argument("--hierarchical-pairs", nargs="+", default=list(HIERARCHICAL_PAIRS), help="ours theirs ...")
     args = parser.parse_args(argv)
+    if len(args.hierarchical_pairs) % 2:
+        parser.error("--hierarchical-pairs takes pairs: ours theirs [ours theirs ...]")
     lines = [
         *machine(),
         *stages(args.out),
@@ -196,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         *resources(args.out),
         *scan(args.out),
         *models(args.out, args.speed_pair, args.training_pair),
+        *hierarchical(args.out, args.hierarchical_pairs),
     ]
     text = "\n".join(lines) + "\n"
     (args.out / "summary.txt").write_text(text)

@@ -34,3 +34,23 @@ def test_bench_scan_writes_results_table_and_plot(tmp_path):
     plot.unlink()
     subprocess.run([sys.executable, str(TOOL), "--replot", str(tmp_path / "scan_cpu.json")], check=True, capture_output=True)
     assert plot.exists(), "--replot redraws the plot from the JSON"
+
+
+@pytest.mark.slow
+def test_bench_models_interleaves_rounds_and_reports_ratios(tmp_path):
+    """Two rounds over a hierarchical family, one on the sequential scan, and a CNN without ``img_size``: each
+    configuration's median round, every round's figure, and images/s over the baseline."""
+    tool = REPO / "tools" / "bench_models.py"
+    models = ["test_mambavision", "test_vmamba", "test_vmamba:reference", "resnet10t"]
+    command = [sys.executable, str(tool), "--models", *models, "--sizes", "64", "--batch", "2", "--iters", "1"]
+    command += ["--rounds", "2", "--baseline", "test_vmamba", "--same-process", "--out-dir", str(tmp_path), "--tag", "t"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    saved = json.loads((tmp_path / "models_t.json").read_text())
+    assert saved["environment"]["rounds"] == 2
+    rows = {(r["model"], r["mode"]): r for r in saved["results"]}
+    assert rows.keys() == {(m, mode) for m in models for mode in ("inference", "training")}
+    for (_, mode), row in rows.items():
+        assert row["status"] == "ok" and len(row["rounds_images_per_s"]) == 2
+        assert row["images_per_s"] in row["rounds_images_per_s"]
+        assert row["vs_baseline"] == pytest.approx(row["images_per_s"] / rows["test_vmamba", mode]["images_per_s"])
+    assert "| vs test_vmamba |" in (tmp_path / "models_t.md").read_text().replace("  ", " ")
