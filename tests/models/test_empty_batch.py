@@ -77,6 +77,8 @@ FAMILIES = {  # model: a batch of one input
     "test_videomamba": (1, 3, 4, 32, 32),
     "test_pointmamba": (1, 128, 3),
     "test_pointmamba_scan": (1, 128, 3),
+    "test_vmamba": (1, 3, 64, 64),
+    "test_mambavision": (1, 3, 64, 64),
 }
 
 
@@ -112,7 +114,7 @@ def test_forward_intermediates_of_an_empty_batch(model_name: str) -> None:
 
 
 # VideoMamba has no features_only: its (B, D, T', H', W') maps have no format in timm's Format
-@pytest.mark.parametrize("model_name", ["test_vim", "test_pointmamba", "test_pointmamba_scan"])
+@pytest.mark.parametrize("model_name", ["test_vim", "test_pointmamba", "test_pointmamba_scan", "test_vmamba", "test_mambavision"])
 def test_features_only_of_an_empty_batch(model_name: str) -> None:
     features = timm.create_model(model_name, features_only=True, out_indices=(1,)).eval()
     [one] = features(torch.randn(FAMILIES[model_name]))

@@ -114,7 +114,7 @@ def partition_windows(x: torch.Tensor, grid: tuple[int, ...], window: int) -> to
     batch, _, channels = x.shape
     height, width = grid
     rows, cols = -(-height // window), -(-width // window)
-    x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, cols * window - width, 0, rows * window - height))
+    x = F.pad(x.reshape(batch, height, width, channels), (0, 0, 0, cols * window - width, 0, rows * window - height))
     x = x.view(batch, rows, window, cols, window, channels).transpose(2, 3)
     return x.reshape(batch * rows * cols, window * window, channels)
 
@@ -126,7 +126,7 @@ def merge_windows(windows: torch.Tensor, grid: tuple[int, ...], window: int) -> 
     rows, cols = -(-height // window), -(-width // window)
     channels = windows.shape[-1]
     batch = windows.shape[0] // (rows * cols)
-    x = windows.view(batch, rows, cols, window, window, channels).transpose(2, 3)
+    x = windows.reshape(batch, rows, cols, window, window, channels).transpose(2, 3)
     x = x.reshape(batch, rows * window, cols * window, channels)[:, :height, :width]
     return x.reshape(batch, height * width, channels)
 
