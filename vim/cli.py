@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -93,6 +95,28 @@ def ignore_understood_dependency_warnings() -> None:
     # jsonargparse 4.49 deprecates parser methods that LightningCLI calls (add_instantiator, instantiate_classes,
     # skip_none); shown only where deprecation warnings are turned on, as under PYTHONWARNINGS=default.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
+
+
+UNCAUSED_NOTICES = re.compile(
+    r"(GPU|TPU|HPU) available: False"
+    r"|💡 Tip: "
+    r"|Loading `\w+_dataloader` to estimate number of stepping batches"
+    r"|The following callbacks returned in `LightningModule\.configure_callbacks` will override"
+)
+"""Lightning's notices that a plain run prints without the user causing them: the absent accelerators, an
+advertisement, a step of its own bookkeeping, vim's own summary replacing Lightning's."""
+
+
+class _DropUncausedNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not UNCAUSED_NOTICES.match(record.getMessage())
+
+
+def quiet_uncaused_notices() -> None:
+    """Keep Lightning's :data:`UNCAUSED_NOTICES` off a command's output (its other notices and warnings stay)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropUncausedNotices) for f in logger.filters):
+        logger.addFilter(_DropUncausedNotices())
 
 
 def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataModule) -> None:
@@ -266,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     command = args[0] if args else None
     ignore_understood_dependency_warnings()
+    quiet_uncaused_notices()
     if command == "extract":
         from vim.extraction import main as extract_main  # imported only when asked for
 

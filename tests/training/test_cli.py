@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -305,6 +306,12 @@ def test_the_quickstart_prints_no_warning(tmp_path):
     assert "Final checkpoint: runs/quickstart/version_0/checkpoints/last.ckpt (step 2" in done.stdout
     warned = [line for line in done.stderr.splitlines() if "Warning" in line or "warn" in line.lower()]
     assert not warned, "\n".join(warned)
+    output = done.stdout + done.stderr
+    for notice in ("GPU available", "TPU available", "litlogger", "to estimate number of stepping batches", "FLOPs"):
+        assert notice not in output, f"{notice!r}: a notice the user did not cause"
+    summary = [line for line in output.splitlines() if line.startswith(("0 |", "1 |"))]
+    assert len(summary) == 1 and "| model | VisionMamba |" in summary[0], "the summary lists the network, not its EMA copy"
+    assert re.search(r"^0\s+Non-trainable params", output, re.MULTILINE)
 
 
 def tiny_linked_config(tmp_path: Path, data: dict) -> str:

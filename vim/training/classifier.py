@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.parsing import AttributeDict
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from timm.data import ImageNetInfo, Mixup, infer_imagenet_subset
@@ -287,6 +288,14 @@ class Classifier(LightningModule):
         self.class_names = checkpoint.get("class_names", self.class_names)
 
     # ----------------------------------------------------------------------------------------- training
+    def configure_callbacks(self) -> list[Callback]:
+        """The summary of the trained network in place of Lightning's model summary, where the trainer shows one."""
+        from vim.training.summary import NetworkSummary
+
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        shows_summary = any(isinstance(callback, ModelSummary) for callback in callbacks)
+        return [NetworkSummary()] if shows_summary else []
+
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         optimizer = create_optimizer_v2(
