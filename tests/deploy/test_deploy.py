@@ -402,10 +402,16 @@ def test_cli_refuses_unclear_requests(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--ckpt", "x.ckpt", "--no-head", "--img-size", "64", "--out", str(tmp_path / "w.safetensors")])
     assert "--no-head, --img-size: the safetensors format writes the checkpoint's weights as they are" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--model", "test_vim", "--out", str(tmp_path / "m.onnx")])  # no weights named: none are assumed
+    assert "no weights: give --ckpt FILE" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+    with pytest.raises(SystemExit):
+        main(["export", "--model", "test_vim", "--pretrained", "--random-weights", "--out", str(tmp_path / "m.onnx")])
+    assert "--random-weights and --pretrained both choose the weights" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"vimkit export: error: cannot export a PointMambaScan: .*curve's depth"):
-        main(["export", "--model", "test_pointmamba_scan", "--out", str(tmp_path / "m.onnx")])
+        main(["export", "--model", "test_pointmamba_scan", "--random-weights", "--out", str(tmp_path / "m.onnx")])
     with pytest.raises(SystemExit, match="vimkit export: error: num_points=64: a VisionMamba takes no point clouds"):
-        main(["export", "--model", "test_vim", "--num-points", "64", "--out", str(tmp_path / "m.onnx")])
+        main(["export", "--model", "test_vim", "--random-weights", "--num-points", "64", "--out", str(tmp_path / "m.onnx")])
     with pytest.raises(ValueError, match=r"output file .* must end in .onnx"):
         export_onnx(timm.create_model("test_vim"), tmp_path / "m.bin", progress=False)
     with pytest.raises(ValueError, match=r"checkpoint: .*missing.ckpt' does not exist"):

@@ -430,7 +430,7 @@ def test_export_ends_expected_errors_with_one_line(tmp_path):
     assert one_line_error([*program, "--model", "test_vim", "--ckpt", str(missing)]) == (
         f"vimkit export: error: checkpoint: '{missing}' does not exist or is not a file"
     )
-    assert one_line_error([*program, "--model", "test_pointmamba_scan"]).startswith(
+    assert one_line_error([*program, "--model", "test_pointmamba_scan", "--random-weights"]).startswith(
         "vimkit export: error: cannot export a PointMambaScan: its serialisation takes the space-filling curve's depth"
     )
     checkpoint = tmp_path / "run.ckpt"

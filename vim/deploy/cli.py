@@ -117,6 +117,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> list[str]:
     group = parser.add_argument_group("model formats (onnx, torch_export, aoti)")
     group.add_argument("--model", help="timm model name; default: the one a Lightning --ckpt records")
     group.add_argument("--pretrained", action="store_true", help="load the timm tag's weights (e.g. vim_tiny_patch16_224.in1k)")
+    group.add_argument(
+        "--random-weights", action="store_true", help="export --model with random initial weights (no --ckpt or --pretrained)"
+    )
     group.add_argument("--num-classes", type=int, help="classifier size of a weights file (default: the model's)")
     group.add_argument("--no-head", action="store_true", help="output the pooled pre-logits features instead of logits")
     group.add_argument("--img-size", type=int, nargs="+", metavar="PX", help="frame size: one value or H W (images, video)")
@@ -169,5 +172,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{options}: the safetensors format writes the checkpoint's weights as they are (model formats only)")
         path = export_safetensors(args.ckpt, args.out, use_ema=not args.no_ema)
     else:
+        weights = [flag for flag, given in (("--ckpt", args.ckpt), ("--pretrained", args.pretrained)) if given]
+        if not weights and not args.random_weights:
+            parser.error(
+                "no weights: give --ckpt FILE (a Lightning checkpoint or a weights file), --pretrained (the tag's "
+                "released weights) or --random-weights (random initial weights, e.g. to try the export)"
+            )
+        if weights and args.random_weights:
+            parser.error(f"--random-weights and {' and '.join(weights)} both choose the weights: give one")
         path = export_from_arguments(format, args)
     print(f"Wrote {path}")
