@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             run_lightning(argv)  # None: LightningCLI reads the command line itself
         except Exception as error:
-            cause = weights_error(error)
+            cause = weights_error(error) or (error if isinstance(error, ValueError) else None)
             if cause is None:
                 raise
             sys.exit(f"{PROG} {command}: error: {cause}")

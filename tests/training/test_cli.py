@@ -439,3 +439,24 @@ def test_export_ends_expected_errors_with_one_line(tmp_path):
     unwritable = tmp_path / "a_file" / "w.safetensors"  # its folder cannot be made: a file has that name
     message = one_line_error(["export", "--ckpt", str(checkpoint), "--out", str(unwritable)])
     assert message == f"vimkit export: error: [Errno 17] File exists: '{tmp_path / 'a_file'}'"
+
+
+def test_a_fit_that_would_take_no_step_is_an_error_naming_the_batch_size(tmp_path, monkeypatch):
+    """18 training images at batch 32: no full batch (the partial one is dropped), so the fit stops before it starts,
+    in one line naming the setting and the size that works, and writes no run."""
+    monkeypatch.chdir(tmp_path)
+    message = one_line_error(["fit", "--config", tiny_config(tmp_path), "--data.batch_size=32"])
+    assert message == (
+        "vimkit fit: error: data.batch_size 32 is larger than the 18 training samples an epoch gives each device: it "
+        "would hold no full batch (the last, partial one is dropped) and the fit would take no step; give "
+        "--data.batch_size 18 or less, or more training data"
+    )
+    assert not list((tmp_path / "runs").glob("tiny/*/checkpoints/*.ckpt"))
+
+
+def test_loader_workers_default_to_the_free_cores(tmp_path):
+    from vim.data.workers import default_num_workers
+
+    data = ImageDataModule(train_root=str(tmp_path), img_size=16)
+    assert data.num_workers is None and data.loader_workers() == default_num_workers()
+    assert ImageDataModule(train_root=str(tmp_path), img_size=16, num_workers=0).loader_workers() == 0

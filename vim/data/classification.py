@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vim.data.samples import DataWarning
 from vim.data.sampling import ResumableSampler
+from vim.data.workers import default_num_workers
 
 SPLITS = ("train", "val", "test")
 """The labelled splits; ``predict`` reads unlabelled samples."""
@@ -66,7 +67,8 @@ class ClassificationDataModule(LightningDataModule):
 
     Args:
         batch_size: samples per device and step (global batch = batch_size x devices x nodes).
-        num_workers: loader processes per device.
+        num_workers: loader processes per device; None: one per core that the device processes leave free, at most 8
+            (:func:`~vim.data.workers.default_num_workers`).
         pin_memory: page-locked host memory for faster copies to the GPU.
         seed: seed of the shuffling and of each sample's augmentation (the same on every rank).
     """
@@ -76,11 +78,11 @@ class ClassificationDataModule(LightningDataModule):
     split_settings: ClassVar[str] = "data.{split}_root"
     """The setting(s) that give a split, in messages; ``{split}`` is "train", "val" or "test"."""
 
-    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool, seed: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int | None, pin_memory: bool, seed: int) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1 (samples per device and step), got {batch_size}")
-        if num_workers < 0:
+        if num_workers is not None and num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 (load in the main process) or more, got {num_workers}")
         # Settings live in attributes, not self.hparams: under LightningCLI hparams hold the config's arguments, and the
         # generated datasets' modules (e.g. DigitsDataModule's `root`) take others than the ones read here.
@@ -152,16 +154,23 @@ class ClassificationDataModule(LightningDataModule):
 
     # ---------------------------------------------------------------------------------------- loaders
     def loader(self, dataset: Dataset, sampler: ResumableSampler | None = None) -> DataLoader:
+        workers = self.loader_workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=sampler is not None,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
             collate_fn=self.collate_fn,
         )
+
+    def loader_workers(self) -> int:
+        """``num_workers``, else the machine's share for each of the trainer's device processes."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return default_num_workers(processes=1 if self.trainer is None else self.trainer.num_devices)
 
     def train_sampler(self) -> ResumableSampler:
         """This rank's seeded sampler of the training set (the whole set without a trainer)."""
@@ -175,8 +184,17 @@ class ClassificationDataModule(LightningDataModule):
         return train_batches_per_epoch(self.trainer, len(self.train_sampler()) // self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch from ``seed``; after a resume it starts where the interrupted run stopped."""
+        """Shuffled per epoch from ``seed``; after a resume it starts where the interrupted run stopped.
+
+        ValueError when an epoch would hold no full batch (a partial last batch is dropped): a fit would take no step.
+        """
         sampler = self.train_sampler()
+        if len(sampler) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size {self.batch_size} is larger than the {len(sampler)} training samples an epoch gives "
+                f"each device: it would hold no full batch (the last, partial one is dropped) and the fit would take no "
+                f"step; give --data.batch_size {max(1, len(sampler))} or less, or more training data"
+            )
         if self.trainer is not None:
             epoch, batches_done = divmod(self.train_batches_run(), self.train_batches_per_epoch())
             sampler.set_epoch(epoch)

@@ -133,4 +133,6 @@ class CsvPredictionWriter(BasePredictionWriter):
                     writer.writerow([sample_path] + [""] * (2 * top_k) + [reason])
         predicted = sum(len(batch["paths"]) for batch in predictions)
         unreadable = f" and {len(failed)} unreadable files (the reason in the 'error' column)" if failed else ""
-        print(f"Predictions for {predicted} files{unreadable}: {path}")
+        bar = trainer.progress_bar_callback
+        new_line = "\n" if bar is not None and getattr(bar, "is_enabled", False) else ""  # a bar leaves the cursor on its line
+        print(f"{new_line}Predictions for {predicted} files{unreadable}: {path}")

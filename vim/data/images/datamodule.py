@@ -29,7 +29,7 @@ class ImageDataModule(ClassificationDataModule):
         predict_root: folder of images (any nesting) to classify with ``predict``.
         img_size: side of the square model input (the ``vimkit`` command gives it to the model too).
         batch_size: images per device and step (global batch = batch_size x devices x nodes).
-        num_workers: loader processes per device.
+        num_workers: loader processes per device; None: one per free core (at most 8).
         pin_memory: page-locked host memory for faster copies to the GPU.
         seed: seed of the shuffling and of each sample's augmentation (same on every rank).
         auto_augment: timm auto-augment policy, e.g. ``rand-m9-mstd0.5-inc1`` (RandAugment), or None.
@@ -56,7 +56,7 @@ class ImageDataModule(ClassificationDataModule):
         predict_root: str | None = None,
         img_size: int = 224,
         batch_size: int = 128,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         seed: int = 0,
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",

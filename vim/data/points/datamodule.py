@@ -39,7 +39,7 @@ class PointCloudDataModule(ClassificationDataModule):
         class_names: class names in label order (HDF5 labels; class folders are labelled by their name's index in it);
             None reads the class folders, ``shape_names.txt`` or numbers the labels.
         batch_size: clouds per device and step.
-        num_workers: loader processes per device.
+        num_workers: loader processes per device; None: one per free core (at most 8).
         pin_memory: page-locked host memory for faster copies to the GPU.
         seed: seed of the shuffling and of each sample's resampling and augmentation.
         scale: training per-axis scale range (None: off).
@@ -64,7 +64,7 @@ class PointCloudDataModule(ClassificationDataModule):
         min_points: int = 32,
         class_names: list[str] | None = None,
         batch_size: int = 32,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         seed: int = 0,
         scale: tuple[float, float] | None = (2.0 / 3.0, 1.5),

@@ -43,7 +43,7 @@ class VideoClipDataModule(ClassificationDataModule):
             ``batch_size * repeated_aug`` clips. 1: off.
         img_size: side of the square frames fed to the model (the ``vimkit`` command gives it to the model too).
         batch_size: videos per device and step.
-        num_workers: loader processes per device.
+        num_workers: loader processes per device; None: one per free core (at most 8).
         pin_memory: page-locked host memory for faster copies to the GPU.
         seed: seed of the shuffling and of each sample's frame choice and augmentation.
         auto_augment: RandAugment in timm's syntax (``rand-m7-n4-...``), or None.
@@ -79,7 +79,7 @@ class VideoClipDataModule(ClassificationDataModule):
         repeated_aug: int = 1,
         img_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         seed: int = 0,
         auto_augment: str | None = "rand-m7-n4-mstd0.5-inc1",
