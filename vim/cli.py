@@ -42,7 +42,7 @@ from vim.data.generated import DigitsDataModule, MovingDigitsDataModule, ShapesD
 from vim.data.images import ImageDataModule  # noqa: F401
 from vim.data.points import PointCloudDataModule  # noqa: F401
 from vim.data.video import VideoClipDataModule  # noqa: F401
-from vim.data.workers import available_cores
+from vim.data.workers import available_cores, default_num_workers
 from vim.files import FolderInUseError, is_remote
 from vim.models.checkpoint import CheckpointError
 from vim.models.loading import read_training_checkpoint
@@ -128,8 +128,11 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
     """
     if "OMP_NUM_THREADS" in os.environ or not isinstance(trainer.accelerator, CPUAccelerator):
         return
-    per_process = available_cores() // max(1, trainer.num_devices)
-    torch.set_num_threads(max(1, per_process - getattr(datamodule, "num_workers", 0)))
+    processes = max(1, trainer.num_devices)
+    workers = getattr(datamodule, "num_workers", 0)
+    if workers is None:  # the data module's default: the machine's share (its loaders take the same)
+        workers = default_num_workers(processes=processes)
+    torch.set_num_threads(max(1, available_cores() // processes - workers))
 
 
 def checkpoint_num_classes(ckpt_path: str | None) -> int | None:

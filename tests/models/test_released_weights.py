@@ -364,3 +364,15 @@ def test_hierarchical_finetune_configs_start_from_the_released_weights(caches, c
         torch.testing.assert_close(state[key], ours[key], rtol=0, atol=0, msg=key)
     assert model.get_classifier().out_features == cli.model.num_classes == 4
     assert cli.model.hparams.layer_decay == 0.9
+
+
+def test_timm_create_model_offline_names_the_missing_file(caches) -> None:
+    """``timm.create_model(tag, pretrained=True)`` with the file neither cached nor downloadable: our error naming the
+    file, the cache and the flag that takes a local file, from the family's builder (not the Hub client's own), at
+    once."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match=r"'vim_s_midclstok_80p5acc\.pth'.*--model\.pretrained_file PATH"):
+        timm.create_model("vim_small_patch16_224.in1k", pretrained=True, **SMALL)
+    assert time.monotonic() - start < 10, "no retries"
