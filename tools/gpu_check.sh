@@ -2,7 +2,7 @@
 # Prove the kernels and models on a GPU and measure them, in one call: everything goes to OUTDIR.
 #
 #   bash tools/gpu_check.sh OUTDIR              # a GPU machine after `pip install -e . --no-deps` (at most ~9 minutes:
-#                                               # the stages' limits add up to 8.6)
+#                                               # the stages' limits add up to 9.1)
 #   bash tools/gpu_check.sh OUTDIR --dry-run    # the whole script on CPU: tiny shapes, CPU backends (CI runs this)
 #
 # Stages, each with its own time limit; a stage that fails or runs out of time is recorded and the next runs:
@@ -13,6 +13,7 @@
 #   bench_models_inference Vim-Ti/S vs DeiT-Ti/S at 224, 512, 1024, 1248 px (bf16 autocast; the batch each ran with)
 #   bench_models_training  the same models training at 224 px (forward, backward, AdamW)
 #   bench_hierarchical     VMamba-T vs Swin-T and MambaVision-T vs ConvNeXt-T at 224 px, inference and training
+#   bench_cross_scan       VMamba's 4-direction scan in one launch vs cross-scan copies + scan + merge (stages 1, 3)
 #   triton_resources       every Triton kernel variant compiled for sm_80 and sm_90 with this machine's Triton
 #   summary                OUTDIR/summary.txt: PASS/FAIL, ratios, device, driver and versions
 # $PYTHON (default python3) runs everything.
@@ -66,16 +67,18 @@ if ((dry_run)); then
     training_args=(--sizes 32 --batch 2)
     timing=(--warmup 1 --iters 1)
     hierarchical_args=(--sizes 32 --batch 2)
-    limits=(120 60 60 60 90)
+    cross_args=(--stages 3 --batch 1 --backends native)
+    limits=(120 60 60 60 90 60)
 else
     models=(vim_tiny_patch16_224 vim_small_patch16_224 deit_tiny_patch16_224 deit_small_patch16_224)
     hierarchical_pairs=(vmamba_tiny_s1l8 swin_tiny_patch4_window7_224 mambavision_tiny convnext_tiny)
     hierarchical_args=(--sizes 224 --batch 128)
+    cross_args=(--batch 128)
     scan_args=()
     inference_args=(--sizes 224 512 1024 1248 --batch 128 --scale-batch)
     training_args=(--sizes 224 --batch 64)
     timing=(--warmup 2 --iters 5)
-    limits=(210 45 90 45 60)
+    limits=(210 45 90 45 60 30)
 fi
 
 stage gpu_tests "${limits[0]}" "$python" -m pytest -m gpu -x -q -rA -p no:cacheprovider --continue-on-collection-errors \
@@ -87,6 +90,7 @@ stage bench_models_training "${limits[3]}" "$python" tools/bench_models.py --mod
     "${training_args[@]}" "${timing[@]}" --fit-batch --same-process --out-dir "$out" --tag training
 stage bench_hierarchical "${limits[4]}" "$python" tools/bench_models.py --models $(printf "%s\n" "${hierarchical_pairs[@]}" | awk '!seen[$0]++') \
     "${hierarchical_args[@]}" "${timing[@]}" --fit-batch --same-process --out-dir "$out" --tag hierarchical
+stage bench_cross_scan "${limits[5]}" "$python" tools/bench_cross_scan.py --out "$out" "${cross_args[@]}"
 if ((dry_run)); then
     echo "== triton_resources: skipped in a dry run (CI compiles every variant in tests/kernels/test_triton_targets.py)"
 else

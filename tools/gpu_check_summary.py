@@ -189,6 +189,20 @@ def hierarchical(out: Path, pairs: list[str]) -> list[str]:
     return lines
 
 
+def cross_scan(out: Path) -> list[str]:
+    """The 4-direction scan in one launch against cross-scan copies + scan + merge: both times and the speed-up."""
+    found = _load(out / "cross_scan_cuda.json") or _load(out / "cross_scan_cpu.json")
+    if found is None:
+        return ["cross scan benchmark: no results (see bench_cross_scan.log)"]
+    return [
+        f"RATIO cross scan stage {r['stage']} ({r['grid']}, dim {r['dim']}) {r['backend']}: one launch "
+        f"{r['fused_forward_ms']:.3g} / {r['fused_forward_backward_ms']:.3g} ms vs copies {r['copy_forward_ms']:.3g} / "
+        f"{r['copy_forward_backward_ms']:.3g} ms (fwd / fwd+bwd): {r['forward_speedup']:.2f}x / "
+        f"{r['forward_backward_speedup']:.2f}x"
+        for r in found["results"]
+    ]
+
+
 def resources(out: Path) -> list[str]:
     """The Triton kernel variants compiled for sm_80/sm_90 on this machine's Triton: spills and registers."""
     found = _load(out / "triton_resources.json")
@@ -220,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         *scan(args.out),
         *models(args.out, args.speed_pair, args.training_pair),
         *hierarchical(args.out, args.hierarchical_pairs),
+        *cross_scan(args.out),
     ]
     text = "\n".join(lines) + "\n"
     (args.out / "summary.txt").write_text(text)

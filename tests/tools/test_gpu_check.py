@@ -13,7 +13,15 @@ import pytest
 from support.paths import REPO
 
 SCRIPT = REPO / "tools" / "gpu_check.sh"
-STAGES = ["gpu_tests", "bench_scan", "bench_models_inference", "bench_models_training", "bench_hierarchical", "summary"]
+STAGES = [
+    "gpu_tests",
+    "bench_scan",
+    "bench_models_inference",
+    "bench_models_training",
+    "bench_hierarchical",
+    "bench_cross_scan",
+    "summary",
+]
 
 
 def run_check(out: Path, python: str) -> subprocess.CompletedProcess:
@@ -37,6 +45,7 @@ def test_dry_run_runs_every_stage_and_summarises_them(tmp_path):
     assert any(line.startswith("scan native L=20 batch 1: fwd ") for line in summary)
     assert any(line.startswith("RATIO test_vim vs test_vit at 32 px inference: ") for line in summary)
     assert any(line.startswith("RATIO test_vim vs test_vit training at 32 px: ") for line in summary)
+    assert any(line.startswith("RATIO cross scan stage 3 (14x14, dim 384) native: one launch ") for line in summary)
     for ours in ("test_vmamba", "test_mambavision"):
         for mode in ("inference", "training"):
             assert any(line.startswith(f"RATIO {ours} vs test_vit {mode} at 32 px: ") for line in summary), (ours, mode)
