@@ -144,8 +144,8 @@ def export_from_arguments(format: str, args: argparse.Namespace) -> Path:
     return export_model(format, args.out, source, options)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``vimkit export [--format F] --ckpt CKPT --out FILE [--no-ema]``; the model formats take ``--model`` and more."""
+def command_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    """The argument parser of ``vimkit export`` and the destinations of its model-format options."""
     parser = argparse.ArgumentParser(
         prog="vimkit export",
         description="Export trained (EMA) weights as .safetensors for timm, or a whole model (see vim.deploy) as ONNX, "
@@ -159,6 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output file: .safetensors, .onnx or .pt2")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA weights")
     model_options = add_export_arguments(parser)
+    return parser, model_options
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vimkit export [--format F] --ckpt CKPT --out FILE [--no-ema]``; the model formats take ``--model`` and more."""
+    parser, model_options = command_parser()
     args = parser.parse_args(argv)
     format = args.format or FORMAT_OF_SUFFIX.get(Path(args.out).suffix)
     if format is None:

@@ -15,7 +15,7 @@ from .api import extract
 from .loop import STRATEGIES
 from .manifest import FORMATS, MANIFEST
 
-__all__ = ["main"]
+__all__ = ["command_parser", "main"]
 
 
 def _weights_and_inputs(parser: argparse.ArgumentParser) -> None:
@@ -57,14 +57,19 @@ def _features_and_processes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=STRATEGIES, default="auto", help="Lightning strategy (default: DDP for several)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``vimkit extract --model NAME [--checkpoint FILE] --input PATH --out DIR [options]``."""
+def command_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``vimkit extract``."""
     parser = argparse.ArgumentParser(
         prog="vimkit extract", description="Extract features of images, video clips or point clouds."
     )
     _weights_and_inputs(parser)
     _features_and_processes(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vimkit extract --model NAME [--checkpoint FILE] --input PATH --out DIR [options]``."""
+    args = command_parser().parse_args(argv)
     num_workers = default_num_workers(processes=args.devices) if args.num_workers is None else args.num_workers
     manifest = extract(
         args.model, args.input, args.out, checkpoint=args.checkpoint, model_kwargs=args.model_kwargs, modality=args.modality,
