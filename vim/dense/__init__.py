@@ -8,7 +8,8 @@ API::
 
 Modules: :mod:`.pyramid` (the simple feature pyramid of a flat trunk), :mod:`.features` (any image model as four maps
 at strides 4 / 8 / 16 / 32, through ``forward_intermediates``), :mod:`.detection` (the torchvision-style backbone, with
-torchvision's FPN).
+torchvision's FPN), and :mod:`.segmentation` (segmentation_models_pytorch's UPerNet on those maps; it needs that
+package, so it is not imported here).
 """
 
 from .detection import DenseBackbone, backbone
