@@ -36,3 +36,14 @@ def poison_uninitialized_memory():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = previous_fill
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.fixture
+def single_thread():
+    """torch on one thread for the test: tests of tiny models are many small ops, for which a second thread (two
+    xdist workers already share two cores) only adds waiting at each op's barrier, ten times the time on a loaded
+    machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

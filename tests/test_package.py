@@ -56,10 +56,11 @@ def test_kernels_import_nothing_from_vim():
     assert not offenders
 
 
-def test_models_know_nothing_of_lightning():
+@pytest.mark.parametrize("package", ["models", "dense"])
+def test_models_know_nothing_of_lightning(package):
     offenders = {
         f: n
-        for f, n in _imported_modules(ROOT / "vim" / "models", "vim.models").items()
+        for f, n in _imported_modules(ROOT / "vim" / package, f"vim.{package}").items()
         if any(m.startswith(("lightning", "pytorch_lightning", "vim.training", "vim.data", "vim.cli")) for m in n)
     }
     assert not offenders

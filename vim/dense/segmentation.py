@@ -1,0 +1,93 @@
+"""segmentation_models_pytorch (smp) on the four maps of :mod:`vim.dense`: UPerNet on any image family, Vim included.
+
+API (needs ``pip install segmentation-models-pytorch``)::
+
+    from vim.dense.segmentation import SmpEncoder, UPerNet
+    model = UPerNet("vim_tiny_patch16_224", classes=150, pretrained=True)   # smp's UPerNet decoder on Vim's pyramid
+    masks = model(images)                                                   # (B, 3, H, W) -> (B, 150, H, W)
+    encoder = SmpEncoder(vim.dense.backbone("vim_tiny_patch16_224", fpn=False))   # for another smp decoder
+
+smp builds the hierarchical families from their timm names (``smp.UPerNet(encoder_name="tu-vmamba_tiny_s1l8")``,
+``smp.FPN``, ``smp.Unet``: their ``features_only`` maps are at reductions 4 / 8 / 16 / 32, a "transformer-style"
+encoder to smp) and Vim in ``smp.DPT`` (``encoder_name="tu-vim_tiny_patch16_224"``, through ``forward_intermediates``
+with the class token). Its UPerNet cannot take Vim by name: every block of a flat trunk is at one stride. Here
+:class:`SmpEncoder` gives smp's encoder contract on the maps of :func:`vim.dense.backbone` (the simple feature pyramid
+of a flat trunk, the stages of a hierarchical one), and :class:`UPerNet` is smp's UPerNet (its decoder and
+segmentation head, their init) on that encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
+from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+from torch import nn
+
+from .detection import DenseBackbone, backbone
+
+__all__ = ["SmpEncoder", "UPerNet"]
+
+ENCODER_DEPTH = 5
+"""smp's encoder depth of four maps at strides 4 to 32: its features are the image, a stride-2 one, then the maps."""
+
+
+class SmpEncoder(nn.Module):
+    """smp's encoder contract (a "transformer-style" one, as its timm encoder gives it for maps that start at stride 4)
+    on a :func:`vim.dense.backbone` built with ``fpn=False``.
+
+    ``forward`` returns smp's feature list: the (B, C, H, W) images, an empty (B, 0, H/2, W/2) stand-in for stride 2,
+    then the four (B, C_i, H/s, W/s) maps at s = 4, 8, 16, 32; ``out_channels`` lists their channel counts, and
+    ``output_stride`` is 32 (smp's models check the input sides against it).
+    """
+
+    output_stride = 32
+
+    def __init__(self, dense: DenseBackbone, in_channels: int = 3) -> None:
+        super().__init__()
+        if dense.fpn is not None:
+            raise ValueError("SmpEncoder takes the raw maps: build the backbone with vim.dense.backbone(name, fpn=False)")
+        self.dense = dense
+        self.out_channels = [in_channels, 0, *dense.body.channels]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C, H, W) images -> [images, (B, 0, H/2, W/2), then (B, C_i, H/s, W/s) for s = 4, 8, 16, 32]."""
+        batch, _, height, width = images.shape
+        stand_in = images.new_empty(batch, 0, height // 2, width // 2)
+        return [images, stand_in, *self.dense(images).values()]
+
+
+class UPerNet(SegmentationModel):
+    """smp's UPerNet (``smp.UPerNet``'s decoder, segmentation head and their init) on the maps of any image family.
+
+    Args:
+        name: a timm name of ours (``vim_tiny_patch16_224``, ``vmamba_tiny_s1l8``, ``test_vim``).
+        classes: output channels (classes).
+        pretrained: the released weights of the name's tag, or ``pretrained_cfg_overlay=dict(file=...)``'s file.
+        layers: a flat trunk's blocks for the pyramid (see :class:`~vim.dense.features.PyramidFeatures`).
+        decoder_channels, decoder_use_norm, activation, upsampling: as ``smp.UPerNet`` takes them.
+        model_kwargs: more ``timm.create_model`` arguments.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        classes: int = 1,
+        pretrained: bool = False,
+        layers: list[int] | None = None,
+        decoder_channels: int = 256,
+        decoder_use_norm: bool | str | dict[str, Any] = "batchnorm",
+        activation: str | None = None,
+        upsampling: int = 4,
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.encoder = SmpEncoder(backbone(name, pretrained, fpn=False, layers=layers, **model_kwargs))
+        self.decoder = UPerNetDecoder(self.encoder.out_channels, ENCODER_DEPTH, decoder_channels, decoder_use_norm)
+        self.segmentation_head = SegmentationHead(
+            decoder_channels, classes, kernel_size=1, activation=activation, upsampling=upsampling
+        )
+        self.classification_head = None
+        self.name = f"upernet-{name}"
+        self.initialize()
