@@ -97,26 +97,35 @@ def ignore_understood_dependency_warnings() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"lightning\.pytorch\.cli")
 
 
-UNCAUSED_NOTICES = re.compile(
-    r"(GPU|TPU|HPU) available: False"
-    r"|💡 Tip: "
-    r"|Loading `\w+_dataloader` to estimate number of stepping batches"
-    r"|The following callbacks returned in `LightningModule\.configure_callbacks` will override"
-)
-"""Lightning's notices that a plain run prints without the user causing them: the absent accelerators, an
-advertisement, a step of its own bookkeeping, vim's own summary replacing Lightning's."""
+UNCAUSED_NOTICES = {
+    "lightning.pytorch.utilities.rank_zero": re.compile(
+        r"(GPU|TPU|HPU) available: False"
+        r"|💡 Tip: "
+        r"|Loading `\w+_dataloader` to estimate number of stepping batches"
+        r"|The following callbacks returned in `LightningModule\.configure_callbacks` will override"
+    ),
+    "torch.utils.cpp_extension": re.compile(r"No CUDA runtime is found"),
+}
+"""By logger, the notices that a plain run prints without the user causing them: Lightning's absent accelerators, its
+advertisement, a step of its own bookkeeping, vim's own summary replacing Lightning's; torch's note, on a machine
+without CUDA, that it found no CUDA runtime (on importing its C++ extension builder, as ``torch.compile`` does)."""
 
 
-class _DropUncausedNotices(logging.Filter):
+class _DropNotices(logging.Filter):
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not UNCAUSED_NOTICES.match(record.getMessage())
+        return not self.pattern.match(record.getMessage())
 
 
 def quiet_uncaused_notices() -> None:
-    """Keep Lightning's :data:`UNCAUSED_NOTICES` off a command's output (its other notices and warnings stay)."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropUncausedNotices) for f in logger.filters):
-        logger.addFilter(_DropUncausedNotices())
+    """Keep :data:`UNCAUSED_NOTICES` off a command's output (the loggers' other notices and warnings stay)."""
+    for name, pattern in UNCAUSED_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices(pattern))
 
 
 def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataModule) -> None:

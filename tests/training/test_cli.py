@@ -460,3 +460,22 @@ def test_loader_workers_default_to_the_free_cores(tmp_path):
     data = ImageDataModule(train_root=str(tmp_path), img_size=16)
     assert data.num_workers is None and data.loader_workers() == default_num_workers()
     assert ImageDataModule(train_root=str(tmp_path), img_size=16, num_workers=0).loader_workers() == 0
+
+
+def test_notices_the_user_did_not_cause_are_dropped(caplog):
+    """A machine without accelerators or CUDA gets no lines saying so; a GPU machine still hears about its GPU."""
+    import logging
+
+    from vim.cli import quiet_uncaused_notices
+
+    quiet_uncaused_notices()
+    lightning, torch_extensions = (
+        logging.getLogger("lightning.pytorch.utilities.rank_zero"),
+        logging.getLogger("torch.utils.cpp_extension"),
+    )
+    with caplog.at_level(logging.INFO):
+        torch_extensions.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        lightning.info("GPU available: False, used: False")
+        lightning.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        lightning.info("GPU available: True (cuda), used: True")
+    assert [record.getMessage() for record in caplog.records] == ["GPU available: True (cuda), used: True"]
