@@ -128,6 +128,46 @@ def quiet_uncaused_notices() -> None:
             logger.addFilter(_DropNotices(pattern))
 
 
+GENERATED_DATA = {
+    "vim.data.generated.DigitsDataModule",
+    "vim.data.generated.MovingDigitsDataModule",
+    "vim.data.generated.ShapesDataModule",
+}
+"""The quickstarts' data modules: on their own generated data (no ``root`` given) a run keeps the config's name."""
+DATA_FOLDER_SETTINGS = ("root", "train_root", "train_path", "train_list")
+
+
+def own_data_name(data: Any) -> str | None:
+    """The name of the user's data in a fit's ``data`` config: its training folder's (or list's) name; None for a
+    quickstart's generated data (a generated module without ``root``) or data without a path."""
+    args = data.get("init_args") or {}
+    if data.get("class_path") in GENERATED_DATA and not args.get("root"):
+        return None
+    for key in DATA_FOLDER_SETTINGS:
+        if args.get(key):
+            path = Path(str(args[key])).resolve()
+            return path.parent.name if path.name in ("train", "training") or path.is_file() else path.name
+    return None
+
+
+def name_quickstart_runs_after_the_data(config: Any) -> None:
+    """A quickstart config on your own data writes ``runs/<quickstart>_<your data's name>``, not the quickstart's
+    ``runs/<quickstart>`` (whose ``latest`` would then move to a run on other data): its loggers named after a
+    quickstart get the data's name appended."""
+    data_name = own_data_name(config.get("data") or {})
+    loggers = config.get("trainer", {}).get("logger")
+    if data_name is None or not isinstance(loggers, list):
+        return
+    for logger in loggers:
+        args = logger.get("init_args") if hasattr(logger, "get") else None
+        if args is not None and args.get("name") in QUICKSTART_RUNS:
+            args["name"] = f"{args['name']}_{data_name}"
+
+
+QUICKSTART_RUNS = {"quickstart", "video_quickstart", "points_quickstart"}
+"""The run names of the quickstart configs."""
+
+
 def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataModule) -> None:
     """On CPU, give torch the cores that this process's data-loader workers leave free.
 
@@ -183,6 +223,8 @@ class VimCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand is not None else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
+        if config is not None and self.subcommand == "fit":
+            name_quickstart_runs_after_the_data(config)
         if config is not None and self.subcommand == "predict" and ckpt_path is None:
             self.predict_with_released_weights(config.model)
         self.checkpoint_has_weights = ckpt_path is not None

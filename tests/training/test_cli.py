@@ -479,3 +479,24 @@ def test_notices_the_user_did_not_cause_are_dropped(caplog):
         lightning.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
         lightning.info("GPU available: True (cuda), used: True")
     assert [record.getMessage() for record in caplog.records] == ["GPU available: True (cuda), used: True"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "run_name"),
+    [
+        ([], "quickstart"),  # the generated digits: the quickstart's own folder
+        (["--data.init_args.root", "{tmp}/my_digits"], "quickstart_my_digits"),
+        (["--data", "ImageDataModule", "--data.train_root", "{tmp}/shop/train", "--data.img_size", "16"], "quickstart_shop"),
+    ],
+    ids=["generated", "own-root", "own-image-folders"],
+)
+def test_a_quickstart_on_your_own_data_gets_a_run_folder_of_its_own(tmp_path, overrides, run_name):
+    """runs/quickstart (and its latest) stay the quickstart's; the same config fit on other data is named after it."""
+    from vim.cli import name_quickstart_runs_after_the_data
+
+    for name in ("a", "b"):
+        (tmp_path / "shop" / "train" / name).mkdir(parents=True)
+    args = ["--config", str(REPO / "configs/quickstart.yaml"), *(a.format(tmp=tmp_path) for a in overrides)]
+    config = run_lightning(args, run=False).config  # as vimkit fit parses it
+    name_quickstart_runs_after_the_data(config)
+    assert [logger.init_args.name for logger in config.trainer.logger] == [run_name, run_name]
