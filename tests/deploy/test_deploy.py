@@ -469,3 +469,15 @@ def test_bench_deploy_writes_json_and_markdown_on_tiny_shapes(tmp_path):
     assert rows["onnxruntime"]["rate"] == pytest.approx(1e3 / rows["onnxruntime"]["median_ms"])
     table = (tmp_path / "deploy_cpu.md").read_text()
     assert "| test_videomamba | 3x2x32x32 | onnxruntime |" in table and "| test_videomamba | 3x2x32x32 | eager |" in table
+
+
+def test_aoti_refuses_several_windows_per_image_by_name(tmp_path):
+    """At 64 px test_mambavision's third stage cuts its 4x4 grid into 4 windows of 3: a batch that Inductor cannot
+    compile in the decomposed scan, refused before any compile; at 48 px every stage is one window and passes."""
+    from vim.deploy.aoti import refuse_several_windows
+
+    model = load_model("test_mambavision")
+    with pytest.raises(ValueError, match=r"stage 2 cuts its 4x4 grid into 4 windows of 3 per image"):
+        export_aoti(model, tmp_path / "m.pt2", progress=False)
+    assert not (tmp_path / "m.pt2").exists()
+    refuse_several_windows(load_model("test_mambavision", img_size=48), torch.randn(1, 3, 48, 48))
