@@ -133,15 +133,15 @@ GENERATED_DATA = {
     "vim.data.generated.MovingDigitsDataModule",
     "vim.data.generated.ShapesDataModule",
 }
-"""The quickstarts' data modules: on their own generated data (no ``root`` given) a run keeps the config's name."""
+"""The quickstarts' data modules: their data is generated (``root`` only says where), so a run keeps the config's name."""
 DATA_FOLDER_SETTINGS = ("root", "train_root", "train_path", "train_list")
 
 
 def own_data_name(data: Any) -> str | None:
     """The name of the user's data in a fit's ``data`` config: its training folder's (or list's) name; None for a
-    quickstart's generated data (a generated module without ``root``) or data without a path."""
+    quickstart's generated data (wherever its ``root`` puts it) or data without a path."""
     args = data.get("init_args") or {}
-    if data.get("class_path") in GENERATED_DATA and not args.get("root"):
+    if data.get("class_path") in GENERATED_DATA:
         return None
     for key in DATA_FOLDER_SETTINGS:
         if args.get(key):
@@ -151,9 +151,9 @@ def own_data_name(data: Any) -> str | None:
 
 
 def name_quickstart_runs_after_the_data(config: Any) -> None:
-    """A quickstart config on your own data writes ``runs/<quickstart>_<your data's name>``, not the quickstart's
-    ``runs/<quickstart>`` (whose ``latest`` would then move to a run on other data): its loggers named after a
-    quickstart get the data's name appended."""
+    """A quickstart config on your own data (another data module) writes ``runs/<quickstart>_<your data's name>``, not
+    the quickstart's ``runs/<quickstart>`` (whose ``latest`` would then move to a run on other data): its loggers named
+    after a quickstart get the data's name appended."""
     data_name = own_data_name(config.get("data") or {})
     loggers = config.get("trainer", {}).get("logger")
     if data_name is None or not isinstance(loggers, list):

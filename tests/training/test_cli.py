@@ -485,10 +485,10 @@ def test_notices_the_user_did_not_cause_are_dropped(caplog):
     ("overrides", "run_name"),
     [
         ([], "quickstart"),  # the generated digits: the quickstart's own folder
-        (["--data.init_args.root", "{tmp}/my_digits"], "quickstart_my_digits"),
+        (["--data.init_args.root", "{tmp}/digits"], "quickstart"),  # the generated digits, written elsewhere
         (["--data", "ImageDataModule", "--data.train_root", "{tmp}/shop/train", "--data.img_size", "16"], "quickstart_shop"),
     ],
-    ids=["generated", "own-root", "own-image-folders"],
+    ids=["generated", "generated-elsewhere", "own-image-folders"],
 )
 def test_a_quickstart_on_your_own_data_gets_a_run_folder_of_its_own(tmp_path, overrides, run_name):
     """runs/quickstart (and its latest) stay the quickstart's; the same config fit on other data is named after it."""
