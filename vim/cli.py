@@ -42,7 +42,7 @@ from vim.data.generated import DigitsDataModule, MovingDigitsDataModule, ShapesD
 from vim.data.images import ImageDataModule  # noqa: F401
 from vim.data.points import PointCloudDataModule  # noqa: F401
 from vim.data.video import VideoClipDataModule  # noqa: F401
-from vim.data.workers import available_cores, default_num_workers
+from vim.data.workers import available_cores
 from vim.files import FolderInUseError, is_remote
 from vim.models.checkpoint import CheckpointError
 from vim.models.loading import read_training_checkpoint
@@ -135,6 +135,8 @@ GENERATED_DATA = {
 }
 """The quickstarts' data modules: their data is generated (``root`` only says where), so a run keeps the config's name."""
 DATA_FOLDER_SETTINGS = ("root", "train_root", "train_path", "train_list")
+QUICKSTART_RUNS = {"quickstart", "video_quickstart", "points_quickstart"}
+"""The run names of the quickstart configs."""
 
 
 def own_data_name(data: Any) -> str | None:
@@ -164,10 +166,6 @@ def name_quickstart_runs_after_the_data(config: Any) -> None:
             args["name"] = f"{args['name']}_{data_name}"
 
 
-QUICKSTART_RUNS = {"quickstart", "video_quickstart", "points_quickstart"}
-"""The run names of the quickstart configs."""
-
-
 def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataModule) -> None:
     """On CPU, give torch the cores that this process's data-loader workers leave free.
 
@@ -178,9 +176,10 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
     if "OMP_NUM_THREADS" in os.environ or not isinstance(trainer.accelerator, CPUAccelerator):
         return
     processes = max(1, trainer.num_devices)
-    workers = getattr(datamodule, "num_workers", 0)
-    if workers is None:  # the data module's default: the machine's share (its loaders take the same)
-        workers = default_num_workers(processes=processes)
+    if isinstance(datamodule, ClassificationDataModule):  # the workers its loaders will start (the trainer not yet attached)
+        workers = datamodule.loader_workers(processes)
+    else:
+        workers = getattr(datamodule, "num_workers", 0)
     torch.set_num_threads(max(1, available_cores() // processes - workers))
 
 

@@ -166,11 +166,14 @@ class ClassificationDataModule(LightningDataModule):
             collate_fn=self.collate_fn,
         )
 
-    def loader_workers(self) -> int:
-        """``num_workers``, else the machine's share for each of the trainer's device processes."""
+    def loader_workers(self, processes: int | None = None) -> int:
+        """``num_workers``, else the machine's share for each of ``processes`` device processes (default: the
+        trainer's devices, 1 without a trainer)."""
         if self.num_workers is not None:
             return self.num_workers
-        return default_num_workers(processes=1 if self.trainer is None else self.trainer.num_devices)
+        if processes is None:
+            processes = 1 if self.trainer is None else self.trainer.num_devices
+        return default_num_workers(processes=processes)
 
     def train_sampler(self) -> ResumableSampler:
         """This rank's seeded sampler of the training set (the whole set without a trainer)."""

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vim.files import atomic_write
+from vim.models.hierarchical import window_rows_cols
 
 from .program import checked_path, decompose_scan, export_program
 
@@ -32,7 +33,8 @@ def refuse_several_windows(model: nn.Module, example: torch.Tensor) -> None:
         maps = backbone.forward_intermediates(example[:1], output_fmt="NCHW", intermediates_only=True)
     for index, (window, features) in enumerate(zip(stages, maps)):
         height, width = features.shape[-2:]
-        windows = -(-height // window) * -(-width // window) if window else 1
+        rows, cols = window_rows_cols((height, width), window) if window else (1, 1)
+        windows = rows * cols
         if windows > 1:
             raise ValueError(
                 f"AOTInductor cannot compile {type(model).__name__} at input size {tuple(example.shape[1:])}: stage {index} "

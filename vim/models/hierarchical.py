@@ -44,7 +44,7 @@ from .block import MambaBlock, NormLayer, PartFactory, TrunkBlock, norm_factory,
 from .builder import build_backbone
 from .mixer import MambaMixer
 from .patch_embed import StridedPatchEmbed
-from .timm_api import InputAxis, TimmBackbone
+from .timm_api import InputAxis, TimmBackbone, init_linear_
 
 __all__ = [
     "GridDownsample",
@@ -55,6 +55,7 @@ __all__ = [
     "halved",
     "merge_windows",
     "partition_windows",
+    "window_rows_cols",
 ]
 
 STEM_REDUCTION = 4
@@ -100,6 +101,11 @@ def halved(side: int) -> int:
     return (side + 1) // 2
 
 
+def window_rows_cols(grid: tuple[int, ...], window: int) -> tuple[int, int]:
+    """How many rows and columns of ``window``-sided windows cover the (H, W) ``grid``: ceil(H / w), ceil(W / w)."""
+    return -(-grid[0] // window), -(-grid[1] // window)
+
+
 def partition_windows(x: torch.Tensor, grid: tuple[int, ...], window: int) -> torch.Tensor:
     """Cut tokens on a grid into square windows, the grid first zero-padded at its bottom and right to whole windows.
 
@@ -113,7 +119,7 @@ def partition_windows(x: torch.Tensor, grid: tuple[int, ...], window: int) -> to
     """
     batch, _, channels = x.shape
     height, width = grid
-    rows, cols = -(-height // window), -(-width // window)
+    rows, cols = window_rows_cols(grid, window)
     x = F.pad(x.reshape(batch, height, width, channels), (0, 0, 0, cols * window - width, 0, rows * window - height))
     x = x.view(batch, rows, window, cols, window, channels).transpose(2, 3)
     return x.reshape(batch * rows * cols, window * window, channels)
@@ -123,7 +129,7 @@ def merge_windows(windows: torch.Tensor, grid: tuple[int, ...], window: int) -> 
     """The inverse of :func:`partition_windows`: (B * n_h * n_w, w * w, C) windows -> (B, H * W, C) tokens on ``grid``,
     the padding dropped."""
     height, width = grid
-    rows, cols = -(-height // window), -(-width // window)
+    rows, cols = window_rows_cols(grid, window)
     channels = windows.shape[-1]
     batch = windows.shape[0] // (rows * cols)
     x = windows.reshape(batch, rows, cols, window, window, channels).transpose(2, 3)
@@ -311,6 +317,17 @@ class HierarchicalImageBackbone(HierarchicalBackbone):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, H/4 * W/4, C_0) stem tokens."""
         return self.patch_embed(x)
+
+    @torch.no_grad()
+    def init_parts(self, own_init: tuple[type[nn.Module], ...]) -> None:
+        """Upstream's ``_init_weights`` of VMamba and MambaVision: each module of an ``own_init`` type by its own init,
+        every ``nn.Linear`` truncated normal (std 0.02, bias 0), in module order (a part's own init first, then its
+        Linears redrawn)."""
+        for module in self.modules():
+            if isinstance(module, own_init):
+                reset_part(module)
+            if isinstance(module, nn.Linear):
+                init_linear_(module)
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The stem's grid of (B, C, H, W) images: each side halved twice, rounded up (H/4, W/4 for multiples of 4)."""

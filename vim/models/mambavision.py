@@ -45,12 +45,12 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerScale, register_notrace_module, to_2tuple, trunc_normal_
+from timm.layers import LayerScale, register_notrace_module, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .attention import mambavision_attention
-from .block import ConvBlock, gelu_mlp, reset_part
+from .block import ConvBlock, gelu_mlp
 from .builder import build_backbone
 from .checkpoint import KeyRules, rename_key, renamed_state_dict, unwrap_state_dict
 from .hierarchical import GridDownsample, HierarchicalImageBackbone
@@ -183,13 +183,7 @@ class MambaVision(HierarchicalImageBackbone):
     def init_weights(self, mode: str = "") -> None:
         """Upstream's init (``mode`` for timm): PyTorch's for the convs, every Linear truncated normal (std 0.02, bias
         0), every norm ones / zeros, the mixers' own (``A_log = log(1..N)``, ``D = 1``), layer scales at their value."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, MambaVisionMixer, LayerScale)):
-                reset_part(module)
+        self.init_parts((nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, MambaVisionMixer, LayerScale))
 
     def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
         return checkpoint_filter_fn(state_dict, self)

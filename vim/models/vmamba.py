@@ -48,11 +48,11 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .block import PartFactory, gelu_mlp, reset_part
+from .block import PartFactory, gelu_mlp
 from .builder import build_backbone
 from .checkpoint import KeyRules, rename_key, renamed_state_dict
 from .hierarchical import GridDownsample, HierarchicalImageBackbone
@@ -161,13 +161,7 @@ class VMamba(HierarchicalImageBackbone):
     def init_weights(self, mode: str = "") -> None:
         """Upstream's init (``mode`` for timm): SS2D's own (``ssm_init="v0"``), then every Linear truncated normal
         (std 0.02, bias 0) and every LayerNorm ones / zeros, as ``VSSM._init_weights``; PyTorch's for the convs."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.LayerNorm, SS2D)):
-                reset_part(module)
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        self.init_parts((nn.Conv2d, nn.LayerNorm, SS2D))
 
     def checkpoint_filter(self, state_dict: Mapping) -> dict[str, torch.Tensor]:
         return checkpoint_filter_fn(state_dict, self)
