@@ -36,10 +36,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
-# The classes a config or `--model X` / `--data X` names by their short names: imported, so the parser knows them.
-from vim.data.classification import ClassificationDataModule
 from vim.data.generated import DigitsDataModule, MovingDigitsDataModule, ShapesDataModule  # noqa: F401
 from vim.data.images import ImageDataModule  # noqa: F401
+
+# The classes a config or `--model X` / `--data X` names by their short names: imported, so the parser knows them.
+from vim.data.labelled import LabelledDataModule
 from vim.data.points import PointCloudDataModule  # noqa: F401
 from vim.data.video import VideoClipDataModule  # noqa: F401
 from vim.data.workers import available_cores
@@ -47,12 +48,13 @@ from vim.files import FolderInUseError, is_remote
 from vim.models.checkpoint import CheckpointError
 from vim.models.loading import read_training_checkpoint
 from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError, has_released_weights
-from vim.training.callbacks import CsvPredictionWriter, FinalState, final_report
+from vim.training.callbacks import FinalState, PredictionWriter, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
-from vim.training.classifier import Classifier, weights_from_checkpoint
+from vim.training.classifier import Classifier  # noqa: F401
 from vim.training.image_classifier import ImageClassifier  # noqa: F401
 from vim.training.points import PointCloudClassifier  # noqa: F401
 from vim.training.run_folder import RunFolder, finished
+from vim.training.task import TaskModule, weights_from_checkpoint
 from vim.training.video import VideoClassifier  # noqa: F401
 
 PROG = "vimkit"
@@ -176,7 +178,7 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
     if "OMP_NUM_THREADS" in os.environ or not isinstance(trainer.accelerator, CPUAccelerator):
         return
     processes = max(1, trainer.num_devices)
-    if isinstance(datamodule, ClassificationDataModule):  # the workers its loaders will start (the trainer not yet attached)
+    if isinstance(datamodule, LabelledDataModule):  # the workers its loaders will start (the trainer not yet attached)
         workers = datamodule.loader_workers(processes)
     else:
         workers = getattr(datamodule, "num_workers", 0)
@@ -201,7 +203,7 @@ class VimCLI(LightningCLI):
     """The command loads a checkpoint, so the model was built without reading its released or initial weights."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(CsvPredictionWriter, "predict_writer")
+        parser.add_lightning_class_args(PredictionWriter, "predict_writer")
         # Set once, in the data section; a data module or model without the setting skips the link.
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
         parser.link_arguments("data.init_args.num_frames", "model.init_args.num_frames")
@@ -263,7 +265,7 @@ class VimCLI(LightningCLI):
         When there is none, the model gets the initial weights it was built without."""
         if ckpt_path == "last" and self.run_folder is not None:
             ckpt_path = None if self.run_folder.checkpoint is None else str(self.run_folder.checkpoint)
-        if ckpt_path is None and self.checkpoint_has_weights and isinstance(model, Classifier):
+        if ckpt_path is None and self.checkpoint_has_weights and isinstance(model, TaskModule):
             model.restore_initial_weights()
         return ckpt_path
 
@@ -302,8 +304,8 @@ def run_lightning(argv: list[str] | None = None, run: bool = True) -> VimCLI:
     """Parse ``argv`` (``fit --config ...``; None: the command line) and run it; with ``run=False``, ``argv`` has no
     subcommand."""
     return VimCLI(
-        Classifier,
-        ClassificationDataModule,
+        TaskModule,
+        LabelledDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [FinalState()]},

@@ -224,7 +224,7 @@ def test_digits_tree_matches_scikit_learn(tmp_path):
 
 def test_skip_warnings_name_the_file_and_come_from_vims_data_code(tmp_path):
     """Raised where vim handles the batch (not at the Lightning hook that calls it), as DataWarning."""
-    import vim.data.classification
+    import vim.data.labelled
     from vim.data.samples import DataWarning
 
     train = write_tree(tmp_path / "train", {"a": 2, "b": 2})
@@ -237,7 +237,7 @@ def test_skip_warnings_name_the_file_and_come_from_vims_data_code(tmp_path):
             dm.on_before_batch_transfer(batch, 0)
     (warning,) = caught
     assert warning.category is DataWarning and f"'{train / 'a' / 'broken.png'}'" in str(warning.message)
-    assert Path(warning.filename) == Path(vim.data.classification.__file__)
+    assert Path(warning.filename) == Path(vim.data.labelled.__file__)
 
 
 def test_an_empty_class_folder_is_reported(tmp_path):

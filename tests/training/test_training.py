@@ -23,7 +23,7 @@ from vim.models.loading import create_model
 from vim.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from vim.training.classifier import classification_loss
 from vim.training.image_classifier import ImageClassifier
-from vim.training.schedule import WarmupCosine, WarmupCosineLR
+from vim.training.schedule import ScheduledLR, WarmupCosine, WarmupPoly
 
 from support.training import Recorder, write_tree
 
@@ -60,7 +60,16 @@ def test_warmup_cosine_hand_values():
         WarmupCosine(lr=1.0, total_steps=10, warmup_steps=20)
 
 
-@pytest.mark.parametrize("saved_by", [WarmupCosineLR, LambdaLR], ids=["WarmupCosineLR", "LambdaLR-before-the-fix"])
+def test_warmup_poly_hand_values():
+    """mmseg's PolyLR of power 1 after a linear warmup: lr falls in a straight line from 1.0 at step 10 to min_lr."""
+    schedule = WarmupPoly(lr=1.0, total_steps=110, warmup_steps=10, warmup_lr=0.1, min_lr=0.2)
+    assert schedule.learning_rate(5) == pytest.approx(0.55)
+    assert schedule.learning_rate(10) == pytest.approx(1.0)
+    assert schedule.learning_rate(35) == pytest.approx(0.8)  # a quarter of the way: 1.0 - 0.25 * (1.0 - 0.2)
+    assert schedule.learning_rate(110) == pytest.approx(0.2) and schedule.learning_rate(500) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("saved_by", [ScheduledLR, LambdaLR], ids=["ScheduledLR", "LambdaLR-before-the-fix"])
 def test_a_loaded_schedule_keeps_the_saved_step_and_the_current_plan(saved_by):
     """8 steps of an 8-step plan (ending at min_lr 0) loaded into a 16-step plan: the rate is the 16-step cosine's at
     step 8 (warmup 2: progress 6/14), also from a checkpoint whose plain LambdaLR saved its plan; the same plan loaded
@@ -78,7 +87,7 @@ def test_a_loaded_schedule_keeps_the_saved_step_and_the_current_plan(saved_by):
     saved_optimizer, saved = stepped(saved_by, plan(8), 8)
     assert saved_optimizer.param_groups[0]["lr"] == 0.0
     for total_steps, expected in ((16, 2.0 * (1 + math.cos(math.pi * 6 / 14)) / 2), (8, 0.0)):
-        optimizer, resumed = stepped(WarmupCosineLR, plan(total_steps), 0)
+        optimizer, resumed = stepped(ScheduledLR, plan(total_steps), 0)
         optimizer.load_state_dict(saved_optimizer.state_dict())
         resumed.load_state_dict(saved.state_dict())
         assert resumed.last_epoch == 8 and resumed.lr_lambdas[0].total_steps == total_steps

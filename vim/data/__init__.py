@@ -1,6 +1,6 @@
 """Classification data for images, video clips and point clouds.
 
-- :mod:`vim.data.classification`: the shared base of the three data modules (loaders, resumable shuffling, skip
+- :mod:`vim.data.labelled`: the shared base of the three data modules (loaders, resumable shuffling, skip
   reporting, class lists); :mod:`vim.data.images`, :mod:`vim.data.video` and :mod:`vim.data.points` are siblings on it,
   each with its readers, transforms (functions every caller asks, as timm's ``create_transform``), dataset and data
   module.

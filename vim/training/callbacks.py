@@ -1,8 +1,7 @@
-"""Callbacks the ``vimkit`` command always installs: the final checkpoint, the predictions CSV writer; the final report."""
+"""Callbacks the ``vimkit`` command always installs: the final checkpoint, the predictions writer; the final report."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from vim.training.classifier import Classifier
 from vim.training.run_folder import LATEST
+from vim.training.task import TaskModule
 
 
 class FinalState(Callback):
@@ -59,25 +58,8 @@ class FinalState(Callback):
         return self.validated_step == trainer.global_step
 
 
-def final_accuracy_line(metrics: dict[str, Any], has_ema: bool) -> str | None:
-    """The accuracy of the weights ``vimkit export`` and ``vimkit predict`` use (EMA when the run keeps it), from logged
-    validation metrics, e.g. ``of the EMA weights (what vimkit export and vimkit predict use): top-1 94.2% top-5 99.7%
-    (trained weights: top-1 95.0% top-5 99.7%)``; None without validation accuracy."""
-
-    def accuracy(prefix: str) -> str | None:
-        if f"{prefix}acc1" not in metrics:
-            return None
-        return f"top-1 {100 * float(metrics[f'{prefix}acc1']):.1f}% top-5 {100 * float(metrics[f'{prefix}acc5']):.1f}%"
-
-    trained, ema = accuracy("val/"), accuracy("val_ema/")
-    used = "(what vimkit export and vimkit predict use)"
-    if has_ema and ema is not None:
-        return f"of the EMA weights {used}: {ema}" + (f" (trained weights: {trained})" if trained else "")
-    return None if trained is None else f"of the trained weights {used}: {trained}"
-
-
 def final_report(trainer: Trainer, module: LightningModule, checkpoint: str | None, run_folder: Path | None) -> str:
-    """What a finished ``vimkit fit`` prints: steps, the run folder, the final checkpoint and the final accuracy."""
+    """What a finished ``vimkit fit`` prints: steps, the run folder, the final checkpoint and the final score."""
     lines = [f"Finished {trainer.current_epoch} epochs, {trainer.global_step} steps."]
     if run_folder is not None:
         latest = run_folder.parent / LATEST
@@ -90,49 +72,35 @@ def final_report(trainer: Trainer, module: LightningModule, checkpoint: str | No
     if checkpoint is not None:
         step = trainer.global_step
         lines.append(f"Final checkpoint: {checkpoint} (step {step}; timm weights: vimkit export --ckpt <it> --out <file>)")
-    accuracy = final_accuracy_line(trainer.callback_metrics, getattr(module, "ema", None) is not None)
-    if accuracy is not None:
-        lines.append(f"Final validation accuracy {accuracy}")
+    score = module.final_metric_line(trainer.callback_metrics) if isinstance(module, TaskModule) else None
+    if score is not None:
+        lines.append(score)
     return "\n".join(lines)
 
 
-class CsvPredictionWriter(BasePredictionWriter):
-    """Writes ``predict`` results as CSV: path, class and probability for each of the top-5 classes, and ``error``.
-
-    Every input gets a row: one that could not be read (corrupt, empty, ...) has empty class columns and the reason
-    in ``error``.
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict``'s results through the task module's ``write_predictions``: top-5 classes as a CSV, masks as
+    PNGs, detections as COCO-format JSON. Every input is accounted for: one that could not be read (corrupt, empty,
+    ...) is listed with the reason.
 
     Args:
-        output: CSV path; None writes ``predictions.csv`` in the trainer's log directory (the run folder).
+        output: where to write; None: the task's ``predictions_file`` (``predictions.csv``, ``masks``,
+            ``detections.json``) in the trainer's log directory (the run folder).
     """
 
     def __init__(self, output: str | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output = output
 
-    def csv_path(self, trainer: Trainer) -> Path:
-        return Path(self.output) if self.output is not None else Path(trainer.log_dir or ".") / "predictions.csv"
+    def output_path(self, trainer: Trainer, module: TaskModule) -> Path:
+        return Path(self.output) if self.output is not None else Path(trainer.log_dir or ".") / module.predictions_file
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any) -> None:
         if trainer.world_size > 1:
-            raise ValueError("CsvPredictionWriter writes from one process: run predict with trainer.devices=1")
-        if not isinstance(pl_module, Classifier):
-            raise TypeError(f"CsvPredictionWriter writes a vim Classifier's predictions, not a {type(pl_module).__name__}'s")
-        names = pl_module.class_names
-        path = self.csv_path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        top_k = predictions[0]["indices"].shape[-1] if predictions else 5
-        failed = [failure for batch in predictions for failure in batch.get("failed", [])]
-        with path.open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["path"] + [f"{field}{k}" for k in range(1, top_k + 1) for field in ("class", "prob")] + ["error"])
-            for batch in predictions:
-                for sample_path, indices, probs in zip(batch["paths"], batch["indices"].tolist(), batch["probs"].tolist()):
-                    writer.writerow([sample_path] + [v for i, p in zip(indices, probs) for v in (names[i], f"{p:.4f}")] + [""])
-                for sample_path, reason in batch.get("failed", []):
-                    writer.writerow([sample_path] + [""] * (2 * top_k) + [reason])
-        predicted = sum(len(batch["paths"]) for batch in predictions)
-        unreadable = f" and {len(failed)} unreadable files (the reason in the 'error' column)" if failed else ""
+            raise ValueError("PredictionWriter writes from one process: run predict with trainer.devices=1")
+        if not isinstance(pl_module, TaskModule):
+            raise TypeError(f"PredictionWriter writes a vim task module's predictions, not a {type(pl_module).__name__}'s")
+        written = pl_module.write_predictions(list(predictions), self.output_path(trainer, pl_module))
         bar = trainer.progress_bar_callback
         new_line = "\n" if bar is not None and getattr(bar, "is_enabled", False) else ""  # a bar leaves the cursor on its line
-        print(f"{new_line}Predictions for {predicted} files{unreadable}: {path}")
+        print(f"{new_line}{written}")

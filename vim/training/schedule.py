@@ -1,4 +1,5 @@
-"""Per-step learning-rate schedule: linear warmup, then cosine decay (the DeiT / Vim recipe, stepped per batch)."""
+"""Per-step learning-rate schedules: linear warmup, then cosine decay (the DeiT / Vim recipe) or linear "poly" decay
+(mmseg's and mmdet's ``PolyLR`` of power 1, the segmentation recipes of Vim, VMamba and MambaVision), stepped per batch."""
 
 from __future__ import annotations
 
@@ -33,15 +34,38 @@ class WarmupCosine:
     def learning_rate(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
-        progress = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        return self.min_lr + (self.lr - self.min_lr) * self.decay(self.progress(step))
+
+    def progress(self, step: int) -> float:
+        """How far ``step`` is through the decay after warmup, from 0 to 1 (held at 1 after ``total_steps``)."""
+        return min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+
+    @staticmethod
+    def decay(progress: float) -> float:
+        """The share of ``lr - min_lr`` left at ``progress``: a half cosine from 1 to 0."""
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
     def __call__(self, step: int) -> float:
         return self.learning_rate(step) / self.lr
 
 
-class WarmupCosineLR(LambdaLR):
-    """``LambdaLR`` stepping a :class:`WarmupCosine` whose checkpoint holds where the run is, not the schedule's plan.
+@dataclass(frozen=True)
+class WarmupPoly(WarmupCosine):
+    """As :class:`WarmupCosine`, with a linear decay from ``lr`` to ``min_lr`` after warmup (mmseg's ``PolyLR`` with
+    ``power=1``, ``eta_min=min_lr``)."""
+
+    @staticmethod
+    def decay(progress: float) -> float:
+        return 1.0 - progress
+
+
+SCHEDULES: dict[str, type[WarmupCosine]] = {"cosine": WarmupCosine, "poly": WarmupPoly}
+"""The schedules a task module's ``schedule`` names."""
+
+
+class ScheduledLR(LambdaLR):
+    """``LambdaLR`` stepping a :class:`WarmupCosine` (or :class:`WarmupPoly`) whose checkpoint holds where the run is,
+    not the schedule's plan.
 
     ``LambdaLR`` saves a callable object's ``__dict__`` and writes it back on load, so a run resumed with a raised
     ``max_epochs`` or ``max_steps`` would keep the ``total_steps`` of the run it continues and take every added step at

@@ -8,14 +8,14 @@ from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from vim.data.classification import ClassificationDataModule
 from vim.data.folders import check_same_classes, find_classes, labelled_files
 from vim.data.images.dataset import IMAGE_EXTENSIONS, ImageBatch, ImageFiles, collate_images, list_images
 from vim.data.images.transforms import create_image_transform
+from vim.data.labelled import LabelledDataModule
 from vim.data.samples import UNLABELLED
 
 
-class ImageDataModule(ClassificationDataModule):
+class ImageDataModule(LabelledDataModule):
     """ImageFolder-layout image classification data with timm's training and evaluation transforms.
 
     Robust to real-world folders: every image is converted to RGB, unreadable or corrupt files are skipped with a

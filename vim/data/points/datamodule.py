@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vim.data.classification import ClassificationDataModule
 from vim.data.folders import find_classes, labelled_class_folders
+from vim.data.labelled import LabelledDataModule
 from vim.data.points.dataset import PointClouds, collate_clouds
 from vim.data.points.readers import POINT_EXTENSIONS
 from vim.data.points.sources import HDF5Clouds, PointFiles, expand_hdf5_paths, list_point_files
@@ -15,7 +15,7 @@ from vim.data.points.transforms import PointAugment
 from vim.data.samples import UNLABELLED
 
 
-class PointCloudDataModule(ClassificationDataModule):
+class PointCloudDataModule(LabelledDataModule):
     """Point-cloud classification data (HDF5 or class folders) with PointMamba's sampling and augmentation.
 
     Sources (each split's ``*_path``): HDF5 files (``.h5`` / ``.hdf5``, a glob such as

@@ -8,8 +8,8 @@ from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from vim.data.classification import ClassificationDataModule
 from vim.data.folders import find_classes, labelled_class_folders
+from vim.data.labelled import LabelledDataModule
 from vim.data.samples import UNLABELLED
 from vim.data.video.annotations import classes_from_file, list_videos, read_annotations
 from vim.data.video.dataset import ClipBatch, VideoClips, collate_clips
@@ -17,7 +17,7 @@ from vim.data.video.decoding import VIDEO_EXTENSIONS
 from vim.data.video.transforms import create_video_test_transform, create_video_transform, rand_augment
 
 
-class VideoClipDataModule(ClassificationDataModule):
+class VideoClipDataModule(LabelledDataModule):
     """Video classification data: clips (B, 3, T, H, W) for training and validation and, for ``test``,
     ``test_num_clips x test_num_crops`` views per video (B, V, 3, T, H, W) whose predictions the classifier averages
     (VideoMamba's 4 clips x 3 crops on Kinetics).

@@ -1,7 +1,9 @@
-"""What image, video and point-cloud classification data share: loaders, resumable shuffling, skip reporting, classes.
+"""What every labelled data module shares (image, video and point-cloud classification, segmentation, detection):
+loaders, resumable shuffling, skip reporting, classes.
 
-:class:`ClassificationDataModule` is the base of :class:`~vim.data.images.ImageDataModule`,
-:class:`~vim.data.video.VideoClipDataModule` and :class:`~vim.data.points.PointCloudDataModule`, which are
+:class:`LabelledDataModule` is the base of :class:`~vim.data.images.ImageDataModule`,
+:class:`~vim.data.video.VideoClipDataModule`, :class:`~vim.data.points.PointCloudDataModule`,
+:class:`~vim.data.segmentation.SegmentationDataModule` and :class:`~vim.data.detection.DetectionDataModule`, which are
 siblings: each has only its own settings and supplies its class list, its datasets and its batch type. The base
 turns them into Lightning's loaders:
 
@@ -59,7 +61,7 @@ def train_batches_run(trainer: Trainer) -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.total.processed  # type: ignore[attr-defined]
 
 
-class ClassificationDataModule(LightningDataModule):
+class LabelledDataModule(LightningDataModule):
     """Loaders, resumable shuffling, skip reporting and classes for a modality's datasets (see the module docstring).
 
     A modality implements :meth:`read_classes`, :meth:`has_split`, :meth:`labelled_dataset`,
