@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -36,12 +37,18 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
-from vim.data.generated import DigitsDataModule, MovingDigitsDataModule, ShapesDataModule  # noqa: F401
+from vim.data.generated import (  # noqa: F401
+    DigitsDataModule,
+    MovingDigitsDataModule,
+    SceneSegmentationDataModule,
+    ShapesDataModule,
+)
 from vim.data.images import ImageDataModule  # noqa: F401
 
 # The classes a config or `--model X` / `--data X` names by their short names: imported, so the parser knows them.
 from vim.data.labelled import LabelledDataModule
 from vim.data.points import PointCloudDataModule  # noqa: F401
+from vim.data.segmentation import ADE20KDataModule, SegmentationDataModule  # noqa: F401
 from vim.data.video import VideoClipDataModule  # noqa: F401
 from vim.data.workers import available_cores
 from vim.files import FolderInUseError, is_remote
@@ -50,10 +57,11 @@ from vim.models.loading import read_training_checkpoint
 from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError, has_released_weights
 from vim.training.callbacks import FinalState, PredictionWriter, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
-from vim.training.classifier import Classifier  # noqa: F401
+from vim.training.classifier import Classifier
 from vim.training.image_classifier import ImageClassifier  # noqa: F401
 from vim.training.points import PointCloudClassifier  # noqa: F401
 from vim.training.run_folder import RunFolder, finished
+from vim.training.segmentation import Segmenter  # noqa: F401
 from vim.training.task import TaskModule, weights_from_checkpoint
 from vim.training.video import VideoClassifier  # noqa: F401
 
@@ -134,10 +142,11 @@ GENERATED_DATA = {
     "vim.data.generated.DigitsDataModule",
     "vim.data.generated.MovingDigitsDataModule",
     "vim.data.generated.ShapesDataModule",
+    "vim.data.generated.SceneSegmentationDataModule",
 }
 """The quickstarts' data modules: their data is generated (``root`` only says where), so a run keeps the config's name."""
-DATA_FOLDER_SETTINGS = ("root", "train_root", "train_path", "train_list")
-QUICKSTART_RUNS = {"quickstart", "video_quickstart", "points_quickstart"}
+DATA_FOLDER_SETTINGS = ("root", "train_root", "train_path", "train_list", "train_images")
+QUICKSTART_RUNS = {"quickstart", "video_quickstart", "points_quickstart", "segmentation_quickstart"}
 """The run names of the quickstart configs."""
 
 
@@ -183,6 +192,12 @@ def share_cores_with_data_workers(trainer: Trainer, datamodule: LightningDataMod
     else:
         workers = getattr(datamodule, "num_workers", 0)
     torch.set_num_threads(max(1, available_cores() // processes - workers))
+
+
+def import_class(class_path: str) -> type:
+    """The class a config's ``class_path`` names (``vim.training.segmentation.Segmenter``)."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def checkpoint_num_classes(ckpt_path: str | None) -> int | None:
@@ -235,8 +250,15 @@ class VimCLI(LightningCLI):
     @staticmethod
     def predict_with_released_weights(model: Any) -> None:
         """``predict`` without a checkpoint: the model's ``pretrained_file``, else the released weights of its name
-        (random weights predict nothing)."""
+        (random weights predict nothing). A task whose released weights are a backbone's only (segmentation) needs a
+        checkpoint: ValueError."""
         name = model.init_args.model
+        task = import_class(model.class_path)
+        if not issubclass(task, Classifier):
+            raise ValueError(
+                f"vimkit predict with a {task.__name__} needs --ckpt_path (a checkpoint of its training): released "
+                f"weights are a backbone's, without the {task.__name__}'s head"
+            )
         if model.init_args.get("pretrained_file"):
             return
         if has_released_weights(name):

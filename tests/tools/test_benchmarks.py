@@ -54,3 +54,19 @@ def test_bench_models_interleaves_rounds_and_reports_ratios(tmp_path):
         assert row["images_per_s"] in row["rounds_images_per_s"]
         assert row["vs_baseline"] == pytest.approx(row["images_per_s"] / rows["test_vmamba", mode]["images_per_s"])
     assert "| vs test_vmamba |" in (tmp_path / "models_t.md").read_text().replace("  ", " ")
+
+
+def test_bench_segmentation_times_both_upernets_in_interleaved_rounds(tmp_path):
+    """Our UperNet on a Vim against smp's on a timm backbone (here a small Vim and a ResNet at 64 px, a narrow
+    decoder): every round of each, and the ratio of their median images per second."""
+    tool = REPO / "tools" / "bench_segmentation.py"
+    command = [sys.executable, str(tool), "--vim", "test_vim", "--layers", "0", "1", "2", "3", "--other", "resnet18"]
+    command += ["--vim-kwargs", '{"patch_size": 16, "stride": 16}']
+    command += ["--size", "64", "--decoder-channels", "16", "--rounds", "2", "--min-seconds", "0", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    saved = json.loads((tmp_path / "segmentation_cpu.json").read_text())
+    vim_row, other_row = saved["results"]
+    assert [vim_row["model"], other_row["model"]] == ["test_vim + UperNet", "resnet18 + UperNet (smp)"]
+    assert len(vim_row["rounds"]) == len(other_row["rounds"]) == 2
+    assert saved["vim_over_other"] == pytest.approx(vim_row["images_per_second"] / other_row["images_per_second"])
+    assert "test_vim + UperNet runs at" in (tmp_path / "segmentation_cpu.md").read_text()

@@ -25,6 +25,8 @@ from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import nn
 
+from vim.models.loading import TrainingCheckpoint
+
 from .detection import DenseBackbone, backbone
 
 __all__ = ["SmpEncoder", "UPerNet"]
@@ -91,3 +93,67 @@ class UPerNet(SegmentationModel):
         self.classification_head = None
         self.name = f"upernet-{name}"
         self.initialize()
+
+    @classmethod
+    def from_training_checkpoint(cls, checkpoint: TrainingCheckpoint, use_ema: bool = True) -> UPerNet:
+        """The UperNet of a segmentation run (``vimkit fit`` with a :class:`~vim.training.segmentation.Segmenter`)
+        with its weights: the EMA ones when ``use_ema`` and the run kept them."""
+        hp = checkpoint.hparams
+        if checkpoint.model is None or "decoder_channels" not in hp:
+            raise ValueError(f"checkpoint '{checkpoint.path}' is not a segmentation run's (no model and decoder settings)")
+        layers, channels = hp.get("layers"), hp["decoder_channels"]
+        model = cls(checkpoint.model, hp["num_classes"], layers=layers, decoder_channels=channels, **checkpoint.model_kwargs)
+        model.load_state_dict(checkpoint.weights(use_ema))
+        return model
+
+    # ------------------------------------------------------------------ the trunk's layers for the optimizer
+    TRUNK_PREFIX = "encoder.dense.body.trunk."
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The trunk's layer groups (timm's ``group_matcher``) under this model's parameter names: timm's layer-wise lr
+        decay reads them. The pyramid, decoder and head, which no pattern matches, form the last (top) group, as
+        BEiT's and Vim's layer-decay optimizer puts the decode head above the backbone."""
+        anchor = "^" + self.TRUNK_PREFIX.replace(".", r"\.")
+
+        def prefixed(pattern: str) -> str:
+            return pattern.replace("^", anchor)  # every alternative of a timm pattern is anchored with ^
+
+        groups = self.trunk.group_matcher(coarse)
+        return {key: prefixed(v) if isinstance(v, str) else [(prefixed(p), order) for p, order in v] for key, v in groups.items()}
+
+    def no_weight_decay(self) -> set[str]:
+        """The trunk's parameters that take no weight decay (position embeddings, class tokens), under this model's names."""
+        return {self.TRUNK_PREFIX + name for name in self.trunk.no_weight_decay()}
+
+    # ------------------------------------------------------------------ the input contract export reads (the trunk's)
+    output_name = "logits"
+    """What the exported graph calls its (B, classes, H, W) output."""
+
+    @property
+    def trunk(self) -> Any:
+        """The backbone (a timm model of ours: its input contract is this model's)."""
+        return self.encoder.dense.body.trunk
+
+    @property
+    def modality(self) -> str:
+        return self.trunk.modality
+
+    @property
+    def input_kind(self) -> str:
+        return self.trunk.input_kind
+
+    @property
+    def export_refusal(self) -> str | None:
+        return self.trunk.export_refusal
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        return self.trunk.pretrained_cfg
+
+    def nominal_input_shape(self) -> tuple[int, ...]:
+        """One image's (3, H, W) at the trunk's nominal size."""
+        return tuple(self.trunk.nominal_input_shape())
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None) -> None:
+        """Change the trunk's nominal image size (a flat trunk resamples its position embedding)."""
+        self.trunk.set_input_size(img_size=img_size)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from vim.files import atomic_write
 
-from .model import exportable
+from .model import exportable, output_name
 from .program import checked_path, decompose_scan, export_program
 
 __all__ = ["DEFAULT_OPSET", "ONNX_DECOMPOSITIONS", "ONNX_OPSETS", "export_onnx"]
@@ -54,11 +54,13 @@ def export_onnx(
     """Write ``model`` as an ONNX file (default domain only; weights inside), atomically. Returns ``path``.
 
     The graph takes one input named after the model's ``modality`` (``images``, ``video`` or ``points``) of shape
-    (batch, *input_size), batch dynamic, and gives ``logits`` (a model with a classifier) or ``features``.
+    (batch, *input_size), batch dynamic, and gives ``logits`` (a model with a classifier or a segmentation model) or
+    ``features``.
     The metadata records the model name and its preprocessing (``mean``, ``std``).
 
     Args:
-        model: one of vim's backbones (a ``TimmBackbone`` of an exportable family; put in eval mode).
+        model: one of vim's backbones (a ``TimmBackbone`` of an exportable family) or segmentation models; put in eval
+            mode.
         path: the ``.onnx`` file.
         input_size: one sample's input shape; default :func:`~vim.deploy.model.nominal_input_size`.
         opset: ONNX opset, in :data:`ONNX_OPSETS`.
@@ -79,12 +81,11 @@ def export_onnx(
         program = decompose_scan(program, ONNX_DECOMPOSITIONS)
         bar.update()
         bar.set_postfix_str("translate to ONNX")
-        has_head = not isinstance(backbone.get_classifier(), nn.Identity)
         onnx_program = torch.onnx.export(
             program,
             (program.example_inputs[0][0],),
             input_names=[backbone.modality],
-            output_names=["logits" if has_head else "features"],
+            output_names=[output_name(backbone)],
             dynamic_shapes=({0: "batch"},),
             opset_version=opset,
             dynamo=True,

@@ -66,6 +66,7 @@ class TrainingCheckpoint:
         num_classes: the classifier's outputs.
         class_names: the class of each output.
         data_settings: the data module's hyper-parameters (image size, crop, normalisation, points per cloud, ...).
+        hparams: the task module's hyper-parameters (what else its task builds, e.g. a segmentation decoder's width).
         state_dict: the LightningModule's state dict (``model.*`` and, with EMA, ``ema.module.*``).
     """
 
@@ -75,6 +76,7 @@ class TrainingCheckpoint:
     num_classes: int | None
     class_names: list[str]
     data_settings: dict[str, Any]
+    hparams: dict[str, Any]
     state_dict: dict[str, torch.Tensor] = field(repr=False)
 
     def weights(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -111,6 +113,7 @@ def read_training_checkpoint(source: str | os.PathLike, argument: str = "checkpo
         num_classes=hparams.get("num_classes"),
         class_names=list(checkpoint.get("class_names") or []),
         data_settings=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+        hparams=hparams,
         state_dict=checkpoint["state_dict"],
     )
 

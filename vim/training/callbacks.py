@@ -71,7 +71,8 @@ def final_report(trainer: Trainer, module: LightningModule, checkpoint: str | No
             lines.append(f"Metrics: {metrics} (plot: python tools/plot_metrics.py {metrics})")
     if checkpoint is not None:
         step = trainer.global_step
-        lines.append(f"Final checkpoint: {checkpoint} (step {step}; timm weights: vimkit export --ckpt <it> --out <file>)")
+        export = getattr(module, "export_hint", TaskModule.export_hint)
+        lines.append(f"Final checkpoint: {checkpoint} (step {step}; {export})")
     score = module.final_metric_line(trainer.callback_metrics) if isinstance(module, TaskModule) else None
     if score is not None:
         lines.append(score)

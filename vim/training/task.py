@@ -92,6 +92,8 @@ class TaskModule(LightningModule):
     more widely, as ``AttributeDict | MutableMapping``, which has no attributes for a type checker."""
     predictions_file: ClassVar[str] = "predictions"
     """``vimkit predict``'s output in the run folder when ``--predict_writer.output`` is not given."""
+    export_hint: ClassVar[str] = "timm weights: vimkit export --ckpt <it> --out <file>"
+    """How the fit's final report says to export the final checkpoint."""
 
     def __init__(
         self,

@@ -1,8 +1,10 @@
 """Generated scenes of coloured shapes on a textured canvas, the data of the segmentation and detection quickstarts.
 
-Each image (``size`` x ``size`` RGB) holds one to four shapes of :data:`SCENE_CLASSES` (circle, square, triangle) in
-random colours, sizes and places, never overlapping, on a background of smooth colour noise. The set is written once
-under ``$VIM_CACHE/scenes`` (default ``~/.cache/vim/scenes``) in both layouts that real data comes in:
+Each image (``size`` x ``size`` RGB) holds one to three shapes of :data:`SCENE_CLASSES` (circle, square, triangle) of
+random sizes, turns and places, never overlapping, on a background of smooth colour noise. Each class has a colour
+family (:data:`CLASS_HUES`: reds, greens, blues) within which a shape's hue, saturation and brightness vary, so that
+a small model learns the classes in minutes from shape and colour together, as real classes differ in both. The set
+is written once under ``$VIM_CACHE/scenes`` (default ``~/.cache/vim/scenes``) in both layouts that real data comes in:
 
 - ``images/{train,val}/<n>.png`` and ``masks/{train,val}/<n>.png``: a mask's pixel is its class index, 0 for the
   background and 1.. for :data:`SCENE_CLASSES` (the plain images + masks layout of
@@ -15,6 +17,7 @@ Every mask and box is drawn from the polygon of its shape, so the annotations ag
 
 from __future__ import annotations
 
+import colorsys
 import json
 import os
 from pathlib import Path
@@ -24,10 +27,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vim.data.generated.cache import write_once
+from vim.data.generated.cache import cache_dir, write_once
+from vim.data.segmentation import SegmentationDataModule
 
 SCENE_CLASSES = ["circle", "square", "triangle"]
 """The shapes, in label order (mask value and COCO category id ``1 + index``; mask value 0 is the background)."""
+CLASS_HUES = [0.0, 0.33, 0.62]
+"""The centre of each class's hue (0..1: red, green, blue); a shape's hue is within 0.06 of it."""
 SPLIT_SIZES = {"train": 480, "val": 96}
 """Images per split of the quickstarts' scenes."""
 
@@ -38,6 +44,15 @@ def shape_polygon(rng: np.random.Generator, kind: str, centre: np.ndarray, radiu
     corners = {"circle": 32, "square": 4, "triangle": 3}[kind]
     angles = rng.uniform(0, 2 * np.pi) + np.arange(corners) * 2 * np.pi / corners
     return centre + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def class_colour(rng: np.random.Generator, label: int) -> tuple[int, int, int]:
+    """An RGB colour of class ``label``'s family: its hue within 0.06 of :data:`CLASS_HUES`, saturation and value
+    between 0.5 and 1."""
+    hue = (CLASS_HUES[label] + rng.uniform(-0.06, 0.06)) % 1.0
+    saturation, value = rng.uniform(0.5, 1.0, size=2)
+    red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
+    return round(255 * red), round(255 * green), round(255 * blue)
 
 
 def background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -53,14 +68,14 @@ def render_scene(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image,
     mask = Image.new("L", (size, size), 0)
     shapes: list[dict[str, Any]] = []
     placed: list[tuple[np.ndarray, float]] = []
-    for _ in range(int(rng.integers(1, 5))):
-        radius = float(rng.uniform(0.1, 0.22) * size)
+    for _ in range(int(rng.integers(1, 4))):
+        radius = float(rng.uniform(0.14, 0.3) * size)
         centre = rng.uniform(radius, size - radius, size=2)
         if any(np.linalg.norm(centre - other) < radius + other_radius + 1 for other, other_radius in placed):
             continue  # would overlap a shape already placed: this scene has one shape fewer
         label = int(rng.integers(len(SCENE_CLASSES)))
         polygon = shape_polygon(rng, SCENE_CLASSES[label], centre, radius)
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        colour = class_colour(rng, label)
         points = [tuple(p) for p in polygon.tolist()]
         ImageDraw.Draw(image).polygon(points, fill=colour)
         ImageDraw.Draw(mask).polygon(points, fill=label + 1)
@@ -110,3 +125,30 @@ def write_scenes(root: str | os.PathLike, size: int = 64, split_sizes: dict[str,
             (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
 
     return write_once(root, write)
+
+
+class SceneSegmentationDataModule(SegmentationDataModule):
+    """:class:`~vim.data.segmentation.SegmentationDataModule` on the scenes' images and masks, written under ``root``
+    (default ``$VIM_CACHE/scenes``) if missing; classes: the background, then :data:`SCENE_CLASSES`.
+
+    Args:
+        root: where the scenes live; None for the cache directory.
+        predict_root: folder of images to segment with ``predict``.
+        **kwargs: any :class:`~vim.data.segmentation.SegmentationDataModule` setting but the folders and classes.
+    """
+
+    def __init__(self, root: str | None = None, predict_root: str | None = None, **kwargs: Any) -> None:
+        folder = Path(root) if root is not None else cache_dir() / "scenes"
+        super().__init__(
+            train_images=str(folder / "images" / "train"),
+            train_masks=str(folder / "masks" / "train"),
+            val_images=str(folder / "images" / "val"),
+            val_masks=str(folder / "masks" / "val"),
+            predict_root=predict_root,
+            class_names=["background", *SCENE_CLASSES],
+            **kwargs,
+        )
+        self.root = folder
+
+    def prepare_data(self) -> None:
+        write_scenes(self.root)
