@@ -33,7 +33,8 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +53,8 @@ __all__ = [
     "KeyRules",
     "checked",
     "classifier_keys",
+    "described_groups",
+    "is_dense_checkpoint",
     "load_checkpoint_into",
     "load_official_checkpoint",
     "read_checkpoint",
@@ -59,6 +62,7 @@ __all__ = [
     "renamed_state_dict",
     "safely_unpickled",
     "square_grid",
+    "trunk_of_dense_checkpoint",
     "unwrap_state_dict",
 ]
 
@@ -69,6 +73,10 @@ SAFE_GLOBALS: list = [argparse.Namespace]
 
 WEIGHT_KEYS = ("model", "base_model", "state_dict")
 """Where training checkpoints keep the model weights: Vim / VideoMamba / DeiT, PointMamba, Lightning."""
+
+DENSE_BACKBONE_PREFIX = "backbone."
+"""Where an mmdetection / mmsegmentation checkpoint keeps its backbone's weights (beside ``neck.``, ``decode_head.``,
+``rpn_head.``, ...): VMamba's released Mask R-CNN and UperNet files."""
 
 CUSTOM_LOAD = "hf"
 """timm's ``custom_load`` value that sends every source, Hugging Face Hub included, to ``model.load_pretrained``."""
@@ -198,6 +206,45 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[st
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
     return unwrap_state_dict(checkpoint, use_ema)
+
+
+def is_dense_checkpoint(state_dict: Mapping) -> bool:
+    """Whether an unwrapped state dict (:func:`unwrap_state_dict`) is an mmdetection / mmsegmentation model's: its
+    backbone under :data:`DENSE_BACKBONE_PREFIX`."""
+    return any(key.startswith(DENSE_BACKBONE_PREFIX) for key in state_dict)
+
+
+def described_groups(keys: Iterable[str]) -> str:
+    """``keys`` by their first component, e.g. ``"neck.* (16 keys), rpn_head.* (6 keys)"``, for a message."""
+    counts = Counter(key.split(".", 1)[0] for key in keys)
+    return ", ".join(f"{group}.* ({count} key{'s' if count > 1 else ''})" for group, count in sorted(counts.items()))
+
+
+def trunk_of_dense_checkpoint(state_dict: Mapping, model: nn.Module, dense_only: re.Pattern[str]) -> dict[str, torch.Tensor]:
+    """The weights of a classification ``model``'s trunk in an mmdetection / mmsegmentation checkpoint
+    (:func:`is_dense_checkpoint`), under the family's official names.
+
+    The ``backbone.*`` keys lose their prefix; those of the dense backbone's own modules (matching ``dense_only``: its
+    per-stage output norms) are left out, as are the neck's and the heads'. The dense backbone has no final norm: the
+    model's ``norm_f.*`` (if not pruned) is returned as it is, so it keeps its initialisation; its classifier is
+    absent, which the loader leaves at its initialisation too. One log line names what was left out.
+    """
+    backbone = {
+        key.removeprefix(DENSE_BACKBONE_PREFIX): v for key, v in state_dict.items() if key.startswith(DENSE_BACKBONE_PREFIX)
+    }
+    trunk = {key: value for key, value in backbone.items() if not dense_only.match(key)}
+    left_out = [key for key in state_dict if not key.startswith(DENSE_BACKBONE_PREFIX)]
+    left_out += [DENSE_BACKBONE_PREFIX + key for key in backbone if key not in trunk]
+    own_norm = {key: value.detach().clone() for key, value in model.state_dict().items() if key.startswith("norm_f.")}
+    _logger.info(
+        "checkpoint of a detection / segmentation model: its backbone.* weights load into %s's trunk; %s keep their "
+        "initialisation (the dense backbone has no final norm and no classifier); left out: %s (vim.dense.backbone and "
+        "vim.dense.segmentation.UPerNet load the output norms and an FPN neck)",
+        type(model).__name__,
+        sorted(own_norm) or "the final norm and classifier",
+        described_groups(left_out),
+    )
+    return {**trunk, **own_norm}
 
 
 def square_grid(num_patches: int, key: str) -> tuple[int, int]:
