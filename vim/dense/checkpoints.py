@@ -11,7 +11,7 @@ API::
 The files are mmengine checkpoints, ``{"meta": ..., "state_dict": {...}}``, their keys ``backbone.*`` (upstream's
 ``MM_VSSM``: the classification ``VSSM`` without its classifier, plus a LayerNorm2d ``outnorm{i}`` on each stage's
 map), ``neck.*`` (Mask R-CNN's FPN) and the heads (``rpn_head.*``, ``roi_head.*``; ``decode_head.*``,
-``auxiliary_head.*``). Each file is read by the one safe reader, :func:`vim.models.checkpoint.read_checkpoint`.
+``auxiliary_head.*``). Each file is read by the one safe reader (:func:`vim.models.checkpoint.read_checkpoint`).
 The trunk is loaded when timm creates the model, by the family's checkpoint filter
 (:func:`~vim.models.checkpoint.trunk_of_dense_checkpoint`); :func:`load_dense_parts` then loads the rest of what the
 :class:`~vim.dense.detection.DenseBackbone` has:
@@ -47,9 +47,8 @@ from vim.models.checkpoint import (
     checked,
     described_groups,
     is_dense_checkpoint,
-    read_checkpoint,
+    load_official_checkpoint,
     rename_key,
-    unwrap_state_dict,
 )
 
 if TYPE_CHECKING:
@@ -110,7 +109,7 @@ def load_dense_parts(dense: DenseBackbone, path: str | os.PathLike) -> list[str]
     Returns:
         The checkpoint's keys left out.
     """
-    state_dict = unwrap_state_dict(read_checkpoint(path, mmap=True))
+    state_dict = load_official_checkpoint(path, mmap=True)  # the trunk's reading, again: its tensors are not copied
     if not is_dense_checkpoint(state_dict):
         return []
     parts, left_out = dense_parts(state_dict, dense)

@@ -89,7 +89,8 @@ def backbone(
         model_kwargs: more ``timm.create_model`` arguments (``drop_path_rate``, ``img_size``, ``pretrained_cfg_overlay``).
 
     Raises:
-        ValueError: an unknown name (listing close ones), or ``layers`` that the model cannot give.
+        ValueError: an unknown name (listing close ones), ``layers`` that the model cannot give, or a weights file
+            whose keys do not fit (naming them).
     """
     model = create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
     dense = DenseBackbone(PyramidFeatures(model, layers), out_channels if fpn else None)

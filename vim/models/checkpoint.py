@@ -179,13 +179,14 @@ def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, t
     return {name.removeprefix("module."): value for name, value in checkpoint.items()}
 
 
-def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+def load_official_checkpoint(path: str | Path, use_ema: bool = False, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a released ``.pth`` (Vim, VideoMamba, PointMamba) or a ``.safetensors`` file without executing pickled code.
 
     Args:
         path: the checkpoint file.
         use_ema: take the EMA weights (``"model_ema"``) when the checkpoint has them instead of ``"model"``, the
             weights upstream's published accuracy is for.
+        mmap: memory-map a ``.pth`` file (its tensors are read when used).
 
     Returns:
         The model's state dict (the file's own parameter names).
@@ -202,7 +203,7 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[st
         from safetensors.torch import load_file
 
         return unwrap_state_dict(load_file(path), use_ema)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, mmap=mmap)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
     return unwrap_state_dict(checkpoint, use_ema)

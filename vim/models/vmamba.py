@@ -37,6 +37,10 @@ upstream                                    here
 ``layers.{i}.downsample.{1,3}.*``           ``stages.{i+1}.downsample.{conv,norm}.*``
 ``classifier.norm.*``, ``classifier.head``  ``norm_f.*``, ``head.*``
 ==========================================  ==========================================
+
+The released Mask R-CNN and UperNet checkpoints hold upstream's dense backbone ``MM_VSSM`` under ``backbone.``: the
+same keys without the classifier, and a LayerNorm2d ``outnorm{i}`` per stage map, which :attr:`VMamba.stage_out_norm`
+declares for :mod:`vim.dense` (see :mod:`vim.dense.checkpoints`).
 """
 
 from __future__ import annotations
