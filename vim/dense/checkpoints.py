@@ -61,9 +61,12 @@ NECK: KeyRules = [
     (re.compile(r"^neck\.lateral_convs\.(\d+)\.conv\."), lambda m: f"fpn.inner_blocks.{m[1]}.0."),
     (re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\."), lambda m: f"fpn.layer_blocks.{m[1]}.0."),
 ]
-DENSE_PARTS = {"body.norms.": OUT_NORMS, "fpn.": NECK}
-"""The parts of a :class:`DenseBackbone` that a detection / segmentation checkpoint fills, with their key rules."""
-_FILE_PARTS = {"body.norms.": re.compile(r"^backbone\.outnorm\d+\."), "fpn.": re.compile(r"^neck\.")}
+DENSE_PARTS: dict[str, tuple[re.Pattern[str], KeyRules]] = {
+    "body.norms.": (re.compile(r"^backbone\.outnorm\d+\."), OUT_NORMS),
+    "fpn.": (re.compile(r"^neck\."), NECK),
+}
+"""The parts of a :class:`DenseBackbone` that a detection / segmentation checkpoint fills: the pattern of their keys
+in the file (a key of theirs that no rule renames is unexpected) and their key rules."""
 
 
 def dense_parts(state_dict: Mapping[str, torch.Tensor], dense: DenseBackbone) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -80,15 +83,15 @@ def dense_parts(state_dict: Mapping[str, torch.Tensor], dense: DenseBackbone) ->
     file_keys: dict[str, str] = {}  # ours -> the file's
     left_out = []
     for key, value in state_dict.items():
-        part = next((part for part, pattern in _FILE_PARTS.items() if pattern.match(key)), None)
+        part = next((part for part, (pattern, _) in DENSE_PARTS.items() if pattern.match(key)), None)
         if part is None:
             if not key.startswith("backbone."):
                 left_out.append(key)
         elif not any(name.startswith(part) for name in expected):
             left_out.append(key)  # a neck without an FPN here
         else:
-            file_keys[rename_key(key, DENSE_PARTS[part])] = key
-            taken[rename_key(key, DENSE_PARTS[part])] = value
+            name = rename_key(key, DENSE_PARTS[part][1])
+            file_keys[name], taken[name] = key, value
     # the output norms are always the file's (MM_VSSM has them); a neck only when the file has one (UperNet's has none)
     required = ("body.norms.", *(part for part in DENSE_PARTS if any(key.startswith(part) for key in taken)))
     missing = [key for key in expected if key.startswith(required) and key not in taken]

@@ -20,7 +20,9 @@ cache, a Hugging Face Hub file downloaded into its cache) and hands the local fi
 from disk, a URL or the Hub. :func:`load_checkpoint_into` reads it with :func:`load_official_checkpoint`,
 maps it with the family's ``checkpoint_filter_fn`` (``model.checkpoint_filter``), adapts the input channels of
 a 2-D patch kernel and drops a classifier that does not fit (both as timm does), then loads it with every key
-accounted for: a missing or unexpected key is refused, naming it.
+accounted for: a missing or unexpected key is refused, naming it. A family's filter takes its trunk out of a
+detection / segmentation checkpoint (mmdetection / mmsegmentation: the backbone under ``backbone.``) with
+:func:`trunk_of_dense_checkpoint`.
 """
 
 from __future__ import annotations
