@@ -38,9 +38,9 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from vim.models.checkpoint import (
     KeyRules,
@@ -50,9 +50,6 @@ from vim.models.checkpoint import (
     load_official_checkpoint,
     rename_key,
 )
-
-if TYPE_CHECKING:
-    from .detection import DenseBackbone
 
 __all__ = ["DENSE_PARTS", "NECK", "OUT_NORMS", "dense_parts", "load_dense_parts"]
 
@@ -65,14 +62,14 @@ DENSE_PARTS: dict[str, tuple[re.Pattern[str], KeyRules]] = {
     "body.norms.": (re.compile(r"^backbone\.outnorm\d+\."), OUT_NORMS),
     "fpn.": (re.compile(r"^neck\."), NECK),
 }
-"""The parts of a :class:`DenseBackbone` that a detection / segmentation checkpoint fills: the pattern of their keys
-in the file (a key of theirs that no rule renames is unexpected) and their key rules."""
+"""The parts of a :class:`~vim.dense.detection.DenseBackbone` that a detection / segmentation checkpoint fills: the
+pattern of their keys in the file (a key of theirs that no rule renames is unexpected) and their key rules."""
 
 
-def dense_parts(state_dict: Mapping[str, torch.Tensor], dense: DenseBackbone) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors of an unwrapped detection / segmentation state dict for ``dense``'s output norms and FPN, under
-    ``dense``'s names, and the keys left out (the heads; a neck when ``dense`` has no FPN). The trunk's
-    ``backbone.*`` keys are neither (the family's filter takes them).
+def dense_parts(state_dict: Mapping[str, torch.Tensor], dense: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of an unwrapped detection / segmentation state dict for the output norms and FPN of ``dense`` (a
+    :class:`~vim.dense.detection.DenseBackbone`), under its names, and the keys left out (the heads; a neck when
+    ``dense`` has no FPN). The trunk's ``backbone.*`` keys are neither (the family's filter takes them).
 
     Raises:
         ValueError: naming the keys of a part that ``dense`` has but the checkpoint does not fill (missing), the
@@ -98,16 +95,17 @@ def dense_parts(state_dict: Mapping[str, torch.Tensor], dense: DenseBackbone) ->
     unexpected = [file_keys[key] for key in taken if key not in expected]
     if missing or unexpected:
         raise ValueError(
-            f"detection / segmentation checkpoint does not fit {dense.body.name}'s dense backbone: missing keys "
+            f"detection / segmentation checkpoint does not fit the {type(dense).__name__}: missing keys "
             f"{sorted(missing)} (the model's names; the checkpoint's in vim.dense.checkpoints' table), unexpected keys "
             f"{sorted(unexpected)}"
         )
     return {key: checked(key, value, expected) for key, value in taken.items()}, left_out
 
 
-def load_dense_parts(dense: DenseBackbone, path: str | os.PathLike) -> list[str]:
-    """Load the output norms and the FPN neck of the detection / segmentation checkpoint at ``path`` into ``dense``
-    (see :func:`dense_parts`); nothing for another checkpoint. Warns once naming the keys left out.
+def load_dense_parts(dense: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load the output norms and the FPN neck of the detection / segmentation checkpoint at ``path`` into ``dense``, a
+    :class:`~vim.dense.detection.DenseBackbone` (see :func:`dense_parts`); nothing for another checkpoint. Warns once
+    naming the keys left out.
 
     Returns:
         The checkpoint's keys left out.
