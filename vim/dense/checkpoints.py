@@ -38,6 +38,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ def load_dense_parts(dense: nn.Module, path: str | os.PathLike) -> list[str]:
     Returns:
         The checkpoint's keys left out.
     """
-    state_dict = load_official_checkpoint(path, mmap=True)  # the trunk's reading, again: its tensors are not copied
+    state_dict = load_official_checkpoint(Path(path), mmap=True)  # the trunk's reading, again: its tensors are not copied
     if not is_dense_checkpoint(state_dict):
         return []
     parts, left_out = dense_parts(state_dict, dense)
