@@ -74,7 +74,8 @@ def test_maps_have_torchvisions_keys_strides_and_channels(name: str) -> None:
 @pytest.mark.parametrize("name", ["test_vmamba", "test_mambavision"])
 def test_hierarchical_maps_are_the_stages_at_any_image_size(name: str) -> None:
     """A 70 x 90 image (no multiple of 32): the raw maps are the trunk's four stage outputs, ceil(side / stride) on each
-    side (3x3 stride-2 convs with padding 1 round up), and the FPN's maps take their sizes."""
+    side (3x3 stride-2 convs with padding 1 round up), VMamba's through a LayerNorm over the channels (eps 1e-5, its
+    MM_VSSM's ``outnorm{i}``), and the FPN's maps take their sizes."""
     torch.manual_seed(0)
     images = torch.randn(1, 3, 70, 90)
     backbone = _backbone(name).eval()
@@ -83,6 +84,14 @@ def test_hierarchical_maps_are_the_stages_at_any_image_size(name: str) -> None:
         stages = backbone.body.trunk.forward_intermediates(images, output_fmt="NCHW", intermediates_only=True)
         maps = backbone(images)
     assert [x.shape[-2:] for x in raw] == [(math.ceil(70 / s), math.ceil(90 / s)) for s in (4, 8, 16, 32)]
+    if name == "test_vmamba":
+        norms = backbone.body.norms
+        stages = [
+            F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], n.weight, n.bias, eps=1e-5).permute(0, 3, 1, 2)
+            for x, n in zip(stages, norms, strict=True)
+        ]
+    else:
+        assert backbone.body.norms is None
     for ours, stage in zip(raw, stages, strict=True):
         torch.testing.assert_close(ours, stage, rtol=0, atol=0)
     assert [maps[str(i)].shape[-2:] for i in range(4)] == [x.shape[-2:] for x in raw]

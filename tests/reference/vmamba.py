@@ -15,6 +15,8 @@ functions. Upstream is MzeroMiko/VMamba ``classification/models/vmamba.py`` (``S
   whole ``VSSM`` of the released v2 classifiers (``vmamba_tiny_s1l8`` and co.: ``patchembed_version="v2"``,
   ``downsample_version="v3"``, ``norm_layer="ln2d"``, ``mlp_ratio`` 4 with GELU, ``classifier`` = norm, average
   pool, head), its keys as upstream's ``nn.Sequential`` indices name them.
+* :func:`official_backbone_shapes`, :func:`official_backbone_forward`: the dense backbone of the detection and
+  segmentation models (``MM_VSSM`` = ``Backbone_VSSM``: no classifier, a LayerNorm2d ``outnorm{i}`` per stage map).
 """
 
 from __future__ import annotations
@@ -185,13 +187,14 @@ def official_vssm_state_dict(shapes: dict[str, tuple], generator: torch.Generato
     return out
 
 
-def official_vssm_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depths: list[int]) -> torch.Tensor:
-    """VSSM.forward of the ln2d v2 classifiers in float64, channels-first: (B, C, H, W) images -> (B, num_classes)."""
-    sd = {k: v.double() for k, v in sd.items()}
+def _stage_outputs(sd: dict[str, torch.Tensor], x: torch.Tensor, depths: list[int]) -> list[torch.Tensor]:
+    """The stem and each layer's blocks in float64 (sd in float64), channels-first: (B, C, H, W) images -> each
+    layer's blocks' output (B, C_i, H_i, W_i), before its downsample (what ``Backbone_VSSM.forward`` normalises)."""
     x = _conv3x3_s2(x.double(), sd, "patch_embed.0")
     x = F.gelu(_layer_norm_2d(x, sd["patch_embed.2.weight"], sd["patch_embed.2.bias"]))
     x = _conv3x3_s2(x, sd, "patch_embed.5")
     x = _layer_norm_2d(x, sd["patch_embed.7.weight"], sd["patch_embed.7.bias"])
+    outputs = []
     for i, depth in enumerate(depths):
         for j in range(depth):
             block = f"layers.{i}.blocks.{j}"
@@ -200,8 +203,34 @@ def official_vssm_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depths: 
             h = _layer_norm_2d(x, sd[f"{block}.norm2.weight"], sd[f"{block}.norm2.bias"])
             h = F.gelu(F.conv2d(h, sd[f"{block}.mlp.fc1.weight"][:, :, None, None], sd[f"{block}.mlp.fc1.bias"]))
             x = x + F.conv2d(h, sd[f"{block}.mlp.fc2.weight"][:, :, None, None], sd[f"{block}.mlp.fc2.bias"])
+        outputs.append(x)
         if i < len(depths) - 1:
             x = _conv3x3_s2(x, sd, f"layers.{i}.downsample.1")
             x = _layer_norm_2d(x, sd[f"layers.{i}.downsample.3.weight"], sd[f"layers.{i}.downsample.3.bias"])
+    return outputs
+
+
+def official_vssm_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depths: list[int]) -> torch.Tensor:
+    """VSSM.forward of the ln2d v2 classifiers in float64, channels-first: (B, C, H, W) images -> (B, num_classes)."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x = _stage_outputs(sd, x, depths)[-1]
     x = _layer_norm_2d(x, sd["classifier.norm.weight"], sd["classifier.norm.bias"]).mean(dim=(2, 3))
     return F.linear(x, sd["classifier.head.weight"], sd["classifier.head.bias"])
+
+
+def official_backbone_shapes(dims: list[int], depths: list[int], ssm_ratio: float) -> dict[str, tuple]:
+    """The keys and shapes of ``MM_VSSM(out_indices=(0, 1, 2, 3), ...)``'s state dict (detection/model.py, the
+    ``Backbone_VSSM`` of classification/models/vmamba.py), the same settings as :func:`official_vssm_shapes`: the
+    ``VSSM`` without its ``classifier`` (deleted), plus a LayerNorm2d ``outnorm{i}`` of width ``dims[i]`` per stage."""
+    shapes = {k: v for k, v in official_vssm_shapes(dims, depths, ssm_ratio).items() if not k.startswith("classifier.")}
+    for i, dim in enumerate(dims):
+        shapes.update(_norm_shapes(f"outnorm{i}", dim))
+    return shapes
+
+
+def official_backbone_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depths: list[int]) -> list[torch.Tensor]:
+    """``Backbone_VSSM.forward`` (ln2d: channels-first, no permute) in float64: (B, C, H, W) images -> for each stage i
+    ``outnorm{i}`` of its blocks' output, (B, C_i, H_i, W_i)."""
+    sd = {k: v.double() for k, v in sd.items()}
+    outputs = _stage_outputs(sd, x, depths)
+    return [_layer_norm_2d(y, sd[f"outnorm{i}.weight"], sd[f"outnorm{i}.bias"]) for i, y in enumerate(outputs)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import pathlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,17 +16,8 @@ from vim.files import check_weights_file
 from vim.models.checkpoint import CheckpointError, read_checkpoint
 from vim.training.image_classifier import ImageClassifier
 
+from support.pickles import TouchOnUnpickle
 from support.training import tiny_config
-
-
-class TouchOnUnpickle:
-    """A pickled payload: unpickling it calls ``Path.touch`` on ``marker``, as a malicious checkpoint would run code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
 def save_malicious_checkpoint(path: Path, marker: Path) -> Path:

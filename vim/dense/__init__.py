@@ -8,8 +8,9 @@ API::
 
 Modules: :mod:`.pyramid` (the simple feature pyramid of a flat trunk), :mod:`.features` (any image model as four maps
 at strides 4 / 8 / 16 / 32, through ``forward_intermediates``), :mod:`.detection` (the torchvision-style backbone, with
-torchvision's FPN), and :mod:`.segmentation` (segmentation_models_pytorch's UPerNet on those maps; it needs that
-package, so it is not imported here).
+torchvision's FPN), :mod:`.checkpoints` (VMamba's released Mask R-CNN and UperNet checkpoints: the output norms and
+the FPN neck), and :mod:`.segmentation` (segmentation_models_pytorch's UPerNet on those maps; it needs that package,
+so it is not imported here).
 """
 
 from .detection import DenseBackbone, backbone

@@ -28,6 +28,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from vim.models.loading import create_model
 
+from .checkpoints import load_dense_parts
 from .features import PyramidFeatures
 
 __all__ = ["DenseBackbone", "backbone"]
@@ -80,14 +81,20 @@ def backbone(
     Args:
         name: a timm name of ours (``vmamba_tiny_s1l8``, ``mambavision_tiny.in1k``, ``vim_small_patch16_224``).
         pretrained: load the released weights of the name's tag, or the file ``pretrained_cfg_overlay=dict(file=...)``
-            names, exactly as ``timm.create_model`` does.
+            names, exactly as ``timm.create_model`` does; from a detection or segmentation checkpoint (VMamba's Mask
+            R-CNN, UperNet) the output norms and an FPN neck too (:mod:`vim.dense.checkpoints`).
         fpn: pass the maps through a ``FeaturePyramidNetwork`` (+ ``LastLevelMaxPool``); False: the raw maps.
         out_channels: the FPN's width.
         layers: a flat trunk's blocks to build the pyramid from (see :class:`~vim.dense.features.PyramidFeatures`).
         model_kwargs: more ``timm.create_model`` arguments (``drop_path_rate``, ``img_size``, ``pretrained_cfg_overlay``).
 
     Raises:
-        ValueError: an unknown name (listing close ones), or ``layers`` that the model cannot give.
+        ValueError: an unknown name (listing close ones), ``layers`` that the model cannot give, or a weights file
+            whose keys do not fit (naming them).
     """
     model = create_model(name, pretrained=pretrained, num_classes=0, **model_kwargs)
-    return DenseBackbone(PyramidFeatures(model, layers), out_channels if fpn else None)
+    dense = DenseBackbone(PyramidFeatures(model, layers), out_channels if fpn else None)
+    file = (model_kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and file:  # a detection / segmentation checkpoint: its output norms and neck too
+        load_dense_parts(dense, file)
+    return dense

@@ -11,7 +11,11 @@ API::
 The layout is read off the model's ``feature_info``: a hierarchical trunk (intermediates at reductions 4, 8, 16, 32:
 VMamba, MambaVision) gives its stage maps as they are; a flat trunk (every intermediate at one stride: Vim) gives the
 output of the chosen blocks, turned into four levels by a :class:`~vim.dense.pyramid.SimpleFeaturePyramid`. Either way
-the maps come from ``forward_intermediates(..., output_fmt="NCHW", intermediates_only=True)``. The model is pruned to
+the maps come from ``forward_intermediates(..., output_fmt="NCHW", intermediates_only=True)``. A hierarchical family
+whose dense backbone normalises each stage's map (``stage_out_norm``: VMamba's ``MM_VSSM`` has a LayerNorm2d
+``outnorm{i}`` per stage, as mmdetection's Swin) gets those norms here, ``norms[i]`` on map i: initialised as
+upstream's (weight 1, bias 0) when starting from classification weights, loaded from a detection or segmentation
+checkpoint's ``backbone.outnorm{i}`` (:mod:`vim.dense.checkpoints`). The model is pruned to
 what that takes (``prune_intermediate_layers``: the blocks after the last one taken, the final norm and the classifier
 go), so that every parameter left receives a gradient.
 
@@ -75,12 +79,14 @@ class PyramidFeatures(nn.Module):
     Attributes:
         trunk: the pruned model.
         pyramid: the :class:`~vim.dense.pyramid.SimpleFeaturePyramid` of a flat trunk, None for a hierarchical one.
+        norms: the per-map norms of a hierarchical trunk with a ``stage_out_norm``, None otherwise.
         indices: the intermediates taken (absolute indices).
         channels: each map's channel count.
         strides: each map's stride, 4 / 8 / 16 / 32.
     """
 
     pyramid: SimpleFeaturePyramid | None
+    norms: nn.ModuleList | None
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None) -> None:
         super().__init__()
@@ -102,6 +108,10 @@ class PyramidFeatures(nn.Module):
             indices = [reductions.index(stride) for stride in STRIDES]
             self.pyramid = None
             self.channels = [widths[i] for i in indices]
+        stage_out_norm = getattr(trunk, "stage_out_norm", None) if self.pyramid is None else None
+        like = next(model.parameters())
+        dd = {"device": like.device, "dtype": like.dtype}
+        self.norms = None if stage_out_norm is None else nn.ModuleList(stage_out_norm(c, **dd) for c in self.channels)
         self.indices = trunk.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
         self.trunk = model
         self.strides = list(STRIDES)
@@ -112,6 +122,8 @@ class PyramidFeatures(nn.Module):
         maps = trunk.forward_intermediates(
             images, indices=self.indices, output_fmt="NCHW", intermediates_only=True, stop_early=True
         )
+        if self.norms is not None:
+            return [norm(x) for norm, x in zip(self.norms, maps, strict=True)]
         if self.pyramid is None:
             return maps
         check_tiling(self.name, maps[0].shape[-2:], self.pyramid.in_stride, images.shape[-2:])

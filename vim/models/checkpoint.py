@@ -20,7 +20,9 @@ cache, a Hugging Face Hub file downloaded into its cache) and hands the local fi
 from disk, a URL or the Hub. :func:`load_checkpoint_into` reads it with :func:`load_official_checkpoint`,
 maps it with the family's ``checkpoint_filter_fn`` (``model.checkpoint_filter``), adapts the input channels of
 a 2-D patch kernel and drops a classifier that does not fit (both as timm does), then loads it with every key
-accounted for: a missing or unexpected key is refused, naming it.
+accounted for: a missing or unexpected key is refused, naming it. A family's filter takes its trunk out of a
+detection / segmentation checkpoint (mmdetection / mmsegmentation: the backbone under ``backbone.``) with
+:func:`trunk_of_dense_checkpoint`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +55,8 @@ __all__ = [
     "KeyRules",
     "checked",
     "classifier_keys",
+    "described_groups",
+    "is_dense_checkpoint",
     "load_checkpoint_into",
     "load_official_checkpoint",
     "read_checkpoint",
@@ -59,6 +64,7 @@ __all__ = [
     "renamed_state_dict",
     "safely_unpickled",
     "square_grid",
+    "trunk_of_dense_checkpoint",
     "unwrap_state_dict",
 ]
 
@@ -69,6 +75,10 @@ SAFE_GLOBALS: list = [argparse.Namespace]
 
 WEIGHT_KEYS = ("model", "base_model", "state_dict")
 """Where training checkpoints keep the model weights: Vim / VideoMamba / DeiT, PointMamba, Lightning."""
+
+DENSE_BACKBONE_PREFIX = "backbone."
+"""Where an mmdetection / mmsegmentation checkpoint keeps its backbone's weights (beside ``neck.``, ``decode_head.``,
+``rpn_head.``, ...): VMamba's released Mask R-CNN and UperNet files."""
 
 CUSTOM_LOAD = "hf"
 """timm's ``custom_load`` value that sends every source, Hugging Face Hub included, to ``model.load_pretrained``."""
@@ -171,13 +181,14 @@ def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, t
     return {name.removeprefix("module."): value for name, value in checkpoint.items()}
 
 
-def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
+def load_official_checkpoint(path: str | Path, use_ema: bool = False, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a released ``.pth`` (Vim, VideoMamba, PointMamba) or a ``.safetensors`` file without executing pickled code.
 
     Args:
         path: the checkpoint file.
         use_ema: take the EMA weights (``"model_ema"``) when the checkpoint has them instead of ``"model"``, the
             weights upstream's published accuracy is for.
+        mmap: memory-map a ``.pth`` file (its tensors are read when used).
 
     Returns:
         The model's state dict (the file's own parameter names).
@@ -194,10 +205,49 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = False) -> dict[st
         from safetensors.torch import load_file
 
         return unwrap_state_dict(load_file(path), use_ema)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, mmap=mmap)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
     return unwrap_state_dict(checkpoint, use_ema)
+
+
+def is_dense_checkpoint(state_dict: Mapping) -> bool:
+    """Whether an unwrapped state dict (:func:`unwrap_state_dict`) is an mmdetection / mmsegmentation model's: its
+    backbone under :data:`DENSE_BACKBONE_PREFIX`."""
+    return any(key.startswith(DENSE_BACKBONE_PREFIX) for key in state_dict)
+
+
+def described_groups(keys: Iterable[str]) -> str:
+    """``keys`` by their first component, e.g. ``"neck.* (16 keys), rpn_head.* (6 keys)"``, for a message."""
+    counts = Counter(key.split(".", 1)[0] for key in keys)
+    return ", ".join(f"{group}.* ({count} key{'s' if count > 1 else ''})" for group, count in sorted(counts.items()))
+
+
+def trunk_of_dense_checkpoint(state_dict: Mapping, model: nn.Module, dense_only: re.Pattern[str]) -> dict[str, torch.Tensor]:
+    """The weights of a classification ``model``'s trunk in an mmdetection / mmsegmentation checkpoint
+    (:func:`is_dense_checkpoint`), under the family's official names.
+
+    The ``backbone.*`` keys lose their prefix; those of the dense backbone's own modules (matching ``dense_only``: its
+    per-stage output norms) are left out, as are the neck's and the heads'. The dense backbone has no final norm: the
+    model's ``norm_f.*`` (if not pruned) is returned as it is, so it keeps its initialisation; its classifier is
+    absent, which the loader leaves at its initialisation too. One log line names what was left out.
+    """
+    backbone = {
+        key.removeprefix(DENSE_BACKBONE_PREFIX): v for key, v in state_dict.items() if key.startswith(DENSE_BACKBONE_PREFIX)
+    }
+    trunk = {key: value for key, value in backbone.items() if not dense_only.match(key)}
+    left_out = [key for key in state_dict if not key.startswith(DENSE_BACKBONE_PREFIX)]
+    left_out += [DENSE_BACKBONE_PREFIX + key for key in backbone if key not in trunk]
+    own_norm = {key: value.detach().clone() for key, value in model.state_dict().items() if key.startswith("norm_f.")}
+    _logger.info(
+        "checkpoint of a detection / segmentation model: its backbone.* weights load into %s's trunk; %s keep their "
+        "initialisation (the dense backbone has no final norm and no classifier); left out: %s (vim.dense.backbone and "
+        "vim.dense.segmentation.UPerNet load the output norms and an FPN neck)",
+        type(model).__name__,
+        sorted(own_norm) or "the final norm and classifier",
+        described_groups(left_out),
+    )
+    return {**trunk, **own_norm}
 
 
 def square_grid(num_patches: int, key: str) -> tuple[int, int]:

@@ -167,6 +167,9 @@ class HierarchicalBackbone(TimmBackbone):
     pool_types = ("avg", "max", "")
     num_prefix_tokens = 0
     stages: nn.ModuleList
+    stage_out_norm: PartFactory | None = None
+    """The norm a family's dense backbone applies to each stage's (B, C_i, H_i, W_i) map, called as ``norm(C_i)``
+    (VMamba's ``outnorm{i}``), None for none. :class:`vim.dense.features.PyramidFeatures` builds one per map."""
 
     def build_stages(
         self,

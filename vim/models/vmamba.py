@@ -37,6 +37,10 @@ upstream                                    here
 ``layers.{i}.downsample.{1,3}.*``           ``stages.{i+1}.downsample.{conv,norm}.*``
 ``classifier.norm.*``, ``classifier.head``  ``norm_f.*``, ``head.*``
 ==========================================  ==========================================
+
+The released Mask R-CNN and UperNet checkpoints hold upstream's dense backbone ``MM_VSSM`` under ``backbone.``: the
+same keys without the classifier, and a LayerNorm2d ``outnorm{i}`` per stage map, which :attr:`VMamba.stage_out_norm`
+declares for :mod:`vim.dense` (see :mod:`vim.dense.checkpoints`).
 """
 
 from __future__ import annotations
@@ -48,13 +52,20 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple
+from timm.layers import LayerNorm2d, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .block import PartFactory, gelu_mlp
 from .builder import build_backbone
-from .checkpoint import KeyRules, rename_key, renamed_state_dict
+from .checkpoint import (
+    KeyRules,
+    is_dense_checkpoint,
+    rename_key,
+    renamed_state_dict,
+    trunk_of_dense_checkpoint,
+    unwrap_state_dict,
+)
 from .hierarchical import GridDownsample, HierarchicalImageBackbone
 from .ss2d import SS2D
 
@@ -117,6 +128,8 @@ class VMamba(HierarchicalImageBackbone):
         drop_path_rate: stochastic depth of the last block (linspace over all blocks from 0).
         kernel_backend: backend of the kernels, None for ``$VIM_SCAN_BACKEND`` or "auto".
     """
+
+    stage_out_norm = partial(LayerNorm2d, eps=LAYER_NORM_EPS)  # upstream's MM_VSSM: outnorm{i}, a LayerNorm2d
 
     def __init__(
         self,
@@ -191,15 +204,25 @@ _TO_OFFICIAL: KeyRules = [
 ]
 
 
+_OUT_NORMS = re.compile(r"^outnorm\d+\.")  # MM_VSSM's per-stage output norms, on the dense backbone's maps
+
+
 def checkpoint_filter_fn(state_dict: Mapping, model: VMamba) -> dict[str, torch.Tensor]:
     """Map an official VMamba state dict (or a whole training checkpoint: weights under ``"model"``) onto ``model``.
 
-    Upstream's keys are renamed (module docstring's table); our own keys (an exported model) pass unchanged.
+    Upstream's keys are renamed (module docstring's table); our own keys (an exported model) pass unchanged. From a
+    Mask R-CNN or UperNet checkpoint (mmdetection / mmsegmentation: ``MM_VSSM`` under ``backbone.``), the trunk is
+    taken (:func:`~vim.models.checkpoint.trunk_of_dense_checkpoint`): the final norm and the classifier keep their
+    initialisation, and the output norms ``outnorm{i}``, the neck and the heads are left out, as a log line says
+    (:func:`vim.dense.backbone` loads the output norms into its maps' norms).
 
     Raises:
         ValueError: naming the key and both shapes, when a tensor cannot fit the model. The classifier and the stem's
             input channels are left to the loader, which adapts them to ``num_classes`` / ``in_chans``.
     """
+    state_dict = unwrap_state_dict(state_dict)
+    if is_dense_checkpoint(state_dict):
+        state_dict = trunk_of_dense_checkpoint(state_dict, model, _OUT_NORMS)
     return renamed_state_dict(state_dict, model, _TO_OURS)
 
 
