@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             assert model(images).shape == (args.batch, CLASSES, args.size, args.size), name
         for round_index in range(args.rounds):
             for name, model in models.items():
-                seconds[name].append(median_seconds(lambda model=model: model(images), args.device, args.min_seconds))
+                seconds[name].append(median_seconds(partial(model, images), args.device, args.min_seconds))
             print(f"round {round_index + 1}: " + ", ".join(f"{n} {s[-1]:.3f} s" for n, s in seconds.items()), flush=True)
     records = [
         dict(

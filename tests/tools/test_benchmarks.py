@@ -70,3 +70,29 @@ def test_bench_segmentation_times_both_upernets_in_interleaved_rounds(tmp_path):
     assert len(vim_row["rounds"]) == len(other_row["rounds"]) == 2
     assert saved["vim_over_other"] == pytest.approx(vim_row["images_per_second"] / other_row["images_per_second"])
     assert "test_vim + UperNet runs at" in (tmp_path / "segmentation_cpu.md").read_text()
+
+
+def test_check_quickstarts_reads_the_readme_table_and_checks_printed_scores():
+    """The README's own table parses into its quickstarts, and a stated score is met only when each of its
+    percentages is printed in the run's final line."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import check_quickstarts as tool
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    rows = tool.readme_quickstarts((REPO / "README.md").read_text())
+    assert rows[0].command == "vimkit fit --config configs/quickstart.yaml" and len(rows) >= 3
+    assert all((REPO / config_of(row.command)).is_file() for row in rows)
+    line = tool.final_score_line(
+        "Finished 8 epochs.\nFinal validation accuracy of the EMA weights (...): top-1 94.2% top-5 99.7% "
+        "(trained weights: top-1 95.0% top-5 99.7%)\n"
+    )
+    assert tool.score_met("95.0%, EMA 94.2%", line) and not tool.score_met("95.1%, EMA 94.2%", line)
+    assert tool.score_met("mIoU 88.2%", "Final validation mIoU 88.2% (mAcc 95.9%, aAcc 98.1%) of the EMA weights")
+    assert not tool.score_met("mIoU 88.2%", None) and not tool.score_met("no figure", line)
+    assert tool.minutes(62.4) == "1 min 2 s" and tool.minutes(41) == "41 s"
+
+
+def config_of(command: str) -> str:
+    words = command.split()
+    return words[words.index("--config") + 1]

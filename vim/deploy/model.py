@@ -145,8 +145,8 @@ def load_model(
 
 def load_segmenter(checkpoint: str | os.PathLike | None, use_ema: bool = True) -> nn.Module | None:
     """The UperNet of a segmentation run's ``.ckpt`` (:meth:`vim.dense.segmentation.UPerNet.from_training_checkpoint`);
-    None for any other file."""
-    if checkpoint is None or Path(checkpoint).suffix != ".ckpt":
+    None for any other file, and for a missing file or a URL (the classifier's loading says what is wrong with those)."""
+    if checkpoint is None or Path(checkpoint).suffix != ".ckpt" or not Path(checkpoint).is_file():
         return None
     training = loading.read_training_checkpoint(checkpoint, "checkpoint")
     if "decoder_channels" not in training.hparams:

@@ -97,8 +97,8 @@ class Segmenter(TaskModule):
             raise ValueError(f"eval_mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
         super().__init__(model, num_classes, **kwargs)
         stages = ("val", "val_ema", "test", "test_ema")
-        matrices = {name: MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX) for name in stages}
-        self.confusion = nn.ModuleDict(matrices)
+        self.confusion = {name: MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX) for name in stages}
+        self.confusion_matrices = nn.ModuleDict(self.confusion)  # registered: they move with the module and sync
 
     # ----------------------------------------------------------------------------------------- model
     def model_kwargs(self) -> dict[str, Any]:
@@ -126,8 +126,9 @@ class Segmenter(TaskModule):
         """Logits (B, K, H, W) of (B, 3, H, W) images, H and W multiples of 32."""
         return self.model(images)
 
-    def segment(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, H, W) of (B, 3, H, W) images of any size, by ``eval_mode``."""
+    def segment(self, model: Any, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, H, W) of (B, 3, H, W) images of any size, by ``eval_mode``; ``model`` is the trained or the
+        EMA UperNet."""
         hp = self.hparams
         if hp.eval_mode == "whole":
             return whole_logits(model, images)

@@ -112,7 +112,8 @@ def write_scenes(root: str | os.PathLike, size: int = 64, split_sizes: dict[str,
         for split, count in split_sizes.items():
             for folder in ("images", "masks"):
                 (root / folder / split).mkdir(parents=True, exist_ok=True)
-            images, annotations = [], []
+            images: list[dict[str, Any]] = []
+            annotations: list[dict[str, Any]] = []
             for n in tqdm(range(count), desc=f"writing scenes/{split}", leave=False):
                 image, mask, shapes = render_scene(rng, size)
                 name = f"{n:04d}.png"

@@ -116,7 +116,9 @@ class SegmentationFiles(SampleFiles):
         if target == UNLABELLED:
             values = np.full((rgb.height, rgb.width), IGNORE_INDEX, dtype=np.uint8)
         else:
-            values = read_mask(self.mask_files[target], rgb.size, self.num_classes, self.reduce_zero_label)
+            mask_file = self.mask_files[target]
+            assert mask_file is not None  # a labelled target has its mask
+            values = read_mask(mask_file, rgb.size, self.num_classes, self.reduce_zero_label)
         image, mask = self.transform(tv_tensors.Image(pil_to_tensor(rgb)), tv_tensors.Mask(torch.from_numpy(values)))
         if target == UNLABELLED:
             mask = mask[:0, :0]
