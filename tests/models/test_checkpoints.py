@@ -135,3 +135,57 @@ def test_unsafe_pickles_are_refused_with_a_hint(tmp_path, weights) -> None:
     path = _save_training_checkpoint(tmp_path / "vim.pth", weights, extra=NotAllowed())
     with pytest.raises(ValueError, match="add_safe_globals"):
         load_official_checkpoint(path)
+
+
+def save_with_foreign_types(path: Path, checkpoint: dict, module_name: str, class_name: str, payload: dict) -> Path:
+    """``torch.save`` a checkpoint holding an instance of ``module_name.class_name`` (built here, then removed from
+    ``sys.modules``: a type of a package that is not installed, as mmengine is not) with ``payload`` as its attributes."""
+    import sys
+    import types
+
+    parents = module_name.split(".")
+    names = [".".join(parents[: i + 1]) for i in range(len(parents))]
+    added = [name for name in names if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = types.ModuleType(name)
+    foreign = type(class_name, (), {"__module__": module_name})
+    setattr(sys.modules[module_name], class_name, foreign)
+    instance = foreign()
+    instance.__dict__.update(payload)
+    try:
+        torch.save({**checkpoint, "message_hub": {"log_scalars": {"loss": instance}}}, path)
+    finally:
+        for name in added:
+            del sys.modules[name]
+    return path
+
+
+def test_mmengine_bookkeeping_beside_the_weights_is_read_as_inert_objects(tmp_path) -> None:
+    """mmengine's checkpoint hook pickles its message hub (HistoryBuffer objects holding numpy arrays) beside the
+    weights: the weights load, and nothing of those types is called. Any other foreign object is still refused."""
+    import numpy as np
+
+    weights = {"backbone.patch_embed.weight": torch.randn(4, 3)}
+    history = {"_log_history": np.arange(3.0), "_count_history": np.ones(3, dtype=np.int64), "max_length": 10}
+    path = save_with_foreign_types(
+        tmp_path / "mask_rcnn.pth", {"meta": {"epoch": 12}, "state_dict": weights},
+        "mmengine.logging.history_buffer", "HistoryBuffer", history,
+    )  # fmt: skip
+    loaded = load_official_checkpoint(path)
+    assert loaded.keys() == weights.keys() and torch.equal(
+        loaded["backbone.patch_embed.weight"], weights["backbone.patch_embed.weight"]
+    )
+    other = save_with_foreign_types(tmp_path / "other.pth", {"state_dict": weights}, "somepackage.logging", "Buffer", {})
+    with pytest.raises(ValueError, match=r"somepackage\.logging\.Buffer"):
+        load_official_checkpoint(other)
+
+
+def test_bookkeeping_types_run_no_code_of_a_payload(tmp_path) -> None:
+    """A file whose bookkeeping hides a payload that runs code (here: touching a file) is refused, the code not run."""
+    from support.pickles import TouchOnUnpickle
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "message_hub": TouchOnUnpickle(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="is refused"):
+        load_official_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()

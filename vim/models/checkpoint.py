@@ -73,6 +73,36 @@ _logger = logging.getLogger(__name__)
 SAFE_GLOBALS: list = [argparse.Namespace]
 """Non-tensor types a released checkpoint may hold that ``torch.load(weights_only=True)`` accepts."""
 
+
+class Bookkeeping:
+    """What a released weights file's training bookkeeping (mmengine's ``message_hub`` of ``HistoryBuffer`` objects and
+    the numpy arrays in them) is read as: an empty object. It is created and filled without calling anything of the
+    type it stands for, so reading it runs no code of the file; the weights never depend on it."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Bookkeeping:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+BOOKKEEPING_TYPES = (
+    "mmengine.logging.history_buffer.HistoryBuffer",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
+)
+"""Types that training frameworks pickle beside the weights of a released file (mmengine's checkpoint hook saves its
+message hub's ``HistoryBuffer`` objects and their numpy arrays): :func:`load_official_checkpoint` reads them as inert
+:class:`Bookkeeping` objects instead of refusing the file. Numpy's own types among them are never called either, so an
+object array's contents go through the same restricted unpickler."""
+
 WEIGHT_KEYS = ("model", "base_model", "state_dict")
 """Where training checkpoints keep the model weights: Vim / VideoMamba / DeiT, PointMamba, Lightning."""
 
@@ -101,7 +131,7 @@ class CheckpointError(ValueError):
     run), or its URL could not be downloaded. The message is one line naming the file or URL and why."""
 
 
-def read_checkpoint(source: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+def read_checkpoint(source: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False, bookkeeping: bool = False) -> Any:
     """What the torch checkpoint at ``source`` holds, read without executing pickled code.
 
     ``torch.load(weights_only=True)`` with only :data:`SAFE_GLOBALS` allowed, whatever the caller or a library would
@@ -112,23 +142,27 @@ def read_checkpoint(source: str | os.PathLike, map_location: Any = "cpu", mmap: 
             folder that is removed once read.
         map_location: as ``torch.load``'s.
         mmap: memory-map a local file (tensors are read when used); a download is read whole.
+        bookkeeping: read objects of :data:`BOOKKEEPING_TYPES` as inert :class:`Bookkeeping` objects (for files read
+            for their weights alone) instead of refusing the file.
 
     Raises:
         FileNotFoundError: no such local file.
         CheckpointError: the file holds objects outside :data:`SAFE_GLOBALS`, or the URL could not be downloaded.
     """
-    with safely_unpickled(source) as path:
+    with safely_unpickled(source, bookkeeping) as path:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and not is_remote(source))
 
 
 @contextlib.contextmanager
-def safely_unpickled(source: str | os.PathLike) -> Iterator[Path]:
+def safely_unpickled(source: str | os.PathLike, bookkeeping: bool = False) -> Iterator[Path]:
     """The local file of ``source`` (a URL downloaded, as :func:`read_checkpoint` does), to ``torch.load`` with
-    ``weights_only=True`` inside: :data:`SAFE_GLOBALS` are allowed there, and an object outside them raises
-    :class:`CheckpointError` naming ``source``. For loaders that take a path (Lightning's ``load_from_checkpoint``)."""
+    ``weights_only=True`` inside: :data:`SAFE_GLOBALS` (and, with ``bookkeeping``, :data:`BOOKKEEPING_TYPES` as inert
+    stand-ins) are allowed there, and an object outside them raises :class:`CheckpointError` naming ``source``. For
+    loaders that take a path (Lightning's ``load_from_checkpoint``)."""
+    allowed = SAFE_GLOBALS + ([(Bookkeeping, name) for name in BOOKKEEPING_TYPES] if bookkeeping else [])
     with _local_copy(source) as path:
         try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
+            with torch.serialization.safe_globals(allowed):
                 yield path
         except pickle.UnpicklingError as error:
             raise CheckpointError(
@@ -182,7 +216,9 @@ def unwrap_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, t
 
 
 def load_official_checkpoint(path: str | Path, use_ema: bool = False, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """Read a released ``.pth`` (Vim, VideoMamba, PointMamba) or a ``.safetensors`` file without executing pickled code.
+    """Read a released ``.pth`` (Vim, VideoMamba, PointMamba, VMamba's mmdetection / mmsegmentation files) or a
+    ``.safetensors`` file without executing pickled code (training bookkeeping beside the weights is read as inert
+    objects: :data:`BOOKKEEPING_TYPES`).
 
     Args:
         path: the checkpoint file.
@@ -205,7 +241,7 @@ def load_official_checkpoint(path: str | Path, use_ema: bool = False, mmap: bool
         from safetensors.torch import load_file
 
         return unwrap_state_dict(load_file(path), use_ema)
-    checkpoint = read_checkpoint(path, mmap=mmap)
+    checkpoint = read_checkpoint(path, mmap=mmap, bookkeeping=True)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
     return unwrap_state_dict(checkpoint, use_ema)
