@@ -22,7 +22,7 @@ from vim.dense.checkpoints import dense_parts
 from vim.models.checkpoint import CheckpointError
 from vim.models.vmamba import checkpoint_filter_fn, to_official_state_dict
 
-from reference.openmmlab import mmdet_fpn_forward, mmdet_fpn_shapes
+from reference.openmmlab import mmdet_fpn_forward, mmdet_fpn_shapes, mmseg_uperhead_forward, mmseg_uperhead_shapes
 from reference.vmamba import official_backbone_forward, official_backbone_shapes, official_vssm_state_dict
 from support.pickles import TouchOnUnpickle
 
@@ -113,6 +113,30 @@ def test_segmentation_checkpoint_in_upernet(tmp_path: Path) -> None:
     expected = official_backbone_forward({k.removeprefix("backbone."): v for k, v in state.items()}, images, TEST_CONFIG[1])
     for ours, theirs in zip(maps, expected, strict=True):
         torch.testing.assert_close(ours.double(), theirs, **TOLERANCES[torch.float32])
+
+
+def test_a_whole_upernet_checkpoint_fills_upernet_of_mmseg_layout(tmp_path: Path) -> None:
+    """With head_layout="mmseg", UperNet's file fills the whole model: its logits are those of mmseg's UPerHead
+    (re-written in tests/reference/openmmlab.py) on MM_VSSM's maps, on the same weights, at the image's size; only the
+    auxiliary head is named as not loaded. A file of other classes keeps the decoder and re-initialises the classifier."""
+    segmentation = pytest.importorskip("vim.dense.segmentation")
+    generator = torch.Generator().manual_seed(3)
+    head = {}
+    for key, shape in mmseg_uperhead_shapes(TEST_CONFIG[0], channels=16, classes=150).items():
+        values = 0.2 * torch.randn(shape, generator=generator)
+        head[key] = values.abs() + 0.5 if key.endswith("running_var") else values
+    path, state = _dense_file(tmp_path, "segmentation", generator, extra=head)
+    with pytest.warns(UserWarning, match=r"'[^']*': auxiliary_head\.\* \(2 keys\) not loaded"):
+        model = segmentation.UPerNet("test_vmamba", 150, decoder_channels=16, head_layout="mmseg", **_overlay(path))
+    images = torch.randn(2, 3, 64, 96, generator=generator)
+    with torch.no_grad():
+        logits = model.eval().double()(images.double())
+    maps = official_backbone_forward({k.removeprefix("backbone."): v for k, v in state.items()}, images, TEST_CONFIG[1])
+    torch.testing.assert_close(logits, mmseg_uperhead_forward(state, maps, (64, 96)), rtol=1e-6, atol=1e-6)
+    with pytest.warns(UserWarning, match="auxiliary_head"):
+        other = segmentation.UPerNet("test_vmamba", 7, decoder_channels=16, head_layout="mmseg", **_overlay(path))
+    torch.testing.assert_close(other.decoder.fusion_block[0].weight, head["decode_head.fpn_bottleneck.conv.weight"])
+    assert other.segmentation_head.classifier.weight.shape == (7, 16, 1, 1)
 
 
 def test_timm_create_model_takes_the_trunk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

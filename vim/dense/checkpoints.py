@@ -52,13 +52,39 @@ from vim.models.checkpoint import (
     rename_key,
 )
 
-__all__ = ["DENSE_PARTS", "NECK", "OUT_NORMS", "dense_parts", "load_dense_parts"]
+__all__ = ["DECODE_HEAD", "DENSE_PARTS", "NECK", "OUT_NORMS", "decode_head_weights", "dense_parts", "load_dense_parts"]
 
 OUT_NORMS: KeyRules = [(re.compile(r"^backbone\.outnorm(\d+)\."), lambda m: f"body.norms.{m[1]}.")]
 NECK: KeyRules = [
     (re.compile(r"^neck\.lateral_convs\.(\d+)\.conv\."), lambda m: f"fpn.inner_blocks.{m[1]}.0."),
     (re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\."), lambda m: f"fpn.layer_blocks.{m[1]}.0."),
 ]
+CONV_MODULE = {"conv": "0", "bn": "1"}
+"""An mmcv ``ConvModule``'s parts (``.conv``, ``.bn``) as smp's ``Conv2dReLU`` numbers them (a conv, its norm, ReLU)."""
+FPN_LEVELS = 3
+"""UperNet's lateral / output convs: one for each of the maps at strides 4, 8, 16 (mmseg numbers them finest first,
+smp coarsest first)."""
+DECODE_HEAD: KeyRules = [
+    (
+        re.compile(r"^decode_head\.psp_modules\.(\d+)\.1\.(conv|bn)\."),
+        lambda m: f"decoder.psp.blocks.{m[1]}.1.{CONV_MODULE[m[2]]}.",
+    ),
+    (re.compile(r"^decode_head\.bottleneck\.(conv|bn)\."), lambda m: f"decoder.psp.out_conv.{CONV_MODULE[m[1]]}."),
+    (
+        re.compile(r"^decode_head\.lateral_convs\.(\d+)\.(conv|bn)\."),
+        lambda m: f"decoder.fpn_lateral_blocks.{FPN_LEVELS - 1 - int(m[1])}.conv_norm_relu.{CONV_MODULE[m[2]]}.",
+    ),
+    (
+        re.compile(r"^decode_head\.fpn_convs\.(\d+)\.(conv|bn)\."),
+        lambda m: f"decoder.fpn_conv_blocks.{FPN_LEVELS - 1 - int(m[1])}.{CONV_MODULE[m[2]]}.",
+    ),
+    (re.compile(r"^decode_head\.fpn_bottleneck\.(conv|bn)\."), lambda m: f"decoder.fusion_block.{CONV_MODULE[m[1]]}."),
+    (re.compile(r"^decode_head\.conv_seg\."), lambda m: "segmentation_head.classifier."),
+]
+"""mmsegmentation's ``UPerHead`` in the :class:`~vim.dense.segmentation.UPerNet` of ``head_layout="mmseg"`` (smp's
+decoder without its input norms, mmseg's classifier): the pyramid pooling, its bottleneck, the lateral and output
+convs (numbered from the other end), the fusion and the classifier."""
+
 DENSE_PARTS: dict[str, tuple[re.Pattern[str], KeyRules]] = {
     "body.norms.": (re.compile(r"^backbone\.outnorm\d+\."), OUT_NORMS),
     "fpn.": (re.compile(r"^neck\."), NECK),
@@ -103,10 +129,33 @@ def dense_parts(state_dict: Mapping[str, torch.Tensor], dense: nn.Module) -> tup
     return {key: checked(key, value, expected) for key, value in taken.items()}, left_out
 
 
-def load_dense_parts(dense: nn.Module, path: str | os.PathLike) -> list[str]:
+def decode_head_weights(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, ignore: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """The ``decode_head.*`` tensors of an unwrapped mmseg UperNet state dict under the names of ``model``, a
+    :class:`~vim.dense.segmentation.UPerNet` of ``head_layout="mmseg"`` (:data:`DECODE_HEAD`).
+
+    Raises:
+        ValueError: naming the decoder's keys that the file does not fill, the file's head keys the model lacks, or a
+            tensor of the wrong shape.
+    """
+    expected = model.state_dict()
+    taken = {rename_key(key, DECODE_HEAD): value for key, value in state_dict.items() if key.startswith("decode_head.")}
+    ours = [key for key in expected if key.startswith(("decoder.", "segmentation_head.")) and not key.startswith(ignore)]
+    missing = [key for key in ours if key not in taken and not key.endswith("num_batches_tracked")]  # BatchNorm's count
+    unexpected = [key for key in taken if key not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint's decode_head does not fit UperNet's decoder: missing keys {sorted(missing)}, unexpected keys "
+            f"{sorted(unexpected)} (the model's names; the checkpoint's in vim.dense.checkpoints.DECODE_HEAD)"
+        )
+    return {key: checked(key, value, expected) for key, value in taken.items()}
+
+
+def load_dense_parts(dense: nn.Module, path: str | os.PathLike, loaded_elsewhere: tuple[str, ...] = ()) -> list[str]:
     """Load the output norms and the FPN neck of the detection / segmentation checkpoint at ``path`` into ``dense``, a
     :class:`~vim.dense.detection.DenseBackbone` (see :func:`dense_parts`); nothing for another checkpoint. Warns once
-    naming the keys left out.
+    naming the keys left out, but for those starting with ``loaded_elsewhere`` (a head its caller loads).
 
     Returns:
         The checkpoint's keys left out.
@@ -116,6 +165,7 @@ def load_dense_parts(dense: nn.Module, path: str | os.PathLike) -> list[str]:
         return []
     parts, left_out = dense_parts(state_dict, dense)
     dense.load_state_dict(parts, strict=False)
+    left_out = [key for key in left_out if not key.startswith(loaded_elsewhere)]
     if left_out:
         warnings.warn(
             f"{os.fspath(path)!r}: {described_groups(left_out)} not loaded: vim.dense builds no module of the same "

@@ -74,6 +74,7 @@ def backbone(
     fpn: bool = True,
     out_channels: int = 256,
     layers: Sequence[int] | None = None,
+    loaded_elsewhere: tuple[str, ...] = (),
     **model_kwargs: Any,
 ) -> DenseBackbone:
     """A torchvision-style backbone of the registered image model ``name``; see the module docstring.
@@ -86,6 +87,8 @@ def backbone(
         fpn: pass the maps through a ``FeaturePyramidNetwork`` (+ ``LastLevelMaxPool``); False: the raw maps.
         out_channels: the FPN's width.
         layers: a flat trunk's blocks to build the pyramid from (see :class:`~vim.dense.features.PyramidFeatures`).
+        loaded_elsewhere: key prefixes of such a checkpoint that the caller loads (a head), left out of the warning
+            that names what was not loaded.
         model_kwargs: more ``timm.create_model`` arguments (``drop_path_rate``, ``img_size``, ``pretrained_cfg_overlay``).
 
     Raises:
@@ -96,5 +99,5 @@ def backbone(
     dense = DenseBackbone(PyramidFeatures(model, layers), out_channels if fpn else None)
     file = (model_kwargs.get("pretrained_cfg_overlay") or {}).get("file")
     if pretrained and file:  # a detection / segmentation checkpoint: its output norms and neck too
-        load_dense_parts(dense, file)
+        load_dense_parts(dense, file, loaded_elsewhere)
     return dense

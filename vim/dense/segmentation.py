@@ -18,18 +18,26 @@ segmentation head, their init) on that encoder.
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import nn
 
+from vim.models.checkpoint import is_dense_checkpoint, load_official_checkpoint
 from vim.models.loading import TrainingCheckpoint
 
+from .checkpoints import decode_head_weights
 from .detection import DenseBackbone, backbone
 
-__all__ = ["SmpEncoder", "UPerNet"]
+__all__ = ["HEAD_LAYOUTS", "MmsegClassifier", "SmpEncoder", "UPerNet"]
+
+_logger = logging.getLogger(__name__)
 
 ENCODER_DEPTH = 5
 """smp's encoder depth of four maps at strides 4 to 32: its features are the image, a stride-2 one, then the maps."""
@@ -60,8 +68,34 @@ class SmpEncoder(nn.Module):
         return [images, stand_in, *self.dense(images).values()]
 
 
+class MmsegClassifier(nn.Module):
+    """mmsegmentation's classifier of a decode head (``cls_seg``) and its resize to the image: dropout, a 1x1 conv to the
+    classes, bilinear upsampling without corner alignment. (B, C, h, w) -> (B, classes, h * upsampling, w * upsampling).
+    """
+
+    def __init__(self, channels: int, classes: int, upsampling: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, classes, kernel_size=1)
+        self.upsampling = upsampling
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.dropout(features))
+        return F.interpolate(logits, scale_factor=self.upsampling, mode="bilinear", align_corners=False)
+
+
+HEAD_LAYOUTS = ("smp", "mmseg")
+
+
 class UPerNet(SegmentationModel):
     """smp's UPerNet (``smp.UPerNet``'s decoder, segmentation head and their init) on the maps of any image family.
+
+    ``head_layout="mmseg"`` makes it mmsegmentation's ``UPerHead`` (the UperNet of Vim's, VMamba's and MambaVision's
+    papers): smp's decoder computes the same pyramid pooling, laterals, top-down sums, output convs and fusion, so it
+    keeps them and drops only its LayerNorms on the input maps, which mmseg's head does not have; the classifier is
+    mmseg's (:class:`MmsegClassifier`). Then a VMamba UperNet checkpoint (``pretrained_cfg_overlay=dict(file=...)``)
+    fills the whole model: the trunk, its output norms, and the decode head (:data:`vim.dense.checkpoints.DECODE_HEAD`;
+    its classifier only for the same number of classes). The auxiliary FCN head, a training aid, is left out.
 
     Args:
         name: a timm name of ours (``vim_tiny_patch16_224``, ``vmamba_tiny_s1l8``, ``test_vim``).
@@ -69,6 +103,7 @@ class UPerNet(SegmentationModel):
         pretrained: the released weights of the name's tag, or ``pretrained_cfg_overlay=dict(file=...)``'s file.
         layers: a flat trunk's blocks for the pyramid (see :class:`~vim.dense.features.PyramidFeatures`).
         decoder_channels, decoder_use_norm, activation, upsampling: as ``smp.UPerNet`` takes them.
+        head_layout: "smp" (smp's UPerNet as it is) or "mmseg" (mmsegmentation's UPerHead, see above).
         model_kwargs: more ``timm.create_model`` arguments.
     """
 
@@ -82,17 +117,45 @@ class UPerNet(SegmentationModel):
         decoder_use_norm: bool | str | dict[str, Any] = "batchnorm",
         activation: str | None = None,
         upsampling: int = 4,
+        head_layout: str = "smp",
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.encoder = SmpEncoder(backbone(name, pretrained, fpn=False, layers=layers, **model_kwargs))
+        if head_layout not in HEAD_LAYOUTS:
+            raise ValueError(f"head_layout {head_layout!r} is not one of {', '.join(HEAD_LAYOUTS)}")
+        mmseg = head_layout == "mmseg"
+        dense = backbone(
+            name, pretrained, fpn=False, layers=layers, loaded_elsewhere=("decode_head.",) if mmseg else (), **model_kwargs
+        )
+        self.encoder = SmpEncoder(dense)
         self.decoder = UPerNetDecoder(self.encoder.out_channels, ENCODER_DEPTH, decoder_channels, decoder_use_norm)
-        self.segmentation_head = SegmentationHead(
+        self.segmentation_head: nn.Module = SegmentationHead(
             decoder_channels, classes, kernel_size=1, activation=activation, upsampling=upsampling
         )
+        if mmseg:
+            self.decoder.feature_norms = nn.ModuleList(nn.Identity() for _ in self.decoder.feature_norms)
+            self.segmentation_head = MmsegClassifier(decoder_channels, classes, upsampling)
         self.classification_head = None
         self.name = f"upernet-{name}"
         self.initialize()
+        file = (model_kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        if mmseg and pretrained and file:
+            self.load_decode_head(file)
+
+    def load_decode_head(self, path: str | os.PathLike) -> None:
+        """Load an mmseg UperNet checkpoint's ``decode_head`` (nothing for a checkpoint without one); its classifier
+        only when it has this model's number of classes (else it keeps its initialisation, as timm drops a head)."""
+        state_dict = load_official_checkpoint(Path(path), mmap=True)
+        if not is_dense_checkpoint(state_dict) or not any(key.startswith("decode_head.") for key in state_dict):
+            return
+        classes = self.segmentation_head.classifier.out_channels
+        weight = state_dict.get("decode_head.conv_seg.weight")
+        ignore: tuple[str, ...] = ()
+        if weight is not None and weight.shape[0] != classes:
+            _logger.info("%s: %d classes, the model %d: its classifier is re-initialised", path, weight.shape[0], classes)
+            state_dict = {key: value for key, value in state_dict.items() if not key.startswith("decode_head.conv_seg.")}
+            ignore = ("segmentation_head.classifier.",)
+        self.load_state_dict(decode_head_weights(state_dict, self, ignore), strict=False)
 
     @classmethod
     def from_training_checkpoint(cls, checkpoint: TrainingCheckpoint, use_ema: bool = True) -> UPerNet:
