@@ -139,7 +139,7 @@ GENERATED_DATA = {
     "vim.data.generated.ShapesDataModule",
 }
 """The quickstarts' data modules: their data is generated (``root`` only says where), so a run keeps the config's name."""
-DATA_FOLDER_SETTINGS = ("root", "train_root", "train_path", "train_list")
+DATA_FOLDER_SETTINGS = ("root", "train_root", "train_path", "train_list", "train_images")
 QUICKSTART_RUNS = {"quickstart", "video_quickstart", "points_quickstart", "detection_quickstart"}
 """The run names of the quickstart configs."""
 
