@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -63,6 +64,19 @@ def test_a_few_training_steps_of_each_head(tmp_path, head):
     moved = [k for k, v in module.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("backbone.body") for k in moved) and any(k.startswith("roi_heads") for k in moved)
     assert ("val/mask_map" in metrics) == (head == "mask_rcnn") and 0 <= float(metrics["val/map"]) <= 1
+
+
+def test_the_backbone_starts_from_a_weights_file(tmp_path):
+    """``pretrained_file``: the backbone's trunk gets the file's weights (through timm's pretrained loading); a module
+    built for a checkpoint to restore (``initial_weights=False``) does not read it."""
+    torch.manual_seed(1)
+    trained = timm.create_model("test_vmamba", num_classes=0)
+    torch.save(trained.state_dict(), tmp_path / "backbone.pth")
+    module = tiny_detector("faster_rcnn", pretrained_file=str(tmp_path / "backbone.pth"))
+    trunk = module.model.backbone.body.trunk.state_dict()
+    assert trunk and all(torch.equal(value, trained.state_dict()[key]) for key, value in trunk.items())
+    random_start = module.build_model(initial_weights=False).backbone.body.trunk.state_dict()
+    assert not all(torch.equal(value, trunk[key]) for key, value in random_start.items())
 
 
 def test_mask_rcnn_needs_masks_from_the_data(tmp_path):

@@ -140,6 +140,8 @@ class Detector(TaskModule):
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"head {head!r} is not one of {', '.join(HEADS)}")
+        if len(anchor_sizes) != len(POOLED_STRIDES) + 1:
+            raise ValueError(f"anchor_sizes {anchor_sizes}: give one size for each of the FPN's 5 maps (strides 4 to 64)")
         if (min_size is None) != (max_size is None):
             raise ValueError("model.min_size and model.max_size go together: set both, or neither (the data sizes images)")
         recipe = dict(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr)
