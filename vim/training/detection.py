@@ -197,7 +197,7 @@ class Detector(TaskModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "predict" or datamodule is None or getattr(datamodule, "num_classes", None) is None:
             return
-        self.category_ids = list(datamodule.category_ids)
+        self.category_ids = list(getattr(datamodule, "category_ids", self.category_ids))
         if self.masks and not getattr(datamodule, "masks", False):
             raise ValueError("model.head mask_rcnn trains instance masks: set data.masks true, or use head faster_rcnn")
 
