@@ -37,9 +37,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
+from vim.data.detection import DetectionDataModule  # noqa: F401
 from vim.data.generated import (  # noqa: F401
     DigitsDataModule,
     MovingDigitsDataModule,
+    SceneDetectionDataModule,
     SceneSegmentationDataModule,
     ShapesDataModule,
 )
@@ -58,6 +60,7 @@ from vim.models.weights import NoReleasedWeightsError, WeightsUnavailableError, 
 from vim.training.callbacks import FinalState, PredictionWriter, final_report
 from vim.training.checkpoint_io import AtomicCheckpointIO
 from vim.training.classifier import Classifier
+from vim.training.detection import Detector  # noqa: F401
 from vim.training.image_classifier import ImageClassifier  # noqa: F401
 from vim.training.points import PointCloudClassifier  # noqa: F401
 from vim.training.run_folder import RunFolder, finished
@@ -141,12 +144,13 @@ def quiet_uncaused_notices() -> None:
 GENERATED_DATA = {
     "vim.data.generated.DigitsDataModule",
     "vim.data.generated.MovingDigitsDataModule",
+    "vim.data.generated.SceneDetectionDataModule",
     "vim.data.generated.ShapesDataModule",
     "vim.data.generated.SceneSegmentationDataModule",
 }
 """The quickstarts' data modules: their data is generated (``root`` only says where), so a run keeps the config's name."""
 DATA_FOLDER_SETTINGS = ("root", "train_root", "train_path", "train_list", "train_images")
-QUICKSTART_RUNS = {"quickstart", "video_quickstart", "points_quickstart", "segmentation_quickstart"}
+QUICKSTART_RUNS = {"quickstart", "video_quickstart", "points_quickstart", "segmentation_quickstart", "detection_quickstart"}
 """The run names of the quickstart configs."""
 
 

@@ -89,7 +89,7 @@ def test_config_with_unknown_model_lists_close_names(tmp_path, monkeypatch):
         run_lightning(["--config", str(REPO / "configs/quickstart.yaml"), "--model.init_args.model=test_vimm"], run=False)
 
 
-@pytest.mark.parametrize("config", ["quickstart", "video_quickstart", "points_quickstart"])
+@pytest.mark.parametrize("config", ["quickstart", "video_quickstart", "points_quickstart", "detection_quickstart"])
 def test_zero_batch_size_is_refused_by_name(config, tmp_path, monkeypatch):
     monkeypatch.setenv("VIM_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match=r"data.batch_size must be at least 1"):
@@ -500,3 +500,11 @@ def test_a_quickstart_on_your_own_data_gets_a_run_folder_of_its_own(tmp_path, ov
     config = run_lightning(args, run=False).config  # as vimkit fit parses it
     name_quickstart_runs_after_the_data(config)
     assert [logger.init_args.name for logger in config.trainer.logger] == [run_name, run_name]
+
+
+def test_the_detection_quickstart_on_your_own_coco_data_is_named_after_its_images():
+    from vim.cli import own_data_name
+
+    scenes = {"class_path": "vim.data.generated.SceneDetectionDataModule", "init_args": {"root": "/data/scenes"}}
+    coco = {"class_path": "vim.data.detection.DetectionDataModule", "init_args": {"train_images": "/data/shop/train"}}
+    assert (own_data_name(scenes), own_data_name(coco)) == (None, "shop")

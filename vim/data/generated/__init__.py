@@ -1,13 +1,14 @@
 """The quickstarts' datasets, generated on first use under ``$VIM_CACHE`` (default ``~/.cache/vim``), no download:
 scikit-learn's handwritten digits as an ImageFolder tree (:class:`DigitsDataModule`), the same digits moving across
 a canvas as real video files (:class:`MovingDigitsDataModule`), noisy geometric solids as point files
-(:class:`ShapesDataModule`), and coloured shapes on a canvas with their masks and COCO boxes
-(:class:`SceneSegmentationDataModule`). Each is written once as files, so training on it runs exactly the code path of real
-folder data."""
+(:class:`ShapesDataModule`), and scenes of coloured shapes with their class masks (:class:`SceneSegmentationDataModule`)
+and COCO instances (:class:`SceneDetectionDataModule`). Each is written once as files, so training on it runs exactly
+the code path of real folder data."""
 
 from vim.data.generated.cache import cache_dir, write_once
 from vim.data.generated.digits import DIGIT_CLASSES, DigitsDataModule, write_digits_tree
 from vim.data.generated.moving_digits import DIRECTIONS, MovingDigitsDataModule, render_clip, write_moving_digits, write_video
+from vim.data.generated.scene_detection import SceneDetectionDataModule
 from vim.data.generated.scenes import SCENE_CLASSES, SceneSegmentationDataModule, write_scenes
 from vim.data.generated.shapes import SHAPE_CLASSES, ShapesDataModule, make_shape, write_shapes_tree
 
@@ -18,6 +19,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "DigitsDataModule",
     "MovingDigitsDataModule",
+    "SceneDetectionDataModule",
     "SceneSegmentationDataModule",
     "ShapesDataModule",
     "cache_dir",
