@@ -113,6 +113,7 @@ class Detector(TaskModule):
     """
 
     predictions_file = "detections.json"
+    export_hint = "boxes of a folder of images: vimkit predict --config <config> --ckpt_path <it>"
 
     def __init__(
         self,
