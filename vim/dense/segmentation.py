@@ -148,7 +148,9 @@ class UPerNet(SegmentationModel):
         state_dict = load_official_checkpoint(Path(path), mmap=True)
         if not is_dense_checkpoint(state_dict) or not any(key.startswith("decode_head.") for key in state_dict):
             return
-        classes = self.segmentation_head.classifier.out_channels
+        head = self.segmentation_head
+        assert isinstance(head, MmsegClassifier)  # head_layout="mmseg"
+        classes = head.classifier.out_channels
         weight = state_dict.get("decode_head.conv_seg.weight")
         ignore: tuple[str, ...] = ()
         if weight is not None and weight.shape[0] != classes:

@@ -145,8 +145,10 @@ class Detector(TaskModule):
             raise ValueError(f"anchor_sizes {anchor_sizes}: give one size for each of the FPN's 5 maps (strides 4 to 64)")
         if (min_size is None) != (max_size is None):
             raise ValueError("model.min_size and model.max_size go together: set both, or neither (the data sizes images)")
-        recipe = dict(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr)
-        super().__init__(model, num_classes, model_kwargs, pretrained, pretrained_file, schedule=schedule, **recipe, **kwargs)
+        super().__init__(
+            model, num_classes, model_kwargs, pretrained, pretrained_file, lr=lr, weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr, schedule=schedule, **kwargs,
+        )  # fmt: skip
         self.category_ids = list(range(1, self.num_classes + 1))
         self.val_metrics, self.val_ema_metrics, self.test_metrics = (map_metric(self.masks) for _ in range(3))
 

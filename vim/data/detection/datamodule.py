@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torchvision.transforms import v2
 
@@ -79,7 +80,7 @@ class DetectionDataModule(LabelledDataModule):
                 raise ValueError(f"data.{split}_images and data.{split}_annotations go together: set both or neither")
         self.predict_root, self.masks = predict_root, masks
         self.img_size, self.max_size = img_size, max_size
-        self.augmentation = dict(scale_range=scale_range, hflip=hflip, color_jitter=color_jitter)
+        self.augmentation: dict[str, Any] = dict(scale_range=scale_range, hflip=hflip, color_jitter=color_jitter)
         self._files: dict[str, CocoFile] = {}
 
     def coco(self, split: str) -> CocoFile:
