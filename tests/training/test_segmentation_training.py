@@ -117,7 +117,10 @@ def test_an_unreadable_pair_is_skipped_and_counted_during_fit(tmp_path):
     data = scene_data(tmp_path / "scenes")
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "scenes/masks/train/0003.png")  # not its image's size
     module = Segmenter("test_vim", 4, img_size=32, decoder_channels=16, model_kwargs=TINY_VIM, eval_mode="whole")
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
     with pytest.warns(UserWarning, match=r"skipped unreadable image or mask '.*0003\.png' \(ValueError: mask .* is 5x5"):
         trainer.fit(module, data)
     assert data.num_skipped == 1 and trainer.global_step == 3
