@@ -228,7 +228,20 @@ def test_plot_metrics_writes_a_png(tmp_path):
     bad = subprocess.run(
         [sys.executable, str(REPO / "tools/plot_metrics.py"), str(tmp_path / "bad.csv")], capture_output=True, text=True
     )
-    assert bad.returncode != 0 and "no '*loss' or '*acc1'/'*acc5' columns" in bad.stderr
+    assert bad.returncode != 0 and "no '*loss' or score (acc1, acc5, mIoU" in bad.stderr
+
+
+def test_plot_metrics_draws_segmentation_and_detection_scores(tmp_path):
+    """mIoU and box mAP columns join the scores panel (in percent); a segmentation run's per-class IoU stays out."""
+    spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "tools/plot_metrics.py")
+    plot_metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_metrics)
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss,val/mIoU,val/IoU/circle,val/map\n0,4,2.3,,,\n0,9,,0.5,0.4,0.25\n")
+    figure = plot_metrics.draw(plot_metrics.read_series(metrics))
+    (panel,) = [axes for axes in figure.axes if axes.get_title() == "validation scores"]
+    assert sorted(line.get_label() for line in panel.lines) == ["val/mIoU", "val/map"]
+    assert [line.get_ydata().tolist() for line in sorted(panel.lines, key=lambda line: line.get_label())] == [[50.0], [25.0]]
 
 
 COMMANDS = ("fit", "validate", "test", "predict", "export", "extract")
