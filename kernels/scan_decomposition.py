@@ -43,9 +43,12 @@ from torch._higher_order_ops.scan import scan
 
 from .scan_layout import CHUNK_SIZE, ROW, ROW_REVERSED, direction_orders, grid_shape, num_chunks, step_tokens
 
-__all__ = ["decomposed_scan_forward"]
+__all__ = ["EXPORT_CHUNK", "decomposed_scan_forward"]
 
-Step = Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
+Step = Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, Tensor]]]
+
+EXPORT_CHUNK = 8
+"""Steps per iteration of the exported loop (measured on Vim-Ti, see the module docstring)."""
 
 
 def _to_steps(x: Tensor, codes: tuple[int, ...], grid: tuple[int, int]) -> Tensor:
@@ -77,12 +80,17 @@ def _direction_to_tokens(y: Tensor, code: int, grid: tuple[int, int]) -> Tensor:
     return y.index_select(1, torch.argsort(step_tokens(code, grid, y.device)))
 
 
-def _recurrence_step(A: Tensor, batch: int | torch.SymInt | None, keep_state: bool) -> Step:
-    """The loop body: ``(h, (delta_t, delta_u_t, B_t, C_t)) -> (h', y_t)``, or ``(h', h')`` with ``keep_state``.
+def _chunk_step(A: Tensor, batch: int | torch.SymInt | None) -> Step:
+    """The loop body: ``(h, (delta_c, delta_u_c, B_c, C_c)) -> (h', (y_c, h'))``, a whole chunk of T steps.
 
-    Shapes: ``h`` (K, batch, G, dim // G, N); ``A`` (K, 1, G, dim // G, N), broadcast over the batch; per step,
-    ``delta_t`` and ``delta_u_t`` (K, batch, G, dim // G), ``B_t`` and ``C_t`` (K, batch, G, N); ``y_t``
-    (K, batch, G, dim // G).
+    Shapes: ``h`` (1, K, batch, G, N, dim // G); ``A`` (K, 1, G, N, dim // G), broadcast over the batch; per chunk,
+    ``delta_c`` and ``delta_u_c`` (T, K, batch, G, 1, dim // G), ``B_c`` (T, K, batch, G, N, 1), ``C_c``
+    (T, K, batch, G, 1, N); ``y_c`` (T, K, batch, G, 1, dim // G); the end state ``h'`` also without its leading axis. Channels are the innermost axis of every
+    tensor of the state's size, so each broadcast multiplies whole rows (onnxruntime's fast broadcasting path).
+
+    The chunk's decays ``exp(delta_t * A)`` and drives ``delta_t u_t B_t`` come from one multiply (and one ``Exp``)
+    each for all T steps, the T state updates ``h = a_t * h + b_t`` follow, and the outputs ``y_t = C_t . h_t`` of
+    the chunk are one batched ``MatMul``.
 
     The body views its inputs at ``batch`` (a no-op): that makes the batch size an input of the loop, which Inductor
     needs to lower the loop when the size is a symbol (a dynamic batch axis). A size that is an expression of symbols
@@ -90,12 +98,16 @@ def _recurrence_step(A: Tensor, batch: int | torch.SymInt | None, keep_state: bo
     is None and the body reads no size, which torch.export and ONNX take (an AOTInductor build does not).
     """
 
-    def step(state: Tensor, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    def step(state: Tensor, inputs: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         if batch is not None:
-            inputs = tuple(x.view(x.shape[0], batch, *x.shape[2:]) for x in inputs)
-        delta_t, delta_u_t, B_t, C_t = inputs
-        state = torch.exp(delta_t.unsqueeze(-1) * A) * state + delta_u_t.unsqueeze(-1) * B_t.unsqueeze(-2)
-        return state, state.clone() if keep_state else (state * C_t.unsqueeze(-2)).sum(-1)
+            inputs = tuple(x.view(x.shape[0], x.shape[1], batch, *x.shape[3:]) for x in inputs)
+        delta_c, delta_u_c, B_c, C_c = inputs
+        decays, drives = torch.exp(delta_c * A).split(1), (B_c * delta_u_c).split(1)  # T of (1, K, batch, G, N, dg)
+        states = []
+        for decay, drive in zip(decays, drives, strict=True):
+            state = decay * state + drive
+            states.append(state)
+        return state, (torch.matmul(C_c, torch.cat(states)), state.squeeze(0).clone())
 
     return step
 
@@ -103,6 +115,29 @@ def _recurrence_step(A: Tensor, batch: int | torch.SymInt | None, keep_state: bo
 def _loop_size(size: int | torch.SymInt) -> int | torch.SymInt | None:
     """``size`` when a loop body may read it (a number, or a single symbol), else None (see :func:`_recurrence_step`)."""
     return size if not isinstance(size, torch.SymInt) or size.node.expr.is_Symbol else None
+
+
+def _time_chunks(x: Tensor, chunk: int, shape: tuple[int, ...]) -> Tensor:
+    """(K, batch, L, ...) -> (Lp / chunk, chunk, K, batch, *shape), zero after step L: the loop runs over axis 0."""
+    K, batch, length = x.shape[:3]
+    padded = -(-length // chunk) * chunk
+    x = x.reshape(K, batch, length, -1)
+    if padded != length:
+        x = F.pad(x, (0, 0, 0, padded - length))
+    return x.reshape(K, batch, padded // chunk, chunk, *shape).permute(2, 3, 0, 1, *range(4, 4 + len(shape))).contiguous()
+
+
+def _checkpoints(ends: Tensor, final: Tensor, length: int, chunk: int) -> Tensor:
+    """The contract's checkpoints from the loop's end state of each chunk of ``chunk`` steps.
+
+    ``ends`` (Lp / chunk, K, batch, G, N, dim // G) and ``final`` (1, K, batch, G, N, dim // G) ->
+    (K, batch, num_chunks(L), dim, N): the state after each CHUNK_SIZE steps (``chunk`` divides CHUNK_SIZE), and last
+    the final one (padding steps change no state).
+    """
+    per_checkpoint = CHUNK_SIZE // chunk
+    inner = ends[per_checkpoint - 1 : (num_chunks(length) - 1) * per_checkpoint : per_checkpoint]
+    states = torch.cat([inner, final])  # (chunks, K, batch, G, N, dim // G)
+    return states.permute(1, 2, 0, 3, 5, 4).flatten(3, 4)
 
 
 def decomposed_scan_forward(
@@ -119,6 +154,8 @@ def decomposed_scan_forward(
     backend: str = "",
     orders: list[int] | None = None,
     grid: list[int] | None = None,
+    *,
+    chunk: int = EXPORT_CHUNK,
 ) -> tuple[Tensor, Tensor]:
     """``vim::selective_scan_fwd`` in standard ops: the same arguments (canonical form, see scan_layout) and outputs.
 
@@ -134,14 +171,18 @@ def decomposed_scan_forward(
         backend: ignored (the op's choice of kernel means nothing here).
         orders, grid: each direction's order code over the ``(H, W)`` token grid (see :mod:`vim.kernels.scan_layout`);
             None: rows, directions 0 and 1 (one row of ``L`` tokens).
+        chunk: steps per loop iteration, a divisor of CHUNK_SIZE (1: the step-by-step loop).
 
     Returns:
         ``out`` (K, batch, dim, L) in ``u.dtype`` with channels-last memory, and ``checkpoints``
         (K, batch, num_chunks(L), dim, N) float32: the state after the last step of each chunk of CHUNK_SIZE steps.
     """
     del backend
+    if CHUNK_SIZE % chunk:
+        raise ValueError(f"chunk={chunk} must divide CHUNK_SIZE={CHUNK_SIZE}")
     K, batch, dim, length = u.shape
     groups, n_state = B.shape[2], B.shape[3]
+    chunk = min(chunk, length)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     codes, cells = direction_orders(K, reverse, orders), grid_shape(length, grid)
 
@@ -149,35 +190,27 @@ def decomposed_scan_forward(
         """(K, batch, ..., L) -> (K, batch, L, ...) in the compute dtype, each direction in the order it scans."""
         return _to_steps(x.to(compute).movedim(-1, 2), codes, cells)
 
-    def time_major(x: Tensor, *shape: int) -> Tensor:
-        """(K, batch, L, ...) -> (L, K, batch, *shape): the loop runs over axis 0."""
-        return x.reshape(K, batch, length, *shape).movedim(2, 0).contiguous()
-
     delta = delta.to(compute)
     if delta_bias is not None:
         delta = delta + delta_bias.to(compute)[:, None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
     delta, u_t = scan_order(delta), scan_order(u)  # (K, batch, L, dim)
-    grouped = (groups, dim // groups)
+    channels = (groups, 1, dim // groups)
     inputs = (
-        time_major(delta, *grouped),
-        time_major(delta * u_t, *grouped),
-        time_major(scan_order(B), groups, n_state),
-        time_major(scan_order(C), groups, n_state),
+        _time_chunks(delta, chunk, channels),
+        _time_chunks(delta * u_t, chunk, channels),
+        _time_chunks(scan_order(B), chunk, (groups, n_state, 1)),
+        _time_chunks(scan_order(C), chunk, (groups, 1, n_state)),
     )
-    A = A.to(compute).reshape(K, 1, *grouped, n_state)
-    initial = A.new_zeros(K, batch, *grouped, n_state)
+    A = A.to(compute).reshape(K, 1, groups, dim // groups, n_state).transpose(-1, -2).contiguous()
+    initial = A.new_zeros(1, K, batch, groups, n_state, dim // groups)
 
-    _, y = scan(_recurrence_step(A, _loop_size(batch), keep_state=False), initial, inputs)  # (L, K, batch, G, dim // G)
-    y = y.movedim(0, 2).reshape(K, batch, length, dim)
+    final, (y, ends) = scan(_chunk_step(A, _loop_size(batch)), initial, inputs)  # y (Lp / T, T, K, batch, G, 1, dim // G)
+    y = y.flatten(0, 1)[:length].movedim(0, 2).reshape(K, batch, length, dim)
     if D is not None:
         y = y + D.to(compute)[:, None, None, :] * u_t
     y = _to_tokens(y, codes, cells)  # back in grid order
     if z is not None:
         y = y * F.silu(z.to(compute).transpose(1, 2))
-
-    _, states = scan(_recurrence_step(A, _loop_size(batch), keep_state=True), initial, inputs)  # (L, K, batch, G, dim // G, N)
-    last_steps = [min((j + 1) * CHUNK_SIZE, length) - 1 for j in range(num_chunks(length))]
-    checkpoints = states[last_steps].movedim(0, 2).reshape(K, batch, len(last_steps), dim, n_state)
-    return y.to(u.dtype).transpose(-1, -2), checkpoints.float()
+    return y.to(u.dtype).transpose(-1, -2), _checkpoints(ends, final, length, chunk).float()
