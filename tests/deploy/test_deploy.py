@@ -487,7 +487,7 @@ def test_bench_deploy_writes_json_and_markdown_on_tiny_shapes(tmp_path):
     command += ["--iters", "1", "--warmup", "0", "--threads", "1", "--out-dir", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     saved = json.loads((tmp_path / "deploy_cpu.json").read_text())
-    assert {"machine", "date", "torch", "onnx", "onnxruntime", "threads", "batch"} <= saved["environment"].keys()
+    assert {"machine", "date", "torch", "onnx", "onnxruntime", "threads", "batch", "rounds"} <= saved["environment"].keys()
     rows = {row["runtime"]: row for row in saved["results"]}
     assert rows.keys() == {"onnxruntime", "eager"} and all(row["status"] == "ok" for row in rows.values())
     assert rows["onnxruntime"]["input"] == [3, 2, 32, 32] and rows["onnxruntime"]["unit"] == "clips/s"
@@ -495,7 +495,7 @@ def test_bench_deploy_writes_json_and_markdown_on_tiny_shapes(tmp_path):
     assert rows["onnxruntime"]["export_s"] > 0 and rows["onnxruntime"]["onnx_mib"] > 0
     assert rows["onnxruntime"]["rate"] == pytest.approx(1e3 / rows["onnxruntime"]["median_ms"])
     table = (tmp_path / "deploy_cpu.md").read_text()
-    assert "| test_videomamba | 3x2x32x32 | onnxruntime |" in table and "| test_videomamba | 3x2x32x32 | eager |" in table
+    assert "| test_videomamba | 3x2x32x32 | 1 | onnxruntime |" in table and "| test_videomamba | 3x2x32x32 | 1 | eager |" in table
 
 
 def test_aoti_refuses_several_windows_per_image_by_name(tmp_path):
