@@ -3,22 +3,25 @@
 Usage::
 
     python tools/bench_deploy.py        # Vim-Ti at 224 and 512 px, VideoMamba-Ti at 8 frames of 224 px; batch 1
+    python tools/bench_deploy.py --threads 1 2 --rounds 2   # both thread counts, interleaved
     python tools/bench_deploy.py --configs test_vim:32 test_videomamba:4x32 --iters 2 --out-dir /tmp/bench   # tiny
 
 A configuration is ``model:size``: ``vim_tiny_patch16_224:512`` (images of 512 px), ``videomamba_tiny:8x224``
 (clips of 8 frames of 224 px) or ``pointmamba_small:1024`` (clouds of 1024 points). For each, the model
-(random weights, classifier kept) is timed on the same batch in three runtimes, each in a fresh process
-(so that no runtime's threads or caches disturb another's):
+(random weights, classifier kept) is exported once and timed on the same batch in three runtimes, each call in a fresh
+process (so that no runtime's threads or caches disturb another's):
 
-* ``onnxruntime``: the model exported by :func:`vim.deploy.export_onnx` (the scan as an ONNX ``Scan`` loop),
-  CPU execution provider, all graph optimisations;
+* ``onnxruntime``: the file :func:`vim.deploy.export_onnx` wrote (the scan as an ONNX ``Scan`` loop over chunks of
+  steps), CPU execution provider, onnxruntime's default session options (all graph optimisations);
 * ``eager``: the PyTorch model (the scan through vim's op, whose CPU kernel is the fused C scan);
 * ``compile``: ``torch.compile(model)`` (Inductor; the scan op is called as is), after a compiling call.
 
-Every runtime gets the same number of threads (``--threads``, default torch's; on a machine shared with
-other jobs, 1 is far steadier: idle-waiting threads of a busy core slow everything). The rate is the batch
-size over the median of ``--iters`` timed calls after ``--warmup`` untimed ones. Also recorded: the ONNX
-export time and file size, the compile time, and each runtime's largest difference from eager's outputs.
+Every runtime gets the same number of threads; ``--threads 1 2`` measures each count. On a machine shared with other
+jobs the load changes from minute to minute, so ``--rounds`` repeats the whole sequence (every thread count and
+runtime, eager first) that many times, interleaved, and a row's rate is the batch size over the median of all its
+rounds' ``--iters`` timed calls (each after ``--warmup`` untimed ones); each row also records the highest load average
+seen while it ran. Also recorded: the ONNX export time and file size, the compile time, and each runtime's largest
+difference from eager's outputs.
 
 Writes ``benchmarks/deploy_cpu.{json,md}`` (``--out-dir``, ``--tag``) with the machine, the library
 versions and the date, rewritten after every configuration (an interrupted run keeps what it measured).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -76,7 +80,8 @@ def build(name: str, sizes: list[int]) -> tuple[TimmBackbone, tuple[int, ...]]:
     return model, nominal_input_size(model)
 
 
-def median_seconds(run: Callable[[], object], warmup: int, iters: int) -> float:
+def call_seconds(run: Callable[[], object], warmup: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` timed calls of ``run`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         run()
     times = []
@@ -84,7 +89,18 @@ def median_seconds(run: Callable[[], object], warmup: int, iters: int) -> float:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def export(config: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """The configuration's model exported by :func:`vim.deploy.export_onnx` to ``workdir/model.onnx``, and the cost."""
+    from vim.deploy import export_onnx
+
+    torch.manual_seed(0)  # the same random weights in every runtime's process
+    model, sample = build(*parse_config(config))
+    start = time.perf_counter()
+    path = export_onnx(model, workdir / "model.onnx", input_size=sample, progress=False)
+    return dict(export_s=time.perf_counter() - start, onnx_mib=path.stat().st_size / 2**20)
 
 
 def prepare(runtime: str, model: TimmBackbone, batch: torch.Tensor, threads: int, workdir: Path) -> tuple[Callable, dict]:
@@ -92,16 +108,11 @@ def prepare(runtime: str, model: TimmBackbone, batch: torch.Tensor, threads: int
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
-        from vim.deploy import export_onnx
-
-        start = time.perf_counter()
-        path = export_onnx(model, workdir / "model.onnx", input_size=tuple(batch.shape[1:]), progress=False)
-        exported = time.perf_counter() - start
-        options = ort.SessionOptions()
+        options = ort.SessionOptions()  # graph optimisations: onnxruntime's default, all of them
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(workdir / "model.onnx"), options, providers=["CPUExecutionProvider"])
         feed = {model.modality: batch.numpy()}  # the graph's input is named after it
-        return (lambda: session.run(None, feed)[0]), dict(export_s=exported, onnx_mib=path.stat().st_size / 2**20)
+        return (lambda: session.run(None, feed)[0]), {}
     module = model if runtime == "eager" else torch.compile(model)
 
     def call() -> np.ndarray:
@@ -113,50 +124,97 @@ def prepare(runtime: str, model: TimmBackbone, batch: torch.Tensor, threads: int
     return call, dict(compile_s=time.perf_counter() - start) if runtime == "compile" else {}
 
 
-def measure(config: str, runtime: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """One runtime on one configuration, in a process of its own; its outputs are saved to ``workdir/<runtime>.npy``."""
-    torch.set_num_threads(args.threads)
-    name, sizes = parse_config(config)
+def measure(config: str, runtime: str, threads: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """One runtime on one configuration at ``threads`` threads, in a process of its own: its call times and preparation
+    cost; its outputs are saved to ``workdir/<runtime>.npy``."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)  # the same random weights in every runtime's process
-    model, sample = build(name, sizes)
+    model, sample = build(*parse_config(config))
     batch = torch.randn(args.batch, *sample, generator=torch.Generator().manual_seed(1))
-    call, info = prepare(runtime, model, batch, args.threads, workdir)
-    seconds = median_seconds(call, args.warmup, args.iters)
+    call, info = prepare(runtime, model, batch, threads, workdir)
+    load = os.getloadavg()[0]
+    times = call_seconds(call, args.warmup, args.iters)
     np.save(workdir / f"{runtime}.npy", call())
-    row = dict(model=name, input=list(sample), batch=args.batch, runtime=runtime, status="ok", median_ms=seconds * 1e3)
-    return dict(row, rate=args.batch / seconds, unit=UNITS[model.modality], **info)
+    return dict(times=times, load=max(load, os.getloadavg()[0]), unit=UNITS[model.modality], input=list(sample), **info)
+
+
+def in_fresh_process(function: Callable, *arguments) -> dict:
+    """``function(*arguments)`` in a process of its own (no runtime's threads or caches disturb another's)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *arguments).result()
 
 
 def measure_config(config: str, args: argparse.Namespace, bar: tqdm) -> list[dict]:
-    """One row per runtime, each measured in a fresh process (no runtime's threads or caches disturb another's)."""
-    rows = []
-    context = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as workdir:
-        for runtime in args.runtimes:
-            bar.set_postfix_str(f"{config}: {runtime}")
-            with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                try:
-                    rows.append(pool.submit(measure, config, runtime, args, Path(workdir)).result())
-                except Exception as error:  # recorded, so that one runtime cannot lose the others
-                    name, sizes = parse_config(config)
-                    failure = f"failed: {type(error).__name__}: {error}".replace("\n", " ")[:300]
-                    rows.append(dict(model=name, input=sizes, runtime=runtime, status=failure))
-            bar.update()
-        eager_rows = [row for row in rows if row["runtime"] == "eager" and row["status"] == "ok"]
-        if eager_rows:
-            reference = np.load(Path(workdir) / "eager.npy")
-            for row in rows:
-                if row["status"] == "ok":
-                    row["x_eager"] = row["rate"] / eager_rows[0]["rate"]
-                    row["max_abs_diff_vs_eager"] = float(
-                        np.abs(np.load(Path(workdir) / f"{row['runtime']}.npy") - reference).max()
-                    )
+    """One row per thread count and runtime: the export once, then ``--rounds`` rounds that each run every thread count
+    and runtime once (interleaved, so that a change of the machine's load touches them alike), each in a fresh process.
+    A row's time is the median of all its rounds' calls; its load, the highest load average seen while it ran."""
+    name, sizes = parse_config(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        try:
+            exported = in_fresh_process(export, config, args, workdir) if "onnxruntime" in args.runtimes else {}
+        except Exception as error:  # recorded, so that the other runtimes still run
+            exported = dict(status=_failure(error))
+        found: dict[tuple[int, str], list[dict]] = {}
+        for _ in range(args.rounds):
+            for threads in args.threads:
+                for runtime in sorted(args.runtimes, key=lambda runtime: runtime != "eager"):  # eager's outputs first
+                    bar.set_postfix_str(f"{config}: {runtime}, {threads} threads")
+                    if runtime == "onnxruntime" and "status" in exported:
+                        result = dict(status=exported["status"])
+                    else:
+                        try:
+                            result = in_fresh_process(measure, config, runtime, threads, args, workdir)
+                            result["max_abs_diff_vs_eager"] = _difference(workdir, runtime)
+                        except Exception as error:
+                            result = dict(status=_failure(error))
+                    found.setdefault((threads, runtime), []).append(result)
+                    bar.update()
+    rows = [_row(name, sizes, threads, runtime, results, args, exported) for (threads, runtime), results in found.items()]
+    for row in rows:
+        eager = [other for other in rows if other["threads"] == row["threads"] and other["runtime"] == "eager"]
+        if row["status"] == "ok" and eager and eager[0]["status"] == "ok":
+            row["x_eager"] = row["rate"] / eager[0]["rate"]
     return rows
+
+
+def _failure(error: Exception) -> str:
+    return f"failed: {type(error).__name__}: {error}".replace("\n", " ")[:300]
+
+
+def _difference(workdir: Path, runtime: str) -> float | None:
+    """The largest difference of ``runtime``'s outputs from eager's, once eager has run in this configuration."""
+    if not (workdir / "eager.npy").exists():
+        return None
+    return float(np.abs(np.load(workdir / f"{runtime}.npy") - np.load(workdir / "eager.npy")).max())
+
+
+def _row(name: str, sizes: list[int], threads: int, runtime: str, results: list[dict], args, exported: dict) -> dict:
+    """One runtime's row from its rounds' results (failed if any round failed)."""
+    failed = [result["status"] for result in results if "status" in result]
+    row = dict(model=name, input=sizes, batch=args.batch, threads=threads, runtime=runtime)
+    if failed:
+        return dict(row, status=failed[0])
+    seconds = statistics.median(t for result in results for t in result["times"])
+    differences = [result["max_abs_diff_vs_eager"] for result in results if result["max_abs_diff_vs_eager"] is not None]
+    info = exported if runtime == "onnxruntime" else {k: v for k, v in results[0].items() if k == "compile_s"}
+    return dict(
+        row,
+        input=results[0]["input"],
+        status="ok",
+        median_ms=seconds * 1e3,
+        rate=args.batch / seconds,
+        unit=results[0]["unit"],
+        load=max(result["load"] for result in results),
+        max_abs_diff_vs_eager=max(differences) if differences else None,
+        **info,
+    )
 
 
 def environment(args: argparse.Namespace) -> dict:
     """The machine (see :func:`benchmark_report.machine`; its device under ``machine``), onnx, onnxruntime, settings."""
-    described = machine("cpu", args.threads)
+    described = machine("cpu", max(args.threads))
     return dict(
         machine=described.pop("device"),
         **described,
@@ -164,6 +222,7 @@ def environment(args: argparse.Namespace) -> dict:
         onnx=version("onnx"),
         onnxruntime=version("onnxruntime"),
         batch=args.batch,
+        rounds=args.rounds,
         warmup=args.warmup,
         iters=args.iters,
     )
@@ -185,16 +244,18 @@ def _prepared(row: dict) -> str:
 def write_markdown_table(path: Path, env: dict, rows: list[dict]) -> None:
     """A table of each runtime's rate and difference from eager per configuration, under the machine and settings."""
     settings = (
-        f"Machine: {env['machine']} (each runtime the same) · load average {env['load_average']} at the start · "
+        f"Machine: {env['machine']} (each runtime the same) · load average {env['load_average']} at the start (per row: the "
+        "highest 1-minute load average seen while it ran) · "
         f"torch {env['torch']} · "
         f"onnx {env['onnx']} · onnxruntime {env['onnxruntime']} · timm {env['timm']} · python {env['python']} · "
-        f"fp32 · batch {env['batch']} · median of {env['iters']} timed calls after {env['warmup']} warm-up · {env['date']}"
+        f"fp32 · batch {env['batch']} · median of {env['rounds']} interleaved rounds of {env['iters']} timed calls after "
+        f"{env['warmup']} warm-up · {env['date']}"
     )
     cells = []
     for row in rows:
-        first = [row["model"], "x".join(map(str, row["input"])), row["runtime"]]
+        first = [row["model"], "x".join(map(str, row["input"])), str(row["threads"]), row["runtime"]]
         if row["status"] != "ok":
-            cells.append([*first, row["status"], "", "", "", ""])
+            cells.append([*first, row["status"], "", "", "", "", ""])
             continue
         cells.append(
             [
@@ -203,11 +264,13 @@ def write_markdown_table(path: Path, env: dict, rows: list[dict]) -> None:
                 f"{row['median_ms']:.1f}",
                 _number(row.get("x_eager"), ".2f"),
                 _number(row.get("max_abs_diff_vs_eager"), ".1e"),
+                f"{row['load']:.1f}",
                 _prepared(row),
             ]
         )
-    columns = ["model", "input", "runtime", "rate", "ms / batch", "x eager", "max abs diff vs eager", "prepare"]
-    table = markdown_table(columns, cells, right_aligned=columns[3:7])
+    columns = ["model", "input", "threads", "runtime", "rate", "ms / batch", "x eager", "max abs diff vs eager", "load"]
+    columns.append("prepare")
+    table = markdown_table(columns, cells, right_aligned=columns[4:9])
     title = "Exported vim backbones: onnxruntime vs PyTorch eager and torch.compile (CPU)"
     write_markdown(path, title, [settings], table)
 
@@ -219,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per runtime")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per runtime")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every runtime")
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()], help="thread counts, each runtime")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every thread count and runtime")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "benchmarks")
     parser.add_argument("--tag", default="cpu", help="output file suffix")
     args = parser.parse_args(argv)
@@ -228,15 +292,15 @@ def main(argv: list[str] | None = None) -> int:
             parse_config(config)
         except argparse.ArgumentTypeError as error:
             parser.error(str(error))
-    if min(args.batch, args.iters, args.threads) < 1 or args.warmup < 0:
-        parser.error("--batch, --iters and --threads must be positive, --warmup not negative")
+    if min(args.batch, args.iters, args.rounds, *args.threads) < 1 or args.warmup < 0:
+        parser.error("--batch, --iters, --rounds and --threads must be positive, --warmup not negative")
 
-    torch.set_num_threads(args.threads)
     env = environment(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"deploy_{args.tag}"
     rows: list[dict] = []
-    with tqdm(total=len(args.configs) * len(args.runtimes), desc="benchmark", unit="run") as bar:
+    runs = len(args.configs) * args.rounds * len(args.threads) * len(args.runtimes)
+    with tqdm(total=runs, desc="benchmark", unit="run") as bar:
         for config in args.configs:
             rows += measure_config(config, args, bar)
             write_json(stem.with_suffix(".json"), environment=env, results=rows)

@@ -30,7 +30,7 @@ from vim.deploy import (
     set_input_size,
 )
 from vim.kernels import selective_scan_ref
-from vim.kernels.scan_decomposition import decomposed_scan_forward
+from vim.kernels.scan_decomposition import EXPORT_CHUNK, decomposed_scan_forward
 from vim.kernels.scan_layout import CHUNK_SIZE, num_chunks
 from vim.models import SS2D, MambaMixer, MambaVisionMixer
 
@@ -95,18 +95,20 @@ def reference_checkpoints(states: torch.Tensor, reverse: bool) -> torch.Tensor:
     return states[:, :, times].transpose(1, 2)  # (batch, chunks, dim, N)
 
 
+@pytest.mark.parametrize("chunk", [1, EXPORT_CHUNK, CHUNK_SIZE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "length, groups, reverse, optional",
     [(1, 1, False, True), (7, 2, True, True), (70, 1, False, False), (130, 4, True, True), (130, 2, False, False)],
 )
-def test_decomposed_scan_equals_the_sequential_reference(length, groups, reverse, optional, dtype):
-    """Both directions (and a single one), grouped B/C, with and without D / z / delta_bias: outputs and checkpoints."""
+def test_decomposed_scan_equals_the_sequential_reference(length, groups, reverse, optional, dtype, chunk):
+    """Both directions, grouped B/C, with and without D / z / delta_bias, one step or a chunk of steps per loop
+    iteration (lengths that are not a multiple of it: padded): outputs and checkpoints."""
     inputs = scan_inputs(length=length, lead=(2,), groups=groups, dtype=dtype, seed=length)
     if not optional:
         inputs.update(D=None, z=None, delta_bias=None)
     u, delta, A, B, C, D, z, bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
-    out, checkpoints = decomposed_scan_forward(u, delta, A, B, C, D, z, bias, True, reverse)
+    out, checkpoints = decomposed_scan_forward(u, delta, A, B, C, D, z, bias, True, reverse, chunk=chunk)
     assert out.shape == u.shape and out.dtype == dtype and out.stride(-2) == 1, "channels-last (K, batch, dim, L)"
     assert checkpoints.shape == (2, u.shape[1], num_chunks(length), u.shape[2], A.shape[-1])
     tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
@@ -118,6 +120,31 @@ def test_decomposed_scan_equals_the_sequential_reference(length, groups, reverse
         )  # fmt: skip
         torch.testing.assert_close(out[k], expected, **tolerance)
         torch.testing.assert_close(checkpoints[k], reference_checkpoints(states, k_reverse).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_decomposed_scan_stays_exact_over_a_long_sequence_with_extreme_decays():
+    """16384 steps in float32 against the float64 reference, with steps whose decay ``exp(delta * A)`` is far below
+    float32's range (``delta * A`` down to about -500): outputs and every checkpoint (the final state last)."""
+    length = 16384
+    inputs = scan_inputs(batch=1, dim=4, state=2, length=length, groups=1, lead=(2,), decay=(0.5, 16.0), seed=5)
+    inputs["delta"] = inputs["delta"] + torch.where(torch.arange(length) % 97 == 0, 30.0, 0.0)
+    u, delta, A, B, C, D, z, bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    out, checkpoints = decomposed_scan_forward(u, delta, A, B, C, D, z, bias, True, False)
+    assert torch.isfinite(out).all() and torch.isfinite(checkpoints).all()
+    for k in range(2):
+        expected, states = selective_scan_ref(
+            u[k].double(), delta[k].double(), A[k].double(), B[k].double(), C[k].double(), D[k].double(), z.double(),
+            bias[k].double(), True, k == 1, return_all_states=True,
+        )  # fmt: skip
+        torch.testing.assert_close(out[k].double(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(checkpoints[k].double(), reference_checkpoints(states, k == 1), rtol=1e-4, atol=1e-4)
+
+
+def test_decomposed_scan_refuses_a_chunk_that_does_not_divide_the_checkpoint_chunk():
+    inputs = scan_inputs(length=16, groups=1, lead=(2,))
+    u, delta, A, B, C, D, z, bias = (inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    with pytest.raises(ValueError, match="chunk=3"):
+        decomposed_scan_forward(u, delta, A, B, C, D, z, bias, True, False, chunk=3)
 
 
 @pytest.mark.parametrize("grid", [(3, 5), (4, 4)])
@@ -460,7 +487,7 @@ def test_bench_deploy_writes_json_and_markdown_on_tiny_shapes(tmp_path):
     command += ["--iters", "1", "--warmup", "0", "--threads", "1", "--out-dir", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     saved = json.loads((tmp_path / "deploy_cpu.json").read_text())
-    assert {"machine", "date", "torch", "onnx", "onnxruntime", "threads", "batch"} <= saved["environment"].keys()
+    assert {"machine", "date", "torch", "onnx", "onnxruntime", "threads", "batch", "rounds"} <= saved["environment"].keys()
     rows = {row["runtime"]: row for row in saved["results"]}
     assert rows.keys() == {"onnxruntime", "eager"} and all(row["status"] == "ok" for row in rows.values())
     assert rows["onnxruntime"]["input"] == [3, 2, 32, 32] and rows["onnxruntime"]["unit"] == "clips/s"
@@ -468,7 +495,7 @@ def test_bench_deploy_writes_json_and_markdown_on_tiny_shapes(tmp_path):
     assert rows["onnxruntime"]["export_s"] > 0 and rows["onnxruntime"]["onnx_mib"] > 0
     assert rows["onnxruntime"]["rate"] == pytest.approx(1e3 / rows["onnxruntime"]["median_ms"])
     table = (tmp_path / "deploy_cpu.md").read_text()
-    assert "| test_videomamba | 3x2x32x32 | onnxruntime |" in table and "| test_videomamba | 3x2x32x32 | eager |" in table
+    assert "| test_videomamba | 3x2x32x32 | 1 | onnxruntime |" in table and "| test_videomamba | 3x2x32x32 | 1 | eager |" in table
 
 
 def test_aoti_refuses_several_windows_per_image_by_name(tmp_path):

@@ -81,16 +81,17 @@ def export_onnx(
         program = decompose_scan(program, ONNX_DECOMPOSITIONS)
         bar.update()
         bar.set_postfix_str("translate to ONNX")
-        onnx_program = torch.onnx.export(
-            program,
-            (program.example_inputs[0][0],),
-            input_names=[backbone.modality],
-            output_names=[output_name(backbone)],
-            dynamic_shapes=({0: "batch"},),
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-        )
+        with torch.no_grad():  # the exporter runs the scan loop's body; with grad it would trace a backward too
+            onnx_program = torch.onnx.export(
+                program,
+                (program.example_inputs[0][0],),
+                input_names=[backbone.modality],
+                output_names=[output_name(backbone)],
+                dynamic_shapes=({0: "batch"},),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
         assert onnx_program is not None  # None comes from the legacy exporter only (dynamo=False)
         onnx_program.model.metadata_props.update(_onnx_metadata(backbone))
         atomic_write(path, lambda tmp: onnx_program.save(tmp, external_data=False))
