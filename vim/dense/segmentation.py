@@ -25,9 +25,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
-from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import nn
+
+try:
+    from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
+    from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+except ImportError as error:  # an install without the dense extra
+    raise ImportError(
+        f"vim.dense.segmentation needs segmentation-models-pytorch: pip install 'vim-toolkit[dense]' ({error})"
+    ) from error
 
 from vim.models.checkpoint import is_dense_checkpoint, load_official_checkpoint
 from vim.models.loading import TrainingCheckpoint

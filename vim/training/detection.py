@@ -8,6 +8,7 @@ class is saved in the checkpoint beside the names, so ``vimkit predict`` writes 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -61,6 +62,8 @@ def set_pooler_strides(pooler: MultiScaleRoIAlign) -> None:
 
 def map_metric(masks: bool) -> MeanAveragePrecision:
     """COCO mAP (pycocotools) of boxes, and of instance masks when ``masks``."""
+    if importlib.util.find_spec("pycocotools") is None:
+        raise ImportError("COCO mAP needs pycocotools: pip install 'vim-toolkit[dense]'")
     return MeanAveragePrecision(iou_type=("bbox", "segm") if masks else "bbox", backend="pycocotools")
 
 
