@@ -59,7 +59,11 @@ def render_clip(digit: np.ndarray, direction: str, rng: np.random.Generator, num
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, codec: str | None = None) -> None:
-    """Encode (T, H, W, 3) uint8 RGB ``frames`` (even H and W) as a video file with PyAV."""
+    """Encode (T, H, W, 3) uint8 RGB ``frames`` (even H and W) as a video file with PyAV.
+
+    Each frame is converted to YUV 4:2:0 here: left to the encoder's own conversion, the same frames sometimes came out
+    as other pixels (33 of the quickstart's 641 clips differed between two writes on a busy machine, all frames of a
+    clip slightly brighter), and the video quickstart's score moved with them."""
     av = _pyav()
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec or video_codec(), rate=fps)
@@ -70,7 +74,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, codec
         else:
             stream.bit_rate = 2_000_000
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")  # converted here, once
+            container.mux(stream.encode(yuv))
         container.mux(stream.encode())
 
 
