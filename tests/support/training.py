@@ -34,6 +34,17 @@ class Recorder(Callback):
         self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
 
 
+class CrashAt(Callback):
+    """Raises before the batch of optimizer step ``step``: a run killed there, its last checkpoint the step before."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")
+
+
 def tiny_config(tmp_path: Path, logger: str = "vim.training.run_folder.RunCSVLogger", every_n_train_steps: int = 4) -> str:
     """A 2-block test_vim on 18 images: 4 batches of 4 per epoch, checkpoints every 4 steps, logs in runs/tiny."""
     images = write_tree(tmp_path / "images")

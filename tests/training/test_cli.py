@@ -217,6 +217,14 @@ def test_predict_from_a_checkpoint_needs_no_labelled_data(tmp_path, monkeypatch,
     assert deployed == with_training_data
 
 
+def load_plot_metrics() -> types.ModuleType:
+    """tools/plot_metrics.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "tools/plot_metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_plot_metrics_writes_a_png(tmp_path):
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("epoch,step,train/loss,val/acc1,val/loss\n0,4,2.3,,\n0,9,,0.4,1.9\n1,14,1.2,,\n1,19,,0.8,0.9\n")
@@ -233,9 +241,7 @@ def test_plot_metrics_writes_a_png(tmp_path):
 
 def test_plot_metrics_draws_segmentation_and_detection_scores(tmp_path):
     """mIoU and box mAP columns join the scores panel (in percent); a segmentation run's per-class IoU stays out."""
-    spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "tools/plot_metrics.py")
-    plot_metrics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_metrics)
+    plot_metrics = load_plot_metrics()
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("epoch,step,train/loss,val/mIoU,val/IoU/circle,val/map\n0,4,2.3,,,\n0,9,,0.5,0.4,0.25\n")
     figure = plot_metrics.draw(plot_metrics.read_series(metrics))
@@ -365,9 +371,7 @@ def test_video_recipes_start_from_videomamba_image_weights(capsys):
 
 def test_plot_metrics_draws_the_learning_rate(tmp_path):
     """The LearningRateMonitor's columns get a panel of their own, against the step."""
-    spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "tools/plot_metrics.py")
-    plot_metrics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_metrics)
+    plot_metrics = load_plot_metrics()
     metrics = tmp_path / "metrics.csv"
     metrics.write_text("epoch,step,lr-AdamW,train/loss,val/acc1\n0,0,0.001,2.3,\n0,5,0.002,1.9,\n0,9,,,0.5\n1,10,0.0015,1.5,\n")
     figure = plot_metrics.draw(plot_metrics.read_series(metrics))

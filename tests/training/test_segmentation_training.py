@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
@@ -21,6 +21,7 @@ from vim.training.checkpoint_io import AtomicCheckpointIO
 from vim.training.segmentation import Segmenter, scores_from_confusion, segmentation_loss
 
 from support.paths import REPO
+from support.training import CrashAt
 
 TINY_VIM = dict(patch_size=4, stride=4, depth=2)
 
@@ -72,15 +73,6 @@ def scene_data(root, batch_size=8, **kwargs) -> SegmentationDataModule:
         num_workers=0,
         **kwargs,
     )
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash at step {self.step}")
 
 
 def segmentation_run(run_dir, data_root, callbacks=(), ckpt_path=None) -> Segmenter:

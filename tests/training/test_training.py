@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -25,7 +25,7 @@ from vim.training.classifier import classification_loss
 from vim.training.image_classifier import ImageClassifier
 from vim.training.schedule import ScheduledLR, WarmupCosine, WarmupPoly
 
-from support.training import Recorder, write_tree
+from support.training import CrashAt, Recorder, write_tree
 
 TINY_VIT = dict(patch_size=4, embed_dim=16, depth=1, num_heads=2)
 
@@ -242,15 +242,6 @@ def test_atomic_save_keeps_the_previous_file_when_saving_fails(tmp_path, monkeyp
     monkeypatch.undo()
     assert torch.load(path) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash at step {self.step}")
 
 
 def resume_run(tmp_path: Path, train_root: Path, callbacks=(), ckpt_path=None) -> ImageClassifier:

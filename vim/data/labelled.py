@@ -40,6 +40,15 @@ SPLITS = ("train", "val", "test")
 """The labelled splits; ``predict`` reads unlabelled samples."""
 
 
+def paired_splits(second: str, **pairs: tuple[str | None, str | None]) -> dict[str, tuple[str | None, str | None]]:
+    """``{split: (images, second)}`` of a task whose splits each need two settings (images and masks, images and
+    annotations), given as ``train=(images, masks)``; ValueError naming the settings of a split that gives only one."""
+    for split, (images, other) in pairs.items():
+        if (images is None) != (other is None):
+            raise ValueError(f"data.{split}_images and data.{split}_{second} go together: set both or neither")
+    return pairs
+
+
 def train_batches_per_epoch(trainer: Trainer | None, loader_batches: int) -> int:
     """Batches Lightning runs per training epoch: the loader's, cut by ``limit_train_batches`` (all without a trainer)."""
     if trainer is None:

@@ -11,7 +11,7 @@ from vim.data.detection.coco import CocoFile, read_coco
 from vim.data.detection.dataset import DetectionFiles, collate_detections
 from vim.data.detection.transforms import detection_transform
 from vim.data.images import IMAGE_EXTENSIONS, list_images
-from vim.data.labelled import SPLITS, LabelledDataModule
+from vim.data.labelled import SPLITS, LabelledDataModule, paired_splits
 
 
 class DetectionDataModule(LabelledDataModule):
@@ -70,14 +70,12 @@ class DetectionDataModule(LabelledDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed)
         self.save_hyperparameters()
-        self.splits = {
-            "train": (train_images, train_annotations),
-            "val": (val_images, val_annotations),
-            "test": (test_images, test_annotations),
-        }
-        for split, (folder, json_file) in self.splits.items():
-            if (folder is None) != (json_file is None):
-                raise ValueError(f"data.{split}_images and data.{split}_annotations go together: set both or neither")
+        self.splits = paired_splits(
+            "annotations",
+            train=(train_images, train_annotations),
+            val=(val_images, val_annotations),
+            test=(test_images, test_annotations),
+        )
         self.predict_root, self.masks = predict_root, masks
         self.img_size, self.max_size = img_size, max_size
         self.augmentation: dict[str, Any] = dict(scale_range=scale_range, hflip=hflip, color_jitter=color_jitter)

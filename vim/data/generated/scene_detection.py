@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from vim.data.detection import DetectionDataModule
-from vim.data.generated.cache import cache_dir
-from vim.data.generated.scenes import SCENE_CLASSES, write_scenes
+from vim.data.generated.scenes import SCENE_CLASSES, scenes_root, write_scenes
 
 
 class SceneDetectionDataModule(DetectionDataModule):
@@ -22,7 +20,7 @@ class SceneDetectionDataModule(DetectionDataModule):
     """
 
     def __init__(self, root: str | None = None, predict_root: str | None = None, **kwargs: Any) -> None:
-        folder = Path(root) if root is not None else cache_dir() / "scenes"
+        folder = scenes_root(root)
         super().__init__(
             train_images=str(folder / "images" / "train"),
             train_annotations=str(folder / "annotations" / "instances_train.json"),

@@ -102,6 +102,11 @@ def coco_annotation(shape: dict[str, Any], image_id: int, annotation_id: int) ->
     }
 
 
+def scenes_root(root: str | os.PathLike | None = None) -> Path:
+    """Where the scenes are written: ``root``, else ``$VIM_CACHE/scenes``."""
+    return Path(root) if root is not None else cache_dir() / "scenes"
+
+
 def write_scenes(root: str | os.PathLike, size: int = 64, split_sizes: dict[str, int] = SPLIT_SIZES, seed: int = 0) -> Path:
     """Write the scenes under ``root`` (see the module docstring) once; an interrupted write is redone
     (:func:`~vim.data.generated.cache.write_once`). Returns ``root``."""
@@ -139,7 +144,7 @@ class SceneSegmentationDataModule(SegmentationDataModule):
     """
 
     def __init__(self, root: str | None = None, predict_root: str | None = None, **kwargs: Any) -> None:
-        folder = Path(root) if root is not None else cache_dir() / "scenes"
+        folder = scenes_root(root)
         super().__init__(
             train_images=str(folder / "images" / "train"),
             train_masks=str(folder / "masks" / "train"),

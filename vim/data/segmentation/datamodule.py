@@ -9,7 +9,7 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vim.data.images.dataset import IMAGE_EXTENSIONS, list_images
-from vim.data.labelled import SPLITS, LabelledDataModule
+from vim.data.labelled import SPLITS, LabelledDataModule, paired_splits
 from vim.data.segmentation.dataset import SegmentationFiles, collate_pairs, paired_masks
 from vim.data.segmentation.transforms import segmentation_eval_transform, segmentation_train_transform
 
@@ -66,14 +66,9 @@ class SegmentationDataModule(LabelledDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed)
         self.save_hyperparameters()
-        self.folders = {
-            "train": (train_images, train_masks),
-            "val": (val_images, val_masks),
-            "test": (test_images, test_masks),
-        }
-        for split, (images, masks) in self.folders.items():
-            if (images is None) != (masks is None):
-                raise ValueError(f"data.{split}_images and data.{split}_masks go together: set both or neither")
+        self.folders = paired_splits(
+            "masks", train=(train_images, train_masks), val=(val_images, val_masks), test=(test_images, test_masks)
+        )
         self.predict_root, self.class_names, self.reduce_zero_label = predict_root, class_names, reduce_zero_label
         self.img_size = img_size
         self.augmentation: dict[str, Any] = dict(scale=tuple(scale), hflip=hflip, color_jitter=color_jitter)
