@@ -4,16 +4,18 @@
  * Python or PyTorch headers) and called through ctypes; see that module for the contract.
  *
  * A job is a block of up to LANES adjacent channels of one batch element, in one group of B and C,
- * scanned in every direction. Its state is held as h[n][lane], so every operation is a vertical
- * SIMD operation across channels (whose B_t and C_t are the same scalars), and the
- * decays exp2(delta * A * log2 e) are formed in registers by an inline polynomial (a call into
- * libm would force the state out of the registers at every step). Softplus and the silu gate run
- * in a pass before and after the scan over the job's (L, LANES) slice of delta and out.
+ * scanned in every direction. Its state is held as h[n], one Lanes vector (a GCC / clang vector
+ * extension) per state, so every operation is a vertical SIMD operation across channels (whose B_t
+ * and C_t are the same scalars), and the decays exp2(delta * A * log2 e) are formed in registers by
+ * an inline polynomial (with AVX-512 its scale is one vscalefps; a call into libm would force the
+ * state out of the registers at every step). Softplus, also without libm, and the silu gate run in
+ * a pass before and after the scan over the job's (L, LANES) slice of delta and out.
  *
  * The backward pass walks the chunks of `chunk` steps in reverse: it recomputes the chunk's states
  * from the forward's checkpoint into a small buffer, then runs the adjoint recurrence
  * g_s = C_s dy_s + exp(delta_{s+1} A) g_{s+1} back through them. Gradients of B and C, sums over
- * the channels of a group, are summed per thread and then by the caller; those of A, D and
+ * the channels of a group, are folded across lanes 16 states at a time (lane_sums), summed per
+ * thread and then by the caller; those of A, D and
  * delta_bias are written per batch element and summed by the caller. A job runs every direction
  * of its block, so the gradient of the shared gate z is summed without a race.
  *
@@ -26,6 +28,9 @@
  * a row-major one needs none, so the scans of one sequence run exactly as before.
  */
 #include <math.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,18 +66,19 @@ typedef struct {
 #define LOG2E 1.44269504f
 #define LN2 0.69314718f
 
-/* 2^x for x <= 126 (0 below -127): 2^round(x) times a degree-6 fit of 2^f on [-1/2, 1/2] with 2^0 = 1 exact.
- * Relative error under 1e-7; a decay close to 1 (f = x small) keeps all of its precision. */
+/* 2^f for f in [-1/2, 1/2], on a float or on Lanes: a degree-6 fit with 2^0 = 1 exact, relative error under 1e-7;
+ * a decay close to 1 (f small) keeps all of its precision. */
+#define EXP2_FRACTION(f)                                                                                              \
+    ((((((1.5353350e-4f * (f) + 1.3398875e-3f) * (f) + 9.6184378e-3f) * (f) + 5.5503324e-2f) * (f) + 2.4022648e-1f) \
+          * (f)                                                                                                     \
+      + 6.9314718e-1f)                                                                                              \
+         * (f)                                                                                                      \
+     + 1.0f)
+
+/* 2^x for x <= 126 (0 below -127): 2^round(x) times EXP2_FRACTION of the rest. */
 INLINE float exp2_poly(float x) {
     x = fmaxf(fminf(x, 126.0f), -127.0f);
-    const float whole = rintf(x), f = x - whole;
-    float p = 1.5353350e-4f;
-    p = p * f + 1.3398875e-3f;
-    p = p * f + 9.6184378e-3f;
-    p = p * f + 5.5503324e-2f;
-    p = p * f + 2.4022648e-1f;
-    p = p * f + 6.9314718e-1f;
-    p = p * f + 1.0f;
+    const float whole = rintf(x), f = x - whole, p = EXP2_FRACTION(f);
     const int32_t bits = ((int32_t)whole + 127) << 23; /* 2^whole; whole = -127 gives 0 */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
@@ -81,8 +87,50 @@ INLINE float exp2_poly(float x) {
 
 INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp2_poly(-x * LOG2E)); }
 
-/* log(1 + e^x), linear above 20 as in PyTorch's softplus. */
-INLINE float softplus(float x) { return x > 20.0f ? x : logf(1.0f + exp2_poly(x * LOG2E)); }
+/* log(1 + e^x) = max(x, 0) + log1p(e) with e = e^-|x| in (0, 1], and log1p(e) = 2 atanh(s) = s P(s^2) for
+ * s = e / (2 + e) in (0, 1/3]: P is a degree-4 fit of 2 atanh(s) / s, relative error under 4e-9. No call into libm
+ * (the loop over lanes stays vectorised) and no cancellation for small e. Above 20 this is x to within float32,
+ * as PyTorch's threshold gives. */
+INLINE float softplus(float x) {
+    const float e = exp2_poly(-fabsf(x) * LOG2E), s = e / (2.0f + e), u = s * s;
+    const float p = (((2.817862665e-1f * u + 2.796054683e-1f) * u + 4.002491355e-1f) * u + 6.666631462e-1f) * u + 2.000000008f;
+    return fmaxf(x, 0.0f) + s * p;
+}
+
+/* The LANES channels of a job as one SIMD value (a GCC and clang vector extension): the conv is written on
+ * whole rows, so it vectorises whatever the compiler's loop vectoriser makes of the short loops. */
+typedef float Lanes __attribute__((vector_size(sizeof(float) * LANES)));
+
+/* `width` channels `lane_stride` apart from x, 0 on idle lanes. */
+INLINE Lanes load_lanes(const float *x, const int64_t lane_stride, const int width) {
+    float row[LANES];
+    if (lane_stride == 1 && width == LANES) memcpy(row, x, sizeof row);
+    else
+        for (int j = 0; j < LANES; j++) row[j] = j < width ? x[j * lane_stride] : 0.0f;
+    Lanes v;
+    memcpy(&v, row, sizeof v);
+    return v;
+}
+
+INLINE void store_lanes(float *out, const Lanes v, const int width) {
+    float row[LANES];
+    memcpy(row, &v, sizeof row);
+    for (int j = 0; j < width; j++) out[j] = row[j];
+}
+
+/* exp2_poly on every lane. With AVX-512 the scale 2^round(x) is one vscalefps (which also gives 0 far below -127
+ * and inf above 128, so no clamp); elsewhere the loop over lanes is left to the vectoriser. */
+INLINE Lanes exp2_lanes(Lanes x) {
+#if defined(__AVX512F__) && LANES == 16
+    const __m512 whole = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const Lanes f = x - (Lanes)whole, p = EXP2_FRACTION(f);
+    return (Lanes)_mm512_scalef_ps((__m512)p, whole);
+#else
+    Lanes y;
+    for (int j = 0; j < LANES; j++) y[j] = exp2_poly(x[j]);
+    return y;
+#endif
+}
 
 /* One direction of one job: a block of `width` (<= LANES) channels from d0 within group g of batch element b. */
 typedef struct {
@@ -161,31 +209,29 @@ INLINE int any_columns(const ScanArgs *a) {
 INLINE void forward_block(const ScanArgs *restrict a, const Block *restrict v, const int width, const int64_t n_state,
                           float *restrict dt) {
     const int64_t length = a->length, dim = a->dim;
-    float h[STATE_ROWS(n_state)][LANES], a2[STATE_ROWS(n_state)][LANES], D[LANES], bias[LANES];
-    load_parameters(a, v, width, n_state, a2, D, bias, dt);
-    for (int64_t n = 0; n < n_state; n++)
-        for (int j = 0; j < LANES; j++) h[n][j] = 0.0f;
+    Lanes h[STATE_ROWS(n_state)], a2[STATE_ROWS(n_state)];
+    float D[LANES], bias[LANES];
+    load_parameters(a, v, width, n_state, (float (*)[LANES])a2, D, bias, dt);
+    const Lanes D_lanes = load_lanes(D, 1, LANES);
+    for (int64_t n = 0; n < n_state; n++) h[n] = (Lanes){0};
     float *out = a->out + (v->k * a->batch + v->b) * length * dim + v->d0;
     float *saved = a->checkpoints + (v->k * a->batch + v->b) * ((length + a->chunk - 1) / a->chunk) * dim * n_state + v->d0 * n_state;
 
+    int64_t in_chunk = 0; /* steps since the last checkpoint */
     for (int64_t step = 0; step < length; step++) {
         const int64_t t = time_of(v, length, step);
-        const float *dt_t = dt + t * LANES;
-        float drive[LANES], acc[LANES];
-        for (int j = 0; j < LANES; j++) {
-            const float x = lane(v->u, t, v->u_step, j, v->u_lane, width);
-            drive[j] = dt_t[j] * x;
-            acc[j] = D[j] * x;
-        }
+        const Lanes dt_t = load_lanes(dt + t * LANES, 1, LANES);
+        const Lanes x = load_lanes(v->u + t * v->u_step, v->u_lane, width);
+        const Lanes drive = dt_t * x;
+        Lanes acc = D_lanes * x;
         for (int64_t n = 0; n < n_state; n++) {
             const float bn = v->B[n * v->B_state + t * v->B_step], cn = v->C[n * v->C_state + t * v->C_step];
-            for (int j = 0; j < LANES; j++) {
-                h[n][j] = exp2_poly(dt_t[j] * a2[n][j]) * h[n][j] + drive[j] * bn;
-                acc[j] += h[n][j] * cn;
-            }
+            h[n] = exp2_lanes(dt_t * a2[n]) * h[n] + drive * bn;
+            acc += h[n] * cn;
         }
-        for (int j = 0; j < width; j++) out[t * dim + j] = acc[j];
-        if ((step + 1) % a->chunk == 0 || step == length - 1) {
+        store_lanes(out + t * dim, acc, width);
+        if (++in_chunk == a->chunk || step == length - 1) { /* no division per step */
+            in_chunk = 0;
             float *state = saved + (step / a->chunk) * dim * n_state;
             for (int j = 0; j < width; j++)
                 for (int64_t n = 0; n < n_state; n++) state[j * n_state + n] = h[n][j];
@@ -199,58 +245,91 @@ INLINE void forward_block(const ScanArgs *restrict a, const Block *restrict v, c
             }
 }
 
-/* Backward of one direction of a block. Scratch: dt and ddt of L * LANES floats; a chunk's states, (chunk + 1) * N * LANES,
- * and its decays, chunk * N * LANES. */
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t LaneIndex __attribute__((vector_size(sizeof(int32_t) * LANES)));
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (LaneIndex){__VA_ARGS__})
+#endif
+
+/* Lane n of the result is the sum of the lanes of v[n], for LANES = 16 vectors (v is overwritten). Each round folds
+ * pairs: the first halves of every segment of a and of b, plus the second halves, so after four rounds of 8, 4, 2
+ * and 1 folds the segments are single lanes in order: 15 folds of 3 operations instead of 16 reductions of 8. */
+INLINE Lanes lane_sums(Lanes *restrict v) {
+    _Static_assert(LANES == 16, "lane_sums folds 16 lanes");
+    for (int i = 0; i < 8; i++)
+        v[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+               + SHUFFLE(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        v[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+               + SHUFFLE(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        v[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+               + SHUFFLE(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUFFLE(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+           + SHUFFLE(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* out[n * stride] += the sum of the lanes of v[n], n < n_state: whole runs of 16 by lane_sums, the rest one by one. */
+INLINE void add_lane_sums(float *restrict out, int64_t stride, Lanes *restrict v, const int64_t n_state) {
+    int64_t n = 0;
+    for (; n + LANES <= n_state; n += LANES) {
+        const Lanes sums = lane_sums(v + n);
+        for (int j = 0; j < LANES; j++) out[(n + j) * stride] += sums[j];
+    }
+    for (; n < n_state; n++) {
+        float sum = 0.0f;
+        for (int j = 0; j < LANES; j++) sum += v[n][j];
+        out[n * stride] += sum;
+    }
+}
+
+/* Backward of one direction of a block. Scratch, 64-byte aligned: dt and ddt of L * LANES floats; a chunk's states,
+ * (chunk + 1) * N Lanes, and its decays, chunk * N Lanes.
+ *
+ * Per step and state n, with gn = dL/dh_n = g_n + dy C_n and q_n = gn decay_n h_{n, before}:
+ * du = dy D + dt sum_n gn B_n; d dt = x sum_n gn B_n + ln 2 sum_n q_n A_n log2 e; dA_n += q_n dt; and the lane sums
+ * of dy h_n (dC) and gn dt x (dB), over the block's channels. */
 INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, int64_t worker, const int width,
-                           const int64_t n_state, float *restrict dt, float *restrict ddt, float *restrict states,
-                           float *restrict decays) {
+                           const int64_t n_state, float *restrict dt, float *restrict ddt, Lanes *restrict states,
+                           Lanes *restrict decays) {
     const int64_t length = a->length, dim = a->dim, chunks = (length + a->chunk - 1) / a->chunk;
     const int64_t row = v->k * a->batch + v->b; /* (direction, batch element) */
-    float a2[STATE_ROWS(n_state)][LANES], g[STATE_ROWS(n_state)][LANES], dA[STATE_ROWS(n_state)][LANES];
-    float D[LANES], bias[LANES], dD[LANES];
-    load_parameters(a, v, width, n_state, a2, D, bias, dt);
-    for (int64_t n = 0; n < n_state; n++)
-        for (int j = 0; j < LANES; j++) g[n][j] = dA[n][j] = 0.0f;
-    for (int j = 0; j < LANES; j++) dD[j] = 0.0f;
+    Lanes a2[STATE_ROWS(n_state)], g[STATE_ROWS(n_state)], dA[STATE_ROWS(n_state)];
+    Lanes grad_B[STATE_ROWS(n_state)], grad_C[STATE_ROWS(n_state)]; /* this step's, before the lane sums */
+    float D[LANES], bias[LANES];
+    load_parameters(a, v, width, n_state, (float (*)[LANES])a2, D, bias, dt);
+    const Lanes D_lanes = load_lanes(D, 1, LANES);
+    Lanes dD = {0};
+    for (int64_t n = 0; n < n_state; n++) g[n] = dA[n] = (Lanes){0};
     const float *saved = a->checkpoints + row * chunks * dim * n_state + v->d0 * n_state;
     float *du = a->du + row * length * dim + v->d0, *dz = a->dz ? a->dz + v->b * length * dim + v->d0 : NULL;
     const int64_t partial = ((worker * a->directions + v->k) * a->batch + v->b) * a->groups + v->g; /* this thread's sum */
     float *dB = a->dB + partial * n_state * length, *dC = a->dC + partial * n_state * length;
-#define STATE(i, n, j) states[((i) * n_state + (n)) * LANES + (j)]
-#define DECAY(i, n, j) decays[((i) * n_state + (n)) * LANES + (j)]
+#define STATE(i, n) states[(i) * n_state + (n)]
+#define DECAY(i, n) decays[(i) * n_state + (n)]
 
     for (int64_t c = chunks - 1; c >= 0; c--) {
         const int64_t first = c * a->chunk, steps = length - first < a->chunk ? length - first : a->chunk;
         for (int64_t n = 0; n < n_state; n++) /* the state before the chunk: the previous chunk's checkpoint */
-            for (int j = 0; j < LANES; j++) STATE(0, n, j) = c && j < width ? saved[(c - 1) * dim * n_state + j * n_state + n] : 0.0f;
+            STATE(0, n) = c ? load_lanes(saved + (c - 1) * dim * n_state + n, n_state, width) : (Lanes){0};
         for (int64_t i = 0; i < steps; i++) { /* recompute the chunk's states */
             const int64_t t = time_of(v, length, first + i);
-            const float *dt_t = dt + t * LANES;
-            float drive[LANES];
-            for (int j = 0; j < LANES; j++) drive[j] = dt_t[j] * lane(v->u, t, v->u_step, j, v->u_lane, width);
+            const Lanes dt_t = load_lanes(dt + t * LANES, 1, LANES);
+            const Lanes drive = dt_t * load_lanes(v->u + t * v->u_step, v->u_lane, width);
             for (int64_t n = 0; n < n_state; n++) {
-                const float bn = v->B[n * v->B_state + t * v->B_step];
-                for (int j = 0; j < LANES; j++) {
-                    DECAY(i, n, j) = exp2_poly(dt_t[j] * a2[n][j]);
-                    STATE(i + 1, n, j) = DECAY(i, n, j) * STATE(i, n, j) + drive[j] * bn;
-                }
+                DECAY(i, n) = exp2_lanes(dt_t * a2[n]);
+                STATE(i + 1, n) = DECAY(i, n) * STATE(i, n) + drive * v->B[n * v->B_state + t * v->B_step];
             }
         }
         for (int64_t i = steps - 1; i >= 0; i--) { /* and walk back through them */
             const int64_t t = time_of(v, length, first + i);
-            const float *dt_t = dt + t * LANES;
-            float x[LANES], dy[LANES], du_t[LANES], ddt_t[LANES];
-            for (int j = 0; j < LANES; j++) {
-                x[j] = lane(v->u, t, v->u_step, j, v->u_lane, width);
-                dy[j] = lane(v->dout, t, v->dout_step, j, v->dout_lane, width);
-            }
+            const Lanes dt_t = load_lanes(dt + t * LANES, 1, LANES);
+            const Lanes x = load_lanes(v->u + t * v->u_step, v->u_lane, width);
+            Lanes dy = load_lanes(v->dout + t * v->dout_step, v->dout_lane, width);
             if (v->z) { /* through the gate: dz += dout * y * silu'(z), dy = dout * silu(z) */
-                float y[LANES];
-                for (int j = 0; j < LANES; j++) y[j] = D[j] * x[j];
-                for (int64_t n = 0; n < n_state; n++) {
-                    const float cn = v->C[n * v->C_state + t * v->C_step];
-                    for (int j = 0; j < LANES; j++) y[j] += STATE(i + 1, n, j) * cn;
-                }
+                Lanes y = D_lanes * x;
+                for (int64_t n = 0; n < n_state; n++) y += STATE(i + 1, n) * v->C[n * v->C_state + t * v->C_step];
                 for (int j = 0; j < width; j++) {
                     const float zj = v->z[t * v->z_step + j * v->z_lane], s = sigmoid(zj);
                     const float dz_j = dy[j] * y[j] * s * (1.0f + zj * (1.0f - s));
@@ -258,29 +337,24 @@ INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, 
                     dy[j] *= zj * s;
                 }
             }
-            for (int j = 0; j < LANES; j++) {
-                dD[j] += dy[j] * x[j];
-                du_t[j] = dy[j] * D[j];
-                ddt_t[j] = 0.0f;
-            }
+            dD += dy * x;
+            const Lanes dt_x = dt_t * x;
+            Lanes through_B = {0}, through_A = {0}; /* sum_n gn B_n and sum_n q_n A_n log2 e */
             for (int64_t n = 0; n < n_state; n++) {
                 const float bn = v->B[n * v->B_state + t * v->B_step], cn = v->C[n * v->C_state + t * v->C_step];
-                float grad_B = 0.0f, grad_C = 0.0f;
-                for (int j = 0; j < LANES; j++) {
-                    const float decay = DECAY(i, n, j), before = STATE(i, n, j);
-                    const float gn = g[n][j] + dy[j] * cn; /* dL/dh at this step */
-                    grad_C += dy[j] * STATE(i + 1, n, j);
-                    grad_B += gn * dt_t[j] * x[j];
-                    du_t[j] += gn * dt_t[j] * bn;
-                    ddt_t[j] += gn * (bn * x[j] + a2[n][j] * LN2 * decay * before);
-                    dA[n][j] += gn * decay * before * dt_t[j];
-                    g[n][j] = decay * gn;
-                }
-                dB[n * length + t] += grad_B;
-                dC[n * length + t] += grad_C;
+                const Lanes decay = DECAY(i, n), gn = g[n] + dy * cn, q = gn * decay * STATE(i, n);
+                grad_C[n] = dy * STATE(i + 1, n);
+                grad_B[n] = gn * dt_x;
+                through_B += gn * bn;
+                through_A += q * a2[n];
+                dA[n] += q * dt_t;
+                g[n] = decay * gn;
             }
-            for (int j = 0; j < width; j++) du[t * dim + j] = du_t[j];
-            for (int j = 0; j < LANES; j++) ddt[t * LANES + j] = ddt_t[j];
+            add_lane_sums(dB + t, length, grad_B, n_state);
+            add_lane_sums(dC + t, length, grad_C, n_state);
+            store_lanes(du + t * dim, dy * D_lanes + dt_t * through_B, width);
+            const Lanes ddt_t = x * through_B + LN2 * through_A;
+            memcpy(ddt + t * LANES, &ddt_t, sizeof ddt_t);
         }
     }
 #undef STATE
@@ -308,14 +382,14 @@ INLINE int64_t blocks_per_group(const ScanArgs *a) { return (a->dim / a->groups 
 
 /* One direction of a full block of channel-contiguous tensors, inlined with the state size `n_state` a constant. */
 INLINE void vector_block(const ScanArgs *a, const Block *v, int64_t worker, int backward, const int64_t n_state, float *dt,
-                         float *ddt, float *states, float *decays) {
+                         float *ddt, Lanes *states, Lanes *decays) {
     if (backward) backward_block(a, v, worker, LANES, n_state, dt, ddt, states, decays);
     else forward_block(a, v, LANES, n_state, dt);
 }
 
-/* Run job `job` over every direction. `scratch` holds (2 * L + (2 * chunk + 1) * N) * LANES floats; `columns` the
+/* Run job `job` over every direction. `scratch` holds 2 * L + (2 * chunk + 1) * N Lanes; `columns` the
  * column-major tokens (or NULL where no direction needs them). */
-static void run_job(const ScanArgs *a, int64_t job, int64_t worker, int backward, float *scratch, const int64_t *columns) {
+static void run_job(const ScanArgs *a, int64_t job, int64_t worker, int backward, Lanes *scratch, const int64_t *columns) {
     const int64_t per_group = blocks_per_group(a), group_size = a->dim / a->groups;
     const int64_t b = job / (a->groups * per_group), g = job / per_group % a->groups, block = job % per_group;
     const int64_t d0 = g * group_size + block * LANES;
@@ -324,8 +398,8 @@ static void run_job(const ScanArgs *a, int64_t job, int64_t worker, int backward
                      && (!backward || a->dout_stride[2] == 1);
     /* compiled with N and the strides known: N = 16 (Vim's) and N = 1 (VMamba's) */
     const int fast = unit && width == LANES && (a->n_state == 16 || a->n_state == 1);
-    float *dt = scratch, *ddt = dt + a->length * LANES, *states = ddt + a->length * LANES;
-    float *decays = states + (a->chunk + 1) * a->n_state * LANES;
+    float *dt = (float *)scratch, *ddt = (float *)(scratch + a->length);
+    Lanes *states = scratch + 2 * a->length, *decays = states + (a->chunk + 1) * a->n_state;
     for (int64_t k = 0; k < a->directions; k++) {
         if (fast) {
             const Block v = block_of(a, k, b, g, d0, LANES, 1, columns);
@@ -348,7 +422,7 @@ typedef struct {
 static void *work(void *arg) {
     Worker *w = arg;
     const ScanArgs *a = w->args;
-    float *scratch = malloc(sizeof(float) * LANES * (2 * a->length + (2 * a->chunk + 1) * a->n_state));
+    Lanes *scratch = aligned_alloc(sizeof(Lanes), sizeof(Lanes) * (2 * a->length + (2 * a->chunk + 1) * a->n_state));
     int64_t *columns = any_columns(a) ? malloc(sizeof(int64_t) * a->length) : NULL;
     if (!scratch || (any_columns(a) && !columns)) {
         free(scratch);
@@ -448,27 +522,6 @@ typedef struct {
     int64_t x_step, x_lane;          /* strides between rows and between channels */
     int64_t b, c0, first, last, row; /* row: (batch element, segment), the job's row of dparams */
 } ConvJob;
-
-/* The LANES channels of a job as one SIMD value (a GCC and clang vector extension): the conv is written on
- * whole rows, so it vectorises whatever the compiler's loop vectoriser makes of the short loops. */
-typedef float Lanes __attribute__((vector_size(sizeof(float) * LANES)));
-
-/* `width` channels `lane_stride` apart from x, 0 on idle lanes. */
-INLINE Lanes load_lanes(const float *x, const int64_t lane_stride, const int width) {
-    float row[LANES];
-    if (lane_stride == 1 && width == LANES) memcpy(row, x, sizeof row);
-    else
-        for (int j = 0; j < LANES; j++) row[j] = j < width ? x[j * lane_stride] : 0.0f;
-    Lanes v;
-    memcpy(&v, row, sizeof v);
-    return v;
-}
-
-INLINE void store_lanes(float *out, const Lanes v, const int width) {
-    float row[LANES];
-    memcpy(row, &v, sizeof row);
-    for (int j = 0; j < width; j++) out[j] = row[j];
-}
 
 INLINE float silu(float p) { return p * sigmoid(p); }
 

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(not scan_native.native_available(), reason="no C
         (2, 48, 16, 3),  # three groups of B and C, one full block each
         (1, 36, 8, 3),  # groups of 12 channels: one partial block each
         (1, 20, 64, None),  # the largest state
+        (2, 16, 20, None),  # the backward's lane sums: a run of 16 states folded at once, then 4 one by one
     ],
 )
 def test_channel_blocking_matches_reference(batch, dim, state, groups):
@@ -114,6 +115,20 @@ def test_saturated_decays_stay_finite():
     ref = selective_scan_ref(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float32])
+
+
+def test_softplus_across_its_range_matches_reference():
+    """The kernel's own softplus (no libm call) on raw step sizes from -30 to 30: past the linear threshold of 20, and
+    where e^x is far below float32's resolution of 1 + e^x. Gradients go through its sigmoid."""
+    inputs = scan_inputs(batch=1, dim=32, state=16, length=64, seed=9)
+    steps = torch.linspace(-30.0, 30.0, 32 * 64).reshape(64, 32)[torch.randperm(64, generator=torch.Generator().manual_seed(1))]
+    inputs["delta"] = steps[None].transpose(-1, -2)  # (1, D, L), channels-last
+    inputs["A"] = inputs["A"] / 40  # long steps that still leave some state
+    dout = torch.randn(1, 32, 64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    out, grads = run_with_grads(lambda **x: selective_scan(**x, delta_softplus=True, backend="native"), leaves(inputs), dout)
+    ref, ref_grads = run_with_grads(lambda **x: selective_scan_ref(**x, delta_softplus=True), leaves(inputs, torch.float64), dout)
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.float32])
+    assert_close_all(grads, ref_grads, **TOLERANCES[torch.float32])
 
 
 def test_float64_takes_the_exact_chunked_path():
