@@ -28,7 +28,7 @@
  * a row-major one needs none, so the scans of one sequence run exactly as before.
  */
 #include <math.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <pthread.h>
@@ -36,7 +36,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Channels per job: one SIMD register of floats (GCC's code for vector types wider than the hardware's is poor). */
+#if defined(__AVX512F__)
 #define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
 #define MAX_STATE 64
 #define MAX_THREADS 256
 #define MAX_DIRECTIONS 4
@@ -103,32 +110,53 @@ typedef float Lanes __attribute__((vector_size(sizeof(float) * LANES)));
 
 /* `width` channels `lane_stride` apart from x, 0 on idle lanes. */
 INLINE Lanes load_lanes(const float *x, const int64_t lane_stride, const int width) {
-    float row[LANES];
-    if (lane_stride == 1 && width == LANES) memcpy(row, x, sizeof row);
-    else
-        for (int j = 0; j < LANES; j++) row[j] = j < width ? x[j * lane_stride] : 0.0f;
     Lanes v;
+    if (lane_stride == 1 && width == LANES) { /* one unaligned load, not a copy through a row (a stalled forward) */
+        memcpy(&v, x, sizeof v);
+        return v;
+    }
+    float row[LANES];
+    for (int j = 0; j < LANES; j++) row[j] = j < width ? x[j * lane_stride] : 0.0f;
     memcpy(&v, row, sizeof v);
     return v;
 }
 
 INLINE void store_lanes(float *out, const Lanes v, const int width) {
+    if (width == LANES) {
+        memcpy(out, &v, sizeof v);
+        return;
+    }
     float row[LANES];
     memcpy(row, &v, sizeof row);
     for (int j = 0; j < width; j++) out[j] = row[j];
 }
 
-/* exp2_poly on every lane. With AVX-512 the scale 2^round(x) is one vscalefps (which also gives 0 far below -127
- * and inf above 128, so no clamp); elsewhere the loop over lanes is left to the vectoriser. */
+typedef int32_t LaneInts __attribute__((vector_size(sizeof(int32_t) * LANES)));
+
+/* a where `take_b` is 0, b where it is all ones (a lane comparison's result). */
+INLINE Lanes select_lanes(Lanes a, Lanes b, LaneInts take_b) { return (Lanes)(((LaneInts)a & ~take_b) | ((LaneInts)b & take_b)); }
+
+/* exp2_poly on every lane, in whole-vector operations (reading single lanes of a vector would leave the code scalar).
+ * With AVX-512 the scale 2^round(x) is one vscalefps, which also gives 0 far below -127 and inf above 128; with AVX2
+ * it is exp2_poly's exponent bits; elsewhere x is clamped to [-127, 126] by lane comparisons and round(x) is
+ * floor(x + 1/2), the truncation of the positive x + 127.5, less 127. */
 INLINE Lanes exp2_lanes(Lanes x) {
 #if defined(__AVX512F__) && LANES == 16
     const __m512 whole = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const Lanes f = x - (Lanes)whole, p = EXP2_FRACTION(f);
     return (Lanes)_mm512_scalef_ps((__m512)p, whole);
+#elif defined(__AVX2__) && LANES == 8
+    x = (Lanes)_mm256_max_ps(_mm256_min_ps((__m256)x, _mm256_set1_ps(126.0f)), _mm256_set1_ps(-127.0f));
+    const __m256 whole = _mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const Lanes f = x - (Lanes)whole, p = EXP2_FRACTION(f);
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(whole), _mm256_set1_epi32(127)), 23);
+    return p * (Lanes)_mm256_castsi256_ps(bits); /* 2^whole; whole = -127 gives 0 */
 #else
-    Lanes y;
-    for (int j = 0; j < LANES; j++) y[j] = exp2_poly(x[j]);
-    return y;
+    const Lanes low = (Lanes){0} - 127.0f, high = (Lanes){0} + 126.0f;
+    x = select_lanes(select_lanes(x, low, x < low), high, x > high);
+    const LaneInts whole = __builtin_convertvector(x + 127.5f, LaneInts) - 127;
+    const Lanes f = x - __builtin_convertvector(whole, Lanes), p = EXP2_FRACTION(f);
+    return p * (Lanes)((whole + 127) << 23); /* 2^whole; whole = -127 gives 0 */
 #endif
 }
 
@@ -251,26 +279,37 @@ INLINE void forward_block(const ScanArgs *restrict a, const Block *restrict v, c
 typedef int32_t LaneIndex __attribute__((vector_size(sizeof(int32_t) * LANES)));
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (LaneIndex){__VA_ARGS__})
 #endif
+#define LANE_LIST(...) __VA_ARGS__
+#define FOLD(a, b, first_halves, second_halves) (SHUFFLE(a, b, LANE_LIST first_halves) + SHUFFLE(a, b, LANE_LIST second_halves))
 
-/* Lane n of the result is the sum of the lanes of v[n], for LANES = 16 vectors (v is overwritten). Each round folds
- * pairs: the first halves of every segment of a and of b, plus the second halves, so after four rounds of 8, 4, 2
- * and 1 folds the segments are single lanes in order: 15 folds of 3 operations instead of 16 reductions of 8. */
+/* Lane n of the result is the sum of the lanes of v[n], for LANES vectors (v is overwritten). Each round folds pairs
+ * of vectors: the first halves of every segment of a and of b, plus the second halves, so that after log2(LANES)
+ * rounds the segments are single lanes, in order: LANES - 1 folds of 3 operations instead of LANES reductions. */
 INLINE Lanes lane_sums(Lanes *restrict v) {
-    _Static_assert(LANES == 16, "lane_sums folds 16 lanes");
+#if LANES == 16
     for (int i = 0; i < 8; i++)
-        v[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-               + SHUFFLE(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        v[i] = FOLD(v[2 * i], v[2 * i + 1], (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                    (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
     for (int i = 0; i < 4; i++)
-        v[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-               + SHUFFLE(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+        v[i] = FOLD(v[2 * i], v[2 * i + 1], (0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                    (4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));
     for (int i = 0; i < 2; i++)
-        v[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-               + SHUFFLE(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return SHUFFLE(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-           + SHUFFLE(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        v[i] = FOLD(v[2 * i], v[2 * i + 1], (0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+                    (2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
+    return FOLD(v[0], v[1], (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                (1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+#elif LANES == 8
+    for (int i = 0; i < 4; i++) v[i] = FOLD(v[2 * i], v[2 * i + 1], (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15));
+    for (int i = 0; i < 2; i++) v[i] = FOLD(v[2 * i], v[2 * i + 1], (0, 1, 4, 5, 8, 9, 12, 13), (2, 3, 6, 7, 10, 11, 14, 15));
+    return FOLD(v[0], v[1], (0, 2, 4, 6, 8, 10, 12, 14), (1, 3, 5, 7, 9, 11, 13, 15));
+#else
+    v[0] = FOLD(v[0], v[1], (0, 1, 4, 5), (2, 3, 6, 7));
+    v[1] = FOLD(v[2], v[3], (0, 1, 4, 5), (2, 3, 6, 7));
+    return FOLD(v[0], v[1], (0, 2, 4, 6), (1, 3, 5, 7));
+#endif
 }
 
-/* out[n * stride] += the sum of the lanes of v[n], n < n_state: whole runs of 16 by lane_sums, the rest one by one. */
+/* out[n * stride] += the sum of the lanes of v[n], n < n_state: whole runs of LANES by lane_sums, the rest one by one. */
 INLINE void add_lane_sums(float *restrict out, int64_t stride, Lanes *restrict v, const int64_t n_state) {
     int64_t n = 0;
     for (; n + LANES <= n_state; n += LANES) {
