@@ -21,6 +21,7 @@ from vim.kernels import causal_conv1d_silu, causal_conv1d_silu_ref, conv_silu_na
 from vim.kernels.conv_silu_reference import reference_backward
 
 from support.grads import leaves, run_with_grads
+from support.native_builds import SIMD_LEVELS, use_build_for
 
 TOLERANCES = {
     torch.float64: dict(rtol=1e-7, atol=1e-9),
@@ -199,6 +200,14 @@ def test_cpu_backends_match_definition(backend, directions, length, dtype):
     # 36 channels: two full blocks of 16 and a partial one in the C kernel
     inputs = conv_inputs(batch=2, length=length, channels=36, directions=directions, dtype=dtype, seed=length)
     assert_matches_definition(backend_fn(backend), inputs)
+
+
+@pytest.mark.parametrize("march", SIMD_LEVELS)
+def test_every_simd_width_matches_definition(march, monkeypatch, tmp_path):
+    """Builds with 4 and 8 channels a job (the CPU's own build has 16 where it has AVX-512), a partial block included."""
+    use_build_for(march, monkeypatch, tmp_path)
+    inputs = conv_inputs(batch=2, length=30, channels=22, directions=2, seed=3)
+    assert_matches_definition(backend_fn("native"), inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -19,6 +19,7 @@ import torch
 from vim.kernels import bidirectional_selective_scan, scan_cpu, scan_native, selective_scan, selective_scan_ref
 
 from support.grads import assert_close_all, leaves, run_with_grads
+from support.native_builds import SIMD_LEVELS, use_build_for
 from support.scans import TOLERANCES, scan_inputs, two_reference_scans
 
 pytestmark = pytest.mark.skipif(not scan_native.native_available(), reason="no C compiler to build the fused CPU scan")
@@ -97,6 +98,21 @@ def test_every_memory_layout_matches_reference_both_directions(groups):
             torch.testing.assert_close(
                 grads[name].double(), grad, **TOLERANCES[torch.float32], msg=lambda m, n=layout, g=name: f"{n}, d{g}: {m}"
             )
+
+
+@pytest.mark.parametrize("march", SIMD_LEVELS)
+def test_every_simd_width_matches_reference(march, monkeypatch, tmp_path):
+    """Builds with 4 and 8 channels a job (the CPU's own build has 16 where it has AVX-512): both directions, a partial
+    block, and a state of 20 (the lane sums of a whole run and of a tail)."""
+    use_build_for(march, monkeypatch, tmp_path)
+    inputs = scan_inputs(batch=2, dim=22, state=20, length=45, lead=(2,), seed=13)
+    dout = torch.randn(2, 2, 22, 45, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    out, grads = run_with_grads(
+        lambda **x: bidirectional_selective_scan(**x, delta_softplus=True, backend="native"), leaves(inputs), dout
+    )
+    expected, expected_grads = run_with_grads(two_reference_scans, leaves(inputs, torch.float64), dout)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+    assert_close_all(grads, expected_grads, **TOLERANCES[torch.float32])
 
 
 def test_half_precision_is_widened_to_float32():
