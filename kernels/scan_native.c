@@ -14,8 +14,8 @@
  * The backward pass walks the chunks of `chunk` steps in reverse: it recomputes the chunk's states
  * from the forward's checkpoint into a small buffer, then runs the adjoint recurrence
  * g_s = C_s dy_s + exp(delta_{s+1} A) g_{s+1} back through them. Gradients of B and C, sums over
- * the channels of a group, are folded across lanes 16 states at a time (lane_sums), summed per
- * thread and then by the caller; those of A, D and
+ * the channels of a group, are folded across lanes LANES states at a time (lane_sums), summed per
+ * slice of the work (parallel_slices) and then by the caller; those of A, D and
  * delta_bias are written per batch element and summed by the caller. A job runs every direction
  * of its block, so the gradient of the shared gate z is summed without a race.
  *
@@ -50,7 +50,7 @@
 
 /* The canonical form of scan_layout.py, float32; strides in elements. Keep in step with ScanArgs in scan_native.py. */
 typedef struct {
-    int64_t length, batch, dim, groups, n_state, directions, chunk, threads;
+    int64_t length, batch, dim, groups, n_state, directions, chunk, threads, slices; /* slices: see parallel_slices */
     int64_t reverse, delta_softplus; /* reverse: swaps forward and reversed in every direction's order */
     int64_t height, width;           /* the grid, height * width == length ((1, length) for a sequence) */
     int64_t orders[MAX_DIRECTIONS];  /* order code of each direction: 0 row, 1 column, 2 and 3 reversed */
@@ -61,7 +61,7 @@ typedef struct {
     const float *dout;         /* backward: (K, batch, dim, L), strided */
     float *du, *ddelta;        /* backward: (K, batch, L, dim) dense */
     float *dz;                 /* backward: (batch, L, dim) dense, or NULL */
-    float *dB, *dC;            /* backward: (threads, K, batch, G, N, L) dense, one sum per thread */
+    float *dB, *dC;            /* backward: (slices, K, batch, G, N, L) dense, one sum per slice */
     float *dA;                 /* backward: (K, batch, dim, N) dense, per batch element */
     float *dD, *dbias;         /* backward: (K, batch, dim) dense, per batch element, or NULL */
     int64_t u_stride[4], delta_stride[4], dout_stride[4]; /* (K, batch, dim, L) */
@@ -329,7 +329,7 @@ INLINE void add_lane_sums(float *restrict out, int64_t stride, Lanes *restrict v
  * Per step and state n, with gn = dL/dh_n = g_n + dy C_n and q_n = gn decay_n h_{n, before}:
  * du = dy D + dt sum_n gn B_n; d dt = x sum_n gn B_n + ln 2 sum_n q_n A_n log2 e; dA_n += q_n dt; and the lane sums
  * of dy h_n (dC) and gn dt x (dB), over the block's channels. */
-INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, int64_t worker, const int width,
+INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, int64_t slice, const int width,
                            const int64_t n_state, float *restrict dt, float *restrict ddt, Lanes *restrict states,
                            Lanes *restrict decays) {
     const int64_t length = a->length, dim = a->dim, chunks = (length + a->chunk - 1) / a->chunk;
@@ -343,7 +343,7 @@ INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, 
     for (int64_t n = 0; n < n_state; n++) g[n] = dA[n] = (Lanes){0};
     const float *saved = a->checkpoints + row * chunks * dim * n_state + v->d0 * n_state;
     float *du = a->du + row * length * dim + v->d0, *dz = a->dz ? a->dz + v->b * length * dim + v->d0 : NULL;
-    const int64_t partial = ((worker * a->directions + v->k) * a->batch + v->b) * a->groups + v->g; /* this thread's sum */
+    const int64_t partial = ((slice * a->directions + v->k) * a->batch + v->b) * a->groups + v->g; /* this slice's sum */
     float *dB = a->dB + partial * n_state * length, *dC = a->dC + partial * n_state * length;
 #define STATE(i, n) states[(i) * n_state + (n)]
 #define DECAY(i, n) decays[(i) * n_state + (n)]
@@ -420,15 +420,15 @@ INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, 
 INLINE int64_t blocks_per_group(const ScanArgs *a) { return (a->dim / a->groups + LANES - 1) / LANES; }
 
 /* One direction of a full block of channel-contiguous tensors, inlined with the state size `n_state` a constant. */
-INLINE void vector_block(const ScanArgs *a, const Block *v, int64_t worker, int backward, const int64_t n_state, float *dt,
+INLINE void vector_block(const ScanArgs *a, const Block *v, int64_t slice, int backward, const int64_t n_state, float *dt,
                          float *ddt, Lanes *states, Lanes *decays) {
-    if (backward) backward_block(a, v, worker, LANES, n_state, dt, ddt, states, decays);
+    if (backward) backward_block(a, v, slice, LANES, n_state, dt, ddt, states, decays);
     else forward_block(a, v, LANES, n_state, dt);
 }
 
 /* Run job `job` over every direction. `scratch` holds 2 * L + (2 * chunk + 1) * N Lanes; `columns` the
  * column-major tokens (or NULL where no direction needs them). */
-static void run_job(const ScanArgs *a, int64_t job, int64_t worker, int backward, Lanes *scratch, const int64_t *columns) {
+static void run_job(const ScanArgs *a, int64_t job, int64_t slice, int backward, Lanes *scratch, const int64_t *columns) {
     const int64_t per_group = blocks_per_group(a), group_size = a->dim / a->groups;
     const int64_t b = job / (a->groups * per_group), g = job / per_group % a->groups, block = job % per_group;
     const int64_t d0 = g * group_size + block * LANES;
@@ -442,77 +442,93 @@ static void run_job(const ScanArgs *a, int64_t job, int64_t worker, int backward
     for (int64_t k = 0; k < a->directions; k++) {
         if (fast) {
             const Block v = block_of(a, k, b, g, d0, LANES, 1, columns);
-            if (a->n_state == 16) vector_block(a, &v, worker, backward, 16, dt, ddt, states, decays);
-            else vector_block(a, &v, worker, backward, 1, dt, ddt, states, decays);
+            if (a->n_state == 16) vector_block(a, &v, slice, backward, 16, dt, ddt, states, decays);
+            else vector_block(a, &v, slice, backward, 1, dt, ddt, states, decays);
         } else {
             const Block v = block_of(a, k, b, g, d0, width, 0, columns);
-            if (backward) backward_block(a, &v, worker, width, a->n_state, dt, ddt, states, decays);
+            if (backward) backward_block(a, &v, slice, width, a->n_state, dt, ddt, states, decays);
             else forward_block(a, &v, width, a->n_state, dt);
         }
     }
 }
 
-typedef struct {
-    const ScanArgs *args;
-    int64_t index, first, last; /* jobs [first, last) */
-    int backward, status;
-} Worker;
+/* A parallel loop: jobs [0, jobs) cut into `slices` fixed slices (slice s: jobs [jobs s / slices, jobs (s + 1) / slices)),
+ * which the threads claim one at a time. A thread that the OS deschedules on a shared machine holds up at most the
+ * slice it is on while the others take the rest (an even split up front would leave them waiting for its whole
+ * share), and what a slice computes never depends on the thread that ran it, so per-slice sums stay deterministic.
+ * The threads are torch's own OpenMP pool in an OpenMP build, else threads of our own with the caller's among them;
+ * each has `scratch` Lanes of its own, allocated once. */
+typedef void (*SliceRun)(const void *args, int64_t slice, int64_t first, int64_t last, Lanes *scratch);
 
-static void *work(void *arg) {
-    Worker *w = arg;
-    const ScanArgs *a = w->args;
-    Lanes *scratch = aligned_alloc(sizeof(Lanes), sizeof(Lanes) * (2 * a->length + (2 * a->chunk + 1) * a->n_state));
-    int64_t *columns = any_columns(a) ? malloc(sizeof(int64_t) * a->length) : NULL;
-    if (!scratch || (any_columns(a) && !columns)) {
-        free(scratch);
-        free(columns);
-        w->status = -2;
-        return NULL;
-    }
-    if (columns) fill_columns(a, columns);
-    for (int64_t job = w->first; job < w->last; job++) run_job(a, job, w->index, w->backward, scratch, columns);
+typedef struct {
+    SliceRun run;
+    const void *args;
+    int64_t jobs, slices, scratch;
+    int64_t next; /* the next slice to claim */
+} SliceLoop;
+
+static void *claim_slices(void *arg) {
+    SliceLoop *loop = arg;
+    Lanes *scratch = loop->scratch ? aligned_alloc(sizeof(Lanes), sizeof(Lanes) * loop->scratch) : NULL;
+    if (loop->scratch && !scratch) return NULL; /* its slices are left to the other threads */
+    for (int64_t s; (s = __atomic_fetch_add(&loop->next, 1, __ATOMIC_RELAXED)) < loop->slices;)
+        loop->run(loop->args, s, loop->jobs * s / loop->slices, loop->jobs * (s + 1) / loop->slices, scratch);
     free(scratch);
-    free(columns);
     return NULL;
 }
 
+/* Returns 0, or -2 if no thread could allocate its scratch (slices were left). */
+static int parallel_slices(SliceRun run, const void *args, int64_t jobs, int64_t slices, int64_t threads, int64_t scratch) {
+    slices = slices < jobs ? slices : jobs;
+    if (slices < 1) return 0;
+    threads = threads < slices ? threads : slices;
+    threads = threads > MAX_THREADS ? MAX_THREADS : threads < 1 ? 1 : threads;
+    SliceLoop loop = {run, args, jobs, slices, scratch, 0};
 #ifdef _OPENMP
-/* Built with -fopenmp against the libgomp torch has loaded: the jobs run on torch's own thread pool. */
-static void start_workers(Worker *workers, int64_t threads) {
-#pragma omp parallel for num_threads((int)threads) schedule(static, 1)
-    for (int64_t i = 0; i < threads; i++) work(&workers[i]);
-}
+#pragma omp parallel num_threads((int)threads)
+    claim_slices(&loop);
 #else
-/* Threads of our own, the caller's among them; a thread that cannot be started has its share done by the caller. */
-static void start_workers(Worker *workers, int64_t threads) {
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    for (int64_t i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, work, &workers[i]) == 0;
-    work(&workers[0]);
-    for (int64_t i = 1; i < threads; i++) {
+    for (int64_t i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, claim_slices, &loop) == 0;
+    claim_slices(&loop); /* the caller's share, and that of any thread that could not be started */
+    for (int64_t i = 1; i < threads; i++)
         if (started[i]) pthread_join(ids[i], NULL);
-        else work(&workers[i]);
-    }
-}
 #endif
+    return loop.next < loop.slices ? -2 : 0;
+}
+
+/* A scan thread's scratch: dt, ddt, a chunk's states and decays (see run_job), and the column-major tokens. */
+INLINE int64_t scan_scratch(const ScanArgs *a) {
+    const int64_t columns = any_columns(a) ? (a->length * (int64_t)sizeof(int64_t) + sizeof(Lanes) - 1) / sizeof(Lanes) : 0;
+    return 2 * a->length + (2 * a->chunk + 1) * a->n_state + columns;
+}
+
+INLINE void scan_slice(const ScanArgs *a, int64_t slice, int64_t first, int64_t last, Lanes *scratch, int backward) {
+    int64_t *columns = any_columns(a) ? (int64_t *)(scratch + 2 * a->length + (2 * a->chunk + 1) * a->n_state) : NULL;
+    if (columns) fill_columns(a, columns);
+    for (int64_t job = first; job < last; job++) run_job(a, job, slice, backward, scratch, columns);
+}
+
+static void scan_forward_slice(const void *args, int64_t slice, int64_t first, int64_t last, Lanes *scratch) {
+    scan_slice(args, slice, first, last, scratch, 0);
+}
+
+static void scan_backward_slice(const void *args, int64_t slice, int64_t first, int64_t last, Lanes *scratch) {
+    scan_slice(args, slice, first, last, scratch, 1);
+}
 
 /* Every job on up to args->threads threads. Returns 0; -1 if N is over MAX_STATE; -2 if memory ran out. */
 static int run(const ScanArgs *args, int backward) {
     if (args->n_state > MAX_STATE) return -1;
     const int64_t jobs = args->batch * args->groups * blocks_per_group(args);
-    if (backward) { /* the per-thread sums of dB and dC start at zero, also those of threads not needed */
-        const size_t size = sizeof(float) * args->threads * args->directions * args->batch * args->groups * args->n_state * args->length;
+    if (backward) { /* the per-slice sums of dB and dC start at zero, also those of slices not needed */
+        const size_t size = sizeof(float) * args->slices * args->directions * args->batch * args->groups * args->n_state * args->length;
         memset(args->dB, 0, size);
         memset(args->dC, 0, size);
     }
-    int64_t threads = args->threads < jobs ? args->threads : jobs;
-    threads = threads > MAX_THREADS ? MAX_THREADS : threads < 1 ? 1 : threads;
-    Worker workers[MAX_THREADS];
-    for (int64_t i = 0; i < threads; i++) workers[i] = (Worker){args, i, jobs * i / threads, jobs * (i + 1) / threads, backward, 0};
-    start_workers(workers, threads);
-    int status = 0;
-    for (int64_t i = 0; i < threads; i++) status = status ? status : workers[i].status;
-    return status;
+    return parallel_slices(backward ? scan_backward_slice : scan_forward_slice, args, jobs, args->slices, args->threads,
+                           scan_scratch(args));
 }
 
 int vim_scan_forward(const ScanArgs *args) { return run(args, 0); }
@@ -683,67 +699,25 @@ static void conv_job(const ConvArgs *a, int64_t job, int backward, Lanes *dpre) 
     }
 }
 
-static void conv_forward_range(const void *args, int64_t first, int64_t last, int *status) {
-    (void)status;
+static void conv_forward_slice(const void *args, int64_t slice, int64_t first, int64_t last, Lanes *scratch) {
+    (void)slice, (void)scratch;
     for (int64_t job = first; job < last; job++) conv_job(args, job, 0, NULL);
 }
 
-static void conv_backward_range(const void *args, int64_t first, int64_t last, int *status) {
-    const ConvArgs *a = args;
-    const int64_t rows = (a->length + a->segments - 1) / a->segments + 2 * (CONV_MAX_WIDTH - 1);
-    Lanes *dpre = aligned_alloc(sizeof(Lanes), sizeof(Lanes) * rows * 2); /* malloc may align less than a Lanes needs */
-    if (!dpre) {
-        *status = -2;
-        return;
-    }
-    for (int64_t job = first; job < last; job++) conv_job(a, job, 1, dpre);
-    free(dpre);
+/* `scratch`: dpre, conv_dpre_rows Lanes per direction. */
+static void conv_backward_slice(const void *args, int64_t slice, int64_t first, int64_t last, Lanes *scratch) {
+    (void)slice;
+    for (int64_t job = first; job < last; job++) conv_job(args, job, 1, scratch);
 }
 
-/* A range [first, last) of a parallel loop's jobs, for one thread. */
-typedef struct {
-    void (*run)(const void *args, int64_t first, int64_t last, int *status);
-    const void *args;
-    int64_t first, last;
-    int status;
-} JobRange;
-
-static void *run_range(void *arg) {
-    JobRange *r = arg;
-    r->run(r->args, r->first, r->last, &r->status);
-    return NULL;
-}
-
-/* Jobs [0, jobs) split evenly over up to `threads` threads, as the scan's workers are: torch's OpenMP pool
- * in an OpenMP build, else threads of our own. Returns the first nonzero status of a range, or 0. */
-static int parallel_jobs(void (*run)(const void *, int64_t, int64_t, int *), const void *args, int64_t jobs, int64_t threads) {
-    threads = threads < jobs ? threads : jobs;
-    threads = threads > MAX_THREADS ? MAX_THREADS : threads < 1 ? 1 : threads;
-    JobRange ranges[MAX_THREADS];
-    for (int64_t i = 0; i < threads; i++) ranges[i] = (JobRange){run, args, jobs * i / threads, jobs * (i + 1) / threads, 0};
-#ifdef _OPENMP
-#pragma omp parallel for num_threads((int)threads) schedule(static, 1)
-    for (int64_t i = 0; i < threads; i++) run_range(&ranges[i]);
-#else
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int64_t i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, run_range, &ranges[i]) == 0;
-    run_range(&ranges[0]);
-    for (int64_t i = 1; i < threads; i++) {
-        if (started[i]) pthread_join(ids[i], NULL);
-        else run_range(&ranges[i]);
-    }
-#endif
-    int status = 0;
-    for (int64_t i = 0; i < threads; i++) status = status ? status : ranges[i].status;
-    return status;
-}
+INLINE int64_t conv_dpre_rows(const ConvArgs *a) { return (a->length + a->segments - 1) / a->segments + 2 * (CONV_MAX_WIDTH - 1); }
 
 /* Returns 0; -1 if the width is outside 1..CONV_MAX_WIDTH; -2 if memory ran out. */
 static int run_conv(const ConvArgs *args, int backward) {
     if (args->width < 1 || args->width > CONV_MAX_WIDTH) return -1;
-    const int64_t jobs = args->batch * args->segments * conv_blocks(args);
-    return parallel_jobs(backward ? conv_backward_range : conv_forward_range, args, jobs, args->threads);
+    const int64_t jobs = args->batch * args->segments * conv_blocks(args); /* a slice each: nothing is summed per slice */
+    if (backward) return parallel_slices(conv_backward_slice, args, jobs, jobs, args->threads, 2 * conv_dpre_rows(args));
+    return parallel_slices(conv_forward_slice, args, jobs, jobs, args->threads, 0);
 }
 
 int vim_conv_silu_forward(const ConvArgs *args) { return run_conv(args, 0); }

@@ -24,9 +24,11 @@ truncated copy would kill the process with a bus error when loaded) is rebuilt i
 
 Calling: the kernel reads the canonical tensors (:mod:`vim.kernels.scan_layout`) through their
 strides, so nothing is copied or transposed on the way in, and it writes the channels-last output,
-the checkpoints and the gradients in place. It splits its work over ``torch.get_num_threads()``
-threads (ctypes releases the GIL): those of torch's own OpenMP pool where torch runs on libgomp (the
-kernel is linked against that very library, so no second runtime is loaded), else threads of its own.
+the checkpoints and the gradients in place. It runs on ``torch.get_num_threads()`` threads (ctypes
+releases the GIL): those of torch's own OpenMP pool where torch runs on libgomp (the kernel is linked
+against that very library, so no second runtime is loaded), else threads of its own. They claim
+fixed slices of the work as they go (``SLICES_PER_THREAD``), so a thread descheduled on a busy
+machine does not hold the others up, and the sums per slice keep results independent of timing.
 
 Float16 and bfloat16 are widened to float32 first (float64 never gets here: the public API sends it
 to the chunked path, whose arithmetic stays in float64). The backward pass recomputes the states
@@ -71,6 +73,10 @@ _library: ctypes.CDLL | None = None
 _unavailable: str | None = None
 NO_COMPILER = "no C compiler found (set $CC, or install gcc or clang)"
 
+SLICES_PER_THREAD = 4
+"""The kernels' jobs are cut into this many slices per thread, which the threads claim as they go: on a shared
+machine a descheduled thread holds up a quarter of its share, not all of it (scan_native.c's parallel_slices)."""
+
 
 POINTERS = (
     "u", "delta", "z", "B", "C", "A", "D", "bias", "out", "checkpoints",
@@ -83,7 +89,9 @@ class ScanArgs(ctypes.Structure):
     """The kernel's argument block (``ScanArgs`` in scan_native.c): float32 pointers, strides in elements."""
 
     _fields_ = [
-        *((name, ctypes.c_int64) for name in ("length", "batch", "dim", "groups", "n_state", "directions", "chunk", "threads")),
+        *((name, ctypes.c_int64) for name in ("length", "batch", "dim", "groups", "n_state", "directions", "chunk")),
+        ("threads", ctypes.c_int64),
+        ("slices", ctypes.c_int64),
         ("reverse", ctypes.c_int64),
         ("delta_softplus", ctypes.c_int64),
         ("height", ctypes.c_int64),
@@ -330,7 +338,7 @@ def _launch(entry, threads: int, inputs: tuple, orders, grid, **buffers: Tensor 
     }
     args = ScanArgs(
         length=length, batch=batch, dim=dim, groups=B.shape[2], n_state=A.shape[-1], directions=K, chunk=CHUNK_SIZE,
-        threads=threads, reverse=int(reverse), delta_softplus=int(delta_softplus),
+        threads=threads, slices=SLICES_PER_THREAD * threads, reverse=int(reverse), delta_softplus=int(delta_softplus),
         height=height, width=width, orders=(ctypes.c_int64 * MAX_DIRECTIONS)(*direction_orders(K, False, orders)),
         **{name: _pointer(x) for name, x in tensors.items()}, **strides,
     )  # fmt: skip
@@ -369,7 +377,8 @@ def native_backward(
         return chunked_backward(dout, *inputs, checkpoints, orders=orders, grid=grid)
     K, batch, dim, length = u.shape
     groups, n_state = B.shape[2], A.shape[-1]
-    threads = torch.get_num_threads()  # the sums of dB and dC are sized for it
+    threads = torch.get_num_threads()
+    slices = SLICES_PER_THREAD * threads  # the partial sums of dB and dC: one per slice
 
     def buffer(*shape: int) -> Tensor:
         return u.new_empty(*shape, dtype=torch.float32)
@@ -379,8 +388,8 @@ def native_backward(
 
     du, ddelta = channels_last(K, batch, dim, length), channels_last(K, batch, dim, length)
     dz = None if z is None else channels_last(batch, dim, length)
-    dB = buffer(threads, K, batch, groups, n_state, length)  # per thread, summed below
-    dC = buffer(threads, K, batch, groups, n_state, length)
+    dB = buffer(slices, K, batch, groups, n_state, length)  # per slice, summed below
+    dC = buffer(slices, K, batch, groups, n_state, length)
     dA = buffer(K, batch, dim, n_state)  # per batch element, summed below
     dD = None if D is None else buffer(K, batch, dim)
     dbias = None if delta_bias is None else buffer(K, batch, dim)
