@@ -248,6 +248,8 @@ INLINE void forward_block(const ScanArgs *restrict a, const Block *restrict v, c
     int64_t in_chunk = 0; /* steps since the last checkpoint */
     for (int64_t step = 0; step < length; step++) {
         const int64_t t = time_of(v, length, step);
+        if (step + 4 < length) /* a token's row is beyond the hardware prefetcher's reach: see prefetch_rows */
+            __builtin_prefetch(v->u + time_of(v, length, step + 4) * v->u_step);
         const Lanes dt_t = load_lanes(dt + t * LANES, 1, LANES);
         const Lanes x = load_lanes(v->u + t * v->u_step, v->u_lane, width);
         const Lanes drive = dt_t * x;
@@ -323,6 +325,15 @@ INLINE void add_lane_sums(float *restrict out, int64_t stride, Lanes *restrict v
     }
 }
 
+/* Ask for the rows the backward reads next, whose channels lie a whole token apart (beyond the hardware prefetcher's
+ * reach across pages): dout and z at token t, read by the adjoint walk of this chunk, and u at `earlier`, read by the
+ * recompute of the chunk before (-1: none). */
+INLINE void prefetch_rows(const Block *v, int64_t t, int64_t earlier) {
+    __builtin_prefetch(v->dout + t * v->dout_step);
+    if (v->z) __builtin_prefetch(v->z + t * v->z_step);
+    if (earlier >= 0) __builtin_prefetch(v->u + earlier * v->u_step);
+}
+
 /* Backward of one direction of a block. Scratch, 64-byte aligned: dt and ddt of L * LANES floats; a chunk's states,
  * (chunk + 1) * N Lanes, and its decays, chunk * N Lanes.
  *
@@ -354,6 +365,7 @@ INLINE void backward_block(const ScanArgs *restrict a, const Block *restrict v, 
             STATE(0, n) = c ? load_lanes(saved + (c - 1) * dim * n_state + n, n_state, width) : (Lanes){0};
         for (int64_t i = 0; i < steps; i++) { /* recompute the chunk's states */
             const int64_t t = time_of(v, length, first + i);
+            prefetch_rows(v, t, c ? time_of(v, length, first + i - a->chunk) : -1);
             const Lanes dt_t = load_lanes(dt + t * LANES, 1, LANES);
             const Lanes drive = dt_t * load_lanes(v->u + t * v->u_step, v->u_lane, width);
             for (int64_t n = 0; n < n_state; n++) {
