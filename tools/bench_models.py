@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark_report import machine, markdown_table, write_json, write_markdown
+from benchmark_report import create_model, machine, markdown_table, write_json, write_markdown
 
 DEFAULT_MODELS = [
     "vim_tiny_patch16_224",
@@ -91,23 +91,6 @@ def measure(
     return result
 
 
-def _create(spec: str, size: int):
-    """The timm model of ``spec`` (``NAME`` or ``NAME:BACKEND``) for ``size`` px images: ``img_size`` is passed unless
-    the model takes no such argument (ConvNeXt, ResNet and other CNNs take any size as they are)."""
-    import timm
-
-    import vim.models  # noqa: F401  (registers the Vim models)
-
-    name, _, backend = spec.partition(":")
-    kwargs: dict = {"kernel_backend": backend} if backend else {}
-    try:
-        return timm.create_model(name, num_classes=1000, img_size=size, **kwargs)
-    except TypeError as error:
-        if "img_size" not in str(error):
-            raise
-        return timm.create_model(name, num_classes=1000, **kwargs)
-
-
 def _measure(model_name, size, mode, batch, warmup, iters, device, dtype, threads, isolated) -> dict:
 
     dev = torch.device(device)
@@ -118,7 +101,7 @@ def _measure(model_name, size, mode, batch, warmup, iters, device, dtype, thread
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     try:
-        model = _create(model_name, size).to(dev)
+        model = create_model(model_name, size).to(dev)
         images = torch.randn(batch, 3, size, size, device=dev)
         labels = torch.randint(0, 1000, (batch,), device=dev)
         autocast = torch.autocast(dev.type, dtype=getattr(torch, dtype), enabled=dev.type == "cuda")

@@ -2,7 +2,8 @@
 
 The ``bench_*.py`` scripts import this module by name (run as ``python tools/bench_x.py``, ``tools/`` is on the
 path): :func:`machine` describes the machine and the software a run measured (date, device, versions, load);
-:func:`write_json` saves the results for programs, :func:`markdown_table` and :func:`write_markdown` for people.
+:func:`create_model` builds the models they time, :func:`write_json` saves the results for programs,
+:func:`markdown_table` and :func:`write_markdown` for people.
 """
 
 from __future__ import annotations
@@ -89,6 +90,23 @@ def median_seconds(
         sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def create_model(spec: str, size: int) -> torch.nn.Module:
+    """The timm model of ``spec`` (``NAME`` or ``NAME:BACKEND``) for ``size`` px images: ``img_size`` is passed unless
+    the model takes no such argument (ConvNeXt, ResNet and other CNNs take any size as they are)."""
+    import timm
+
+    import vim.models  # noqa: F401  (registers the Vim models)
+
+    name, _, backend = spec.partition(":")
+    kwargs: dict = {"kernel_backend": backend} if backend else {}
+    try:
+        return timm.create_model(name, num_classes=1000, img_size=size, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return timm.create_model(name, num_classes=1000, **kwargs)
 
 
 def write_json(path: Path, **sections: object) -> None:

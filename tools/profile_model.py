@@ -20,13 +20,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import timm
 import torch
+from benchmark_report import create_model, machine, markdown_table, write_json, write_markdown
 from tqdm.auto import tqdm
-
-from benchmark_report import machine, markdown_table, write_json, write_markdown
-
-import vim  # noqa: F401  (registers the Vision Mamba models in timm)
 
 CATEGORIES: dict[str, Callable[[str], bool]] = {
     "selective scan": lambda name: "selective_scan" in name,
@@ -43,7 +39,7 @@ def category(name: str) -> str:
 
 def step_function(model_name: str, size: int, batch: int, mode: str) -> Callable[[], object]:
     """One inference forward (no grad) or one training step (forward, cross-entropy, backward) of a fresh model."""
-    model = timm.create_model(model_name, num_classes=1000, img_size=size)
+    model = create_model(model_name, size)
     images = torch.randn(batch, 3, size, size)
     if mode == "inference":
         model.eval()

@@ -97,3 +97,23 @@ def test_check_quickstarts_reads_the_readme_table_and_checks_printed_scores():
 def config_of(command: str) -> str:
     words = command.split()
     return words[words.index("--config") + 1]
+
+
+def test_profile_model_sums_categories_and_keeps_each_labelled_run(tmp_path):
+    """A Vim and a CNN profiled under two labels: each step's time is split into the categories (the scan's and the
+    conv's share present for the Vim only), and the second run's rows join the first's in one table and plot."""
+    tool = REPO / "tools" / "profile_model.py"
+    command = [sys.executable, str(tool), "--models", "test_vim", "resnet10t", "--size", "32", "--batch", "2"]
+    command += ["--modes", "inference", "training", "--warmup", "1", "--steps", "1", "--out-dir", str(tmp_path)]
+    for label in ("before", "after", "after"):  # a label run again replaces its rows
+        subprocess.run([*command, "--label", label], check=True, capture_output=True, text=True)
+    saved = json.loads((tmp_path / "profile_cpu.json").read_text())
+    assert [run["label"] for run in saved["runs"]] == ["before", "after"]
+    rows = {(r["label"], r["model"], r["mode"]): r["ms"] for r in saved["records"]}
+    assert len(rows) == len(saved["records"]) == 8
+    for (_, model, _), ms in rows.items():
+        assert ms.keys() == {"selective scan", "conv + SiLU", "attention", "matrix products", "other"}
+        assert (ms["selective scan"] > 0) == (model == "test_vim") and (ms["conv + SiLU"] > 0) == (model == "test_vim")
+        assert ms["other"] > 0
+    assert "| after | test_vim | training |" in (tmp_path / "profile_cpu.md").read_text()
+    assert (tmp_path / "profile_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
