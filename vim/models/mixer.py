@@ -260,10 +260,12 @@ class MambaMixer(nn.Module):
         else:
             y = bidirectional_selective_scan(
                 u.transpose(-1, -2), delta, weights.A, B, C, D=weights.D, delta_bias=weights.dt_bias, **scan_args
-            )  # (2, B, d_inner, L)
-            y = y[0] + y[1]
-            if self.divide_out:
-                y = y / 2
+            )  # (2, B, d_inner, L), channels-last
+            # one reduction over the directions of the (2, B, L, d_inner) memory: it runs at memory speed, and its
+            # gradient reaches the scan channels-last as the C kernel reads it (y[0] + y[1] is a slow op on these views,
+            # and hands the scan a channels-first copy of zeros filled in twice)
+            directions = y.transpose(-1, -2)
+            return self.out_proj(directions.mean(0) if self.divide_out else directions.sum(0))
         return self.out_proj(y.transpose(1, 2))
 
     def extra_repr(self) -> str:
