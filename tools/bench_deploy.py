@@ -1,18 +1,20 @@
-"""onnxruntime against PyTorch eager and torch.compile on the same CPU: samples/s of exported vim backbones.
+"""onnxruntime and AOTInductor against PyTorch eager and torch.compile on the same CPU: samples/s of exported backbones.
 
 Usage::
 
-    python tools/bench_deploy.py        # Vim-Ti at 224 and 512 px, VideoMamba-Ti at 8 frames of 224 px; batch 1
+    python tools/bench_deploy.py   # Vim-Ti at 224 and 512 px, VideoMamba-Ti at 8 frames of 224 px, VMamba-T; batch 1
     python tools/bench_deploy.py --threads 1 2 --rounds 2   # both thread counts, interleaved
     python tools/bench_deploy.py --configs test_vim:32 test_videomamba:4x32 --iters 2 --out-dir /tmp/bench   # tiny
 
 A configuration is ``model:size``: ``vim_tiny_patch16_224:512`` (images of 512 px), ``videomamba_tiny:8x224``
 (clips of 8 frames of 224 px) or ``pointmamba_small:1024`` (clouds of 1024 points). For each, the model
-(random weights, classifier kept) is exported once and timed on the same batch in three runtimes, each call in a fresh
-process (so that no runtime's threads or caches disturb another's):
+(random weights, classifier kept) is exported once for each runtime that runs a file and timed on the same batch in
+every runtime, each in a fresh process (so that no runtime's threads or caches disturb another's):
 
 * ``onnxruntime``: the file :func:`vim.deploy.export_onnx` wrote (the scan as an ONNX ``Scan`` loop over chunks of
   steps), CPU execution provider, onnxruntime's default session options (all graph optimisations);
+* ``aoti``: the package :func:`vim.deploy.export_aoti` compiled (vim's ops decomposed as for ONNX, the scan loop a
+  ``while_loop`` in C++: it runs without vim), loaded with ``torch._inductor.aoti_load_package``;
 * ``eager``: the PyTorch model (the scan through vim's op, whose CPU kernel is the fused C scan);
 * ``compile``: ``torch.compile(model)`` (Inductor; the scan op is called as is), after a compiling call.
 
@@ -20,7 +22,7 @@ Every runtime gets the same number of threads; ``--threads 1 2`` measures each c
 jobs the load changes from minute to minute, so ``--rounds`` repeats the whole sequence (every thread count and
 runtime, eager first) that many times, interleaved, and a row's rate is the batch size over the median of all its
 rounds' ``--iters`` timed calls (each after ``--warmup`` untimed ones); each row also records the highest load average
-seen while it ran. Also recorded: the ONNX export time and file size, the compile time, and each runtime's largest
+seen while it ran. Also recorded: each export's time and file size, the compile time, and each runtime's largest
 difference from eager's outputs.
 
 Writes ``benchmarks/deploy_cpu.{json,md}`` (``--out-dir``, ``--tag``) with the machine, the library
@@ -49,8 +51,10 @@ from tqdm import tqdm
 if TYPE_CHECKING:  # for annotations: vim is imported inside the functions that use it
     from vim.models.timm_api import TimmBackbone
 
-DEFAULT_CONFIGS = ["vim_tiny_patch16_224:224", "vim_tiny_patch16_224:512", "videomamba_tiny:8x224"]
-RUNTIMES = ("onnxruntime", "eager", "compile")
+DEFAULT_CONFIGS = ["vim_tiny_patch16_224:224", "vim_tiny_patch16_224:512", "videomamba_tiny:8x224", "vmamba_tiny_s1l8:224"]
+RUNTIMES = ("onnxruntime", "aoti", "eager", "compile")
+EXPORTED = {"onnxruntime": "model.onnx", "aoti": "model.pt2"}
+"""The runtimes that run an exported file, and its name in the work folder."""
 UNITS = {"images": "images/s", "video": "clips/s", "points": "clouds/s"}
 
 
@@ -92,15 +96,19 @@ def call_seconds(run: Callable[[], object], warmup: int, iters: int) -> list[flo
     return times
 
 
-def export(config: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """The configuration's model exported by :func:`vim.deploy.export_onnx` to ``workdir/model.onnx``, and the cost."""
-    from vim.deploy import export_onnx
+def export(config: str, runtime: str, workdir: Path) -> dict:
+    """The configuration's model exported for ``runtime`` to ``workdir`` (:func:`vim.deploy.export_onnx`, or
+    :func:`vim.deploy.export_aoti` with vim's ops decomposed, a package that runs without vim), and the cost."""
+    from vim.deploy import export_aoti, export_onnx
 
     torch.manual_seed(0)  # the same random weights in every runtime's process
     model, sample = build(*parse_config(config))
     start = time.perf_counter()
-    path = export_onnx(model, workdir / "model.onnx", input_size=sample, progress=False)
-    return dict(export_s=time.perf_counter() - start, onnx_mib=path.stat().st_size / 2**20)
+    if runtime == "onnxruntime":
+        path = export_onnx(model, workdir / EXPORTED[runtime], input_size=sample, progress=False)
+    else:
+        path = export_aoti(model, workdir / EXPORTED[runtime], input_size=sample, progress=False)
+    return dict(export_s=time.perf_counter() - start, file_mib=path.stat().st_size / 2**20)
 
 
 def prepare(runtime: str, model: TimmBackbone, batch: torch.Tensor, threads: int, workdir: Path) -> tuple[Callable, dict]:
@@ -113,6 +121,14 @@ def prepare(runtime: str, model: TimmBackbone, batch: torch.Tensor, threads: int
         session = ort.InferenceSession(str(workdir / "model.onnx"), options, providers=["CPUExecutionProvider"])
         feed = {model.modality: batch.numpy()}  # the graph's input is named after it
         return (lambda: session.run(None, feed)[0]), {}
+    if runtime == "aoti":
+        package = torch._inductor.aoti_load_package(str(workdir / EXPORTED[runtime]))
+
+        def run_package() -> np.ndarray:
+            with torch.inference_mode():
+                return package(batch).numpy()
+
+        return run_package, {}
     module = model if runtime == "eager" else torch.compile(model)
 
     def call() -> np.ndarray:
@@ -152,17 +168,20 @@ def measure_config(config: str, args: argparse.Namespace, bar: tqdm) -> list[dic
     name, sizes = parse_config(config)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        try:
-            exported = in_fresh_process(export, config, args, workdir) if "onnxruntime" in args.runtimes else {}
-        except Exception as error:  # recorded, so that the other runtimes still run
-            exported = dict(status=_failure(error))
+        exported: dict[str, dict] = {}
+        for runtime in (runtime for runtime in EXPORTED if runtime in args.runtimes):
+            bar.set_postfix_str(f"{config}: export for {runtime}")
+            try:
+                exported[runtime] = in_fresh_process(export, config, runtime, workdir)
+            except Exception as error:  # recorded, so that the other runtimes still run
+                exported[runtime] = dict(status=_failure(error))
         found: dict[tuple[int, str], list[dict]] = {}
         for _ in range(args.rounds):
             for threads in args.threads:
                 for runtime in sorted(args.runtimes, key=lambda runtime: runtime != "eager"):  # eager's outputs first
                     bar.set_postfix_str(f"{config}: {runtime}, {threads} threads")
-                    if runtime == "onnxruntime" and "status" in exported:
-                        result = dict(status=exported["status"])
+                    if "status" in exported.get(runtime, {}):
+                        result = dict(status=exported[runtime]["status"])
                     else:
                         try:
                             result = in_fresh_process(measure, config, runtime, threads, args, workdir)
@@ -171,7 +190,10 @@ def measure_config(config: str, args: argparse.Namespace, bar: tqdm) -> list[dic
                             result = dict(status=_failure(error))
                     found.setdefault((threads, runtime), []).append(result)
                     bar.update()
-    rows = [_row(name, sizes, threads, runtime, results, args, exported) for (threads, runtime), results in found.items()]
+    rows = [
+        _row(name, sizes, threads, runtime, results, args, exported.get(runtime, {}))
+        for (threads, runtime), results in found.items()
+    ]
     for row in rows:
         eager = [other for other in rows if other["threads"] == row["threads"] and other["runtime"] == "eager"]
         if row["status"] == "ok" and eager and eager[0]["status"] == "ok":
@@ -198,7 +220,7 @@ def _row(name: str, sizes: list[int], threads: int, runtime: str, results: list[
         return dict(row, status=failed[0])
     seconds = statistics.median(t for result in results for t in result["times"])
     differences = [result["max_abs_diff_vs_eager"] for result in results if result["max_abs_diff_vs_eager"] is not None]
-    info = exported if runtime == "onnxruntime" else {k: v for k, v in results[0].items() if k == "compile_s"}
+    info = exported or {k: v for k, v in results[0].items() if k == "compile_s"}
     return dict(
         row,
         input=results[0]["input"],
@@ -233,9 +255,10 @@ def _number(value: float | None, spec: str) -> str:
 
 
 def _prepared(row: dict) -> str:
-    """What preparing the runtime cost: the ONNX export, or the compile."""
+    """What preparing the runtime cost: the export (ONNX file or AOTInductor package), or the compile."""
     if "export_s" in row:
-        return f"ONNX export {row['export_s']:.0f} s, {row['onnx_mib']:.1f} MiB"
+        kind = "ONNX" if row["runtime"] == "onnxruntime" else "AOTInductor"
+        return f"{kind} export {row['export_s']:.0f} s, {row['file_mib']:.1f} MiB"
     if "compile_s" in row:
         return f"compile {row['compile_s']:.0f} s"
     return ""
@@ -271,7 +294,7 @@ def write_markdown_table(path: Path, env: dict, rows: list[dict]) -> None:
     columns = ["model", "input", "threads", "runtime", "rate", "ms / batch", "x eager", "max abs diff vs eager", "load"]
     columns.append("prepare")
     table = markdown_table(columns, cells, right_aligned=columns[4:9])
-    title = "Exported vim backbones: onnxruntime vs PyTorch eager and torch.compile (CPU)"
+    title = "Exported vim backbones: onnxruntime and AOTInductor vs PyTorch eager and torch.compile (CPU)"
     write_markdown(path, title, [settings], table)
 
 

@@ -481,21 +481,26 @@ def test_load_model_sets_the_export_size_and_the_head():
 # ---------------------------------------------------------------------------------------------- the benchmark tool
 @pytest.mark.slow
 def test_bench_deploy_writes_json_and_markdown_on_tiny_shapes(tmp_path):
-    """tools/bench_deploy.py end to end on a tiny video model: its files, not its timings."""
+    """tools/bench_deploy.py end to end on a tiny video model, an ONNX file and an AOTInductor package timed beside
+    eager: its files, not its timings."""
     tool = REPO / "tools" / "bench_deploy.py"
-    command = [sys.executable, str(tool), "--configs", "test_videomamba:2x32", "--runtimes", "onnxruntime", "eager"]
+    command = [sys.executable, str(tool), "--configs", "test_videomamba:2x32", "--runtimes", "onnxruntime", "aoti", "eager"]
     command += ["--iters", "1", "--warmup", "0", "--threads", "1", "--out-dir", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     saved = json.loads((tmp_path / "deploy_cpu.json").read_text())
     assert {"machine", "date", "torch", "onnx", "onnxruntime", "threads", "batch", "rounds"} <= saved["environment"].keys()
     rows = {row["runtime"]: row for row in saved["results"]}
-    assert rows.keys() == {"onnxruntime", "eager"} and all(row["status"] == "ok" for row in rows.values())
-    assert rows["onnxruntime"]["input"] == [3, 2, 32, 32] and rows["onnxruntime"]["unit"] == "clips/s"
-    assert rows["onnxruntime"]["max_abs_diff_vs_eager"] <= PARITY and rows["eager"]["x_eager"] == 1
-    assert rows["onnxruntime"]["export_s"] > 0 and rows["onnxruntime"]["onnx_mib"] > 0
-    assert rows["onnxruntime"]["rate"] == pytest.approx(1e3 / rows["onnxruntime"]["median_ms"])
+    assert rows.keys() == {"onnxruntime", "aoti", "eager"} and all(row["status"] == "ok" for row in rows.values())
+    assert rows["eager"]["x_eager"] == 1
+    for runtime in ("onnxruntime", "aoti"):
+        assert rows[runtime]["input"] == [3, 2, 32, 32] and rows[runtime]["unit"] == "clips/s"
+        assert rows[runtime]["max_abs_diff_vs_eager"] <= PARITY
+        assert rows[runtime]["export_s"] > 0 and rows[runtime]["file_mib"] > 0
+        assert rows[runtime]["rate"] == pytest.approx(1e3 / rows[runtime]["median_ms"])
     table = (tmp_path / "deploy_cpu.md").read_text()
-    assert "| test_videomamba | 3x2x32x32 | 1 | onnxruntime |" in table and "| test_videomamba | 3x2x32x32 | 1 | eager |" in table
+    for runtime in ("onnxruntime", "aoti", "eager"):
+        assert f"| test_videomamba | 3x2x32x32 | 1 | {runtime} |" in table
+    assert "AOTInductor export" in table and "ONNX export" in table
 
 
 def test_aoti_refuses_several_windows_per_image_by_name(tmp_path):
