@@ -210,6 +210,42 @@ def test_onnx_image_model_from_a_weights_file_through_the_cli(tmp_path, capsys):
     assert metadata["model"] == "test_vim" and json.loads(metadata["mean"]) == pytest.approx(IMAGENET_MEAN)
 
 
+HALF_TOLERANCE = 2e-3
+"""A float16 ONNX file's largest output difference from PyTorch's float32, over the largest output (measured: test_vim
+4.6e-4; Vim-Ti at 224 px, random weights, 5.4e-4)."""
+
+
+@pytest.mark.slow  # an ONNX export
+def test_onnx_half_keeps_float32_edges_and_matches_float32_within_its_tolerance(tmp_path):
+    """``vimkit export --half``: float16 weights inside, float32 input and output, the metadata's
+    precision, and onnxruntime's outputs within HALF_TOLERANCE of PyTorch's relative to the largest output."""
+    full = _export_random_weights(tmp_path / "full.onnx", "test_vim")
+    half = _export_random_weights(tmp_path / "half.onnx", "test_vim", "--half")
+    torch.manual_seed(0)  # the weights the command exported
+    model = load_model("test_vim")
+    proto = onnx.load(str(half))
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    weights = {init.data_type for init in proto.graph.initializer if len(init.dims) > 1 and init.data_type in floating}
+    assert weights == {onnx.TensorProto.FLOAT16}
+    edges = [*proto.graph.input, *proto.graph.output]
+    assert {value.type.tensor_type.elem_type for value in edges} == {onnx.TensorProto.FLOAT}
+    assert {entry.key: entry.value for entry in proto.metadata_props}["precision"] == "float16"
+    assert half.stat().st_size < full.stat().st_size  # a tiny model's file is mostly graph; Vim-Ti's halves
+    images = digit_images(4)
+    session = ort.InferenceSession(str(half), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = model(images).numpy()
+    assert np.abs(actual - expected).max() <= HALF_TOLERANCE * np.abs(expected).max()
+
+
+def _export_random_weights(out, model: str, *flags: str):
+    """``vimkit export --model MODEL --random-weights`` (torch's seed 0) with ``flags`` to ``out``; returns ``out``."""
+    torch.manual_seed(0)
+    main(["export", "--model", model, "--random-weights", "--out", str(out), *flags])
+    return out
+
+
 def _lightning_checkpoint(path, name: str, num_classes: int, **hparams) -> torch.nn.Module:
     """A vim Classifier checkpoint as Lightning writes it (trained and EMA weights, hyperparameters); returns the EMA model."""
     trained = timm.create_model(name, num_classes=num_classes, **hparams.get("model_kwargs", {}))

@@ -81,6 +81,7 @@ class ExportOptions:
         num_points: points per cloud (points; default: the cloud size a run trained on, else the pretrained config's).
         opset: ONNX opset, in :data:`~vim.deploy.onnx.ONNX_OPSETS`.
         keep_vim_ops: aoti: call vim's ops and kernels instead of compiling their decompositions.
+        half: onnx: float16 weights and arithmetic inside, float32 input and output.
         progress: show a progress bar (onnx, aoti).
     """
 
@@ -89,6 +90,7 @@ class ExportOptions:
     num_points: int | None = None
     opset: int = DEFAULT_OPSET
     keep_vim_ops: bool = False
+    half: bool = False
     progress: bool = True
 
 
@@ -105,7 +107,7 @@ def export_model(format: str, out: str | os.PathLike, source: ModelSource, optio
     model = load_model(source.name, source.checkpoint, source.pretrained, source.head, source.num_classes, use_ema=source.use_ema)
     set_input_size(model, options.img_size, options.num_frames, options.num_points)
     if format == "onnx":
-        return export_onnx(model, out, opset=options.opset, progress=options.progress)
+        return export_onnx(model, out, opset=options.opset, progress=options.progress, half=options.half)
     if format == "aoti":
         return export_aoti(model, out, keep_vim_ops=options.keep_vim_ops, progress=options.progress)
     return save_program(model, out)
@@ -133,6 +135,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> list[str]:
         action="store_true",
         help="aoti: call vim's ops and kernels (loading then needs `import vim`) instead of compiling them",
     )
+    group.add_argument(
+        "--half", action="store_true", help="onnx: float16 weights and arithmetic inside (input and output float32)"
+    )
     return [action.dest for action in group._group_actions]
 
 
@@ -140,7 +145,7 @@ def export_from_arguments(format: str, args: argparse.Namespace) -> Path:
     """:func:`export_model` with the options of :func:`add_export_arguments` (and ``--ckpt``, ``--out``, ``--no-ema``)."""
     img_size = tuple(args.img_size) if args.img_size and len(args.img_size) > 1 else (args.img_size or [None])[0]
     source = ModelSource(args.model, args.ckpt, args.pretrained, not args.no_head, args.num_classes, not args.no_ema)
-    options = ExportOptions(img_size, args.num_frames, args.num_points, args.opset, args.keep_vim_ops)
+    options = ExportOptions(img_size, args.num_frames, args.num_points, args.opset, args.keep_vim_ops, args.half)
     return export_model(format, args.out, source, options)
 
 

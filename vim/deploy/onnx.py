@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ def export_onnx(
     input_size: tuple[int, ...] | None = None,
     opset: int = DEFAULT_OPSET,
     progress: bool = True,
+    half: bool = False,
 ) -> Path:
     """Write ``model`` as an ONNX file (default domain only; weights inside), atomically. Returns ``path``.
 
@@ -65,15 +67,17 @@ def export_onnx(
         input_size: one sample's input shape; default :func:`~vim.deploy.model.nominal_input_size`.
         opset: ONNX opset, in :data:`ONNX_OPSETS`.
         progress: show a progress bar over the export's stages.
+        half: float16 weights and arithmetic inside (half the file), for runtimes that want it; input and output stay
+            float32. Converted with onnxconverter-common (in the ``export`` extra). The metadata says ``precision``.
     """
     path = checked_path(path, ".onnx")
-    _require_onnx_exporter()
+    _require_onnx_exporter(half)
     if opset not in ONNX_OPSETS:
         raise ValueError(
             f"opset={opset} is not supported: the exporter writes opsets {ONNX_OPSETS.start}..{ONNX_OPSETS.stop - 1}"
         )
     backbone = exportable(model)
-    with tqdm(total=3, desc=f"ONNX {path.name}", disable=not progress) as bar:
+    with tqdm(total=4 if half else 3, desc=f"ONNX {path.name}", disable=not progress) as bar:
         bar.set_postfix_str("torch.export")
         program = export_program(backbone, input_size)
         bar.update()
@@ -93,22 +97,45 @@ def export_onnx(
                 verbose=False,
             )
         assert onnx_program is not None  # None comes from the legacy exporter only (dynamo=False)
-        onnx_program.model.metadata_props.update(_onnx_metadata(backbone))
-        atomic_write(path, lambda tmp: onnx_program.save(tmp, external_data=False))
+        onnx_program.model.metadata_props.update(_onnx_metadata(backbone, half))
+        bar.update()
+        if not half:
+            atomic_write(path, lambda tmp: onnx_program.save(tmp, external_data=False))
+            return path
+        bar.set_postfix_str("convert to float16")
+        halved = _float16(onnx_program.model_proto)
+        atomic_write(path, lambda tmp: _save_proto(halved, tmp))
         bar.update()
     return path
 
 
-def _require_onnx_exporter() -> None:
-    """ImportError naming the extra to install when torch's ONNX exporter lacks its packages."""
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+def _float16(model: Any) -> Any:
+    """The ModelProto with float16 weights and arithmetic, float32 input and output (casts at the edges)."""
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():  # one warning per constant below float16's range, which becomes its smallest value
+        warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
+        return float16.convert_float_to_float16(model, keep_io_types=True)
+
+
+def _save_proto(model: Any, path: Path) -> None:
+    import onnx
+
+    onnx.save(model, path)
+
+
+def _require_onnx_exporter(half: bool = False) -> None:
+    """ImportError naming the extra to install when torch's ONNX exporter (or the float16 converter) is missing."""
+    needed = ("onnx", "onnxscript", *(("onnxconverter_common",) if half else ()))
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"ONNX export needs {' and '.join(missing)}: pip install 'vim-toolkit[export]'")
 
 
-def _onnx_metadata(model: nn.Module) -> dict[str, str]:
-    """The model's name and preprocessing (``mean``, ``std`` of its pretrained config), as ONNX metadata."""
+def _onnx_metadata(model: nn.Module, half: bool = False) -> dict[str, str]:
+    """The model's name, its preprocessing (``mean``, ``std`` of its pretrained config) and the arithmetic's
+    ``precision`` (float32 or float16), as ONNX metadata."""
     cfg = getattr(model, "pretrained_cfg", {})
-    metadata = {"model": cfg.get("architecture", type(model).__name__)}
+    metadata = {"model": cfg.get("architecture", type(model).__name__), "precision": "float16" if half else "float32"}
     metadata.update({key: str(list(cfg[key])) for key in ("mean", "std") if key in cfg})
     return metadata
