@@ -17,8 +17,8 @@ SIMD_LEVELS = {"x86-64": "sse2", "x86-64-v3": "avx2"}
 def use_build_for(march: str, monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
     """Make the native kernels a fresh ``-march=march`` build, cached under ``cache``, for the rest of the test;
     skip where this CPU cannot run it or no compiler is found."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if platform.machine() not in ("x86_64", "AMD64") or f" {SIMD_LEVELS[march]}" not in flags:
+    features = (scan_native._cpu_features() or "").split()  # the OS's list, as the kernel cache keys builds
+    if platform.machine() not in ("x86_64", "AMD64") or SIMD_LEVELS[march] not in features:
         pytest.skip(f"-march={march} builds run on x86 CPUs with {SIMD_LEVELS[march]}")
     monkeypatch.setattr(scan_native, "_library", None)
     monkeypatch.setattr(scan_native, "_unavailable", None)
